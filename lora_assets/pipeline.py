@@ -1,0 +1,141 @@
+"""The pipeline's stages over one home dir, as plain functions (Dagster assets and the CLI wrap these).
+
+Layout under the home dir (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``)::
+
+    models/builtin-tiny-<recipe>/       the embedded base model, when the spec uses builtin:tiny
+    datasets/<name>/<fingerprint>/      train.jsonl, eval.jsonl, quarantine.jsonl, report.json
+    datasets/<name>/current.json        which fingerprint the last cleaning produced
+    adapters/<job>/<run key>/           peft adapter dir + training_manifest.json + eval_results.json
+    adapters/<job>/current.json         which run the last training produced
+    registry.duckdb                     the adapter registry
+    dagster_home/                       Dagster's instance (runs, event logs) for the CLI and the UI
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from lora_assets.base_model import BaseModelRef, resolve_base_model
+from lora_assets.clean import CleanReport, clean_dataset, current_clean
+from lora_assets.evaluate import EvalResult, evaluate_adapter, load_eval
+from lora_assets.spec import AdapterSpec, PipelineSpec
+from lora_assets.train import TrainResult, train_adapter
+from registry.store import AdapterRecord, AdapterRegistry, NewAdapter
+
+CODE_VERSION = "0.1.0"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LORAFOUNDRY_HOME") or ".lorafoundry").resolve()
+
+
+@dataclass(frozen=True)
+class AdapterJob:
+    """One adapter to train: a spec entry, or one point of its sweep. ``key`` names its assets and dirs."""
+
+    key: str
+    name: str
+    spec: AdapterSpec
+    point: dict
+
+
+def adapter_jobs(spec: PipelineSpec) -> dict[str, AdapterJob]:
+    """Every adapter to train, by key: the adapter name, or ``<name>.p<i>`` for the points of a sweep."""
+    jobs: dict[str, AdapterJob] = {}
+    for name, ad in spec.adapters.items():
+        points = ad.sweep_points()
+        if not ad.sweep:
+            jobs[name] = AdapterJob(key=name, name=name, spec=ad, point={})
+            continue
+        for i, p in enumerate(points):
+            point = {k: getattr(p, k) for k in sorted(ad.sweep)}
+            jobs[f"{name}.p{i}"] = AdapterJob(key=f"{name}.p{i}", name=name, spec=p, point=point)
+    return jobs
+
+
+class Pipeline:
+    """The stages of one spec over one home dir.
+
+    Args:
+        spec: the validated spec.
+        home: the home dir holding all state (created as needed).
+    """
+
+    def __init__(self, spec: PipelineSpec, home: Path | str | None = None) -> None:
+        self.spec = spec
+        self.home = Path(home).resolve() if home else default_home()
+        self.jobs = adapter_jobs(spec)
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def registry(self) -> AdapterRegistry:
+        return AdapterRegistry(self.home / "registry.duckdb")
+
+    @cached_property
+    def base(self) -> BaseModelRef:
+        return resolve_base_model(self.spec.base_model, self.home, self.spec.spec_dir)
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.base.path)
+
+    def clean(self, dataset: str) -> CleanReport:
+        """Clean one dataset (the base model's tokenizer measures lengths)."""
+        return clean_dataset(dataset, self.spec.datasets[dataset], self.spec.dataset_path(dataset),
+                             self.datasets_dir, tokenizer=self._tokenizer())
+
+    def train(self, key: str, progress=None) -> TrainResult:
+        """Train one adapter job on its dataset's last cleaning."""
+        job = self.jobs[key]
+        clean = current_clean(self.datasets_dir, job.spec.dataset)
+        result = train_adapter(key, job.spec, self.base, clean, self.adapters_dir, progress=progress)
+        _write_json(self.adapters_dir / key / "current.json", {"dir": result.adapter_dir})
+        return result
+
+    def adapter_dir(self, key: str) -> Path:
+        pointer = self.adapters_dir / key / "current.json"
+        if not pointer.exists():
+            raise FileNotFoundError(f"adapter {key!r} has not been trained yet. Fix: materialize "
+                                    f"adapter/{key}/train first (or run `lorafoundry run SPEC`).")
+        return Path(json.loads(pointer.read_text())["dir"])
+
+    def evaluate(self, key: str) -> EvalResult:
+        """Evaluate the last trained version of one adapter job against the base."""
+        job = self.jobs[key]
+        clean = current_clean(self.datasets_dir, job.spec.dataset)
+        return evaluate_adapter(self.adapter_dir(key), job.spec, self.base, clean, dtype=self.spec.serving.dtype)
+
+    def register(self, key: str, run_id: str | None = None) -> AdapterRecord:
+        """Register the last trained and evaluated version; `rejected` when its gate failed."""
+        job = self.jobs[key]
+        adir = self.adapter_dir(key)
+        ev = load_eval(adir)
+        manifest = json.loads((adir / "training_manifest.json").read_text())
+        status = "rejected" if ev.gate is not None and not ev.gate.passed else "candidate"
+        return self.registry.register(NewAdapter(
+            name=job.name, path=adir, status=status, base_model=self.spec.base_model,
+            base_model_hash=self.base.content_hash, method=manifest["method"]["method"],
+            training_config={**manifest["config"], "sweep_point": job.point, "job": key},
+            dataset=job.spec.dataset, dataset_fingerprint=manifest["dataset"]["fingerprint"],
+            trainable_params=manifest["result"]["trainable_params"], metrics=ev.metrics, run_id=run_id,
+            code_version=CODE_VERSION,
+        ))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)

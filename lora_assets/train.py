@@ -1,0 +1,270 @@
+"""One-epoch LoRA / QLoRA training with transformers' Trainer and peft.
+
+The result is a standard peft adapter dir (``adapter_config.json`` + ``adapter_model.safetensors``) plus
+``training_manifest.json`` with the resolved config, the base model's content hash, the dataset fingerprint,
+library versions, metrics and timings. Loss is computed on assistant tokens only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from lora_assets.base_model import BaseModelRef
+from lora_assets.clean import CleanReport, read_split
+from lora_assets.spec import AdapterSpec
+
+log = logging.getLogger(__name__)
+
+TRAINER_VERSION = 2
+
+
+class MethodChoice(BaseModel):
+    """Which method trains an adapter, and why (recorded in the manifest and shown in the UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    reason: str
+    estimate_bytes: int
+    budget_bytes: int
+
+
+class TrainResult(BaseModel):
+    """What training wrote and measured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_dir: str
+    method: str
+    method_reason: str
+    reused: bool
+    train_loss: float
+    steps: int
+    examples: int
+    tokens: int
+    tokens_per_s: float
+    wall_s: float
+    trainable_params: int
+    total_params: int
+    loss_curve: list[tuple[int, float]]
+
+
+def memory_budget_bytes() -> int:
+    """Free accelerator memory, or available RAM on a CPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def choose_method(spec: AdapterSpec, base: BaseModelRef, budget_bytes: int | None = None) -> MethodChoice:
+    """Resolve `method: auto`: QLoRA only when bf16 weights plus training state do not fit the budget.
+
+    The estimate is deliberately simple: bf16 weights (2 bytes/param), LoRA params with fp32 weight, grad and
+    two Adam moments (16 bytes/param), and activations of roughly 34 bytes per hidden unit per token per layer
+    at the configured batch and length (the usual transformer activation rule of thumb, without recompute).
+    """
+    cfg = base.config
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    n_modules = len(spec.resolved_target_modules())
+    lora_params = layers * n_modules * spec.r * 2 * max(hidden, cfg.get("intermediate_size", hidden))
+    tokens = spec.batch_size * spec.max_seq_len
+    estimate = base.parameters * 2 + lora_params * 16 + tokens * hidden * layers * 34
+    budget = memory_budget_bytes() if budget_bytes is None else budget_bytes
+    if spec.method != "auto":
+        return MethodChoice(method=spec.method, reason=f"set in the spec (method: {spec.method})",
+                            estimate_bytes=estimate, budget_bytes=budget)
+    gib = 1 << 30
+    if estimate <= 0.9 * budget:
+        reason = f"bf16 fits: estimated {estimate / gib:.2f} GiB <= 90% of {budget / gib:.1f} GiB budget"
+        return MethodChoice(method="lora", reason=reason, estimate_bytes=estimate, budget_bytes=budget)
+    reason = f"bf16 does not fit: estimated {estimate / gib:.2f} GiB > 90% of {budget / gib:.1f} GiB budget"
+    return MethodChoice(method="qlora", reason=reason, estimate_bytes=estimate, budget_bytes=budget)
+
+
+def tokenize_example(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
+    """Token ids and labels for one chat: labels are -100 everywhere except assistant replies.
+
+    The chat template renders the whole conversation once; assistant spans are found by rendering each prefix
+    with the generation prompt, and mapped onto tokens by character offsets.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        # rstrip: the newline a template puts after the end-of-turn token is never generated, so no loss on it
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip())
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        tok if any(s <= a < e for s, e in spans) else -100
+        for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+    ids = enc["input_ids"][:max_seq_len]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[:max_seq_len]}
+
+
+def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
+    """Content key of one training run: same base, data and config give the same adapter dir."""
+    payload = {"spec": spec.model_dump(mode="json", exclude={"gate", "sweep", "max_eval_rows"}),
+               "base": base.content_hash, "data": clean.fingerprint, "trainer": TRAINER_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _load_base_for_training(base: BaseModelRef, method: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the machine
+            raise RuntimeError(f"method qlora needs bitsandbytes, which cannot load here ({e}). Fix: set "
+                               "method: lora, or install bitsandbytes for this platform.") from e
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=torch.bfloat16)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # fp32 master weights for the frozen base keep CPU autocast numerics simple; autocast runs the matmuls in bf16.
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+
+
+def check_target_modules(model, modules: list[str]) -> None:
+    """Fail with the list of available names when a target module does not exist in the model."""
+    import torch
+
+    linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                    if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
+    missing = [m for m in modules if m not in linear_names]
+    if missing:
+        raise ValueError(f"target_modules {missing} do not exist in this model. Fix: use `all-linear` or some of "
+                         f"{sorted(linear_names)}.")
+
+
+def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, adapters_root: Path,
+                  log_every: int = 10, progress=None) -> TrainResult:
+    """Train one adapter for exactly one epoch over the dataset's train split.
+
+    Args:
+        name: adapter name (the served model name).
+        spec: the adapter's settings.
+        base: the resolved base model.
+        clean: the cleaning report of the adapter's dataset (gives the train split and fingerprint).
+        adapters_root: the home's ``adapters`` dir; output goes to ``<root>/<name>/<run key>``.
+        log_every: log the loss every this many steps.
+        progress: optional callable(str) that receives the log lines (Dagster's logger in assets).
+    """
+    out_dir = Path(adapters_root) / name / run_key(spec, base, clean)
+    manifest_path = out_dir / "training_manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        return TrainResult(**{**manifest["result"], "reused": True})
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    choice = choose_method(spec, base)
+    torch.manual_seed(spec.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = read_split(clean, "train")
+    examples = [tokenize_example(tokenizer, r["messages"], spec.max_seq_len) for r in rows]
+    examples = [e for e in examples if any(t != -100 for t in e["labels"])]
+    n_tokens = sum(len(e["input_ids"]) for e in examples)
+
+    model = _load_base_for_training(base, choice.method)
+    modules = spec.resolved_target_modules()
+    check_target_modules(model, modules)
+    model = get_peft_model(model, LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, target_modules=modules, lora_dropout=spec.lora_dropout,
+        bias="none", task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+
+    steps_per_epoch = math.ceil(len(examples) / (spec.batch_size * spec.gradient_accumulation_steps))
+    say = progress or log.info
+
+    class _LogLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                say(f"{name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = TrainingArguments(
+        output_dir=str(tmp / "trainer"), num_train_epochs=1, max_steps=spec.max_steps or -1,
+        per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=int(spec.warmup_ratio * steps_per_epoch), logging_steps=log_every, save_strategy="no",
+        report_to="none", seed=spec.seed, data_seed=spec.seed, bf16=True, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not os.isatty(2),
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=examples,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[_LogLoss()],
+    )
+    t0 = time.time()
+    out = trainer.train()
+    wall = time.time() - t0
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+
+    curve = [(h["step"], round(h["loss"], 5)) for h in trainer.state.log_history if "loss" in h]
+    # With max_steps (smoke runs) only part of the epoch is seen.
+    seen_tokens = n_tokens * min(1.0, trainer.state.global_step / steps_per_epoch)
+    result = TrainResult(
+        adapter_dir=str(out_dir), method=choice.method, method_reason=choice.reason, reused=False,
+        train_loss=float(out.training_loss), steps=trainer.state.global_step, examples=len(examples),
+        tokens=n_tokens, tokens_per_s=round(seen_tokens / wall, 1), wall_s=round(wall, 2),
+        trainable_params=int(trainable), total_params=int(total), loss_curve=curve,
+    )
+    manifest = {
+        "adapter_name": name,
+        "config": spec.model_dump(mode="json") | {"lora_alpha": spec.alpha, "target_modules": modules},
+        "epochs": 1,
+        "max_steps": spec.max_steps,
+        "method": choice.model_dump(),
+        "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
+        "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},
+        "libraries": _library_versions(),
+        "seed": spec.seed,
+        "result": result.model_dump(mode="json"),
+    }
+    (tmp / "training_manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # the adapter dir appears complete or not at all
+    return result

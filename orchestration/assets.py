@@ -1,0 +1,116 @@
+"""Dagster assets built from a spec: thin wrappers around :class:`lora_assets.pipeline.Pipeline` stages.
+
+Keys: ``dataset/<name>/clean``, ``adapter/<job>/train``, ``adapter/<job>/eval``, ``adapter/<job>/register``.
+"""
+
+
+import dagster as dg
+from pydantic import Field
+
+from lora_assets.pipeline import AdapterJob, Pipeline, adapter_jobs
+from lora_assets.spec import PipelineSpec
+
+
+class LoraFoundryHome(dg.ConfigurableResource):
+    """Where all lorafoundry state lives (datasets, adapters, the registry, built-in models)."""
+
+    home: str = Field(description="The home dir; LORAFOUNDRY_HOME, default ./.lorafoundry.")
+
+
+def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    lines = ["| metric | base | adapter |", "|---|---|---|"]
+    lines += [f"| {m} | {v['base']:.4f} | {v['adapter']:.4f} |" for m, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def _samples_table(samples: list[dict]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")[:120]
+
+    lines = ["| prompt | reference | base | adapter |", "|---|---|---|---|"]
+    lines += [f"| {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['base'])} | {cell(s['adapter'])} |"
+              for s in samples]
+    return "\n".join(lines)
+
+
+def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
+    @dg.asset(key=["dataset", ds_name, "clean"], group_name="datasets", kinds={"duckdb"},
+              description=f"Dataset `{ds_name}` parsed, normalized to chat messages, deduplicated and split "
+              "train/eval with DuckDB; dropped rows kept in quarantine.jsonl with their reason.")
+    def clean_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        report = Pipeline(spec, lorafoundry.home).clean(ds_name)
+        reasons = "\n".join(f"| {k} | {v} |" for k, v in report.by_reason.items()) or "| (none) | 0 |"
+        return dg.MaterializeResult(metadata={
+            "rows_in": report.rows_in, "rows_train": report.rows_train, "rows_eval": report.rows_eval,
+            "rows_quarantined": report.rows_quarantined,
+            "quarantined_by_reason": dg.MetadataValue.md("| reason | rows |\n|---|---|\n" + reasons),
+            "detected_format": f"{report.detected_format} ({report.format_reason})",
+            "fingerprint": report.fingerprint, "output_dir": dg.MetadataValue.path(report.output_dir),
+        })
+
+    return clean_asset
+
+
+def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
+    @dg.asset(key=["adapter", job.key, "train"], deps=[dg.AssetKey(["dataset", job.spec.dataset, "clean"])],
+              group_name="adapters", kinds={"peft", "pytorch"},
+              description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
+              f"(r={job.spec.r}, alpha={job.spec.alpha}).")
+    def train_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        r = Pipeline(spec, lorafoundry.home).train(job.key, progress=context.log.info)
+        return dg.MaterializeResult(metadata={
+            "method": r.method, "method_reason": r.method_reason, "reused_existing_run": r.reused,
+            "train_loss": r.train_loss, "steps": r.steps, "examples": r.examples, "tokens": r.tokens,
+            "tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "trainable_params": r.trainable_params,
+            "trainable_percent": round(100 * r.trainable_params / r.total_params, 3),
+            "loss_curve": dg.MetadataValue.md("| step | loss |\n|---|---|\n" + "\n".join(
+                f"| {s} | {loss:.4f} |" for s, loss in r.loss_curve)),
+            "adapter_dir": dg.MetadataValue.path(r.adapter_dir),
+        })
+
+    return train_asset
+
+
+def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
+    @dg.asset(key=["adapter", job.key, "eval"], deps=[dg.AssetKey(["adapter", job.key, "train"])],
+              group_name="adapters", kinds={"peft"},
+              description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
+              "exact match and eval loss, with sample answers.")
+    def eval_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        ev = Pipeline(spec, lorafoundry.home).evaluate(job.key)
+        meta: dict = {
+            "metrics": dg.MetadataValue.md(_metrics_table(ev.metrics)),
+            "samples": dg.MetadataValue.md(_samples_table(ev.samples)),
+            "eval_rows": ev.rows, "generation": dg.MetadataValue.json(ev.generation),
+        }
+        for metric, v in ev.metrics.items():
+            meta[f"{metric}_base"] = v["base"]
+            meta[f"{metric}_adapter"] = v["adapter"]
+        if ev.gate is not None:
+            meta["gate"] = ev.gate.detail
+        return dg.MaterializeResult(metadata=meta)
+
+    return eval_asset
+
+
+def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
+    @dg.asset(key=["adapter", job.key, "register"], deps=[dg.AssetKey(["adapter", job.key, "eval"])],
+              group_name="adapters", kinds={"duckdb"},
+              description=f"Registry row for adapter `{job.name}`: version, status, sha256, metrics, lineage.")
+    def register_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        rec = Pipeline(spec, lorafoundry.home).register(job.key, run_id=context.run_id)
+        return dg.MaterializeResult(metadata={
+            "name": rec.name, "version": rec.version, "status": rec.status,
+            "adapter_sha256": rec.adapter_sha256, "path": dg.MetadataValue.path(rec.path),
+            "dataset_fingerprint": rec.dataset_fingerprint or "",
+        })
+
+    return register_asset
+
+
+def build_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+    """One clean asset per dataset and train/eval/register assets per adapter (per sweep point)."""
+    assets = [_clean_asset(spec, name) for name in spec.datasets]
+    for job in adapter_jobs(spec).values():
+        assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job)]
+    return assets

@@ -1,0 +1,219 @@
+"""The `lorafoundry` command line: validate, run, serve, demo, and the registry commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lora_assets.spec import PipelineSpec, SpecError, load_spec
+
+app = typer.Typer(help="lorafoundry: a YAML spec -> cleaned datasets -> one-epoch LoRA adapters -> a DuckDB "
+                  "registry -> a vLLM multi-LoRA server.", no_args_is_help=True, pretty_exceptions_enable=False)
+registry_app = typer.Typer(help="Query the adapter registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+# Piped output is not squeezed to 80 columns, so tables stay one row per adapter in logs and tests.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+HomeOpt = Annotated[Path | None, typer.Option(
+    "--home", help="State dir (datasets, adapters, registry). Default: $LORAFOUNDRY_HOME, else ./.lorafoundry.")]
+SpecArg = Annotated[Path, typer.Argument(help="The pipeline spec (YAML).")]
+
+
+def _home(home: Path | None) -> Path:
+    from lora_assets.pipeline import default_home
+
+    return (home or default_home()).resolve()
+
+
+def _load(spec_path: Path) -> PipelineSpec:
+    try:
+        return load_spec(spec_path)
+    except SpecError as e:
+        err.print(f"[red]invalid spec[/red] {e}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@app.command()
+def validate(spec: SpecArg) -> None:
+    """Check a spec without loading anything heavy; exit 2 listing every problem."""
+    s = _load(spec)
+    out.print(f"ok: {spec} — base {s.base_model}, {len(s.datasets)} dataset(s), {len(s.adapters)} adapter(s)")
+
+
+def materialize_all(spec: PipelineSpec, home: Path) -> None:
+    """Materialize the spec's whole asset graph in-process, recorded in the home's Dagster instance."""
+    import dagster as dg
+
+    from orchestration.assets import LoraFoundryHome, build_assets
+
+    dagster_home = home / "dagster_home"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():
+        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(build_assets(spec), resources={"lorafoundry": LoraFoundryHome(home=str(home))},
+                                instance=instance, raise_on_error=False)
+    if not result.success:
+        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+        err.print(f"[red]run failed[/red] in {failed}; see the log above.")
+        raise typer.Exit(1)
+
+
+def _summary_table(spec: PipelineSpec, home: Path) -> Table:
+    from lora_assets.pipeline import Pipeline
+
+    pipe = Pipeline(spec, home)
+    table = Table(title="adapters (metric: base → adapter)")
+    for col in ("adapter", "version", "status", "exact_match", "eval_loss"):
+        table.add_column(col)
+    for rec in pipe.registry.list():
+        if rec.name not in spec.adapters or rec.base_model_hash != pipe.base.content_hash:
+            continue
+        m = rec.metrics
+        table.add_row(rec.name, str(rec.version), rec.status,
+                      f"{m['exact_match']['base']:.3f} → {m['exact_match']['adapter']:.3f}",
+                      f"{m['eval_loss']['base']:.3f} → {m['eval_loss']['adapter']:.3f}")
+    return table
+
+
+@app.command()
+def run(spec: SpecArg, home: HomeOpt = None) -> None:
+    """Materialize everything: clean each dataset, train, evaluate and register each adapter."""
+    _offline()
+    s = _load(spec)
+    h = _home(home)
+    t0 = time.time()
+    materialize_all(s, h)
+    out.print(_summary_table(s, h))
+    out.print(f"done in {time.time() - t0:.0f} s; state in {h}")
+
+
+def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
+    """Start vLLM with the registered adapters of this spec's base model; return (server, served names)."""
+    from lora_assets.pipeline import Pipeline
+    from serving.launch import VLLMServer, build_vllm_command, server_env
+
+    pipe = Pipeline(spec, home)
+    adapters = [r for r in pipe.registry.servable() if r.base_model_hash == pipe.base.content_hash]
+    port = port or spec.serving.port
+    cmd = build_vllm_command(pipe.base.path, spec.served_base_name, adapters, spec.serving, port=port)
+    err.print("starting: " + " ".join(cmd), highlight=False, markup=False)
+    server = VLLMServer(cmd, server_env(spec.serving), home / "logs" / "vllm.log",
+                        f"http://{spec.serving.host}:{port}").start()
+    with err.status("waiting for vLLM to answer on /v1/models …") as status:
+        server.wait_ready(spec.serving.startup_timeout_s,
+                          on_wait=lambda s: status.update(f"waiting for vLLM to answer on /v1/models … {s:.0f} s"))
+    return server, [spec.served_base_name] + [a.name for a in adapters]
+
+
+@app.command()
+def serve(spec: SpecArg, home: HomeOpt = None,
+          port: Annotated[int | None, typer.Option(help="Port (default: serving.port in the spec).")] = None) -> None:
+    """Serve the base model and every registered adapter with vLLM until Ctrl-C or SIGTERM."""
+    from serving.launch import ServerError
+
+    _offline()
+    s = _load(spec)
+    h = _home(home)
+    try:
+        server, names = start_server(s, h, port)
+    except ServerError as e:
+        err.print(f"[red]vLLM failed to start[/red]\n{e}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    stopping = {"sig": None}
+
+    def on_signal(signum, frame):  # installed explicitly: we may have been started with these ignored
+        stopping["sig"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    out.print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible); Ctrl-C stops")
+    while stopping["sig"] is None:
+        code = server.proc.poll()
+        if code is not None:
+            err.print(f"[red]vLLM exited unexpectedly with code {code}[/red]. Last log lines:\n{server.log_tail()}")
+            raise typer.Exit(1)
+        time.sleep(0.5)
+    server.stop()
+    out.print("stopped")
+
+
+@app.command()
+def demo(home: HomeOpt = None,
+         port: Annotated[int | None, typer.Option(help="Port for the demo server.")] = None) -> None:
+    """Run the embedded demo end to end: train, serve, and ask each adapter and the base one question."""
+    from openai import OpenAI
+
+    from lora_assets.evaluate import load_eval
+    from lora_assets.pipeline import Pipeline
+    from orchestration.definitions import DEMO_SPEC
+
+    _offline()
+    s = _load(DEMO_SPEC)
+    h = _home(home)
+    t0 = time.time()
+    materialize_all(s, h)
+    table = _summary_table(s, h)
+    server, names = start_server(s, h, port)
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
+        answers = Table(title="one held-out question per adapter, answered by the adapter and by the base")
+        for col in ("adapter", "question", "reference", "adapter answer", "base answer"):
+            answers.add_column(col, overflow="fold")
+        pipe = Pipeline(s, h)
+        for name in names[1:]:
+            sample = load_eval(pipe.adapter_dir(name)).samples[0]
+            msgs = [{"role": "user", "content": sample["prompt"]}]
+            got = {m: client.chat.completions.create(model=m, messages=msgs, max_tokens=32, temperature=0)
+                   .choices[0].message.content for m in (name, s.served_base_name)}
+            answers.add_row(name, sample["prompt"], sample["reference"], got[name], got[s.served_base_name])
+        out.print(answers)
+        out.print(table)
+    finally:
+        server.stop()
+    out.print(f"demo done in {time.time() - t0:.0f} s; state in {h}")
+
+
+@registry_app.command("list")
+def registry_list(home: HomeOpt = None,
+                  as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+                  name: Annotated[str | None, typer.Option(help="Only this adapter name.")] = None,
+                  status: Annotated[str | None, typer.Option(help="Only this status.")] = None) -> None:
+    """List registered adapter versions."""
+    from registry.store import AdapterRegistry
+
+    records = AdapterRegistry(_home(home) / "registry.duckdb").list(name=name, status=status)
+    if as_json:
+        for r in records:
+            sys.stdout.write(json.dumps(r.model_dump(mode="json")) + "\n")
+        return
+    table = Table(title=f"{len(records)} adapter version(s)")
+    for col in ("name", "version", "status", "method", "r", "alpha", "exact_match", "sha256", "created"):
+        table.add_column(col)
+    for r in records:
+        em = r.metrics.get("exact_match", {})
+        table.add_row(r.name, str(r.version), r.status, r.method, str(r.r), str(r.lora_alpha),
+                      f"{em.get('base', float('nan')):.3f} → {em.get('adapter', float('nan')):.3f}",
+                      r.adapter_sha256[:12], r.created_at.strftime("%Y-%m-%d %H:%M"))
+    out.print(table)
+
+
+if __name__ == "__main__":
+    app()

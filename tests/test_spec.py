@@ -1,0 +1,99 @@
+"""Spec validation: every problem reported at once, each naming its field, value and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lora_assets.spec import LLAMA_LINEAR_MODULES, AdapterSpec, SpecError, load_spec, validate_spec
+from orchestration.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def good_raw() -> dict:
+    return {
+        "base_model": "builtin:tiny",
+        "datasets": {"d": {"path": "examples/data/sentiment.jsonl"}},
+        "adapters": {"a": {"dataset": "d"}},
+    }
+
+
+def problems(raw: dict) -> list[str]:
+    with pytest.raises(SpecError) as e:
+        validate_spec(raw, ROOT)
+    return e.value.problems
+
+
+def test_demo_spec_is_valid():
+    spec = load_spec(ROOT / "examples/demo.yaml")
+    assert spec.base_model == "builtin:tiny"
+    assert len(spec.datasets) >= 2 and len(spec.adapters) >= 2
+    assert {a.dataset for a in spec.adapters.values()} == set(spec.datasets)
+
+
+def test_defaults_follow_lora_practice():
+    a = AdapterSpec(dataset="d")
+    assert (a.r, a.alpha, a.lora_dropout, a.method) == (16, 32, 0.05, "auto")
+    assert a.resolved_target_modules() == LLAMA_LINEAR_MODULES
+    assert AdapterSpec(dataset="d", r=8).alpha == 16
+    assert AdapterSpec(dataset="d", r=8, lora_alpha=8).alpha == 8
+
+
+@pytest.mark.parametrize("patch, field, fragment", [
+    ({"adapters": {"a": {"dataset": "d", "r": -1}}}, "adapters.a.r", "-1"),
+    ({"adapters": {"a": {"dataset": "d", "lora_alpha": 0}}}, "adapters.a.lora_alpha", "0"),
+    ({"adapters": {"a": {"dataset": "d", "lora_dropout": 1.5}}}, "adapters.a.lora_dropout", "1.5"),
+    ({"adapters": {"a": {"dataset": "nope"}}}, "adapters.a.dataset", "'nope'"),
+    ({"adapters": {"a": {"dataset": "d", "rank": 8}}}, "adapters.a.rank", "unknown key"),
+    ({"datasets": {"d": {"path": "missing.jsonl"}}}, "datasets.d.path", "missing.jsonl"),
+    ({"datasets": {"d": {"path": "examples/data/sentiment.jsonl", "eval_fraction": 2}}},
+     "datasets.d.eval_fraction", "2"),
+    ({"serving": {"port": 0}}, "serving.port", "0"),
+    ({"base_model": "builtin:huge"}, "base_model", "builtin:huge"),
+    ({"colour": "blue"}, "colour", "unknown key"),
+])
+def test_bad_spec_names_field_and_value(patch, field, fragment):
+    found = problems({**good_raw(), **patch})
+    assert any(p.startswith(field + ":") and fragment in p for p in found), found
+
+
+def test_every_problem_is_reported_at_once():
+    raw = good_raw()
+    raw["adapters"] = {"a": {"dataset": "nope", "r": 0, "lora_dropout": -0.1}}
+    raw["serving"] = {"port": -5}
+    found = problems(raw)
+    for field in ("adapters.a.r", "adapters.a.lora_dropout", "adapters.a.dataset", "serving.port"):
+        assert any(p.startswith(field + ":") for p in found), (field, found)
+
+
+def test_epochs_rejected_with_the_reason():
+    raw = good_raw()
+    raw["adapters"]["a"]["num_train_epochs"] = 3
+    (msg,) = [p for p in problems(raw) if "num_train_epochs" in p]
+    assert "exactly one epoch" in msg and "more" in msg and "data" in msg
+
+
+def test_gate_needs_exactly_one_threshold():
+    raw = good_raw()
+    raw["adapters"]["a"]["gate"] = {"metric": "exact_match"}
+    assert any(p.startswith("adapters.a.gate") and "exactly one" in p for p in problems(raw))
+
+
+def test_sweep_expands_to_the_grid():
+    a = AdapterSpec(dataset="d", sweep={"r": [4, 16], "target_modules": [["q_proj", "v_proj"], "all-linear"]})
+    points = a.sweep_points()
+    assert len(points) == 4
+    assert {(p.r, p.alpha) for p in points} == {(4, 8), (16, 32)}
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(app, ["validate", str(ROOT / "examples/demo.yaml")]).exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: builtin:tiny\ndatasets: {}\nadapters: {x: {dataset: y, r: 0}}\n")
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 2
+    assert "adapters.x.r" in res.output and "adapters.x.dataset" in res.output
