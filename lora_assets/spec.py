@@ -100,21 +100,21 @@ class AdapterSpec(_Strict):
     @classmethod
     def _r_positive(cls, v: int) -> int:
         if v <= 0:
-            raise ValueError(f"r must be a positive integer (typical: 8, 16, 64); got {v}")
+            raise ValueError("r must be a positive integer. Fix: use a rank such as 8, 16 or 64")
         return v
 
     @field_validator("lora_alpha")
     @classmethod
     def _alpha_positive(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
-            raise ValueError(f"lora_alpha must be positive (default 2 * r); got {v}")
+            raise ValueError("lora_alpha must be positive. Fix: omit it (default 2 * r) or set a positive integer")
         return v
 
     @field_validator("lora_dropout")
     @classmethod
     def _dropout_range(cls, v: float) -> float:
         if not 0 <= v < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1) (default 0.05); got {v}")
+            raise ValueError("lora_dropout must be in [0, 1). Fix: use a value such as 0.05 (the default) or 0.1")
         return v
 
     @field_validator("target_modules")

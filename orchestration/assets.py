@@ -98,7 +98,7 @@ def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
               group_name="adapters", kinds={"duckdb"},
               description=f"Registry row for adapter `{job.name}`: version, status, sha256, metrics, lineage.")
     def register_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
-        rec = Pipeline(spec, lorafoundry.home).register(job.key, run_id=context.run_id)
+        rec = Pipeline(spec, lorafoundry.home).register(job.key, run_id=context.run.run_id)
         return dg.MaterializeResult(metadata={
             "name": rec.name, "version": rec.version, "status": rec.status,
             "adapter_sha256": rec.adapter_sha256, "path": dg.MetadataValue.path(rec.path),
