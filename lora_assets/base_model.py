@@ -48,18 +48,19 @@ def _parameter_count(path: Path) -> int:
     return total
 
 
-def resolve_base_model(base_model: str, home: Path, spec_dir: Path = Path(".")) -> BaseModelRef:
+def resolve_base_model(base_model: str, home: Path, spec_dir: Path = Path("."), progress=None) -> BaseModelRef:
     """Return the local model dir for ``base_model``; builds `builtin:tiny`, never downloads.
 
     Args:
         base_model: the spec's value: `builtin:tiny`, a local dir, or a hub id already in the HF cache.
         home: lorafoundry home (built-in models are cached under it).
         spec_dir: folder that relative paths are resolved against.
+        progress: optional callable(str) for progress lines while `builtin:tiny` is built.
     """
     if base_model.startswith("builtin:"):
         from lora_assets.builtin import build_tiny_model
 
-        path = build_tiny_model(home)
+        path = build_tiny_model(home, progress=progress)
     else:
         local = Path(base_model).expanduser()
         local = local if local.is_absolute() else (spec_dir / local)

@@ -258,7 +258,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return fast
 
 
-def _pretrain(model, tokenizer, texts: list[str], recipe: dict) -> list[float]:
+def _pretrain(model, tokenizer, texts: list[str], recipe: dict, say) -> list[float]:
     import torch
 
     ids: list[int] = []
@@ -286,17 +286,19 @@ def _pretrain(model, tokenizer, texts: list[str], recipe: dict) -> list[float]:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
-            log.info("pretrain step %d/%d loss %.3f (%.0f s)", step + 1, steps, losses[-1], time.time() - t0)
+            say(f"builtin:tiny pretraining step {step + 1}/{steps} loss {losses[-1]:.3f} ({time.time() - t0:.0f} s)")
     return losses
 
 
-def build_tiny_model(home: Path, recipe: dict | None = None) -> Path:
-    """Return the dir of the built-in tiny model under ``home``, building it first if needed.
+def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> Path:
+    """Return the dir of the built-in tiny model under ``home``, building it first if needed (~2 min on 2 cores).
 
     Args:
         home: the lorafoundry home dir; the model lives in ``models/builtin-tiny-<hash>``.
-        recipe: override :data:`RECIPE` (tests use this for a faster build); part of the cache key.
+        recipe: override :data:`RECIPE`; part of the cache key.
+        progress: optional callable(str) for progress lines (default: this module's logger).
     """
+    say = progress or log.info
     recipe = dict(RECIPE if recipe is None else recipe)
     out = Path(home) / "models" / f"builtin-tiny-{recipe_hash(recipe)}"
     if (out / "lorafoundry_recipe.json").exists():
@@ -321,7 +323,8 @@ def build_tiny_model(home: Path, recipe: dict | None = None) -> Path:
             pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5,
         )
         model = LlamaForCausalLM(config)
-        losses = _pretrain(model, tokenizer, texts, recipe)
+        say(f"building builtin:tiny into {out} (once per recipe)")
+        losses = _pretrain(model, tokenizer, texts, recipe, say)
         model.eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -337,7 +340,7 @@ def build_tiny_model(home: Path, recipe: dict | None = None) -> Path:
         }, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # atomic: a half-built model is never seen under the final name
-        log.info("built %s in %.0f s", out, time.time() - t0)
+        say(f"built {out} in {time.time() - t0:.0f} s")
         return out
 
 

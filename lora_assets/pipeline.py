@@ -63,10 +63,12 @@ class Pipeline:
     Args:
         spec: the validated spec.
         home: the home dir holding all state (created as needed).
+        progress: optional callable(str) for progress lines (Dagster's logger in assets).
     """
 
-    def __init__(self, spec: PipelineSpec, home: Path | str | None = None) -> None:
+    def __init__(self, spec: PipelineSpec, home: Path | str | None = None, progress=None) -> None:
         self.spec = spec
+        self.progress = progress
         self.home = Path(home).resolve() if home else default_home()
         self.jobs = adapter_jobs(spec)
 
@@ -84,7 +86,7 @@ class Pipeline:
 
     @cached_property
     def base(self) -> BaseModelRef:
-        return resolve_base_model(self.spec.base_model, self.home, self.spec.spec_dir)
+        return resolve_base_model(self.spec.base_model, self.home, self.spec.spec_dir, progress=self.progress)
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
@@ -96,11 +98,11 @@ class Pipeline:
         return clean_dataset(dataset, self.spec.datasets[dataset], self.spec.dataset_path(dataset),
                              self.datasets_dir, tokenizer=self._tokenizer())
 
-    def train(self, key: str, progress=None) -> TrainResult:
+    def train(self, key: str) -> TrainResult:
         """Train one adapter job on its dataset's last cleaning."""
         job = self.jobs[key]
         clean = current_clean(self.datasets_dir, job.spec.dataset)
-        result = train_adapter(key, job.spec, self.base, clean, self.adapters_dir, progress=progress)
+        result = train_adapter(key, job.spec, self.base, clean, self.adapters_dir, progress=self.progress)
         _write_json(self.adapters_dir / key / "current.json", {"dir": result.adapter_dir})
         return result
 

@@ -194,7 +194,14 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     choice = choose_method(spec, base)
     torch.manual_seed(spec.seed)
@@ -237,6 +244,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[_LogLoss()],
     )
+    trainer.remove_callback(PrinterCallback)  # without a tty it prints raw log dicts; _LogLoss says it better
     t0 = time.time()
     out = trainer.train()
     wall = time.time() - t0

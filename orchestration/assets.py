@@ -43,7 +43,7 @@ def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
               description=f"Dataset `{ds_name}` parsed, normalized to chat messages, deduplicated and split "
               "train/eval with DuckDB; dropped rows kept in quarantine.jsonl with their reason.")
     def clean_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
-        report = Pipeline(spec, lorafoundry.home).clean(ds_name)
+        report = Pipeline(spec, lorafoundry.home, progress=context.log.info).clean(ds_name)
         reasons = "\n".join(f"| {k} | {v} |" for k, v in report.by_reason.items()) or "| (none) | 0 |"
         return dg.MaterializeResult(metadata={
             "rows_in": report.rows_in, "rows_train": report.rows_train, "rows_eval": report.rows_eval,
@@ -62,7 +62,7 @@ def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
               description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
               f"(r={job.spec.r}, alpha={job.spec.alpha}).")
     def train_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
-        r = Pipeline(spec, lorafoundry.home).train(job.key, progress=context.log.info)
+        r = Pipeline(spec, lorafoundry.home, progress=context.log.info).train(job.key)
         return dg.MaterializeResult(metadata={
             "method": r.method, "method_reason": r.method_reason, "reused_existing_run": r.reused,
             "train_loss": r.train_loss, "steps": r.steps, "examples": r.examples, "tokens": r.tokens,

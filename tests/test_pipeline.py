@@ -65,3 +65,18 @@ def test_rematerializing_reuses_identical_work(materialized, session_home, demo_
                             selection=[f"adapter/{next(iter(demo_spec.adapters))}/train"])
     (event,) = result.get_asset_materialization_events()
     assert event.materialization.metadata["reused_existing_run"].value is True
+
+
+def test_cli_run_prints_base_to_adapter_table(materialized, session_home, monkeypatch):
+    """`lorafoundry run` on an already-materialized home: reuses the work and prints the summary table."""
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+    from tests.conftest import DEMO_SPEC
+
+    monkeypatch.setenv("DAGSTER_HOME", str(session_home / "dagster_home"))  # restored after the test
+    res = CliRunner().invoke(app, ["run", str(DEMO_SPEC), "--home", str(session_home), "--no-deploy"])
+    assert res.exit_code == 0, res.output
+    assert "exact_match" in res.stdout and "→" in res.stdout
+    for name in ("categories", "sentiment"):
+        assert name in res.stdout
