@@ -1,48 +1,92 @@
 """Dataset cleaning on DuckDB: parse, normalize to one chat schema, quarantine bad rows, split train/eval.
 
-Every input row is accounted for: it ends in ``train.jsonl``, ``eval.jsonl`` or ``quarantine.jsonl`` (with
-its reason and source line), and ``report.json`` keeps the counts, so that always
+Every input row is accounted for: it ends in ``train.jsonl``, ``eval.jsonl`` or ``quarantine.jsonl`` (with its
+reason and source reference ``file:line``), and ``report.json`` keeps the counts, so that always
 ``rows_in == rows_train + rows_eval + rows_quarantined``.
 
+Rules, in the order they are applied (a row gets the first reason that fits):
+invalid_utf8, blank_line, invalid_json, not_an_object, missing_fields, wrong_type, empty_conversation,
+unknown_role, empty_prompt, empty_response, no_user_turn, no_final_assistant_turn, consecutive_same_role,
+pii (with ``pii: quarantine``), too_long, duplicate, near_duplicate.
+
+Text is normalized before any comparison: Unicode NFC, CRLF to LF, control characters removed, Unicode spaces
+to plain spaces, trailing spaces on each line removed, runs of blank lines collapsed, ends trimmed. Indentation
+inside a line is kept (code answers depend on it).
+
 The split is decided by a hash of each row's normalized content, so it does not depend on row order or on
-which other rows are present, and it is the same on every machine.
+which other rows are present, and it is the same on every machine. An eval row whose prompt also appears in
+train is moved to train (no leakage).
 """
 
 from __future__ import annotations
 
+import glob as globlib
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from lora_assets.spec import DatasetSpec
 
-CLEANER_VERSION = 1
+CLEANER_VERSION = 2
 
-_MESSAGE_LIST = '[{"role": "VARCHAR", "content": "VARCHAR"}]'
-_SHAREGPT_LIST = '[{"from": "VARCHAR", "value": "VARCHAR"}]'
+REASONS = [
+    "invalid_utf8", "blank_line", "invalid_json", "not_an_object", "missing_fields", "wrong_type",
+    "empty_conversation", "unknown_role", "empty_prompt", "empty_response", "no_user_turn",
+    "no_final_assistant_turn", "consecutive_same_role", "pii", "too_long", "duplicate", "near_duplicate",
+]
 
-#: Per format: SQL turning one parsed JSON row `j` into a list of {role, content} structs.
-_TO_MESSAGES = {
-    "messages": f"json_transform(j->'$.messages', '{_MESSAGE_LIST}')",
+PII_PATTERNS = {  # RE2 syntax (DuckDB); applied in this order
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "ipv4": r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b",
+    "phone": r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)|[0-9]{2,4})[ .-][0-9]{3,4}[ .-][0-9]{3,4}\b",
+}
+PII_PLACEHOLDERS = {"email": "<EMAIL>", "ipv4": "<IPV4>", "phone": "<PHONE>"}
+
+_ROLE = "'\"{}\"'::JSON"
+#: Per format: (SQL giving a LIST(STRUCT(role JSON, content JSON)) from row JSON `j`, SQL giving a shape problem).
+_FORMATS: dict[str, tuple[str, str]] = {
+    "messages": (
+        "list_transform(json_extract(j, '$.messages[*]'), lambda m: {'role': m->'$.role', 'content': m->'$.content'})",
+        "CASE WHEN (j->'$.messages') IS NULL THEN 'missing_fields' "
+        "WHEN json_type(j->'$.messages') <> 'ARRAY' THEN 'wrong_type' END",
+    ),
     "sharegpt": (
-        f"list_transform(json_transform(j->'$.conversations', '{_SHAREGPT_LIST}'), lambda m: {{'role': "
-        "CASE m.from WHEN 'human' THEN 'user' WHEN 'user' THEN 'user' WHEN 'gpt' THEN 'assistant' "
-        "WHEN 'assistant' THEN 'assistant' WHEN 'system' THEN 'system' ELSE m.from END, 'content': m.value})"
+        "list_transform(json_extract(j, '$.conversations[*]'), "
+        "lambda m: {'role': m->'$.from', 'content': m->'$.value'})",
+        "CASE WHEN (j->'$.conversations') IS NULL THEN 'missing_fields' "
+        "WHEN json_type(j->'$.conversations') <> 'ARRAY' THEN 'wrong_type' END",
     ),
     "alpaca": (
         "list_concat("
-        "CASE WHEN coalesce(trim(j->>'$.system'), '') <> '' "
-        "THEN [{'role': 'system', 'content': j->>'$.system'}] ELSE [] END, "
-        "[{'role': 'user', 'content': CASE WHEN coalesce(trim(j->>'$.input'), '') <> '' "
-        "THEN concat(j->>'$.instruction', chr(10), chr(10), j->>'$.input') ELSE j->>'$.instruction' END}, "
-        "{'role': 'assistant', 'content': j->>'$.output'}])"
+        f"CASE WHEN coalesce(json_type(j->'$.system'), 'NULL') <> 'NULL' THEN [{{'role': {_ROLE.format('system')}, "
+        "'content': j->'$.system'}] ELSE [] END, "
+        "CASE WHEN json_type(j->'$.history') = 'ARRAY' THEN flatten(list_transform(json_extract(j, '$.history[*]'), "
+        f"lambda h: [{{'role': {_ROLE.format('user')}, 'content': h->'$[0]'}}, "
+        f"{{'role': {_ROLE.format('assistant')}, 'content': h->'$[1]'}}])) ELSE [] END, "
+        f"[{{'role': {_ROLE.format('user')}, 'content': CASE WHEN json_type(j->'$.input') = 'VARCHAR' "
+        "AND trim(j->>'$.input') <> '' AND json_type(j->'$.instruction') = 'VARCHAR' "
+        "THEN to_json(concat(j->>'$.instruction', chr(10), chr(10), j->>'$.input')) ELSE j->'$.instruction' END}, "
+        f"{{'role': {_ROLE.format('assistant')}, 'content': j->'$.output'}}])",
+        "CASE WHEN (j->'$.instruction') IS NULL OR (j->'$.output') IS NULL THEN 'missing_fields' "
+        "WHEN coalesce(json_type(j->'$.input'), 'NULL') NOT IN ('NULL', 'VARCHAR') "
+        "OR coalesce(json_type(j->'$.history'), 'NULL') NOT IN ('NULL', 'ARRAY') "
+        "OR coalesce(json_type(j->'$.system'), 'NULL') NOT IN ('NULL', 'VARCHAR') THEN 'wrong_type' END",
     ),
     "prompt_completion": (
-        "[{'role': 'user', 'content': j->>'$.prompt'}, {'role': 'assistant', 'content': j->>'$.completion'}]"
+        f"[{{'role': {_ROLE.format('user')}, 'content': j->'$.prompt'}}, "
+        f"{{'role': {_ROLE.format('assistant')}, 'content': j->'$.completion'}}]",
+        "CASE WHEN (j->'$.prompt') IS NULL OR (j->'$.completion') IS NULL THEN 'missing_fields' END",
+    ),
+    "text": (
+        f"[{{'role': {_ROLE.format('assistant')}, 'content': j->'$.text'}}]",
+        "CASE WHEN (j->'$.text') IS NULL THEN 'missing_fields' END",
     ),
 }
 
@@ -52,7 +96,29 @@ _FORMAT_KEYS = [
     ("sharegpt", {"conversations"}),
     ("alpaca", {"instruction", "output"}),
     ("prompt_completion", {"prompt", "completion"}),
+    ("text", {"text"}),
 ]
+
+_NORMALIZE_MACRO = r"""
+CREATE OR REPLACE MACRO norm_text(s) AS trim(
+    regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(
+        nfc_normalize(s),
+        '\r\n?', chr(10), 'g'),
+        '[\x{00}-\x{08}\x{0B}\x{0C}\x{0E}-\x{1F}\x{7F}\x{200B}-\x{200D}\x{FEFF}]', '', 'g'),
+        '[\x{00A0}\x{2000}-\x{200A}\x{202F}\x{205F}\x{3000}]', ' ', 'g'),
+        '[ \t]+\n', chr(10), 'g'),
+        '\n{3,}', chr(10) || chr(10), 'g'),
+    ' ' || chr(9) || chr(10))
+"""
+
+
+class SourceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    format: str
+    format_reason: str
+    rows: int
 
 
 class CleanReport(BaseModel):
@@ -62,6 +128,7 @@ class CleanReport(BaseModel):
 
     dataset: str
     source: str
+    files: list[SourceFile]
     source_sha256: str
     fingerprint: str
     detected_format: str
@@ -71,59 +138,157 @@ class CleanReport(BaseModel):
     rows_eval: int
     rows_quarantined: int
     by_reason: dict[str, int]
+    pii_redactions: dict[str, int]
+    leakage_moved_to_train: int
     output_dir: str
 
 
 class CleanError(ValueError):
-    """The dataset cannot be cleaned at all (missing file, unknown format, no valid row)."""
+    """The dataset cannot be cleaned at all (missing file, unreadable file, unknown format, no valid row)."""
 
 
-def _sha256_file(path: Path) -> str:
+def resolve_sources(pattern: str | Path) -> list[Path]:
+    """The files a dataset path names: the file itself, or every match of a glob (sorted)."""
+    p = str(pattern)
+    if any(ch in p for ch in "*?["):
+        return sorted(Path(f) for f in globlib.glob(p, recursive=True) if Path(f).is_file())
+    return [Path(p)] if Path(p).is_file() else []
+
+
+def _sha256_files(files: list[Path]) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
-def detect_format(con: duckdb.DuckDBPyConnection, declared: str) -> tuple[str, str]:
-    """Return (format, why) for the lines in table `raw`."""
+# -- reading ---------------------------------------------------------------------------------------------------
+
+def _load_jsonl(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path,
+                source_name: str | None = None) -> None:
+    data = path.read_bytes()
+    bad_lines: list[int] = []
+    source = path
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Find the lines that are not UTF-8, and give DuckDB a copy where they are decoded with U+FFFD so the
+        # rest of the file reads normally; those lines are quarantined as invalid_utf8.
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad_lines.append(i + 1)
+                lines[i] = line.decode("utf-8", errors="replace").encode("utf-8")
+        source = tmpdir / f"{idx}.jsonl"
+        source.write_bytes(b"\n".join(lines))
+    con.execute(f"""
+        INSERT INTO raw
+        SELECT {idx}, ?, line_no, rtrim(line, chr(13)), NULL FROM (
+            SELECT unnest(range(1, len(lines) + 1)) AS line_no, unnest(lines) AS line
+            FROM (SELECT string_split(content, chr(10)) AS lines FROM read_text(?)))""",
+                [source_name or str(path), str(source)])
+    # the newline that ends the last line does not start another row
+    con.execute("DELETE FROM raw WHERE file_idx = ? AND line = '' AND line_no = (SELECT max(line_no) FROM raw "
+                "WHERE file_idx = ?)", [idx, idx])
+    if bad_lines:
+        con.execute("CREATE OR REPLACE TEMP TABLE bad_utf8 AS SELECT unnest(?::BIGINT[]) AS line_no", [bad_lines])
+        con.execute("UPDATE raw SET pre_reason = 'invalid_utf8' WHERE file_idx = ? AND line_no IN "
+                    "(SELECT line_no FROM bad_utf8)", [idx])
+    con.execute("UPDATE raw SET pre_reason = 'blank_line' WHERE file_idx = ? AND pre_reason IS NULL AND "
+                "trim(line) = ''", [idx])
+
+
+def _load_table(con: duckdb.DuckDBPyConnection, idx: int, path: Path, reader: str, options: str = "") -> None:
+    # One JSON object per row; row numbers count data rows from 1. CSV cells stay text (all_varchar).
+    options = f", {options}" if options else ""
+    con.execute(f"""
+        INSERT INTO raw
+        SELECT {idx}, ?, row_number() OVER (), to_json(t)::VARCHAR, NULL FROM {reader}(?{options}) t""",
+                [str(path), str(path)])
+
+
+def _load_json_array(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path) -> None:
+    # A JSON array must parse as a whole (Python's json is strict where DuckDB's reader is lenient with a
+    # truncated tail); its elements then go through the JSON Lines path, numbered from 1.
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CleanError(f"{path}: cannot be read as .json ({e}). Fix: make it one valid JSON array, or convert "
+                         "it to JSON Lines (.jsonl), where a bad line is quarantined instead.") from e
+    if not isinstance(data, list):
+        raise CleanError(f"{path}: a .json file must hold a JSON array of rows, not a {type(data).__name__}. Fix: "
+                         "wrap the rows in [ ], or use .jsonl.")
+    lines = tmpdir / f"{idx}.array.jsonl"
+    with lines.open("w", encoding="utf-8") as f:
+        for element in data:
+            f.write(json.dumps(element, ensure_ascii=False) + "\n")
+    _load_jsonl(con, idx, lines, tmpdir, source_name=str(path))
+
+
+def _load_file(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path) -> None:
+    ext = path.suffix.lower()
+    try:
+        if ext in (".jsonl", ".ndjson"):
+            _load_jsonl(con, idx, path, tmpdir)
+        elif ext == ".json":
+            _load_json_array(con, idx, path, tmpdir)
+        elif ext == ".csv":
+            _load_table(con, idx, path, "read_csv", "all_varchar = true")
+        elif ext == ".parquet":
+            _load_table(con, idx, path, "read_parquet")
+        else:
+            raise CleanError(f"{path}: unsupported file type {ext!r}. Fix: use .jsonl, .json (an array), .csv or "
+                             ".parquet.")
+    except duckdb.Error as e:
+        raise CleanError(f"{path}: cannot be read as {ext} ({str(e).splitlines()[0]}). Fix: check the file is "
+                         f"valid {ext}.") from e
+    except OSError as e:
+        raise CleanError(f"{path}: cannot be read ({e}).") from e
+
+
+def detect_format(con: duckdb.DuckDBPyConnection, idx: int, declared: str) -> tuple[str, str]:
+    """Return (format, why) for one file's rows in table `parsed`."""
     if declared != "auto":
         return declared, "declared in the spec"
-    row = con.execute(
-        "SELECT line_no, json_keys(line::JSON) FROM raw WHERE json_valid(line) AND starts_with(trim(line), '{') "
-        "ORDER BY line_no LIMIT 1").fetchone()
+    row = con.execute("SELECT line_no, json_keys(j) FROM parsed WHERE file_idx = ? AND j IS NOT NULL AND "
+                      "json_type(j) = 'OBJECT' ORDER BY line_no LIMIT 1", [idx]).fetchone()
     if row is None:
-        raise CleanError("no line is a JSON object, so the format cannot be detected. Fix: check the file is "
-                         "JSON Lines (one object per line).")
+        return "unknown", "no row is a JSON object"
     line_no, keys = row
     for fmt, needed in _FORMAT_KEYS:
         if needed <= set(keys):
-            return fmt, f"line {line_no} has keys {sorted(keys)}: {'+'.join(sorted(needed))} means {fmt}"
-    raise CleanError(f"line {line_no} has keys {sorted(keys)}, which match no known format (messages, "
-                     "conversations, instruction+output, prompt+completion). Fix: set `format` in the spec or "
-                     "convert the file.")
+            return fmt, f"row {line_no} has keys {sorted(keys)}: {' + '.join(sorted(needed))} means {fmt}"
+    return "unknown", (f"row {line_no} has keys {sorted(keys)}, which match no known format (messages, "
+                       "conversations, instruction + output, prompt + completion, text)")
 
 
-def clean_dataset(name: str, spec: DatasetSpec, source: Path, out_root: Path, tokenizer=None) -> CleanReport:
+# -- cleaning --------------------------------------------------------------------------------------------------
+
+def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Path, tokenizer=None) -> CleanReport:
     """Clean one dataset into ``out_root/<name>/<fingerprint>/`` and point ``current.json`` at it.
 
     Args:
         name: dataset name from the spec.
-        spec: its settings (format, eval_fraction, max_tokens).
-        source: the raw .jsonl file.
+        spec: its settings (format, eval_fraction, max_tokens, pii, near_duplicate_threshold).
+        source: the raw file, or a glob of files.
         out_root: the home's ``datasets`` dir.
         tokenizer: a HF tokenizer with a chat template; when given, rows over ``max_tokens`` are quarantined.
     """
-    source = Path(source)
-    if not source.is_file():
-        raise CleanError(f"dataset {name!r}: file {str(source)!r} does not exist or is not a file. Fix: correct "
+    files = resolve_sources(source)
+    if not files:
+        raise CleanError(f"dataset {name!r}: {str(source)!r} does not exist or matches no file. Fix: correct "
                          f"datasets.{name}.path in the spec.")
-    source_sha = _sha256_file(source)
+    source_sha = _sha256_files(files)
     tok_id = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
     fingerprint = hashlib.sha256(json.dumps({
-        "source_sha256": source_sha, "spec": spec.model_dump(), "cleaner": CLEANER_VERSION,
-        "tokenizer": str(tok_id), "vocab": len(tokenizer) if tokenizer is not None else None,
+        "source_sha256": source_sha, "spec": spec.model_dump(exclude={"path", "min_train_rows"}),
+        "cleaner": CLEANER_VERSION, "tokenizer": str(tok_id),
+        "vocab": len(tokenizer) if tokenizer is not None else None,
     }, sort_keys=True).encode()).hexdigest()[:16]
     out_dir = Path(out_root) / name / fingerprint
     if (out_dir / "report.json").exists():  # same input, same rules: the result is already there
@@ -136,89 +301,47 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path, out_root: Path, to
     tmp.mkdir(parents=True)
     con = duckdb.connect()
     try:
-        try:
-            con.execute(
-                "CREATE TABLE raw AS SELECT unnest(range(1, len(lines) + 1)) AS line_no, unnest(lines) AS line "
-                "FROM (SELECT string_split(content, chr(10)) AS lines FROM read_text(?))", [str(source)])
-        except duckdb.Error as e:
-            raise CleanError(f"dataset {name!r}: cannot read {source}: {e}") from e
-        # A trailing newline leaves one empty last element: that is not a row.
-        con.execute("DELETE FROM raw WHERE trim(line) = '' AND line_no = (SELECT max(line_no) FROM raw)")
-        fmt, why = detect_format(con, spec.format)
-        con.execute("""
-            CREATE TABLE parsed AS
-            SELECT line_no, line,
-                   CASE WHEN NOT json_valid(line) THEN NULL ELSE line::JSON END AS j
-            FROM raw""")
-        con.execute(f"""
-            CREATE TABLE normalized AS
-            SELECT line_no, line,
-                   CASE WHEN j IS NULL THEN 'invalid_json'
-                        WHEN json_type(j) <> 'OBJECT' THEN 'not_an_object'
-                   END AS reason0,
-                   CASE WHEN j IS NOT NULL AND json_type(j) = 'OBJECT' THEN
-                        TRY(list_transform({_TO_MESSAGES[fmt]},
-                            lambda m: {{'role': m.role, 'content': trim(nfc_normalize(m.content))}}))
-                   END AS messages
-            FROM parsed""")
-        con.execute("""
-            CREATE TABLE checked AS
-            SELECT *, coalesce(reason0,
-                CASE WHEN messages IS NULL OR len(messages) = 0 THEN 'missing_fields'
-                     WHEN list_bool_or(list_transform(messages, lambda m: m.role IS NULL OR
-                          m.role NOT IN ('system', 'user', 'assistant'))) THEN 'unknown_role'
-                     WHEN list_bool_or(list_transform(messages, lambda m: coalesce(m.content, '') = ''))
-                          THEN 'empty_text'
-                     WHEN messages[-1].role <> 'assistant' THEN 'no_final_assistant_turn'
-                     WHEN NOT list_contains(list_transform(messages, lambda m: m.role), 'user') THEN 'no_user_turn'
-                END) AS reason,
-                md5(to_json(messages)) AS content_hash
-            FROM normalized""")
-        if tokenizer is not None:
-            _mark_too_long(con, tokenizer, spec.max_tokens)
-        con.execute("""
-            CREATE TABLE deduped AS
-            SELECT *, CASE WHEN reason IS NULL AND row_number() OVER (
-                          PARTITION BY reason IS NULL, content_hash ORDER BY line_no) > 1
-                     THEN 'duplicate' ELSE reason END AS final_reason
-            FROM checked""")
-        buckets = 10_000
-        con.execute(f"""
-            CREATE TABLE result AS
-            SELECT *, CASE WHEN final_reason IS NOT NULL THEN 'quarantine'
-                           WHEN ('0x' || substr(content_hash, 1, 8))::UBIGINT % {buckets}
-                                < {round(spec.eval_fraction * buckets)} THEN 'eval'
-                           ELSE 'train' END AS split
-            FROM deduped""")
-        src = str(source)
-        for split in ("train", "eval"):
-            con.execute(f"""
-                COPY (SELECT messages, content_hash AS id, '{src}:' || line_no AS source
-                      FROM result WHERE split = '{split}' ORDER BY line_no)
-                TO '{tmp / (split + '.jsonl')}' (FORMAT json)""")
-        con.execute(f"""
-            COPY (SELECT final_reason AS reason, '{src}:' || line_no AS source, line AS raw
-                  FROM result WHERE split = 'quarantine' ORDER BY line_no)
-            TO '{tmp / 'quarantine.jsonl'}' (FORMAT json)""")
-        counts = dict(con.execute("SELECT split, count(*) FROM result GROUP BY split").fetchall())
-        by_reason = dict(con.execute(
-            "SELECT final_reason, count(*) FROM result WHERE final_reason IS NOT NULL GROUP BY 1 ORDER BY 1"
-        ).fetchall())
-        rows_in = con.execute("SELECT count(*) FROM raw").fetchone()[0]
+        with tempfile.TemporaryDirectory() as scratch:
+            con.execute("CREATE TABLE raw (file_idx INTEGER, file VARCHAR, line_no BIGINT, line VARCHAR, "
+                        "pre_reason VARCHAR)")
+            for idx, f in enumerate(files):
+                _load_file(con, idx, f, Path(scratch))
+            con.execute("CREATE TABLE rows AS SELECT row_number() OVER (ORDER BY file_idx, line_no) AS rid, * "
+                        "FROM raw")
+            sources, fmt_summary, why_summary = _parse_and_shape(con, files, spec.format)
+            pii = _messages(con, spec.pii)
+            if tokenizer is not None:
+                _mark_too_long(con, tokenizer, spec.max_tokens)
+            con.execute("""
+                UPDATE result SET reason = 'duplicate' FROM (
+                    SELECT rid, row_number() OVER (PARTITION BY content_hash ORDER BY rid) AS n
+                    FROM result WHERE reason IS NULL) d
+                WHERE result.rid = d.rid AND d.n > 1""")
+            if spec.near_duplicate_threshold is not None:
+                _mark_near_duplicates(con, spec.near_duplicate_threshold)
+            leaked = _split(con, spec.eval_fraction)
+            _write_outputs(con, tmp)
+            counts = dict(con.execute("SELECT split, count(*) FROM result GROUP BY split").fetchall())
+            by_reason = dict(con.execute("SELECT reason, count(*) FROM result WHERE reason IS NOT NULL "
+                                         "GROUP BY 1 ORDER BY 1").fetchall())
+            rows_in = con.execute("SELECT count(*) FROM rows").fetchone()[0]
     finally:
         con.close()
 
     if counts.get("train", 0) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CleanError(f"dataset {name!r}: no valid training row in {source} ({rows_in} rows in, quarantined "
-                         f"by reason: {by_reason}). Fix: check the file's format (detected {fmt}: {why}).")
+        raise CleanError(f"dataset {name!r}: no valid training row in {source} ({rows_in} rows in, quarantined by "
+                         f"reason: {by_reason}). Fix: check the file's format (detected {fmt_summary}: "
+                         f"{why_summary}).")
     report = CleanReport(
-        dataset=name, source=str(source), source_sha256=source_sha, fingerprint=fingerprint,
-        detected_format=fmt, format_reason=why, rows_in=rows_in, rows_train=counts.get("train", 0),
-        rows_eval=counts.get("eval", 0), rows_quarantined=counts.get("quarantine", 0), by_reason=by_reason,
-        output_dir=str(out_dir),
+        dataset=name, source=str(source), files=sources, source_sha256=source_sha, fingerprint=fingerprint,
+        detected_format=fmt_summary, format_reason=why_summary, rows_in=rows_in,
+        rows_train=counts.get("train", 0), rows_eval=counts.get("eval", 0),
+        rows_quarantined=counts.get("quarantine", 0), by_reason=by_reason, pii_redactions=pii,
+        leakage_moved_to_train=leaked, output_dir=str(out_dir),
     )
-    assert report.rows_in == report.rows_train + report.rows_eval + report.rows_quarantined
+    if report.rows_in != report.rows_train + report.rows_eval + report.rows_quarantined:
+        raise AssertionError(f"cleaning lost rows: {report}")  # a bug in this module, never the data's fault
     (tmp / "report.json").write_text(report.model_dump_json(indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
@@ -226,17 +349,210 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path, out_root: Path, to
     return report
 
 
+def _parse_and_shape(con: duckdb.DuckDBPyConnection, files: list[Path], declared: str
+                     ) -> tuple[list[SourceFile], str, str]:
+    """Parse JSON, detect each file's format, and build each row's raw message list (table `shaped`)."""
+    con.execute("""
+        CREATE TABLE parsed AS
+        SELECT rid, file_idx, line_no,
+               CASE WHEN pre_reason IS NULL AND json_valid(line) THEN line::JSON END AS j,
+               coalesce(pre_reason, CASE WHEN NOT json_valid(line) THEN 'invalid_json'
+                                         WHEN json_type(line::JSON) <> 'OBJECT' THEN 'not_an_object' END) AS reason
+        FROM rows""")
+    con.execute("CREATE TABLE shaped (rid BIGINT, fmt VARCHAR, msgs STRUCT(role JSON, content JSON)[], "
+                "reason VARCHAR)")
+    sources = []
+    for idx, f in enumerate(files):
+        fmt, why = detect_format(con, idx, declared)
+        n = con.execute("SELECT count(*) FROM parsed WHERE file_idx = ?", [idx]).fetchone()[0]
+        if fmt == "unknown":
+            valid = con.execute("SELECT count(*) FROM parsed WHERE file_idx = ? AND reason IS NULL",
+                                [idx]).fetchone()[0]
+            if valid == 0:
+                raise CleanError(f"{f}: no row is a JSON object ({n} rows). Fix: check the file's format.")
+            raise CleanError(f"{f}: {why}. Fix: set `format` in the spec or convert the file.")
+        sources.append(SourceFile(path=str(f), format=fmt, format_reason=why, rows=n))
+        to_msgs, shape = _FORMATS[fmt]
+        con.execute(f"""
+            INSERT INTO shaped
+            SELECT rid, '{fmt}',
+                   CASE WHEN reason IS NULL AND ({shape}) IS NULL THEN TRY({to_msgs}) END,
+                   coalesce(reason, {shape})
+            FROM parsed WHERE file_idx = {idx}""")
+    formats = sorted({s.format for s in sources})
+    fmt_summary = formats[0] if len(formats) == 1 else "mixed: " + ", ".join(formats)
+    why_summary = "; ".join(f"{Path(s.path).name}: {s.format_reason}" for s in sources)
+    return sources, fmt_summary, why_summary
+
+
+def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
+    """Validate and normalize each message, redact PII, and build table `result` (one row per input row)."""
+    con.execute(_NORMALIZE_MACRO)
+    con.execute("""
+        CREATE TABLE exploded AS
+        SELECT rid, fmt, pos, m.role AS role_json, m.content AS content_json,
+               CASE WHEN json_type(m.content) = 'ARRAY' THEN list_transform(json_extract(m.content, '$[*]'),
+                    lambda p: CASE json_type(p) WHEN 'VARCHAR' THEN p->>'$' WHEN 'OBJECT' THEN
+                              CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END) END AS parts
+        FROM (SELECT rid, fmt, unnest(msgs) AS m, unnest(range(1, len(msgs) + 1)) AS pos
+              FROM shaped WHERE reason IS NULL AND msgs IS NOT NULL)""")
+    redact = pii_mode != "off"
+    text = "content"
+    counts = []
+    for kind, pat in PII_PATTERNS.items():
+        counts.append(f"CASE WHEN {redact} THEN len(regexp_extract_all({text}, '{pat}')) ELSE 0 END AS n_{kind}")
+        text = f"regexp_replace({text}, '{pat}', '{PII_PLACEHOLDERS[kind]}', 'g')" if pii_mode == "redact" else text
+    con.execute(f"""
+        CREATE TABLE msgs AS
+        SELECT *, {text} AS text, {', '.join(counts)} FROM (
+            SELECT rid, fmt, pos,
+                   CASE lower(trim(role_json->>'$')) WHEN 'human' THEN 'user' WHEN 'gpt' THEN 'assistant'
+                        ELSE lower(trim(role_json->>'$')) END AS role,
+                   json_type(role_json) = 'VARCHAR' AS role_ok,
+                   norm_text(CASE json_type(content_json) WHEN 'VARCHAR' THEN content_json->>'$'
+                        WHEN 'ARRAY' THEN CASE WHEN NOT list_bool_or(list_transform(parts, lambda x: x IS NULL))
+                                               THEN array_to_string(parts, '') END END) AS content
+            FROM exploded)""")
+    pii_total = " + ".join(f"n_{k}" for k in PII_PATTERNS)
+    con.execute(f"""
+        CREATE TABLE per_row AS
+        SELECT rid,
+               list({{'role': role, 'content': text}} ORDER BY pos)
+                   FILTER (WHERE NOT (role = 'system' AND content = '')) AS messages,
+               bool_or(NOT role_ok OR content IS NULL) AS bad_type,
+               bool_or(role_ok AND role NOT IN ('system', 'user', 'assistant')) AS bad_role,
+               bool_or(role = 'user' AND content = '') AS empty_prompt,
+               bool_or(role = 'assistant' AND content = '') AS empty_response,
+               bool_or(role = 'user') AS has_user,
+               {", ".join(f"sum(n_{k}) AS n_{k}" for k in PII_PATTERNS)},
+               sum({pii_total}) AS n_pii
+        FROM msgs GROUP BY rid""")
+    con.execute(f"""
+        CREATE TABLE result AS
+        SELECT s.rid, r.file, r.line_no, r.line, s.fmt, p.messages,
+               coalesce(s.reason,
+                   CASE WHEN p.rid IS NULL OR len(p.messages) = 0 THEN 'empty_conversation'
+                        WHEN p.bad_type THEN 'wrong_type'
+                        WHEN p.bad_role THEN 'unknown_role'
+                        WHEN p.empty_prompt THEN 'empty_prompt'
+                        WHEN p.empty_response THEN 'empty_response'
+                        WHEN NOT p.has_user AND s.fmt <> 'text' THEN 'no_user_turn'
+                        WHEN p.messages[-1].role <> 'assistant' THEN 'no_final_assistant_turn'
+                        WHEN list_bool_or(list_transform(range(1, len(p.messages)),
+                             lambda i: p.messages[i].role = p.messages[i + 1].role)) THEN 'consecutive_same_role'
+                        WHEN {pii_mode == "quarantine"} AND p.n_pii > 0 THEN 'pii'
+                   END) AS reason,
+               md5(to_json(p.messages)) AS content_hash,
+               md5(to_json(list_slice(p.messages, 1, len(p.messages) - 1))) AS prompt_hash,
+               {", ".join(f"coalesce(p.n_{k}, 0) AS n_{k}" for k in PII_PATTERNS)},
+               NULL::VARCHAR AS split
+        FROM shaped s JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid)""")
+    if pii_mode != "redact":
+        return {}
+    row = con.execute(f"SELECT {', '.join(f'sum(n_{k})' for k in PII_PATTERNS)} FROM result "
+                      "WHERE reason IS NULL").fetchone()
+    return {k: int(v or 0) for k, v in zip(PII_PATTERNS, row, strict=True) if v}
+
+
 def _mark_too_long(con: duckdb.DuckDBPyConnection, tokenizer, max_tokens: int) -> None:
-    rows = con.execute("SELECT line_no, messages FROM checked WHERE reason IS NULL ORDER BY line_no").fetchall()
+    rows = con.execute("SELECT rid, messages FROM result WHERE reason IS NULL ORDER BY rid").fetchall()
     if not rows:
         return
     texts = [tokenizer.apply_chat_template(m, tokenize=False) for _, m in rows]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    too_long = [(ln,) for (ln, _), n in zip(rows, lengths, strict=True) if n > max_tokens]
+    too_long = [rid for (rid, _), n in zip(rows, lengths, strict=True) if n > max_tokens]
     if too_long:
-        con.execute("CREATE TEMP TABLE too_long(line_no BIGINT)")
-        con.executemany("INSERT INTO too_long VALUES (?)", too_long)
-        con.execute("UPDATE checked SET reason = 'too_long' WHERE line_no IN (SELECT line_no FROM too_long)")
+        con.execute("UPDATE result SET reason = 'too_long' WHERE rid IN (SELECT unnest(?::BIGINT[]))", [too_long])
+
+
+#: MinHash LSH: 64 hashes in 16 bands of 4. A pair at Jaccard 0.9 shares a band with probability > 0.999;
+#: candidates are then kept only if their MinHash agreement reaches the threshold.
+_MINHASH_PERMUTATIONS = 64
+_LSH_BANDS = 16
+
+
+def minhash_signatures(row_ids: np.ndarray, shingle_hashes: np.ndarray, seed: int = 0) -> np.ndarray:
+    """MinHash signatures (rows x permutations) from (row id, shingle hash) pairs sorted by row id."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**63 - 1, size=_MINHASH_PERMUTATIONS, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 2**63 - 1, size=_MINHASH_PERMUTATIONS, dtype=np.uint64)
+    starts = np.flatnonzero(np.r_[True, row_ids[1:] != row_ids[:-1]])
+    sig = np.empty((len(starts), _MINHASH_PERMUTATIONS), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(_MINHASH_PERMUTATIONS):
+            sig[:, k] = np.minimum.reduceat(shingle_hashes * a[k] + b[k], starts)
+    return sig
+
+
+def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
+    """For each row (in input order), the index of an earlier row it nearly duplicates, or -1."""
+    n = sig.shape[0]
+    out = np.full(n, -1, dtype=np.int64)
+    rows_per_band = _MINHASH_PERMUTATIONS // _LSH_BANDS
+    order = np.arange(n)
+    for band in range(_LSH_BANDS):
+        cols = sig[:, band * rows_per_band:(band + 1) * rows_per_band]
+        key = np.ascontiguousarray(cols).view(np.dtype((np.void, cols.dtype.itemsize * rows_per_band))).ravel()
+        perm = np.lexsort((order, key))  # group equal keys, earliest row first
+        sorted_key = key[perm]
+        first_of_group = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
+        leader = perm[np.maximum.accumulate(np.where(first_of_group, np.arange(n), 0))]
+        cand = (leader != perm) & (out[perm] < 0)
+        rows, leads = perm[cand], leader[cand]
+        if len(rows):
+            sim = (sig[rows] == sig[leads]).mean(axis=1)
+            hit = sim >= threshold
+            out[rows[hit]] = leads[hit]
+    return out
+
+
+def _mark_near_duplicates(con: duckdb.DuckDBPyConnection, threshold: float) -> None:
+    # Word trigrams of the lower-cased conversation; texts under three words are one shingle.
+    arrays = con.execute("""
+        WITH words AS (
+            SELECT rid, list_filter(regexp_split_to_array(lower(array_to_string(
+                       list_transform(messages, lambda m: m.content), ' ')), '[^[:alnum:]]+'), lambda w: w <> '')
+                       AS w
+            FROM result WHERE reason IS NULL)
+        SELECT rid, hash(list_slice(w, i, i + 2)::VARCHAR) AS h
+        FROM (SELECT rid, w, unnest(range(1, greatest(len(w) - 1, 1) + 1)) AS i FROM words)
+        ORDER BY rid""").fetchnumpy()
+    rids, hashes = arrays["rid"], arrays["h"].astype(np.uint64)
+    if len(rids) == 0:
+        return
+    sig = minhash_signatures(rids, hashes)
+    unique_rids = rids[np.r_[True, rids[1:] != rids[:-1]]]
+    dup_of = near_duplicate_of(sig, threshold)
+    near = unique_rids[dup_of >= 0]
+    if len(near):
+        con.execute("UPDATE result SET reason = 'near_duplicate' WHERE rid IN (SELECT unnest(?::BIGINT[]))",
+                    [near.tolist()])
+
+
+def _split(con: duckdb.DuckDBPyConnection, eval_fraction: float) -> int:
+    """Assign train/eval by content hash; move eval rows whose prompt also occurs in train. Returns moved count."""
+    buckets = 10_000
+    con.execute(f"""
+        UPDATE result SET split = CASE
+            WHEN reason IS NOT NULL THEN 'quarantine'
+            WHEN ('0x' || substr(content_hash, 1, 8))::UBIGINT % {buckets} < {round(eval_fraction * buckets)}
+                THEN 'eval' ELSE 'train' END""")
+    moved = con.execute("""
+        UPDATE result SET split = 'train'
+        WHERE split = 'eval' AND prompt_hash IN (SELECT prompt_hash FROM result WHERE split = 'train')""").fetchone()
+    return int(moved[0]) if moved else 0
+
+
+def _write_outputs(con: duckdb.DuckDBPyConnection, out: Path) -> None:
+    for split in ("train", "eval"):
+        con.execute(f"""
+            COPY (SELECT messages, content_hash AS id, file || ':' || line_no AS source
+                  FROM result WHERE split = '{split}' ORDER BY rid)
+            TO '{out / (split + '.jsonl')}' (FORMAT json)""")
+    con.execute(f"""
+        COPY (SELECT reason, file || ':' || line_no AS source, line AS raw
+              FROM result WHERE split = 'quarantine' ORDER BY rid)
+        TO '{out / 'quarantine.jsonl'}' (FORMAT json)""")
 
 
 def _point_current(dataset_dir: Path, out_dir: Path) -> None:
@@ -256,7 +572,7 @@ def current_clean(datasets_root: Path, name: str) -> CleanReport:
 
 
 def read_split(report: CleanReport, split: str) -> list[dict]:
-    """Rows of one split (``train`` or ``eval``) as dicts with ``messages``, ``id`` and ``source``."""
+    """Rows of one split (``train``, ``eval`` or ``quarantine``) as dicts."""
     path = Path(report.output_dir) / f"{split}.jsonl"
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -6,6 +6,7 @@ fix, before any model or dataset is loaded (:func:`load_spec` raises :class:`Spe
 
 from __future__ import annotations
 
+import glob as globlib
 import itertools
 import re
 from pathlib import Path
@@ -30,14 +31,24 @@ class _Strict(BaseModel):
 class DatasetSpec(_Strict):
     """One raw instruction dataset and how to clean and split it."""
 
-    path: str = Field(description="Path to the raw file (.jsonl), relative to the spec file's folder.")
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"] = Field(
-        "auto", description="Row format; `auto` detects it from the first valid row's keys.")
+    path: str = Field(description="A file or a glob (.jsonl, .json array, .csv, .parquet), relative to the spec "
+                      "file's folder.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; `auto` detects it per file from the first valid row's keys.")
     eval_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of rows held out for evaluation, chosen by a hash of the content.")
     max_tokens: int = Field(
         512, gt=0, description="Rows longer than this many tokens (chat template applied) are quarantined, "
         "never truncated.")
+    pii: Literal["redact", "quarantine", "off"] = Field(
+        "redact", description="E-mail addresses, phone numbers and IPv4 addresses: replace them with <EMAIL>, "
+        "<PHONE>, <IPV4> (`redact`), quarantine the row (`quarantine`), or leave them (`off`).")
+    near_duplicate_threshold: float | None = Field(
+        0.9, gt=0, le=1, description="Word-trigram Jaccard similarity (MinHash estimate) at or above which a row "
+        "is a near-duplicate of an earlier one and quarantined; null turns the check off.")
+    min_train_rows: int = Field(
+        1, gt=0, description="The blocking check on the clean asset fails (and training does not start) when "
+        "fewer train rows remain.")
 
 
 class GateSpec(_Strict):
@@ -190,8 +201,9 @@ class PipelineSpec(_Strict):
                            "(set by load_spec).")
 
     def dataset_path(self, name: str) -> Path:
+        """The dataset's file or glob, made absolute against the spec's folder."""
         p = Path(self.datasets[name].path)
-        return p if p.is_absolute() else (self.spec_dir / p).resolve()
+        return p if p.is_absolute() else self.spec_dir.resolve() / p
 
     @property
     def served_base_name(self) -> str:
@@ -268,7 +280,11 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
         if isinstance(ds, dict) and isinstance(ds.get("path"), str):
             p = Path(ds["path"])
             p = p if p.is_absolute() else spec_dir / p
-            if not p.exists():
+            is_glob = any(ch in ds["path"] for ch in "*?[")
+            if is_glob and not any(Path(f).is_file() for f in globlib.glob(str(p), recursive=True)):
+                problems.append(f"datasets.{name}.path: the glob {ds['path']!r} matches no file (looked in "
+                                f"{p.parent}). Fix: correct the pattern, relative to the spec file.")
+            elif not is_glob and not p.is_file():
                 problems.append(f"datasets.{name}.path: file {ds['path']!r} does not exist (looked at {p}). "
                                 "Fix: give a path relative to the spec file or an absolute path.")
     for name, ad in adapters.items():

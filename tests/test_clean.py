@@ -46,7 +46,7 @@ def test_counts_reasons_and_invariant(tmp_path):
     assert r.rows_in == len(rows)
     assert r.rows_in == r.rows_train + r.rows_eval + r.rows_quarantined
     assert r.rows_train + r.rows_eval == 50
-    assert r.by_reason == {"duplicate": 3, "empty_text": 1, "invalid_json": 1, "not_an_object": 1,
+    assert r.by_reason == {"duplicate": 3, "empty_response": 1, "invalid_json": 1, "not_an_object": 1,
                            "unknown_role": 1, "no_final_assistant_turn": 1, "missing_fields": 1}
     q = quarantine(r)
     assert len(q) == r.rows_quarantined
