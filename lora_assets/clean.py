@@ -576,3 +576,48 @@ def read_split(report: CleanReport, split: str) -> list[dict]:
     path = Path(report.output_dir) / f"{split}.jsonl"
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class CheckOutcome(BaseModel):
+    """The result of one data-quality check over the written splits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    passed: bool
+    detail: str
+    offenders: list[str] = []
+
+
+def _prompt_key(row: dict) -> str:
+    return json.dumps(row["messages"][:-1], sort_keys=True, ensure_ascii=False)
+
+
+def check_no_leakage(report: CleanReport) -> CheckOutcome:
+    """No eval row has the same content or the same prompt as a train row (read back from the files)."""
+    train = read_split(report, "train")
+    ids = {r["id"] for r in train}
+    prompts = {_prompt_key(r) for r in train}
+    leaked = [r["source"] for r in read_split(report, "eval") if r["id"] in ids or _prompt_key(r) in prompts]
+    if leaked:
+        return CheckOutcome(passed=False, offenders=leaked[:20],
+                            detail=f"{len(leaked)} eval row(s) also occur (content or prompt) in train")
+    return CheckOutcome(passed=True, detail="no eval row shares its content or prompt with a train row")
+
+
+def check_no_duplicates(report: CleanReport) -> CheckOutcome:
+    """No two kept rows (train and eval together) have the same normalized content."""
+    seen: dict[str, str] = {}
+    dups = []
+    for r in read_split(report, "train") + read_split(report, "eval"):
+        if r["id"] in seen:
+            dups.append(f"{r['source']} repeats {seen[r['id']]}")
+        seen.setdefault(r["id"], r["source"])
+    if dups:
+        return CheckOutcome(passed=False, detail=f"{len(dups)} duplicate row(s) left", offenders=dups[:20])
+    return CheckOutcome(passed=True, detail=f"{len(seen)} kept rows, all distinct")
+
+
+def check_min_train_rows(report: CleanReport, minimum: int) -> CheckOutcome:
+    """At least ``minimum`` train rows remain."""
+    n = len(read_split(report, "train"))
+    return CheckOutcome(passed=n >= minimum, detail=f"{n} train rows (minimum {minimum})")

@@ -5,11 +5,21 @@ and ``serving/deployment``.
 """
 
 
+import json
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
+from lora_assets.clean import (
+    CheckOutcome,
+    CleanReport,
+    check_min_train_rows,
+    check_no_duplicates,
+    check_no_leakage,
+    current_clean,
+    read_split,
+)
 from lora_assets.pipeline import AdapterJob, Pipeline, adapter_jobs
 from lora_assets.spec import PipelineSpec
 from serving.deployment import deploy
@@ -38,22 +48,71 @@ def _samples_table(samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _rows_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v) -> str:
+        text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+        return text.replace("|", "\\|").replace("\n", " ")[:160]
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
     @dg.asset(key=["dataset", ds_name, "clean"], group_name="datasets", kinds={"duckdb"},
-              description=f"Dataset `{ds_name}` parsed, normalized to chat messages, deduplicated and split "
-              "train/eval with DuckDB; dropped rows kept in quarantine.jsonl with their reason.")
+              description=f"Dataset `{ds_name}` parsed, normalized to chat messages, PII-redacted, deduplicated "
+              "(exact and near) and split train/eval with DuckDB; every dropped row kept in quarantine.jsonl "
+              "with its reason.")
     def clean_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
         report = Pipeline(spec, lorafoundry.home, progress=context.log.info).clean(ds_name)
-        reasons = "\n".join(f"| {k} | {v} |" for k, v in report.by_reason.items()) or "| (none) | 0 |"
+        counts = {"rows_in": report.rows_in, "rows_train": report.rows_train, "rows_eval": report.rows_eval,
+                  "rows_quarantined": report.rows_quarantined,
+                  "leakage_moved_to_train": report.leakage_moved_to_train}
+        reasons = [{"reason": k, "rows": v} for k, v in report.by_reason.items()] or [{"reason": "(none)", "rows": 0}]
+        cleaned = [{"source": r["source"], "messages": r["messages"]} for r in read_split(report, "train")[:5]]
         return dg.MaterializeResult(metadata={
-            "rows_in": report.rows_in, "rows_train": report.rows_train, "rows_eval": report.rows_eval,
-            "rows_quarantined": report.rows_quarantined,
-            "quarantined_by_reason": dg.MetadataValue.md("| reason | rows |\n|---|---|\n" + reasons),
+            **counts,
+            "counts": dg.MetadataValue.md(_rows_table([counts], list(counts))),
+            "quarantined_by_reason": dg.MetadataValue.md(_rows_table(reasons, ["reason", "rows"])),
+            "pii_redactions": dg.MetadataValue.json(report.pii_redactions),
             "detected_format": f"{report.detected_format} ({report.format_reason})",
+            "cleaned_rows_sample": dg.MetadataValue.md(_rows_table(cleaned, ["source", "messages"])),
+            "quarantined_rows_sample": dg.MetadataValue.md(_rows_table(
+                read_split(report, "quarantine")[:5], ["reason", "source", "raw"])),
             "fingerprint": report.fingerprint, "output_dir": dg.MetadataValue.path(report.output_dir),
         })
 
     return clean_asset
+
+
+def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefinition]:
+    """Blocking checks on the written splits: a failure keeps training from starting in the same run."""
+    key = dg.AssetKey(["dataset", ds_name, "clean"])
+    minimum = spec.datasets[ds_name].min_train_rows
+
+    def result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=outcome.passed, description=outcome.detail,
+                                   metadata={"offenders": dg.MetadataValue.json(outcome.offenders)})
+
+    def report_of(lorafoundry: LoraFoundryHome) -> CleanReport:
+        return current_clean(Pipeline(spec, lorafoundry.home).datasets_dir, ds_name)
+
+    @dg.asset_check(asset=key, name="no_train_eval_leakage", blocking=True,
+                    description="No eval row shares its content or prompt with a train row.")
+    def no_leakage(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
+        return result(check_no_leakage(report_of(lorafoundry)))
+
+    @dg.asset_check(asset=key, name="no_duplicates_left", blocking=True,
+                    description="No two kept rows have the same normalized content.")
+    def no_duplicates(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
+        return result(check_no_duplicates(report_of(lorafoundry)))
+
+    @dg.asset_check(asset=key, name="min_train_rows", blocking=True,
+                    description=f"At least {minimum} train rows (datasets.{ds_name}.min_train_rows).")
+    def min_train(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
+        return result(check_min_train_rows(report_of(lorafoundry), minimum))
+
+    return [no_leakage, no_duplicates, min_train]
 
 
 def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
@@ -133,11 +192,15 @@ def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.Ass
 
 
 def build_assets(spec: PipelineSpec, deployment: bool = True) -> list[dg.AssetsDefinition]:
-    """One clean asset per dataset, train/eval/register assets per adapter (per sweep point), and the deployment."""
-    assets = [_clean_asset(spec, name) for name in spec.datasets]
+    """One clean asset (and its blocking checks) per dataset, train/eval/register assets per adapter (per sweep
+    point), and the deployment."""
+    assets: list[dg.AssetsDefinition] = []
+    for name in spec.datasets:
+        assets += [_clean_asset(spec, name), *_clean_checks(spec, name)]
     for job in adapter_jobs(spec).values():
         assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job)]
     if deployment:
-        registered = [a.key for a in assets if a.key.path[-1] == "register"]
+        registered = [a.key for a in assets if not isinstance(a, dg.AssetChecksDefinition)
+                      and a.key.path[-1] == "register"]
         assets.append(_deployment_asset(spec, registered))
     return assets

@@ -95,6 +95,45 @@ def _summary_table(spec: PipelineSpec, home: Path) -> Table:
 
 
 @app.command()
+def clean(spec: SpecArg, home: HomeOpt = None,
+          dataset: Annotated[list[str] | None, typer.Option(help="Only this dataset (repeatable).")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False) -> None:
+    """Run only the cleaning stage and print each dataset's report."""
+    from lora_assets.clean import CleanError
+    from lora_assets.pipeline import Pipeline
+
+    _offline()
+    s = _load(spec)
+    unknown = sorted(set(dataset or []) - set(s.datasets))
+    if unknown:
+        err.print(f"[red]unknown dataset(s) {unknown}[/red]; the spec declares {sorted(s.datasets)}")
+        raise typer.Exit(2)
+    pipe = Pipeline(s, _home(home))
+    for name in dataset or list(s.datasets):
+        try:
+            report = pipe.clean(name)
+        except CleanError as e:
+            err.print(f"[red]cleaning {name} failed[/red]: {e}", highlight=False)
+            raise typer.Exit(1) from None
+        if as_json:
+            sys.stdout.write(report.model_dump_json() + "\n")
+            continue
+        table = Table(title=f"dataset {name} ({report.detected_format}) → {report.output_dir}")
+        table.add_column("count")
+        table.add_column("rows", justify="right")
+        for label, value in (("in", report.rows_in), ("train", report.rows_train), ("eval", report.rows_eval),
+                             ("quarantined", report.rows_quarantined),
+                             ("moved eval → train (leakage)", report.leakage_moved_to_train)):
+            table.add_row(label, str(value))
+        for reason, n in report.by_reason.items():
+            table.add_row(f"  quarantined: {reason}", str(n))
+        for kind, n in report.pii_redactions.items():
+            table.add_row(f"  redacted: {kind}", str(n))
+        out.print(table)
+        out.print(f"format: {report.format_reason}; fingerprint {report.fingerprint}", highlight=False)
+
+
+@app.command()
 def run(spec: SpecArg, home: HomeOpt = None,
         deploy: Annotated[bool, typer.Option(help="Also materialize serving/deployment: leave a vLLM server running "
                                              "with the registered adapters (stop it with `lorafoundry stop`).")] = True,

@@ -66,3 +66,25 @@ def vllm_server(materialized, session_home):
     state = deployment.current(session_home)
     assert state is not None, "the deployment is not answering"
     return state
+
+
+@pytest.fixture(scope="session")
+def random_base(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with the built-in tokenizer, saved as a local HF model dir in ~2 s:
+    for tests that need a real model dir and tokenizer but not a model that knows anything."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_assets import builtin
+
+    out = tmp_path_factory.mktemp("random-base")
+    tokenizer = builtin.build_tokenizer(list(builtin.corpus_documents(2000, seed=1)), vocab_size=1024)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,76 @@
+"""The clean asset in Dagster: its metadata, and blocking checks that keep training from starting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from lora_assets.spec import validate_spec
+from orchestration.assets import LoraFoundryHome, build_assets
+
+
+def small_spec(tmp_path: Path, base: Path):
+    rows = [{"messages": [{"role": "user", "content": f"question number {i} about item {i * 7}"},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(60)]
+    rows.append({"messages": [{"role": "user", "content": "mail a@b.io"}, {"role": "assistant", "content": ""}]})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return validate_spec({"base_model": str(base), "datasets": {"d": {"path": "d.jsonl", "eval_fraction": 0.2}},
+                          "adapters": {"a": {"dataset": "d", "max_steps": 1, "batch_size": 2}}}, tmp_path)
+
+
+def run(spec, home: Path, selection: list[str]) -> dg.ExecuteInProcessResult:
+    return dg.materialize(build_assets(spec, deployment=False), selection=selection, raise_on_error=False,
+                          resources={"lorafoundry": LoraFoundryHome(home=str(home))})
+
+
+def test_clean_asset_metadata_and_passing_checks(tmp_path, random_base):
+    spec = small_spec(tmp_path, random_base)
+    result = run(spec, tmp_path / "home", ["dataset/d/clean"])
+    assert result.success
+    (mat,) = result.get_asset_materialization_events()
+    meta = mat.materialization.metadata
+    assert meta["rows_in"].value == 61 and meta["rows_quarantined"].value == 1
+    for key in ("counts", "quarantined_by_reason", "cleaned_rows_sample", "quarantined_rows_sample", "fingerprint"):
+        assert key in meta
+    assert "empty_response" in meta["quarantined_by_reason"].value
+    checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"no_train_eval_leakage": True, "no_duplicates_left": True, "min_train_rows": True}
+
+
+def test_leakage_check_blocks_training(tmp_path, random_base):
+    spec = small_spec(tmp_path, random_base)
+    home = tmp_path / "home"
+    assert run(spec, home, ["dataset/d/clean"]).success
+    out_dir = Path(json.loads((home / "datasets" / "d" / "current.json").read_text())["dir"])
+    leaked = (out_dir / "train.jsonl").read_text().splitlines()[0]
+    with (out_dir / "eval.jsonl").open("a") as f:  # a train row sneaks into eval
+        f.write(leaked + "\n")
+
+    result = run(spec, home, ["dataset/d/clean", "adapter/a/train"])
+    checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["no_train_eval_leakage"] is False and checks["no_duplicates_left"] is False
+    materialized = {"/".join(e.asset_key.path) for e in result.get_asset_materialization_events()}
+    assert "adapter/a/train" not in materialized
+    assert not (home / "adapters" / "a").exists()
+
+
+def test_cli_clean_prints_the_report(tmp_path, random_base):
+    import yaml
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+
+    small_spec(tmp_path, random_base)  # writes d.jsonl
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({"base_model": str(random_base), "datasets": {"d": {"path": "d.jsonl"}},
+                                         "adapters": {"a": {"dataset": "d"}}}))
+    runner = CliRunner()
+    res = runner.invoke(app, ["clean", str(spec_file), "--home", str(tmp_path / "h"), "--dataset", "d"])
+    assert res.exit_code == 0, res.output
+    assert "empty_response" in res.stdout and "redacted: email" not in res.stdout  # the e-mail row was dropped
+    res = runner.invoke(app, ["clean", str(spec_file), "--home", str(tmp_path / "h"), "--json"])
+    report = json.loads(res.stdout)
+    assert report["rows_in"] == report["rows_train"] + report["rows_eval"] + report["rows_quarantined"] == 61
+    assert runner.invoke(app, ["clean", str(spec_file), "--dataset", "nope"]).exit_code == 2
