@@ -11,7 +11,7 @@ HOME_DIR ?= $(CURDIR)/.lorafoundry
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test ui lint lock clean
+.PHONY: install demo test ui lint lock clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ ui: install
 	@echo "Dagster UI: http://127.0.0.1:3000 (spec: $${LORAFOUNDRY_SPEC:-examples/demo.yaml}, home: $(HOME_DIR))"
 	LORAFOUNDRY_HOME=$(HOME_DIR) DAGSTER_HOME=$(HOME_DIR)/dagster_home \
 		$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# Benchmarks print ratios against a baseline measured in the same run; results go in docs/benchmarks.md.
+bench: install
+	$(PY) -m pip install -q -r requirements/bench.txt
+	$(PY) bench/clean_bench.py --rows 1000000
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -100,7 +100,7 @@ _FORMAT_KEYS = [
 ]
 
 _NORMALIZE_MACRO = r"""
-CREATE OR REPLACE MACRO norm_text(s) AS trim(
+CREATE OR REPLACE MACRO norm_text_full(s) AS trim(
     regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(
         nfc_normalize(s),
         '\r\n?', chr(10), 'g'),
@@ -108,7 +108,12 @@ CREATE OR REPLACE MACRO norm_text(s) AS trim(
         '[\x{00A0}\x{2000}-\x{200A}\x{202F}\x{205F}\x{3000}]', ' ', 'g'),
         '[ \t]+\n', chr(10), 'g'),
         '\n{3,}', chr(10) || chr(10), 'g'),
-    ' ' || chr(9) || chr(10))
+    ' ' || chr(9) || chr(10));
+-- Most text needs only NFC and a trim: one regex search decides whether the full pass is needed.
+CREATE OR REPLACE MACRO norm_text(s) AS CASE
+    WHEN regexp_matches(s, '[\x{00}-\x{08}\x{0B}-\x{1F}\x{7F}\x{00A0}\x{2000}-\x{200D}\x{202F}\x{205F}'
+                           '\x{3000}\x{FEFF}]|[ \t]\n|\n\n\n')
+    THEN norm_text_full(s) ELSE trim(nfc_normalize(s), ' ' || chr(9) || chr(10)) END
 """
 
 
@@ -308,6 +313,7 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
                 _load_file(con, idx, f, Path(scratch))
             con.execute("CREATE TABLE rows AS SELECT row_number() OVER (ORDER BY file_idx, line_no) AS rid, * "
                         "FROM raw")
+            con.execute("DROP TABLE raw")  # intermediate tables are dropped as soon as they are used: memory
             sources, fmt_summary, why_summary = _parse_and_shape(con, files, spec.format)
             pii = _messages(con, spec.pii)
             if tokenizer is not None:
@@ -324,7 +330,7 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
             counts = dict(con.execute("SELECT split, count(*) FROM result GROUP BY split").fetchall())
             by_reason = dict(con.execute("SELECT reason, count(*) FROM result WHERE reason IS NOT NULL "
                                          "GROUP BY 1 ORDER BY 1").fetchall())
-            rows_in = con.execute("SELECT count(*) FROM rows").fetchone()[0]
+            rows_in = con.execute("SELECT count(*) FROM result").fetchone()[0]
     finally:
         con.close()
 
@@ -396,23 +402,27 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
                               CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END) END AS parts
         FROM (SELECT rid, fmt, unnest(msgs) AS m, unnest(range(1, len(msgs) + 1)) AS pos
               FROM shaped WHERE reason IS NULL AND msgs IS NOT NULL)""")
-    redact = pii_mode != "off"
-    text = "content"
-    counts = []
+    # One nested SELECT per PII kind: count in the text as the previous step left it, then redact. A plain
+    # regexp_matches search guards the costlier extract/replace, since few messages contain PII.
+    select = """
+        SELECT rid, fmt, pos,
+               CASE lower(trim(role_json->>'$')) WHEN 'human' THEN 'user' WHEN 'gpt' THEN 'assistant'
+                    ELSE lower(trim(role_json->>'$')) END AS role,
+               json_type(role_json) = 'VARCHAR' AS role_ok,
+               norm_text(CASE json_type(content_json) WHEN 'VARCHAR' THEN content_json->>'$'
+                    WHEN 'ARRAY' THEN CASE WHEN NOT list_bool_or(list_transform(parts, lambda x: x IS NULL))
+                                           THEN array_to_string(parts, '') END END) AS content,
+               content AS text
+        FROM exploded"""
     for kind, pat in PII_PATTERNS.items():
-        counts.append(f"CASE WHEN {redact} THEN len(regexp_extract_all({text}, '{pat}')) ELSE 0 END AS n_{kind}")
-        text = f"regexp_replace({text}, '{pat}', '{PII_PLACEHOLDERS[kind]}', 'g')" if pii_mode == "redact" else text
-    con.execute(f"""
-        CREATE TABLE msgs AS
-        SELECT *, {text} AS text, {', '.join(counts)} FROM (
-            SELECT rid, fmt, pos,
-                   CASE lower(trim(role_json->>'$')) WHEN 'human' THEN 'user' WHEN 'gpt' THEN 'assistant'
-                        ELSE lower(trim(role_json->>'$')) END AS role,
-                   json_type(role_json) = 'VARCHAR' AS role_ok,
-                   norm_text(CASE json_type(content_json) WHEN 'VARCHAR' THEN content_json->>'$'
-                        WHEN 'ARRAY' THEN CASE WHEN NOT list_bool_or(list_transform(parts, lambda x: x IS NULL))
-                                               THEN array_to_string(parts, '') END END) AS content
-            FROM exploded)""")
+        hit = f"{pii_mode != 'off'} AND regexp_matches(text, '{pat}')"
+        new_text = (f"CASE WHEN {hit} THEN regexp_replace(text, '{pat}', '{PII_PLACEHOLDERS[kind]}', 'g') "
+                    "ELSE text END" if pii_mode == "redact" else "text")
+        select = (f"SELECT * REPLACE ({new_text} AS text), "
+                  f"CASE WHEN {hit} THEN len(regexp_extract_all(text, '{pat}')) ELSE 0 END AS n_{kind} "
+                  f"FROM ({select})")
+    con.execute(f"CREATE TABLE msgs AS {select}")
+    con.execute("DROP TABLE exploded")
     pii_total = " + ".join(f"n_{k}" for k in PII_PATTERNS)
     con.execute(f"""
         CREATE TABLE per_row AS
@@ -447,6 +457,7 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
                {", ".join(f"coalesce(p.n_{k}, 0) AS n_{k}" for k in PII_PATTERNS)},
                NULL::VARCHAR AS split
         FROM shaped s JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid)""")
+    con.execute("DROP TABLE shaped; DROP TABLE per_row; DROP TABLE msgs; DROP TABLE rows; DROP TABLE parsed")
     if pii_mode != "redact":
         return {}
     row = con.execute(f"SELECT {', '.join(f'sum(n_{k})' for k in PII_PATTERNS)} FROM result "
@@ -472,15 +483,24 @@ _LSH_BANDS = 16
 
 
 def minhash_signatures(row_ids: np.ndarray, shingle_hashes: np.ndarray, seed: int = 0) -> np.ndarray:
-    """MinHash signatures (rows x permutations) from (row id, shingle hash) pairs sorted by row id."""
+    """MinHash signatures (rows x permutations, uint32) from (row id, shingle hash) pairs sorted by row id.
+
+    Each permutation is a random affine map mod 2^32 of the (folded) shingle hash; 32-bit lanes halve the
+    memory traffic of the 64 passes, which is what this costs.
+    """
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 2**63 - 1, size=_MINHASH_PERMUTATIONS, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 2**63 - 1, size=_MINHASH_PERMUTATIONS, dtype=np.uint64)
+    a = rng.integers(1, 2**32, size=_MINHASH_PERMUTATIONS, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b = rng.integers(0, 2**32, size=_MINHASH_PERMUTATIONS, dtype=np.uint64).astype(np.uint32)
+    h = shingle_hashes.astype(np.uint64, copy=False)
+    h32 = ((h >> np.uint64(32)) ^ h).astype(np.uint32)
     starts = np.flatnonzero(np.r_[True, row_ids[1:] != row_ids[:-1]])
-    sig = np.empty((len(starts), _MINHASH_PERMUTATIONS), dtype=np.uint64)
+    sig = np.empty((len(starts), _MINHASH_PERMUTATIONS), dtype=np.uint32)
+    buf = np.empty_like(h32)
     with np.errstate(over="ignore"):
         for k in range(_MINHASH_PERMUTATIONS):
-            sig[:, k] = np.minimum.reduceat(shingle_hashes * a[k] + b[k], starts)
+            np.multiply(h32, a[k], out=buf)
+            buf += b[k]
+            sig[:, k] = np.minimum.reduceat(buf, starts)
     return sig
 
 
@@ -489,37 +509,43 @@ def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
     n = sig.shape[0]
     out = np.full(n, -1, dtype=np.int64)
     rows_per_band = _MINHASH_PERMUTATIONS // _LSH_BANDS
-    order = np.arange(n)
-    for band in range(_LSH_BANDS):
-        cols = sig[:, band * rows_per_band:(band + 1) * rows_per_band]
-        key = np.ascontiguousarray(cols).view(np.dtype((np.void, cols.dtype.itemsize * rows_per_band))).ravel()
-        perm = np.lexsort((order, key))  # group equal keys, earliest row first
-        sorted_key = key[perm]
-        first_of_group = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
-        leader = perm[np.maximum.accumulate(np.where(first_of_group, np.arange(n), 0))]
-        cand = (leader != perm) & (out[perm] < 0)
-        rows, leads = perm[cand], leader[cand]
-        if len(rows):
-            sim = (sig[rows] == sig[leads]).mean(axis=1)
-            hit = sim >= threshold
-            out[rows[hit]] = leads[hit]
+    index = np.arange(n)
+    with np.errstate(over="ignore"):
+        for band in range(_LSH_BANDS):
+            key = np.zeros(n, dtype=np.uint64)
+            for col in sig[:, band * rows_per_band:(band + 1) * rows_per_band].T:
+                key = (key ^ col.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # mix the band into one key
+            perm = np.argsort(key, kind="stable")  # equal keys together, earliest row first
+            sorted_key = key[perm]
+            first_of_group = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
+            leader = perm[np.maximum.accumulate(np.where(first_of_group, index, 0))]
+            cand = (leader != perm) & (out[perm] < 0)
+            rows, leads = perm[cand], leader[cand]
+            if len(rows):
+                sim = (sig[rows] == sig[leads]).mean(axis=1)
+                hit = sim >= threshold
+                out[rows[hit]] = leads[hit]
     return out
 
 
 def _mark_near_duplicates(con: duckdb.DuckDBPyConnection, threshold: float) -> None:
-    # Word trigrams of the lower-cased conversation; texts under three words are one shingle.
+    # Word trigrams of the lower-cased conversation; texts under three words are one shingle. The words table
+    # is in row order and unnest keeps it, so the shingles come out grouped by row without a sort.
+    con.execute("""
+        CREATE TEMP TABLE words AS
+        SELECT rid, list_filter(regexp_split_to_array(lower(array_to_string(
+                   list_transform(messages, lambda m: m.content), ' ')), '[^[:alnum:]]+'), lambda w: w <> '') AS w
+        FROM result WHERE reason IS NULL ORDER BY rid""")
     arrays = con.execute("""
-        WITH words AS (
-            SELECT rid, list_filter(regexp_split_to_array(lower(array_to_string(
-                       list_transform(messages, lambda m: m.content), ' ')), '[^[:alnum:]]+'), lambda w: w <> '')
-                       AS w
-            FROM result WHERE reason IS NULL)
-        SELECT rid, hash(list_slice(w, i, i + 2)::VARCHAR) AS h
-        FROM (SELECT rid, w, unnest(range(1, greatest(len(w) - 1, 1) + 1)) AS i FROM words)
-        ORDER BY rid""").fetchnumpy()
-    rids, hashes = arrays["rid"], arrays["h"].astype(np.uint64)
+        SELECT rid, hash(w[i], w[i + 1], w[i + 2]) AS h
+        FROM (SELECT rid, w, unnest(range(1, greatest(len(w) - 1, 1) + 1)) AS i FROM words)""").fetchnumpy()
+    con.execute("DROP TABLE words")
+    rids, hashes = arrays["rid"], arrays["h"]
     if len(rids) == 0:
         return
+    if not (rids[1:] >= rids[:-1]).all():  # insertion order was not kept (it is in DuckDB 2.0); sort instead
+        order = np.argsort(rids, kind="stable")
+        rids, hashes = rids[order], hashes[order]
     sig = minhash_signatures(rids, hashes)
     unique_rids = rids[np.r_[True, rids[1:] != rids[:-1]]]
     dup_of = near_duplicate_of(sig, threshold)
