@@ -528,25 +528,54 @@ def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
     return out
 
 
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9))
+
+
+def word_trigram_hashes(row_ids: np.ndarray, word_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trigram shingle hashes from per-word hashes grouped by row: (row id, shingle hash) pairs, grouped by row.
+
+    A row of n >= 3 words gives its n - 2 word trigrams; a shorter row gives one shingle of all its words.
+    Mixing three word hashes in numpy is much cheaper than hashing three strings per trigram in SQL.
+    """
+    n = len(row_ids)
+    with np.errstate(over="ignore"):
+        tri = word_hashes[:-2] * _MIX[0]
+        tri ^= word_hashes[1:-1] * _MIX[1]
+        tri ^= word_hashes[2:] * _MIX[2]
+    inside = row_ids[2:] == row_ids[:-2]  # the trigram starting here stays in its row
+    long_rids, long_tri = row_ids[:-2][inside], tri[inside]
+    starts = np.flatnonzero(np.r_[True, row_ids[1:] != row_ids[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    short = starts[counts < 3]
+    if len(short) == 0:
+        return long_rids, long_tri
+    two = counts[counts < 3] == 2
+    with np.errstate(over="ignore"):
+        short_tri = word_hashes[short] * _MIX[0]
+        second = np.where(two, word_hashes[np.minimum(short + 1, n - 1)], np.uint64(0))
+        short_tri ^= second * _MIX[1]
+    pos = np.searchsorted(long_rids, row_ids[short])  # merge the (rare) short rows in, keeping row order
+    return np.insert(long_rids, pos, row_ids[short]), np.insert(long_tri, pos, short_tri)
+
+
 def _mark_near_duplicates(con: duckdb.DuckDBPyConnection, threshold: float) -> None:
-    # Word trigrams of the lower-cased conversation; texts under three words are one shingle. The words table
-    # is in row order and unnest keeps it, so the shingles come out grouped by row without a sort.
+    # Words of the lower-cased conversation, hashed one by one in DuckDB; trigrams are mixed in numpy. The
+    # words table is in row order and unnest keeps it, so the hashes come out grouped by row without a sort.
     con.execute("""
         CREATE TEMP TABLE words AS
         SELECT rid, list_filter(regexp_split_to_array(lower(array_to_string(
                    list_transform(messages, lambda m: m.content), ' ')), '[^[:alnum:]]+'), lambda w: w <> '') AS w
         FROM result WHERE reason IS NULL ORDER BY rid""")
-    arrays = con.execute("""
-        SELECT rid, hash(w[i], w[i + 1], w[i + 2]) AS h
-        FROM (SELECT rid, w, unnest(range(1, greatest(len(w) - 1, 1) + 1)) AS i FROM words)""").fetchnumpy()
+    arrays = con.execute("SELECT rid, hash(word) AS h FROM (SELECT rid, unnest(w) AS word FROM words)").fetchnumpy()
     con.execute("DROP TABLE words")
-    rids, hashes = arrays["rid"], arrays["h"]
+    rids, hashes = arrays["rid"], arrays["h"].astype(np.uint64, copy=False)
     if len(rids) == 0:
         return
     if not (rids[1:] >= rids[:-1]).all():  # insertion order was not kept (it is in DuckDB 2.0); sort instead
         order = np.argsort(rids, kind="stable")
         rids, hashes = rids[order], hashes[order]
-    sig = minhash_signatures(rids, hashes)
+    rids, shingles = word_trigram_hashes(rids, hashes)
+    sig = minhash_signatures(rids, shingles)
     unique_rids = rids[np.r_[True, rids[1:] != rids[:-1]]]
     dup_of = near_duplicate_of(sig, threshold)
     near = unique_rids[dup_of >= 0]

@@ -215,3 +215,15 @@ def test_unreadable_or_empty_files_fail_clearly(tmp_path):
     junk = write(tmp_path / "junk.jsonl", [{"foo": 1}])
     with pytest.raises(CleanError, match="match no known format"):
         clean_dataset("d", DatasetSpec(path="x"), junk, tmp_path / "out")
+
+
+def test_word_trigrams_stay_inside_rows():
+    from lora_assets.clean import word_trigram_hashes
+
+    rows = np.array([0, 0, 0, 0, 1, 1, 2, 3, 3, 3], dtype=np.int64)  # 4 words, 2 words, 1 word, 3 words
+    words = np.arange(1, 11, dtype=np.uint64)
+    rids, tri = word_trigram_hashes(rows, words)
+    assert rids.tolist() == [0, 0, 1, 2, 3]
+    assert len(set(tri.tolist())) == 5
+    again = word_trigram_hashes(np.array([5, 5, 5], dtype=np.int64), np.array([8, 9, 10], dtype=np.uint64))[1]
+    assert again[0] == tri[4]  # the trigram depends on the words, not on the row or position
