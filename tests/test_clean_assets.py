@@ -74,3 +74,25 @@ def test_cli_clean_prints_the_report(tmp_path, random_base):
     report = json.loads(res.stdout)
     assert report["rows_in"] == report["rows_train"] + report["rows_eval"] + report["rows_quarantined"] == 61
     assert runner.invoke(app, ["clean", str(spec_file), "--dataset", "nope"]).exit_code == 2
+
+
+def test_rows_over_max_tokens_are_quarantined_not_truncated(tmp_path, random_base):
+    from transformers import AutoTokenizer
+
+    from lora_assets.clean import clean_dataset, read_split
+    from lora_assets.spec import DatasetSpec
+
+    tok = AutoTokenizer.from_pretrained(random_base)
+    rows = [{"prompt": "short question", "completion": "short answer"},
+            {"prompt": "a long question " + "with many words " * 40, "completion": "answer"}]
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = clean_dataset("d", DatasetSpec(path="d.jsonl", max_tokens=40, eval_fraction=0.01), src, tmp_path / "o", tok)
+    assert r.by_reason == {"too_long": 1}
+    (kept,) = read_split(r, "train") + read_split(r, "eval")
+    assert kept["messages"][0]["content"] == "short question"
+    text = tok.apply_chat_template(kept["messages"], tokenize=False)
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 40
+    long_text = tok.apply_chat_template([{"role": "user", "content": rows[1]["prompt"]},
+                                         {"role": "assistant", "content": "answer"}], tokenize=False)
+    assert len(tok(long_text, add_special_tokens=False)["input_ids"]) > 40
