@@ -453,7 +453,8 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
                         WHEN {pii_mode == "quarantine"} AND p.n_pii > 0 THEN 'pii'
                    END) AS reason,
                md5(to_json(p.messages)) AS content_hash,
-               md5(to_json(list_slice(p.messages, 1, len(p.messages) - 1))) AS prompt_hash,
+               CASE WHEN len(p.messages) > 1  -- plain-text rows have no prompt to leak
+                    THEN md5(to_json(list_slice(p.messages, 1, len(p.messages) - 1))) END AS prompt_hash,
                {", ".join(f"coalesce(p.n_{k}, 0) AS n_{k}" for k in PII_PATTERNS)},
                NULL::VARCHAR AS split
         FROM shaped s JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid)""")
@@ -643,15 +644,16 @@ class CheckOutcome(BaseModel):
     offenders: list[str] = []
 
 
-def _prompt_key(row: dict) -> str:
-    return json.dumps(row["messages"][:-1], sort_keys=True, ensure_ascii=False)
+def _prompt_key(row: dict) -> str | None:
+    prompt = row["messages"][:-1]
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False) if prompt else None
 
 
 def check_no_leakage(report: CleanReport) -> CheckOutcome:
     """No eval row has the same content or the same prompt as a train row (read back from the files)."""
     train = read_split(report, "train")
     ids = {r["id"] for r in train}
-    prompts = {_prompt_key(r) for r in train}
+    prompts = {_prompt_key(r) for r in train} - {None}
     leaked = [r["source"] for r in read_split(report, "eval") if r["id"] in ids or _prompt_key(r) in prompts]
     if leaked:
         return CheckOutcome(passed=False, offenders=leaked[:20],

@@ -227,3 +227,13 @@ def test_word_trigrams_stay_inside_rows():
     assert len(set(tri.tolist())) == 5
     again = word_trigram_hashes(np.array([5, 5, 5], dtype=np.int64), np.array([8, 9, 10], dtype=np.uint64))[1]
     assert again[0] == tri[4]  # the trigram depends on the words, not on the row or position
+
+
+def test_plain_text_rows_still_get_an_eval_split(tmp_path):
+    rows = [{"text": f"document number {i} about topic {i * 13}"} for i in range(200)]
+    r = run(tmp_path, "texts", rows)
+    assert r.detected_format == "text" and r.leakage_moved_to_train == 0
+    assert 5 < r.rows_eval < 40
+    from lora_assets.clean import check_no_leakage
+
+    assert check_no_leakage(r).passed
