@@ -89,6 +89,9 @@ class AdapterSpec(_Strict):
     max_steps: int | None = Field(None, gt=0, description="Smoke runs only: stop after this many steps "
                                   "(recorded in the manifest). Omit for the full single epoch.")
     seed: int = Field(0, description="Seed for LoRA init and data order.")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save a resumable checkpoint every this many optimizer steps; default about a "
+        "tenth of the epoch. A run killed and started again resumes from the last complete one.")
     max_eval_rows: int = Field(200, gt=0, description="Evaluate on at most this many held-out rows.")
     gate: GateSpec | None = Field(None, description="Optional quality gate.")
     sweep: dict[str, list[Any]] | None = Field(

@@ -122,7 +122,7 @@ def tokenize_example(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
 
 def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
     """Content key of one training run: same base, data and config give the same adapter dir."""
-    payload = {"spec": spec.model_dump(mode="json", exclude={"gate", "sweep", "max_eval_rows"}),
+    payload = {"spec": spec.model_dump(mode="json", exclude={"gate", "sweep", "max_eval_rows", "checkpoint_every"}),
                "base": base.content_hash, "data": clean.fingerprint, "trainer": TRAINER_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -171,6 +171,28 @@ def check_target_modules(model, modules: list[str]) -> None:
     if missing:
         raise ValueError(f"target_modules {missing} do not exist in this model. Fix: use `all-linear` or some of "
                          f"{sorted(linear_names)}.")
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def latest_complete_checkpoint(root: Path) -> Path | None:
+    """The newest Trainer checkpoint under ``root`` that finished saving, or None.
+
+    The Trainer writes ``trainer_state.json`` last, after the weights, optimizer, scheduler and RNG states, so a
+    checkpoint without a readable one was cut off mid-save (e.g. by SIGKILL) and is deleted.
+    """
+    if not root.is_dir():
+        return None
+    found = []
+    for d in root.glob("checkpoint-*"):
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+            found.append(d)
+        except (OSError, ValueError):
+            shutil.rmtree(d, ignore_errors=True)
+    return max(found, key=_checkpoint_step, default=None)
 
 
 def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, adapters_root: Path,
@@ -229,13 +251,20 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
             if logs and "loss" in logs:
                 say(f"{name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
 
+    # The run dir survives a crash: a rerun of the same run key resumes from its last complete checkpoint.
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    resume_from = latest_complete_checkpoint(tmp / "checkpoints")
+    if resume_from is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        say(f"{name}: resuming from {resume_from.name} of an interrupted run")
+    save_every = spec.checkpoint_every or max(1, steps_per_epoch // 10)
     args = TrainingArguments(
-        output_dir=str(tmp / "trainer"), num_train_epochs=1, max_steps=spec.max_steps or -1,
+        output_dir=str(tmp / "checkpoints"), save_strategy="steps", save_steps=save_every, save_total_limit=2,
+        num_train_epochs=1, max_steps=spec.max_steps or -1,
         per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.gradient_accumulation_steps,
         learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler,
-        warmup_steps=int(spec.warmup_ratio * steps_per_epoch), logging_steps=log_every, save_strategy="no",
+        warmup_steps=int(spec.warmup_ratio * steps_per_epoch), logging_steps=log_every,
         report_to="none", seed=spec.seed, data_seed=spec.seed, bf16=True, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not os.isatty(2),
     )
@@ -246,14 +275,16 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     )
     trainer.remove_callback(PrinterCallback)  # without a tty it prints raw log dicts; _LogLoss says it better
     t0 = time.time()
-    out = trainer.train()
+    start_step = _checkpoint_step(resume_from) if resume_from else 0
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.time() - t0
     model.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
 
     curve = [(h["step"], round(h["loss"], 5)) for h in trainer.state.log_history if "loss" in h]
-    # With max_steps (smoke runs) only part of the epoch is seen.
-    seen_tokens = n_tokens * min(1.0, trainer.state.global_step / steps_per_epoch)
+    # Tokens this process trained on: a resumed run only did the steps after its checkpoint, and a smoke run
+    # (max_steps) only part of the epoch.
+    seen_tokens = n_tokens * max(0, min(trainer.state.global_step, steps_per_epoch) - start_step) / steps_per_epoch
     result = TrainResult(
         adapter_dir=str(out_dir), method=choice.method, method_reason=choice.reason, reused=False,
         train_loss=float(out.training_loss), steps=trainer.state.global_step, examples=len(examples),
@@ -265,6 +296,9 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         "config": spec.model_dump(mode="json") | {"lora_alpha": spec.alpha, "target_modules": modules},
         "epochs": 1,
         "max_steps": spec.max_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "checkpoint_every": save_every,
+        "resumed_from_step": start_step or None,
         "method": choice.model_dump(),
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},
