@@ -22,8 +22,8 @@ from pathlib import Path
 from lora_assets.base_model import BaseModelRef, resolve_base_model
 from lora_assets.clean import CleanReport, clean_dataset, current_clean
 from lora_assets.evaluate import EvalResult, evaluate_adapter, load_eval
-from lora_assets.spec import AdapterSpec, PipelineSpec
-from lora_assets.train import TrainResult, train_adapter
+from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
+from lora_assets.train import TrainResult, preflight, train_adapter
 from registry.store import AdapterRecord, AdapterRegistry, NewAdapter
 
 CODE_VERSION = "0.1.0"
@@ -92,6 +92,16 @@ class Pipeline:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.base.path)
+
+    def preflight(self) -> None:
+        """Raise :class:`SpecError` listing every problem that needs the base model to see (target modules that
+        do not exist, QLoRA without bitsandbytes), before any dataset is cleaned or weights are loaded."""
+        problems = []
+        for key, job in self.jobs.items():
+            field = f"adapters.{job.name}" + (f" (sweep point {key})" if job.point else "")
+            problems += preflight(field, job.spec, self.base)
+        if problems:
+            raise SpecError(sorted(set(problems)), "spec")
 
     def clean(self, dataset: str) -> CleanReport:
         """Clean one dataset (the base model's tokenizer measures lengths)."""

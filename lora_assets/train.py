@@ -161,16 +161,56 @@ def _load_base_for_training(base: BaseModelRef, method: str):
     return AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
 
 
-def check_target_modules(model, modules: list[str]) -> None:
-    """Fail with the list of available names when a target module does not exist in the model."""
-    import torch
+def linear_module_names(base: BaseModelRef) -> set[str]:
+    """Names (last component) of the base's linear layers except the LM head, from its config alone.
 
-    linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                    if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
-    missing = [m for m in modules if m not in linear_names]
+    The model is built on the meta device, so no weights are read: cheap enough to run before any training.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base.path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
+
+
+def preflight(field: str, spec: AdapterSpec, base: BaseModelRef) -> list[str]:
+    """Problems that would only show once training starts, found before any weights load.
+
+    Args:
+        field: the spec path of this adapter, e.g. ``adapters.capitals``, used in the messages.
+        spec: the adapter's settings.
+        base: the resolved base model.
+    """
+    problems = []
+    available = linear_module_names(base)
+    missing = [m for m in spec.resolved_target_modules() if m not in available]
     if missing:
-        raise ValueError(f"target_modules {missing} do not exist in this model. Fix: use `all-linear` or some of "
-                         f"{sorted(linear_names)}.")
+        problems.append(f"{field}.target_modules: {missing} are not linear layers of {base.id}. Fix: use "
+                        f"`all-linear` or some of {sorted(available)}.")
+    if spec.method == "qlora" or (spec.sweep and "qlora" in spec.sweep.get("method", [])):
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - any import failure means QLoRA cannot run here
+            problems.append(f"{field}.method: qlora needs bitsandbytes, which cannot load here ({e}). Fix: use "
+                            "method: lora (or auto), or install bitsandbytes for this platform.")
+    return problems
+
+
+def training_warnings(spec: AdapterSpec, n_examples: int) -> list[str]:
+    """Advice that does not stop training: unusual alpha/r, or a rank large for the data."""
+    warnings = []
+    ratio = spec.alpha / spec.r
+    if not 0.5 <= ratio <= 4:
+        warnings.append(f"lora_alpha/r = {spec.alpha}/{spec.r} = {ratio:g} is far from the usual 1-2: the update is "
+                        "scaled by alpha/r, so this acts like a learning rate "
+                        f"{'far smaller' if ratio < 0.5 else 'far larger'} than the one set.")
+    if spec.r >= 64 and n_examples < 2000:
+        warnings.append(f"r={spec.r} with only {n_examples} training examples: a high rank adds capacity the data "
+                        "cannot fill and tends to overfit; r=8-16 is usually enough below a few thousand examples.")
+    return warnings
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -235,9 +275,16 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     examples = [e for e in examples if any(t != -100 for t in e["labels"])]
     n_tokens = sum(len(e["input_ids"]) for e in examples)
 
+    problems = preflight(f"adapters.{name}", spec, base)
+    if problems:
+        raise ValueError("; ".join(problems))
+    warnings = training_warnings(spec, len(examples))
+    for w in warnings:
+        log.warning("%s: %s", name, w)
+        if progress:
+            progress(f"{name}: warning: {w}")
     model = _load_base_for_training(base, choice.method)
     modules = spec.resolved_target_modules()
-    check_target_modules(model, modules)
     model = get_peft_model(model, LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, target_modules=modules, lora_dropout=spec.lora_dropout,
         bias="none", task_type="CAUSAL_LM"))
@@ -299,6 +346,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         "steps_per_epoch": steps_per_epoch,
         "checkpoint_every": save_every,
         "resumed_from_step": start_step or None,
+        "warnings": warnings,
         "method": choice.model_dump(),
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},

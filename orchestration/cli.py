@@ -57,10 +57,18 @@ def validate(spec: SpecArg) -> None:
 
 
 def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True) -> None:
-    """Materialize the spec's whole asset graph in-process, recorded in the home's Dagster instance."""
+    """Check the spec against the base model, then materialize the whole asset graph in-process, recorded in the
+    home's Dagster instance."""
     import dagster as dg
 
+    from lora_assets.pipeline import Pipeline
     from orchestration.assets import LoraFoundryHome, build_assets
+
+    try:
+        Pipeline(spec, home).preflight()
+    except SpecError as e:
+        err.print(f"[red]invalid spec[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
 
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
