@@ -86,6 +86,8 @@ class AdapterSpec(_Strict):
     batch_size: int = Field(8, gt=0, description="Examples per optimizer step (per device).")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per step.")
     max_seq_len: int = Field(512, gt=0, description="Training sequence length cap in tokens.")
+    packing: bool = Field(True, description="Pack each batch's examples into as few rows of max_seq_len as fit, "
+                          "instead of padding every example to the longest; examples never attend to each other.")
     max_steps: int | None = Field(None, gt=0, description="Smoke runs only: stop after this many steps "
                                   "(recorded in the manifest). Omit for the full single epoch.")
     seed: int = Field(0, description="Seed for LoRA init and data order.")

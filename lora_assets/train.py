@@ -25,7 +25,7 @@ from lora_assets.spec import AdapterSpec
 
 log = logging.getLogger(__name__)
 
-TRAINER_VERSION = 2
+TRAINER_VERSION = 3
 
 
 class MethodChoice(BaseModel):
@@ -118,6 +118,48 @@ def tokenize_example(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
     ]
     ids = enc["input_ids"][:max_seq_len]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[:max_seq_len]}
+
+
+class PackingCollator:
+    """Collate a batch by packing its examples into rows of at most ``max_len`` tokens.
+
+    The batch holds the same examples as a padded one (the sampler is unchanged), so the optimization is the
+    same; only the padding goes. ``position_ids`` restart at 0 for every example and no ``attention_mask`` is
+    passed, from which transformers builds a block-diagonal causal mask: an example never attends to another.
+    Padding at the end of a row forms its own segment and carries no loss.
+    """
+
+    def __init__(self, pad_id: int, max_len: int) -> None:
+        self.pad_id, self.max_len = pad_id, max_len
+        self.real_tokens = 0
+        self.row_tokens = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        rows: list[list[dict]] = []
+        for f in features:
+            if rows and sum(len(x["input_ids"]) for x in rows[-1]) + len(f["input_ids"]) <= self.max_len:
+                rows[-1].append(f)
+            else:
+                rows.append([f])
+        width = max(sum(len(x["input_ids"]) for x in row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            at = 0
+            for f in row:
+                n = len(f["input_ids"])
+                ids[i, at:at + n] = torch.tensor(f["input_ids"])
+                labels[i, at:at + n] = torch.tensor(f["labels"])
+                labels[i, at] = -100  # never predict an example's first token from the previous example
+                pos[i, at:at + n] = torch.arange(n)
+                at += n
+            pos[i, at:] = torch.arange(width - at)
+        self.real_tokens += sum(len(f["input_ids"]) for f in features)
+        self.row_tokens += ids.numel()
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
@@ -284,6 +326,8 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         if progress:
             progress(f"{name}: warning: {w}")
     model = _load_base_for_training(base, choice.method)
+    # No KV cache in training: with one, transformers also skips the packed-sequence mask (see PackingCollator)
+    model.config.use_cache = False
     modules = spec.resolved_target_modules()
     model = get_peft_model(model, LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, target_modules=modules, lora_dropout=spec.lora_dropout,
@@ -315,9 +359,11 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         report_to="none", seed=spec.seed, data_seed=spec.seed, bf16=True, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not os.isatty(2),
     )
+    collator = (PackingCollator(tokenizer.pad_token_id, spec.max_seq_len) if spec.packing
+                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer = Trainer(
         model=model, args=args, train_dataset=examples,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=collator,
         callbacks=[_LogLoss()],
     )
     trainer.remove_callback(PrinterCallback)  # without a tty it prints raw log dicts; _LogLoss says it better
@@ -347,6 +393,9 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         "checkpoint_every": save_every,
         "resumed_from_step": start_step or None,
         "warnings": warnings,
+        "packing": spec.packing,
+        "padding_fraction": (round(1 - collator.real_tokens / collator.row_tokens, 4)
+                             if spec.packing and collator.row_tokens else None),
         "method": choice.model_dump(),
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},
