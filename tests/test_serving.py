@@ -10,12 +10,14 @@ from openai import OpenAI
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
+QUESTIONS = [
     "Which category do these words share: tiger, wolf and zebra?",
     "Review: the soup was delicious and the staff was kind.\nIs this review positive or negative?",
     "Classify the list: apple, mango and pear",
     "tell me about the violin.",
 ]
+# /v1/completions takes raw text: half the prompts in the built-in chat format, half plain
+PROMPTS = [f"<|user|>\n{q}<|end|>\n<|assistant|>\n" for q in QUESTIONS[:2]] + QUESTIONS[2:]
 
 
 def complete(url: str, model: str, prompt: str) -> str:
@@ -39,7 +41,7 @@ def test_chat_completion_per_adapter(vllm_server, demo_spec):
     answers = {}
     for name in [*demo_spec.adapters, demo_spec.served_base_name]:
         resp = client.chat.completions.create(model=name, max_tokens=16, temperature=0,
-                                              messages=[{"role": "user", "content": PROMPTS[1]}])
+                                              messages=[{"role": "user", "content": QUESTIONS[1]}])
         answers[name] = resp.choices[0].message.content
         assert resp.model == name
     assert answers["sentiment"].strip() == "positive"
@@ -52,7 +54,8 @@ def test_mixed_batches_match_solo_outputs(vllm_server, demo_spec):
     models = [demo_spec.served_base_name, *demo_spec.adapters]
     jobs = [(m, p) for m in models for p in PROMPTS]
     solo = {job: complete(url, *job) for job in jobs}
-    assert len({solo[(m, PROMPTS[1])] for m in models}) > 1  # adapters really change the answer
+    assert solo[("sentiment", PROMPTS[1])].strip() == "positive"  # the adapter really is applied
+    assert len({solo[(m, PROMPTS[1])] for m in models}) > 1
     for _ in range(2):
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             mixed = dict(zip(jobs, pool.map(lambda j: complete(url, *j), jobs), strict=True))
@@ -101,7 +104,7 @@ def test_serve_command_starts_and_stops_on_sigterm(materialized, session_home, d
         assert proc.poll() is None, "".join(lines)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         reply = client.chat.completions.create(model="sentiment", max_tokens=8, temperature=0,
-                                               messages=[{"role": "user", "content": PROMPTS[1]}])
+                                               messages=[{"role": "user", "content": QUESTIONS[1]}])
         assert reply.choices[0].message.content.strip() == "positive"
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
