@@ -162,6 +162,40 @@ class PackingCollator:
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
+TOKENIZE_VERSION = 1
+
+
+def tokenized_train_split(tokenizer, base: BaseModelRef, clean: CleanReport, max_seq_len: int, cache_dir: Path
+                          ) -> tuple[list[dict], bool]:
+    """The train split tokenized (labels masked to assistant tokens), cached on disk. Returns (examples, hit).
+
+    Keyed by the dataset fingerprint, the tokenizer files and chat template, and max_seq_len, so adapters and
+    sweep points on the same data tokenize once. Stored as plain int32 arrays in an .npz (no pickles).
+    """
+    import numpy as np
+
+    tok_files = sorted(f for f in Path(base.path).glob("*") if f.name.startswith(("tokenizer", "special_tokens")))
+    h = hashlib.sha256(json.dumps([clean.fingerprint, max_seq_len, TOKENIZE_VERSION,
+                                   str(getattr(tokenizer, "chat_template", ""))]).encode())
+    for f in tok_files:
+        h.update(f.name.encode() + f.read_bytes())
+    path = Path(cache_dir) / f"{h.hexdigest()[:20]}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            ids, labels, offsets = z["ids"], z["labels"], z["offsets"]
+        return [{"input_ids": ids[a:b].tolist(), "attention_mask": [1] * int(b - a), "labels": labels[a:b].tolist()}
+                for a, b in zip(offsets[:-1], offsets[1:], strict=True)], True
+    examples = [tokenize_example(tokenizer, r["messages"], max_seq_len) for r in read_split(clean, "train")]
+    examples = [e for e in examples if any(t != -100 for t in e["labels"])]  # nothing to learn from
+    offsets = np.cumsum([0] + [len(e["input_ids"]) for e in examples])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, ids=np.array([t for e in examples for t in e["input_ids"]], dtype=np.int32),
+             labels=np.array([t for e in examples for t in e["labels"]], dtype=np.int32), offsets=offsets)
+    tmp.replace(path)
+    return examples, False
+
+
 def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
     """Content key of one training run: same base, data and config give the same adapter dir."""
     payload = {"spec": spec.model_dump(mode="json", exclude={"gate", "sweep", "max_eval_rows", "checkpoint_every"}),
@@ -259,22 +293,21 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
-def latest_complete_checkpoint(root: Path) -> Path | None:
-    """The newest Trainer checkpoint under ``root`` that finished saving, or None.
+def _is_complete(checkpoint: Path) -> bool:
+    # The Trainer writes trainer_state.json last, after the weights, optimizer, scheduler and RNG states: a
+    # checkpoint without a readable one was cut off mid-save (e.g. by SIGKILL).
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
-    The Trainer writes ``trainer_state.json`` last, after the weights, optimizer, scheduler and RNG states, so a
-    checkpoint without a readable one was cut off mid-save (e.g. by SIGKILL) and is deleted.
-    """
+
+def latest_complete_checkpoint(root: Path) -> Path | None:
+    """The newest Trainer checkpoint under ``root`` that finished saving, or None. Reads only."""
     if not root.is_dir():
         return None
-    found = []
-    for d in root.glob("checkpoint-*"):
-        try:
-            json.loads((d / "trainer_state.json").read_text())
-            found.append(d)
-        except (OSError, ValueError):
-            shutil.rmtree(d, ignore_errors=True)
-    return max(found, key=_checkpoint_step, default=None)
+    return max((d for d in root.glob("checkpoint-*") if _is_complete(d)), key=_checkpoint_step, default=None)
 
 
 def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, adapters_root: Path,
@@ -312,9 +345,8 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = read_split(clean, "train")
-    examples = [tokenize_example(tokenizer, r["messages"], spec.max_seq_len) for r in rows]
-    examples = [e for e in examples if any(t != -100 for t in e["labels"])]
+    examples, cache_hit = tokenized_train_split(tokenizer, base, clean, spec.max_seq_len,
+                                                Path(adapters_root).parent / "tokenized")
     n_tokens = sum(len(e["input_ids"]) for e in examples)
 
     problems = preflight(f"adapters.{name}", spec, base)
@@ -348,6 +380,9 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     if resume_from is None:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
+        for d in (tmp / "checkpoints").glob("checkpoint-*"):  # cut off mid-save: never resume from those
+            if not _is_complete(d):
+                shutil.rmtree(d, ignore_errors=True)
         say(f"{name}: resuming from {resume_from.name} of an interrupted run")
     save_every = spec.checkpoint_every or max(1, steps_per_epoch // 10)
     args = TrainingArguments(
@@ -393,6 +428,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         "checkpoint_every": save_every,
         "resumed_from_step": start_step or None,
         "warnings": warnings,
+        "tokenized_cache": "hit" if cache_hit else "miss",
         "packing": spec.packing,
         "padding_fraction": (round(1 - collator.real_tokens / collator.row_tokens, 4)
                              if spec.packing and collator.row_tokens else None),

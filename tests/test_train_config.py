@@ -71,3 +71,24 @@ def test_packed_batch_gives_the_padded_loss(tmp_path, random_base):
         crossed = model(input_ids=packed["input_ids"], labels=packed["labels"], use_cache=False).loss
     assert abs(float(crossed) - float(loss_packed)) > 1e-3
     assert 0 <= 1 - packer.real_tokens / packer.row_tokens < 0.5
+
+
+def test_train_split_is_tokenized_once_and_cached(tmp_path, random_base):
+    from transformers import AutoTokenizer
+
+    from lora_assets.clean import clean_dataset
+    from lora_assets.spec import DatasetSpec
+    from lora_assets.train import tokenize_example, tokenized_train_split
+
+    rows = [{"prompt": f"q{i}?", "completion": f"a{i}"} for i in range(50)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = AutoTokenizer.from_pretrained(random_base)
+    clean = clean_dataset("d", DatasetSpec(path="d.jsonl"), tmp_path / "d.jsonl", tmp_path / "datasets", tok)
+    base = resolve_base_model(str(random_base), tmp_path)
+    first, hit1 = tokenized_train_split(tok, base, clean, 64, tmp_path / "tokenized")
+    second, hit2 = tokenized_train_split(tok, base, clean, 64, tmp_path / "tokenized")
+    assert (hit1, hit2) == (False, True) and first == second and len(first) == clean.rows_train
+    assert first[0] == tokenize_example(tok, __import__("lora_assets.clean", fromlist=["read_split"])
+                                        .read_split(clean, "train")[0]["messages"], 64)
+    _, other = tokenized_train_split(tok, base, clean, 32, tmp_path / "tokenized")
+    assert other is False  # another max_seq_len is another key

@@ -42,7 +42,8 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, r
 
     worker = Path(__file__).with_name("train_worker.py")
     proc = subprocess.Popen([sys.executable, str(worker), str(random_base), str(tmp_path / "datasets"),
-                             str(killed_root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(killed_root)], stdout=subprocess.DEVNULL,
+                            stderr=(tmp_path / "worker.log").open("w"))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -50,7 +51,8 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, r
             if ckpt is not None and int(ckpt.name.split("-")[1]) >= 10:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the worker finished before it could be killed; make the run longer"
+        assert proc.poll() is None, ("the worker ended before it could be killed:\n"
+                                     + (tmp_path / "worker.log").read_text()[-3000:])
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
