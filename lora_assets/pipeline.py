@@ -7,7 +7,10 @@ Layout under the home dir (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``)::
     datasets/<name>/current.json        which fingerprint the last cleaning produced
     adapters/<job>/<run key>/           peft adapter dir + training_manifest.json + eval_results.json
     adapters/<job>/current.json         which run the last training produced
+    tokenized/<key>.npz                 train splits tokenized once per (data, tokenizer, template, length)
     registry.duckdb                     the adapter registry
+    serving/deployment.json             the vLLM server the serving/deployment asset left running
+    logs/                               vLLM logs
     dagster_home/                       Dagster's instance (runs, event logs) for the CLI and the UI
 """
 
