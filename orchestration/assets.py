@@ -38,16 +38,6 @@ def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _samples_table(samples: list[dict]) -> str:
-    def cell(s: str) -> str:
-        return s.replace("|", "\\|").replace("\n", " ")[:120]
-
-    lines = ["| prompt | reference | base | adapter |", "|---|---|---|---|"]
-    lines += [f"| {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['base'])} | {cell(s['adapter'])} |"
-              for s in samples]
-    return "\n".join(lines)
-
-
 def _rows_table(rows: list[dict], columns: list[str]) -> str:
     def cell(v) -> str:
         text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
@@ -144,7 +134,7 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
         ev = Pipeline(spec, lorafoundry.home).evaluate(job.key)
         meta: dict = {
             "metrics": dg.MetadataValue.md(_metrics_table(ev.metrics)),
-            "samples": dg.MetadataValue.md(_samples_table(ev.samples)),
+            "samples": dg.MetadataValue.md(_rows_table(ev.samples, ["prompt", "reference", "base", "adapter"])),
             "eval_rows": ev.rows, "generation": dg.MetadataValue.json(ev.generation),
         }
         for metric, v in ev.metrics.items():
