@@ -21,11 +21,13 @@ from pydantic import BaseModel, ConfigDict
 
 from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
+from lora_assets.plot import loss_curve_png
 from lora_assets.spec import AdapterSpec
 
 log = logging.getLogger(__name__)
 
-TRAINER_VERSION = 3
+TRAINER_VERSION = 4
+LOSS_PLOT = "loss_curve.png"  # kept next to the adapter weights; the train asset shows it in the UI
 
 
 class MethodChoice(BaseModel):
@@ -57,6 +59,8 @@ class TrainResult(BaseModel):
     trainable_params: int
     total_params: int
     loss_curve: list[tuple[int, float]]
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
 
 
 def memory_budget_bytes() -> int:
@@ -137,12 +141,19 @@ class PackingCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        # First-fit decreasing: longest first, each into the first row with room. Fewer, fuller rows than
+        # filling rows in arrival order when lengths vary; the order inside a row does not matter to the loss.
         rows: list[list[dict]] = []
-        for f in features:
-            if rows and sum(len(x["input_ids"]) for x in rows[-1]) + len(f["input_ids"]) <= self.max_len:
-                rows[-1].append(f)
-            else:
+        used: list[int] = []
+        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
+            n = len(f["input_ids"])
+            i = next((i for i, u in enumerate(used) if u + n <= self.max_len), None)
+            if i is None:
                 rows.append([f])
+                used.append(n)
+            else:
+                rows[i].append(f)
+                used[i] += n
         width = max(sum(len(x["input_ids"]) for x in row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -160,6 +171,91 @@ class PackingCollator:
         self.real_tokens += sum(len(f["input_ids"]) for f in features)
         self.row_tokens += ids.numel()
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+class PaddedCollator:
+    """Pad each batch to its longest example (``packing: false``), counting real and fed tokens like
+    :class:`PackingCollator` so both report a padding fraction and tokens/s."""
+
+    def __init__(self, tokenizer) -> None:
+        from transformers import DataCollatorForSeq2Seq
+
+        self._pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        self.real_tokens = 0
+        self.row_tokens = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self._pad(features)
+        self.real_tokens += int(batch["attention_mask"].sum())
+        self.row_tokens += batch["attention_mask"].numel()
+        return batch
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only) so the RSS-based peak on CPU measures live memory, not
+    what loading the model left behind (a 4-bit load reads the bf16 weights first)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak includes the allocator's slack
+        pass
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def make_progress_callback(name: str, collator, say, log_every: int):
+    """A Trainer callback that drives a tqdm bar (loss, tokens/s; only on a terminal), sends a log line every
+    ``log_every`` steps to ``say`` (Dagster's logger in assets), and tracks peak memory: the accelerator's
+    peak allocation, or on CPU the process's peak resident set sampled every step."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar = None
+            self.loss = float("nan")
+            self.t0 = time.perf_counter()
+            self.tokens0 = 0
+            self.peak_rss = _rss_bytes()
+
+        def tokens_per_s(self) -> float:
+            return (collator.real_tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+
+        def on_train_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self.t0, self.tokens0 = time.perf_counter(), collator.real_tokens
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=name, unit="step",
+                            disable=not os.isatty(2), dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.peak_rss = max(self.peak_rss, _rss_bytes())
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{self.tokens_per_s():.0f}", refresh=False)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+                say(f"{name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"{self.tokens_per_s():.0f} tok/s")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+        def peak_memory(self) -> tuple[int, str]:
+            if torch.cuda.is_available():
+                return int(torch.cuda.max_memory_allocated()), "cuda max_memory_allocated"
+            return self.peak_rss, "process RSS (sampled each step)"
+
+    return _Progress()
 
 
 TOKENIZE_VERSION = 1
@@ -232,9 +328,9 @@ def _load_base_for_training(base: BaseModelRef, method: str):
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=torch.bfloat16)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    # fp32 master weights for the frozen base keep CPU autocast numerics simple; autocast runs the matmuls in bf16.
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+    # The frozen base in bf16 (half the memory of fp32, and autocast need not cast its weights every step);
+    # peft keeps the trainable LoRA weights in fp32.
+    return AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.bfloat16)
 
 
 def linear_module_names(base: BaseModelRef) -> set[str]:
@@ -331,14 +427,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        PrinterCallback,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
     choice = choose_method(spec, base)
     torch.manual_seed(spec.seed)
@@ -358,6 +447,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         if progress:
             progress(f"{name}: warning: {w}")
     model = _load_base_for_training(base, choice.method)
+    _release_freed_memory()
     # No KV cache in training: with one, transformers also skips the packed-sequence mask (see PackingCollator)
     model.config.use_cache = False
     modules = spec.resolved_target_modules()
@@ -368,11 +458,6 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
 
     steps_per_epoch = math.ceil(len(examples) / (spec.batch_size * spec.gradient_accumulation_steps))
     say = progress or log.info
-
-    class _LogLoss(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                say(f"{name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
 
     # The run dir survives a crash: a rerun of the same run key resumes from its last complete checkpoint.
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -392,16 +477,14 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=int(spec.warmup_ratio * steps_per_epoch), logging_steps=log_every,
         report_to="none", seed=spec.seed, data_seed=spec.seed, bf16=True, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not os.isatty(2),
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,  # our own bar, see below
     )
     collator = (PackingCollator(tokenizer.pad_token_id, spec.max_seq_len) if spec.packing
-                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-    trainer = Trainer(
-        model=model, args=args, train_dataset=examples,
-        data_collator=collator,
-        callbacks=[_LogLoss()],
-    )
-    trainer.remove_callback(PrinterCallback)  # without a tty it prints raw log dicts; _LogLoss says it better
+                else PaddedCollator(tokenizer))
+    progress_cb = make_progress_callback(name, collator, say, log_every)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
+                      callbacks=[progress_cb])
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress callback says it better
     t0 = time.time()
     start_step = _checkpoint_step(resume_from) if resume_from else 0
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -410,6 +493,8 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
 
     curve = [(h["step"], round(h["loss"], 5)) for h in trainer.state.log_history if "loss" in h]
+    (tmp / LOSS_PLOT).write_bytes(loss_curve_png(curve, f"{name}: training loss (one epoch)"))
+    peak_bytes, peak_kind = progress_cb.peak_memory()
     # Tokens this process trained on: a resumed run only did the steps after its checkpoint, and a smoke run
     # (max_steps) only part of the epoch.
     seen_tokens = n_tokens * max(0, min(trainer.state.global_step, steps_per_epoch) - start_step) / steps_per_epoch
@@ -418,6 +503,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         train_loss=float(out.training_loss), steps=trainer.state.global_step, examples=len(examples),
         tokens=n_tokens, tokens_per_s=round(seen_tokens / wall, 1), wall_s=round(wall, 2),
         trainable_params=int(trainable), total_params=int(total), loss_curve=curve,
+        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind,
     )
     manifest = {
         "adapter_name": name,
@@ -431,7 +517,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         "tokenized_cache": "hit" if cache_hit else "miss",
         "packing": spec.packing,
         "padding_fraction": (round(1 - collator.real_tokens / collator.row_tokens, 4)
-                             if spec.packing and collator.row_tokens else None),
+                             if collator.row_tokens else None),
         "method": choice.model_dump(),
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},

@@ -92,3 +92,15 @@ def test_train_split_is_tokenized_once_and_cached(tmp_path, random_base):
                                         .read_split(clean, "train")[0]["messages"], 64)
     _, other = tokenized_train_split(tok, base, clean, 32, tmp_path / "tokenized")
     assert other is False  # another max_seq_len is another key
+
+
+def test_packing_fills_rows_first_fit_decreasing():
+    """Lengths 30, 40, 30, 20 into rows of 64: arrival order needs three rows, first-fit decreasing two."""
+    from lora_assets.train import PackingCollator
+
+    feats = [{"input_ids": [7] * n, "labels": [7] * n} for n in (30, 40, 30, 20)]
+    packer = PackingCollator(pad_id=0, max_len=64)
+    batch = packer(feats)
+    assert batch["input_ids"].shape == (2, 60)
+    assert int((batch["input_ids"] == 7).sum()) == 120  # every token kept
+    assert packer.real_tokens == 120 and packer.row_tokens == 120
