@@ -1,12 +1,16 @@
 """Evaluation of an adapter against its base model on the held-out split.
 
-Both are run at the dtype serving uses (bf16 by default), on the same rows, with greedy decoding:
-eval loss on assistant tokens, and exact match of the generated answer against the reference.
+Both are run at the dtype serving uses (bf16 by default), on the same rows, with greedy decoding: eval loss and
+perplexity on assistant tokens; exact match and chrF of the generated answer against the reference. Every gain
+(adapter minus base; for loss and perplexity, base minus adapter, so positive is better) carries a 95% paired
+bootstrap confidence interval over the eval rows. With the same data, model and seed the numbers reproduce
+exactly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import unicodedata
@@ -31,7 +35,11 @@ class GateResult(BaseModel):
 
 
 class EvalResult(BaseModel):
-    """Base vs adapter metrics (``{"<metric>": {"base": x, "adapter": y}}``), samples and the gate outcome."""
+    """Base vs adapter metrics, samples and the gate outcome.
+
+    ``metrics`` maps each metric to ``{"base", "adapter", "gain", "gain_ci_low", "gain_ci_high"}``; gains are
+    oriented so that positive means the adapter is better.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +49,89 @@ class EvalResult(BaseModel):
     samples: list[dict]
     gate: GateResult | None
     wall_s: float
+    precision_agreement: dict | None = None
+
+
+LOWER_IS_BETTER = {"eval_loss", "perplexity"}
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def _char_ngrams(text: str, n: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i in range(len(text) - n + 1):
+        g = text[i: i + n]
+        counts[g] = counts.get(g, 0) + 1
+    return counts
+
+
+def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> float:
+    """Sentence chrF in [0, 100] (character n-grams up to ``order``, whitespace ignored, recall weighted by
+    ``beta``), as sacreBLEU defines it: precision and recall averaged over the orders both strings have."""
+    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
+    if hyp == ref:
+        return 100.0
+    precisions, recalls = [], []
+    for n in range(1, order + 1):
+        h, r = _char_ngrams(hyp, n), _char_ngrams(ref, n)
+        if not h or not r:
+            continue
+        match = sum(min(c, r.get(g, 0)) for g, c in h.items())
+        precisions.append(match / sum(h.values()))
+        recalls.append(match / sum(r.values()))
+    if not precisions:
+        return 0.0
+    p, rc = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    if p + rc == 0:
+        return 0.0
+    b2 = beta * beta
+    return 100.0 * (1 + b2) * p * rc / (b2 * p + rc)
+
+
+def paired_bootstrap(statistic, n_rows: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+                     ) -> tuple[float, float]:
+    """95% percentile interval of ``statistic(indices)`` over ``resamples`` resamplings of the rows (the same
+    resampled rows for base and adapter, so the interval is on the paired difference)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    stats = np.array([statistic(rng.integers(0, n_rows, n_rows)) for _ in range(resamples)])
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def metric_table(per_row: dict[str, tuple[list[float], list[float]]], losses: tuple[list[float], list[float],
+                 list[int]], seed: int = 0) -> dict[str, dict[str, float]]:
+    """Base, adapter, gain and the gain's 95% bootstrap CI for every metric.
+
+    Args:
+        per_row: for row-averaged metrics (exact match, chrF), ``{metric: (base scores, adapter scores)}``.
+        losses: per-row summed token losses of base and adapter, and per-row token counts; eval loss is their
+            token-weighted mean and perplexity its exponential.
+        seed: the bootstrap's seed.
+    """
+    import numpy as np
+
+    out: dict[str, dict[str, float]] = {}
+    for metric, (b, a) in per_row.items():
+        b_arr, a_arr = np.asarray(b, dtype=float), np.asarray(a, dtype=float)
+        diff = a_arr - b_arr
+        lo, hi = paired_bootstrap(lambda idx, d=diff: float(d[idx].mean()), len(diff), seed)
+        out[metric] = {"base": b_arr.mean(), "adapter": a_arr.mean(), "gain": (a_arr - b_arr).mean(),
+                       "gain_ci_low": lo, "gain_ci_high": hi}
+    b_sum, a_sum, cnt = (np.asarray(x, dtype=float) for x in losses)
+
+    def loss_gain(idx, exp: bool) -> float:
+        n = max(cnt[idx].sum(), 1)
+        lb, la = b_sum[idx].sum() / n, a_sum[idx].sum() / n
+        return float(np.exp(lb) - np.exp(la)) if exp else float(lb - la)
+
+    total = max(cnt.sum(), 1)
+    base_loss, ad_loss = b_sum.sum() / total, a_sum.sum() / total
+    for metric, exp in (("eval_loss", False), ("perplexity", True)):
+        lo, hi = paired_bootstrap(lambda idx, e=exp: loss_gain(idx, e), len(cnt), seed)
+        b, a = (math.exp(base_loss), math.exp(ad_loss)) if exp else (base_loss, ad_loss)
+        out[metric] = {"base": b, "adapter": a, "gain": b - a, "gain_ci_low": lo, "gain_ci_high": hi}
+    return {m: {k: round(float(v), 4) for k, v in d.items()} for m, d in out.items()}
 
 
 def normalize_answer(text: str) -> str:
@@ -57,11 +148,12 @@ def _dtype(name: str):
             "auto": torch.bfloat16}[name]
 
 
-def _eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> float:
-    """Token-weighted mean cross-entropy over assistant tokens."""
+def _row_losses(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> tuple[list[float], list[int]]:
+    """Per row: summed cross-entropy over its assistant tokens, and how many there are."""
     import torch
 
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
         width = max(len(e["input_ids"]) for e in chunk)
@@ -77,11 +169,10 @@ def _eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 32) -
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-            ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((shift_labels != -100).sum())
-    return total / max(count, 1)
+            shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+        sums += loss.sum(dim=1).tolist()
+        counts += (shift_labels != -100).sum(dim=1).tolist()
+    return sums, counts
 
 
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
@@ -99,11 +190,11 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
 
 
 def check_gate(gate: GateSpec | None, metrics: dict[str, dict[str, float]]) -> GateResult | None:
-    """Apply a gate to base/adapter metrics. Lower is better for eval_loss, higher for exact_match."""
+    """Apply a gate to base/adapter metrics. Lower is better for eval_loss and perplexity."""
     if gate is None:
         return None
     base, adapter = metrics[gate.metric]["base"], metrics[gate.metric]["adapter"]
-    lower_is_better = gate.metric == "eval_loss"
+    lower_is_better = gate.metric in LOWER_IS_BETTER
     if gate.min_gain is not None:
         gain = (base - adapter) if lower_is_better else (adapter - base)
         passed = gain >= gate.min_gain
@@ -115,8 +206,25 @@ def check_gate(gate: GateSpec | None, metrics: dict[str, dict[str, float]]) -> G
     return GateResult(metric=gate.metric, passed=passed, detail=("pass: " if passed else "fail: ") + detail)
 
 
+def _precision_agreement(base: BaseModelRef, adapter_dir: Path, tokenizer, prompts: list[str],
+                         serving_outputs: list[str], max_new_tokens: int) -> dict:
+    """Greedy outputs of a QLoRA adapter on its 4-bit training base against those on the served base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    trained = _generate(model, tokenizer, prompts, max_new_tokens)
+    same = sum(a == b for a, b in zip(trained, serving_outputs, strict=True))
+    return {"training_precision": "nf4 (4-bit, double quant) + bf16 compute", "rows": len(prompts),
+            "identical_greedy_outputs": same, "share_identical": round(same / len(prompts), 4)}
+
+
 def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport,
-                     dtype: str = "bfloat16", max_new_tokens: int = 32) -> EvalResult:
+                     dtype: str = "bfloat16", max_new_tokens: int = 32, seed: int = 0) -> EvalResult:
     """Evaluate base and adapter on the held-out split and write ``eval_results.json`` into the adapter dir.
 
     Args:
@@ -124,15 +232,17 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
         spec: the adapter's settings (max_eval_rows, gate).
         base: the resolved base model.
         clean: the cleaning report of the adapter's dataset (gives the eval split).
-        dtype: the dtype serving uses; a QLoRA adapter is evaluated on the unquantized base at this dtype.
+        dtype: the dtype serving uses; a QLoRA adapter is evaluated on the unquantized base at this dtype, and
+            its greedy outputs on the 4-bit base are compared with these (``precision_agreement``).
         max_new_tokens: generation budget per answer (greedy).
+        seed: seeds torch and the bootstrap.
     """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     rows = read_split(clean, "eval")[: spec.max_eval_rows]
     if not rows:
         raise ValueError(f"dataset {clean.dataset!r} has no eval rows. Fix: raise datasets.{clean.dataset}."
@@ -151,24 +261,30 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
     refs = [r["messages"][-1]["content"] for r in rows]
 
     with model.disable_adapter():
-        base_loss = _eval_loss(model, examples, tokenizer.pad_token_id)
+        base_sums, counts = _row_losses(model, examples, tokenizer.pad_token_id)
         base_out = _generate(model, tokenizer, prompts, max_new_tokens)
-    ad_loss = _eval_loss(model, examples, tokenizer.pad_token_id)
+    ad_sums, _ = _row_losses(model, examples, tokenizer.pad_token_id)
     ad_out = _generate(model, tokenizer, prompts, max_new_tokens)
 
-    def em(outs: list[str]) -> float:
-        return sum(normalize_answer(o) == normalize_answer(r) for o, r in zip(outs, refs, strict=True)) / len(refs)
+    def em(outs: list[str]) -> list[float]:
+        return [float(normalize_answer(o) == normalize_answer(r)) for o, r in zip(outs, refs, strict=True)]
 
-    metrics = {
-        "exact_match": {"base": round(em(base_out), 4), "adapter": round(em(ad_out), 4)},
-        "eval_loss": {"base": round(base_loss, 4), "adapter": round(ad_loss, 4)},
-    }
+    def chrfs(outs: list[str]) -> list[float]:
+        return [chrf(o, r) for o, r in zip(outs, refs, strict=True)]
+
+    metrics = metric_table({"exact_match": (em(base_out), em(ad_out)), "chrf": (chrfs(base_out), chrfs(ad_out))},
+                           (base_sums, ad_sums, counts), seed=seed)
     samples = [{"prompt": r["messages"][-2]["content"], "reference": ref, "base": b, "adapter": a}
                for r, ref, b, a in list(zip(rows, refs, base_out, ad_out, strict=True))[:10]]
+    manifest_path = Path(adapter_dir) / "training_manifest.json"
+    method = json.loads(manifest_path.read_text())["method"]["method"] if manifest_path.exists() else "lora"
+    agreement = (_precision_agreement(base, Path(adapter_dir), tokenizer, prompts, ad_out, max_new_tokens)
+                 if method == "qlora" else None)
     result = EvalResult(
         metrics=metrics, rows=len(rows), samples=samples, gate=check_gate(spec.gate, metrics),
-        generation={"decoding": "greedy", "max_new_tokens": max_new_tokens, "dtype": dtype},
-        wall_s=round(time.time() - t0, 2),
+        generation={"decoding": "greedy", "do_sample": False, "max_new_tokens": max_new_tokens, "dtype": dtype,
+                    "seed": seed, "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "chrf": "char 6-grams, beta 2"},
+        wall_s=round(time.time() - t0, 2), precision_agreement=agreement,
     )
     (Path(adapter_dir) / EVAL_FILE).write_text(result.model_dump_json(indent=2))
     return result

@@ -139,14 +139,22 @@ class Pipeline:
         ev = load_eval(adir)
         manifest = json.loads((adir / "training_manifest.json").read_text())
         status = "rejected" if ev.gate is not None and not ev.gate.passed else "candidate"
+        result = manifest["result"]
         return self.registry.register(NewAdapter(
             name=job.name, path=adir, status=status, base_model=self.spec.base_model,
             base_model_hash=self.base.content_hash, method=manifest["method"]["method"],
-            training_config={**manifest["config"], "sweep_point": job.point, "job": key},
+            training_config={**manifest["config"], "sweep_point": job.point, "job": key,
+                             "train_wall_s": result["wall_s"],
+                             "peak_memory_mb": round(result.get("peak_memory_bytes", 0) / 2**20, 1)},
             dataset=job.spec.dataset, dataset_fingerprint=manifest["dataset"]["fingerprint"],
-            trainable_params=manifest["result"]["trainable_params"], metrics=ev.metrics, run_id=run_id,
-            code_version=CODE_VERSION,
+            trainable_params=result["trainable_params"], metrics=ev.metrics, run_id=run_id,
+            code_version=CODE_VERSION, promote=job.spec.promote, rank_metric=rank_metric(job.spec),
         ))
+
+
+def rank_metric(spec: AdapterSpec) -> str:
+    """The metric versions of an adapter are ranked by: its gate's, else eval loss."""
+    return spec.gate.metric if spec.gate else "eval_loss"
 
 
 def _write_json(path: Path, data: dict) -> None:

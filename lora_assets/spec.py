@@ -21,7 +21,7 @@ LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
-Metric = Literal["exact_match", "eval_loss"]
+Metric = Literal["exact_match", "chrf", "eval_loss", "perplexity"]
 
 
 class _Strict(BaseModel):
@@ -75,7 +75,9 @@ class AdapterSpec(_Strict):
         "auto", description="`lora` (bf16 base), `qlora` (4-bit NF4 base, double quant), or `auto`: QLoRA only "
         "when the bf16 weights and training state do not fit the memory budget.")
     r: int = Field(16, description="LoRA rank.")
-    lora_alpha: int | None = Field(None, description="LoRA scaling numerator; default 2 * r.")
+    lora_alpha: int | str | None = Field(
+        None, description="LoRA scaling numerator: an integer, or a multiple of r written `r`, `2r`, `4r` (handy in "
+        "sweeps over r); default 2r.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Modules that get LoRA; `all-linear` means every attention and MLP projection "
         "(for Llama: q, k, v, o, gate, up, down).")
@@ -95,9 +97,14 @@ class AdapterSpec(_Strict):
         None, gt=0, description="Save a resumable checkpoint every this many optimizer steps; default about a "
         "tenth of the epoch. A run killed and started again resumes from the last complete one.")
     max_eval_rows: int = Field(200, gt=0, description="Evaluate on at most this many held-out rows.")
-    gate: GateSpec | None = Field(None, description="Optional quality gate.")
+    gate: GateSpec | None = Field(None, description="Optional quality gate, enforced by a blocking asset check; an "
+                                  "adapter that fails it is registered as `rejected` and never served.")
+    promote: Literal["if_better", "always", "manual"] = Field(
+        "if_better", description="When a registered version that passed its gate becomes the `champion` of its "
+        "name (the version served under the plain name): `if_better` when it beats the current champion on the "
+        "gate's metric (eval_loss without a gate), `always`, or `manual` (`lorafoundry registry promote`).")
     sweep: dict[str, list[Any]] | None = Field(
-        None, description="Grid over r, lora_alpha, target_modules, learning_rate, method: one adapter version "
+        None, description="Grid over r, lora_alpha, target_modules, learning_rate, method, seed: one adapter version "
         "per point, all registered under this adapter's name.")
 
     @model_validator(mode="before")
@@ -121,9 +128,14 @@ class AdapterSpec(_Strict):
 
     @field_validator("lora_alpha")
     @classmethod
-    def _alpha_positive(cls, v: int | None) -> int | None:
+    def _alpha_positive(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str):
+            if not re.fullmatch(r"[1-9][0-9]*r|r", v.strip()):
+                raise ValueError(f"lora_alpha {v!r} is neither an integer nor a multiple of r. Fix: write e.g. 32, "
+                                 "`r` or `2r`")
+            return v.strip()
         if v is not None and v <= 0:
-            raise ValueError("lora_alpha must be positive. Fix: omit it (default 2 * r) or set a positive integer")
+            raise ValueError("lora_alpha must be positive. Fix: omit it (default 2r) or set a positive integer")
         return v
 
     @field_validator("lora_dropout")
@@ -146,7 +158,7 @@ class AdapterSpec(_Strict):
     def _sweep_keys(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
         if v is None:
             return v
-        allowed = {"r", "lora_alpha", "target_modules", "learning_rate", "method"}
+        allowed = {"r", "lora_alpha", "target_modules", "learning_rate", "method", "seed"}
         bad = sorted(set(v) - allowed)
         if bad:
             raise ValueError(f"sweep keys {bad} are not sweepable; use some of {sorted(allowed)}")
@@ -157,8 +169,12 @@ class AdapterSpec(_Strict):
 
     @property
     def alpha(self) -> int:
-        """The effective lora_alpha (2 * r unless set)."""
-        return self.lora_alpha if self.lora_alpha is not None else 2 * self.r
+        """The effective lora_alpha (2 * r unless set; `2r` style values scale with r)."""
+        if self.lora_alpha is None:
+            return 2 * self.r
+        if isinstance(self.lora_alpha, str):
+            return int(self.lora_alpha[:-1] or 1) * self.r
+        return self.lora_alpha
 
     def resolved_target_modules(self) -> list[str]:
         """Module names for peft. `all-linear` is spelled out so adapter_config.json names every module."""

@@ -20,8 +20,12 @@ from lora_assets.clean import (
     current_clean,
     read_split,
 )
+from lora_assets.evaluate import load_eval
 from lora_assets.pipeline import AdapterJob, Pipeline, adapter_jobs
+from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
+from lora_assets.train import LOSS_PLOT
+from registry import leaderboard
 from serving.deployment import deploy
 from serving.launch import plan_server
 
@@ -33,8 +37,11 @@ class LoraFoundryHome(dg.ConfigurableResource):
 
 
 def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    lines = ["| metric | base | adapter |", "|---|---|---|"]
-    lines += [f"| {m} | {v['base']:.4f} | {v['adapter']:.4f} |" for m, v in metrics.items()]
+    lines = ["| metric | base | adapter | gain (positive = better) | 95% CI of gain |", "|---|---|---|---|---|"]
+    for m, v in metrics.items():
+        ci = f"[{v['gain_ci_low']:+.4f}, {v['gain_ci_high']:+.4f}]" if "gain_ci_low" in v else ""
+        gain = f"{v['gain']:+.4f}" if "gain" in v else ""
+        lines.append(f"| {m} | {v['base']:.4f} | {v['adapter']:.4f} | {gain} | {ci} |")
     return "\n".join(lines)
 
 
@@ -46,6 +53,14 @@ def _rows_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _loss_plot(adapter_dir: str, curve: list[tuple[int, float]]) -> str:
+    """The loss plot as an inline image, with the numbers under it (the image alone is not searchable)."""
+    png = Path(adapter_dir) / LOSS_PLOT
+    image = markdown_image(png.read_bytes(), "training loss") if png.exists() else "(no plot: adapter from an " \
+        "older lorafoundry)"
+    return image + "\n\n" + _rows_table([{"step": s, "loss": f"{v:.4f}"} for s, v in curve], ["step", "loss"])
 
 
 def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
@@ -117,8 +132,8 @@ def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
             "train_loss": r.train_loss, "steps": r.steps, "examples": r.examples, "tokens": r.tokens,
             "tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "trainable_params": r.trainable_params,
             "trainable_percent": round(100 * r.trainable_params / r.total_params, 3),
-            "loss_curve": dg.MetadataValue.md("| step | loss |\n|---|---|\n" + "\n".join(
-                f"| {s} | {loss:.4f} |" for s, loss in r.loss_curve)),
+            "peak_memory_mb": round(r.peak_memory_bytes / 2**20, 1), "peak_memory_kind": r.peak_memory_kind,
+            "loss_curve": dg.MetadataValue.md(_loss_plot(r.adapter_dir, r.loss_curve)),
             "adapter_dir": dg.MetadataValue.path(r.adapter_dir),
         })
 
@@ -129,7 +144,7 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "eval"], deps=[dg.AssetKey(["adapter", job.key, "train"])],
               group_name="adapters", kinds={"peft"},
               description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
-              "exact match and eval loss, with sample answers.")
+              "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.")
     def eval_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
         ev = Pipeline(spec, lorafoundry.home).evaluate(job.key)
         meta: dict = {
@@ -142,6 +157,8 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
             meta[f"{metric}_adapter"] = v["adapter"]
         if ev.gate is not None:
             meta["gate"] = ev.gate.detail
+        if ev.precision_agreement is not None:
+            meta["precision_agreement"] = dg.MetadataValue.json(ev.precision_agreement)
         return dg.MaterializeResult(metadata=meta)
 
     return eval_asset
@@ -160,6 +177,52 @@ def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
         })
 
     return register_asset
+
+
+def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition:
+    """The adapter's quality gate as a blocking check on its registry row. A failure keeps the run from deploying
+    (the rejected version stays in the registry for inspection). For a sweep point a failure is a result of the
+    sweep, not an incident: it is reported as a warning and does not block the leaderboard or deployment."""
+    gate = job.spec.gate
+    what = (f"{gate.metric} " + (f"gain >= {gate.min_gain}" if gate.min_gain is not None else
+                                 f"{'<=' if gate.metric in ('eval_loss', 'perplexity') else '>='} {gate.min_value}")
+            if gate else "no gate set (always passes)")
+
+    @dg.asset_check(asset=dg.AssetKey(["adapter", job.key, "register"]), name="quality_gate", blocking=True,
+                    description=f"Quality gate: {what}. A failing adapter is registered as `rejected`, never served.")
+    def quality_gate(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
+        ev = load_eval(Pipeline(spec, lorafoundry.home).adapter_dir(job.key))
+        passed = ev.gate is None or ev.gate.passed
+        severity = dg.AssetCheckSeverity.WARN if job.point else dg.AssetCheckSeverity.ERROR
+        return dg.AssetCheckResult(passed=passed, severity=severity,
+                                   description=ev.gate.detail if ev.gate else "no gate set",
+                                   metadata={"metrics": dg.MetadataValue.json(ev.metrics)})
+
+    return quality_gate
+
+
+def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.AssetsDefinition:
+    @dg.asset(key=["adapter", name, "leaderboard"], deps=[dg.AssetKey(["adapter", k, "register"]) for k in keys],
+              group_name="adapters", kinds={"duckdb"},
+              description=f"Every registered version of sweep `{name}` ranked by its gate metric, with trainable "
+              "parameters, training wall time and peak memory; the winner is marked.")
+    def leaderboard_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        rows = Pipeline(spec, lorafoundry.home).registry.leaderboard(name)
+        best = next((r for r in rows if r["status"] in ("candidate", "champion")), None)
+        meta = {"leaderboard": dg.MetadataValue.md(leaderboard.markdown(rows)), "versions": len(rows)}
+        if best is not None:
+            meta |= {"winner_version": best["version"], "winner_point": leaderboard.point_label(
+                json.loads(best["sweep_point"]) if isinstance(best["sweep_point"], str) else best["sweep_point"]),
+                     "winner_metric": f"{best['rank_metric']} = {best['metric_value']:.4f}"}
+        if "seed" in spec.adapters[name].sweep:
+            groups = leaderboard.across_seeds(rows)
+            meta["across_seeds"] = dg.MetadataValue.md(_rows_table(
+                [{"point": g["label"], "seeds": g["seeds"], "mean": f"{g['mean']:.4f}",
+                  "95% CI": f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]"} for g in groups],
+                ["point", "seeds", "mean", "95% CI"]))
+        return dg.MaterializeResult(metadata=meta)
+
+    return leaderboard_asset
 
 
 def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
@@ -182,15 +245,20 @@ def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.Ass
 
 
 def build_assets(spec: PipelineSpec, deployment: bool = True) -> list[dg.AssetsDefinition]:
-    """One clean asset (and its blocking checks) per dataset, train/eval/register assets per adapter (per sweep
-    point), and the deployment."""
+    """One clean asset (and its blocking checks) per dataset; train/eval/register assets and a blocking quality
+    gate check per adapter (per sweep point); a leaderboard per sweep; and the deployment."""
     assets: list[dg.AssetsDefinition] = []
     for name in spec.datasets:
         assets += [_clean_asset(spec, name), *_clean_checks(spec, name)]
-    for job in adapter_jobs(spec).values():
-        assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job)]
+    jobs = adapter_jobs(spec)
+    for job in jobs.values():
+        assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job),
+                   _gate_check(spec, job)]
+    for name, ad in spec.adapters.items():
+        if ad.sweep:
+            assets.append(_leaderboard_asset(spec, name, [k for k, j in jobs.items() if j.name == name]))
     if deployment:
-        registered = [a.key for a in assets if not isinstance(a, dg.AssetChecksDefinition)
-                      and a.key.path[-1] == "register"]
-        assets.append(_deployment_asset(spec, registered))
+        upstream = [a.key for a in assets if not isinstance(a, dg.AssetChecksDefinition)
+                    and a.key.path[-1] in ("register", "leaderboard")]
+        assets.append(_deployment_asset(spec, upstream))
     return assets

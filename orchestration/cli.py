@@ -18,7 +18,7 @@ from lora_assets.spec import PipelineSpec, SpecError, load_spec
 
 app = typer.Typer(help="lorafoundry: a YAML spec -> cleaned datasets -> one-epoch LoRA adapters -> a DuckDB "
                   "registry -> a vLLM multi-LoRA server.", no_args_is_help=True, pretty_exceptions_enable=False)
-registry_app = typer.Typer(help="Query the adapter registry.", no_args_is_help=True)
+registry_app = typer.Typer(help="Query and manage the adapter registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 
 # Piped output is not squeezed to 80 columns, so tables stay one row per adapter in logs and tests.
@@ -187,7 +187,7 @@ def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
 @app.command()
 def serve(spec: SpecArg, home: HomeOpt = None,
           port: Annotated[int | None, typer.Option(help="Port (default: serving.port in the spec).")] = None) -> None:
-    """Serve the base model and every registered adapter with vLLM until Ctrl-C or SIGTERM."""
+    """Serve the base model and each adapter name's champion (else latest candidate) until Ctrl-C or SIGTERM."""
     from serving.launch import ServerError
 
     _offline()
@@ -280,6 +280,69 @@ def registry_list(home: HomeOpt = None,
                       f"{em.get('base', float('nan')):.3f} → {em.get('adapter', float('nan')):.3f}",
                       r.adapter_sha256[:12], r.created_at.strftime("%Y-%m-%d %H:%M"))
     out.print(table)
+
+
+@registry_app.command("leaderboard")
+def registry_leaderboard(
+        name: Annotated[str, typer.Argument(help="Adapter (or sweep) name.")], home: HomeOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+        across_seeds: Annotated[bool, typer.Option(
+            "--across-seeds", help="Group sweep points that differ only in seed: mean and 95% CI per point.")] = False,
+) -> None:
+    """Versions of NAME ranked by their gate metric (eval_loss without a gate), best first; the winner marked."""
+    from registry import leaderboard
+    from registry.store import AdapterRegistry
+
+    rows = AdapterRegistry(_home(home) / "registry.duckdb").leaderboard(name)
+    if not rows:
+        err.print(f"no adapter {name!r} in the registry. Fix: `lorafoundry registry list` shows the names.")
+        raise typer.Exit(1)
+    if across_seeds:
+        groups = leaderboard.across_seeds(rows)
+        if as_json:
+            for g in groups:
+                sys.stdout.write(json.dumps(g, default=str) + "\n")
+            return
+        table = Table(title=f"{name}: {groups[0]['metric']} per sweep point across seeds (mean, 95% t CI)")
+        for col in ("rank", "point", "seeds", "mean", "95% CI", "trainable params"):
+            table.add_column(col)
+        for i, g in enumerate(groups, 1):
+            table.add_row(str(i), g["label"], str(g["seeds"]), f"{g['mean']:.4f}",
+                          f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]", f"{g['trainable_params'] or 0:,}")
+        out.print(table)
+        return
+    if as_json:
+        for r in rows:
+            sys.stdout.write(json.dumps(r, default=str) + "\n")
+        return
+    table = Table(title=f"{name}: versions ranked by {rows[0]['rank_metric']}")
+    for col in ("rank", "version", "point", rows[0]["rank_metric"], "status", "trainable params", "train s",
+                "peak MB"):
+        table.add_column(col)
+    for r in rows:
+        winner = r["rank"] == 1 and r["status"] in ("candidate", "champion")
+        point = json.loads(r["sweep_point"]) if isinstance(r["sweep_point"], str) else r["sweep_point"]
+        table.add_row(f"{r['rank']}{' winner' if winner else ''}", str(r["version"]),
+                      leaderboard.point_label(point or {}),
+                      "" if r["metric_value"] is None else f"{r['metric_value']:.4f}", r["status"],
+                      f"{r['trainable_params'] or 0:,}", f"{r['train_wall_s'] or 0:.1f}",
+                      f"{r['peak_memory_mb'] or 0:.0f}")
+    out.print(table)
+
+
+@registry_app.command("promote")
+def registry_promote(name: Annotated[str, typer.Argument(help="Adapter name.")],
+                     version: Annotated[int, typer.Argument(help="The version to make champion.")],
+                     home: HomeOpt = None) -> None:
+    """Make NAME@VERSION the champion (served under the plain name); the previous champion becomes a candidate."""
+    from registry.store import AdapterRegistry, RegistryError
+
+    try:
+        rec = AdapterRegistry(_home(home) / "registry.duckdb", actor="cli").promote(name, version)
+    except RegistryError as e:
+        err.print(str(e), highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"{rec.name}@{rec.version} is now {rec.status}")
 
 
 if __name__ == "__main__":

@@ -66,10 +66,39 @@ def _m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         QUALIFY row_number() OVER (PARTITION BY name ORDER BY version DESC) = 1""")
 
 
+def _m002_champions_leaderboard(con: duckdb.DuckDBPyConnection) -> None:
+    # rank_metric: the metric a version is ranked by (its gate's, else eval_loss), kept in training_config
+    con.execute("""
+        CREATE VIEW champions AS
+        SELECT * FROM adapters WHERE status = 'champion'""")
+    con.execute("""
+        CREATE VIEW leaderboard AS
+        WITH ranked AS (
+            SELECT name, version, status, method, r, lora_alpha, target_modules, trainable_params,
+                   coalesce(training_config->>'rank_metric', 'eval_loss') AS rank_metric,
+                   training_config->'sweep_point' AS sweep_point,
+                   CAST(training_config->>'train_wall_s' AS DOUBLE) AS train_wall_s,
+                   CAST(training_config->>'peak_memory_mb' AS DOUBLE) AS peak_memory_mb,
+                   metrics, created_at
+            FROM adapters)
+        SELECT * EXCLUDE (metrics),
+               CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE) AS metric_value,
+               row_number() OVER (
+                   PARTITION BY name
+                   ORDER BY CASE WHEN status IN ('rejected', 'archived') THEN 1 ELSE 0 END,
+                            CASE WHEN rank_metric IN ('eval_loss', 'perplexity')
+                                 THEN CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE)
+                                 ELSE -CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE)
+                            END, version) AS rank
+        FROM ranked""")
+
+
 #: Numbered migrations, applied in order on open. Append only; never edit a released one.
 MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (1, "initial schema: adapters, events, latest_adapters", _m001_initial),
+    (2, "views: champions, leaderboard", _m002_champions_leaderboard),
 ]
+LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -122,6 +151,10 @@ class NewAdapter(BaseModel):
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
     run_id: str | None = None
     code_version: str | None = None
+    promote: Literal["if_better", "always", "manual"] = Field(
+        "manual", description="Make a `candidate` the champion of its name: if it beats the current champion on "
+        "`rank_metric`, always, or only by an explicit promote.")
+    rank_metric: str = Field("eval_loss", description="Metric the champion rule compares (adapter value).")
 
 
 _COLUMNS = list(AdapterRecord.model_fields)
@@ -231,7 +264,8 @@ class AdapterRegistry:
                 "name": new.name, "version": version, "status": new.status, "base_model": new.base_model,
                 "base_model_hash": new.base_model_hash, "method": new.method, "r": int(cfg["r"]),
                 "lora_alpha": int(cfg["lora_alpha"]), "target_modules": sorted(cfg["target_modules"]),
-                "training_config": json.dumps(new.training_config), "dataset": new.dataset,
+                "training_config": json.dumps({**new.training_config, "rank_metric": new.rank_metric}),
+                "dataset": new.dataset,
                 "dataset_fingerprint": new.dataset_fingerprint, "path": str(Path(new.path).resolve()),
                 "adapter_sha256": sha, "size_bytes": size, "trainable_params": new.trainable_params,
                 "metrics": json.dumps(new.metrics), "created_at": now, "run_id": new.run_id,
@@ -241,6 +275,11 @@ class AdapterRegistry:
                         list(row.values()))
             _event(con, self.actor, "register" if new.status != "rejected" else "reject", new.name, version,
                    {"sha256": sha, "status": new.status})
+            if new.status == "candidate" and new.promote != "manual":
+                champion = _champion(con, new.name)
+                why = _beats(new.metrics, champion, new.rank_metric) if new.promote == "if_better" else "always"
+                if why:
+                    _promote(con, self.actor, new.name, version, why)
             return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
                                        "version = ?", [new.name, version]).fetchone())
 
@@ -275,12 +314,40 @@ class AdapterRegistry:
         return rows[-1]
 
     def servable(self) -> list[AdapterRecord]:
-        """The latest servable version of each name (never a rejected or archived one)."""
-        records = [r for r in self.list() if r.status in SERVABLE_STATUSES]
-        latest: dict[str, AdapterRecord] = {}
-        for r in records:
-            latest[r.name] = r
-        return list(latest.values())
+        """The version served under each name: its champion, else its latest candidate (never a rejected or
+        archived one)."""
+        chosen: dict[str, AdapterRecord] = {}
+        for r in self.list():
+            if r.status == "champion" or (r.status == "candidate" and chosen.get(r.name, r).status != "champion"):
+                chosen[r.name] = r
+        return list(chosen.values())
+
+    def champion(self, name: str) -> AdapterRecord | None:
+        """The champion version of ``name``, or None."""
+        rows = self.list(name=name, status="champion")
+        return rows[-1] if rows else None
+
+    def promote(self, name: str, version: int, reason: str = "manual promote") -> AdapterRecord:
+        """Make ``name@version`` the champion (the previous champion becomes a candidate). Rejected and
+        archived versions cannot be promoted."""
+
+        def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
+            row = con.execute("SELECT status FROM adapters WHERE name = ? AND version = ?", [name, version]).fetchone()
+            if row is None:
+                raise RegistryError(f"no adapter {name}@{version}. Fix: `lorafoundry registry list` shows versions.")
+            if row[0] not in SERVABLE_STATUSES:
+                raise RegistryError(f"{name}@{version} is {row[0]} and cannot be promoted; only candidates can.")
+            _promote(con, self.actor, name, version, reason)
+            return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
+                                       "version = ?", [name, version]).fetchone())
+
+        return self._with_retry(op)
+
+    def leaderboard(self, name: str) -> list[dict[str, Any]]:
+        """Every version of ``name`` ranked by its rank metric (best first; rejected and archived last), from
+        the `leaderboard` view."""
+        cols, rows = self.query("SELECT * FROM leaderboard WHERE name = ? ORDER BY rank", [name])
+        return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """Run a read-only SQL statement; returns (column names, rows)."""
@@ -301,6 +368,35 @@ def _record(row: tuple) -> AdapterRecord:
     data["training_config"] = json.loads(data["training_config"] or "{}")
     data["metrics"] = json.loads(data["metrics"] or "{}")
     return AdapterRecord.model_validate(data)
+
+
+def _champion(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, dict] | None:
+    row = con.execute("SELECT version, metrics FROM adapters WHERE name = ? AND status = 'champion'",
+                      [name]).fetchone()
+    return (row[0], json.loads(row[1] or "{}")) if row else None
+
+
+def _beats(metrics: dict, champion: tuple[int, dict] | None, metric: str) -> str | None:
+    """Why a new version beats the champion on ``metric`` (None when it does not)."""
+    if champion is None:
+        return "first version to pass its gate"
+    new, old = metrics.get(metric, {}).get("adapter"), champion[1].get(metric, {}).get("adapter")
+    if new is None:
+        return None
+    if old is None:
+        return f"champion v{champion[0]} has no {metric}"
+    better = new < old if metric in LOWER_IS_BETTER else new > old
+    return f"{metric} {new:.4f} beats champion v{champion[0]}'s {old:.4f}" if better else None
+
+
+def _promote(con: duckdb.DuckDBPyConnection, actor: str, name: str, version: int, reason: str) -> None:
+    old = _champion(con, name)
+    if old is not None and old[0] == version:
+        return
+    if old is not None:
+        con.execute("UPDATE adapters SET status = 'candidate' WHERE name = ? AND version = ?", [name, old[0]])
+    con.execute("UPDATE adapters SET status = 'champion' WHERE name = ? AND version = ?", [name, version])
+    _event(con, actor, "promote", name, version, {"reason": reason, "previous_champion": old[0] if old else None})
 
 
 def _event(con: duckdb.DuckDBPyConnection, actor: str, action: str, name: str, version: int | None,

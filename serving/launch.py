@@ -1,7 +1,7 @@
 """Start, wait for, and stop a vLLM OpenAI-compatible server that serves the registered adapters.
 
 vLLM's arguments are built from the spec and the registry: the base model under its own name and each
-servable adapter (the latest non-rejected version of each name) under the adapter's name.
+servable adapter (each name's champion, else its latest candidate; never a rejected one) under the adapter's name.
 """
 
 from __future__ import annotations

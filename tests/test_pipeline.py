@@ -81,3 +81,25 @@ def test_cli_run_prints_base_to_adapter_table(materialized, session_home, monkey
     assert "exact_match" in res.stdout and "→" in res.stdout
     for name in ("categories", "sentiment"):
         assert name in res.stdout
+
+
+def test_train_asset_shows_loss_plot_and_resources(materialized, demo_spec):
+    """The train asset carries what the UI shows: the loss curve as an inline PNG, trainable %, tokens/s, peak
+    memory and the method with its reason."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    for name in demo_spec.adapters:
+        (event,) = [e for e in materialized.get_asset_materialization_events()
+                    if e.asset_key.path == ["adapter", name, "train"]]
+        meta = {k: v.value for k, v in event.materialization.metadata.items()}
+        md = meta["loss_curve"]
+        assert md.startswith("![training loss](data:image/png;base64,")
+        png = base64.b64decode(md.split("base64,", 1)[1].split(")", 1)[0])
+        assert Image.open(io.BytesIO(png)).size == (640, 320)
+        assert "| step | loss |" in md
+        assert meta["peak_memory_mb"] > 50 and meta["tokens_per_s"] > 0
+        assert 0 < meta["trainable_percent"] < 100
+        assert meta["method"] in ("lora", "qlora") and meta["method_reason"]

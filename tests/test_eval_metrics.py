@@ -1,0 +1,44 @@
+"""Evaluation metrics as pure logic: chrF against sacreBLEU's values, paired bootstrap CIs, gates."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_assets.evaluate import check_gate, chrf, metric_table
+from lora_assets.spec import GateSpec
+
+
+@pytest.mark.parametrize(("hyp", "ref", "expected"), [
+    # values from sacrebleu 2.x: CHRF().sentence_score(hyp, [ref]).score
+    ("positive", "negative", 24.365079365079364),
+    ("the cat sat", "the cat sat on", 79.34458487087205),
+    ("vehicle", "a vehicle", 83.07482317905449),
+    ("", "x", 0.0),
+    ("same words", "same  words", 100.0),
+])
+def test_chrf_matches_sacrebleu(hyp, ref, expected):
+    assert chrf(hyp, ref) == pytest.approx(expected, abs=1e-9)
+
+
+def test_metric_table_gains_and_bootstrap_are_deterministic():
+    per_row = {"exact_match": ([0, 0, 1, 0, 1, 0, 0, 1], [1, 1, 1, 0, 1, 1, 0, 1])}
+    losses = ([4.0, 5, 6, 7, 4, 5, 6, 7], [1.0, 2, 3, 4, 1, 2, 3, 9], [2, 2, 2, 2, 2, 2, 2, 2])
+    first, second = metric_table(per_row, losses, seed=0), metric_table(per_row, losses, seed=0)
+    assert first == second  # same seed, same numbers
+    em = first["exact_match"]
+    assert (em["base"], em["adapter"], em["gain"]) == (0.375, 0.75, 0.375)
+    assert em["gain_ci_low"] <= em["gain"] <= em["gain_ci_high"] and em["gain_ci_low"] >= 0
+    loss = first["eval_loss"]
+    assert loss["base"] == 2.75 and loss["adapter"] == 1.5625 and loss["gain"] == 1.1875  # base - adapter
+    ppl = first["perplexity"]
+    assert ppl["gain"] > 0 and ppl["gain_ci_low"] <= ppl["gain"] <= ppl["gain_ci_high"]
+    assert metric_table(per_row, losses, seed=1) != first  # the seed is what fixes the intervals
+
+
+def test_gates_read_the_right_direction():
+    metrics = {"perplexity": {"base": 20.0, "adapter": 5.0}, "chrf": {"base": 10.0, "adapter": 30.0}}
+    assert check_gate(GateSpec(metric="perplexity", min_gain=10), metrics).passed
+    assert not check_gate(GateSpec(metric="perplexity", min_value=4), metrics).passed
+    assert check_gate(GateSpec(metric="chrf", min_gain=20), metrics).passed
+    assert not check_gate(GateSpec(metric="chrf", min_value=31), metrics).passed
+    assert check_gate(None, metrics) is None
