@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -28,6 +29,8 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 HomeOpt = Annotated[Path | None, typer.Option(
     "--home", help="State dir (datasets, adapters, registry). Default: $LORAFOUNDRY_HOME, else ./.lorafoundry.")]
 SpecArg = Annotated[Path, typer.Argument(help="The pipeline spec (YAML).")]
+RefArg = Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME:ALIAS.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")]
 
 
 def _home(home: Path | None) -> Path:
@@ -258,26 +261,54 @@ def demo(home: HomeOpt = None,
     out.print(f"demo done in {time.time() - t0:.0f} s (server stopped); state in {h}")
 
 
-@registry_app.command("list")
-def registry_list(home: HomeOpt = None,
-                  as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-                  name: Annotated[str | None, typer.Option(help="Only this adapter name.")] = None,
-                  status: Annotated[str | None, typer.Option(help="Only this status.")] = None) -> None:
-    """List registered adapter versions."""
-    from registry.store import AdapterRegistry
+def _bounds(values: list[str] | None, option: str) -> dict[str, float]:
+    bounds = {}
+    for v in values or []:
+        metric, sep, bound = v.partition("=")
+        try:
+            bounds[metric] = float(bound)
+        except ValueError:
+            sep = ""
+        if not sep:
+            err.print(f"{option} {v!r}: expected METRIC=NUMBER, e.g. {option} exact_match=0.5")
+            raise typer.Exit(2)
+    return bounds
 
-    records = AdapterRegistry(_home(home) / "registry.duckdb").list(name=name, status=status)
+
+@registry_app.command("list")
+def registry_list(home: HomeOpt = None, as_json: JsonOpt = False,
+                  name: Annotated[str | None, typer.Option(help="Only this adapter name.")] = None,
+                  status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
+                  base_model: Annotated[str | None, typer.Option(help="Only adapters of this base model.")] = None,
+                  dataset: Annotated[str | None, typer.Option(help="Only adapters trained on this dataset.")] = None,
+                  min_metric: Annotated[list[str] | None, typer.Option(
+                      "--min", help="METRIC=VALUE: adapter's metric at least VALUE (repeatable).")] = None,
+                  max_metric: Annotated[list[str] | None, typer.Option(
+                      "--max", help="METRIC=VALUE: adapter's metric at most VALUE (repeatable).")] = None,
+                  order_by: Annotated[str | None, typer.Option(help="Order by this metric (adapter's value).")] = None,
+                  desc: Annotated[bool, typer.Option(help="Descending order (with --order-by).")] = False,
+                  limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None) -> None:
+    """List registered adapter versions, filtered and ordered."""
+    from registry.store import RegistryError
+
+    try:
+        records = _registry(home).list(name=name, status=status, base_model=base_model, dataset=dataset,
+                                       min_metric=_bounds(min_metric, "--min"), max_metric=_bounds(max_metric, "--max"),
+                                       order_by=order_by, descending=desc, limit=limit)
+    except RegistryError as e:
+        _fail(e)
     if as_json:
         for r in records:
             sys.stdout.write(json.dumps(r.model_dump(mode="json")) + "\n")
         return
     table = Table(title=f"{len(records)} adapter version(s)")
-    for col in ("name", "version", "status", "method", "r", "alpha", "exact_match", "sha256", "created"):
+    for col in ("name", "version", "status", "method", "r", "alpha", "exact_match", "eval_loss", "sha256", "created"):
         table.add_column(col)
     for r in records:
-        em = r.metrics.get("exact_match", {})
+        em, loss = r.metrics.get("exact_match", {}), r.metrics.get("eval_loss", {})
         table.add_row(r.name, str(r.version), r.status, r.method, str(r.r), str(r.lora_alpha),
                       f"{em.get('base', float('nan')):.3f} → {em.get('adapter', float('nan')):.3f}",
+                      f"{loss.get('base', float('nan')):.3f} → {loss.get('adapter', float('nan')):.3f}",
                       r.adapter_sha256[:12], r.created_at.strftime("%Y-%m-%d %H:%M"))
     out.print(table)
 
@@ -343,6 +374,199 @@ def registry_promote(name: Annotated[str, typer.Argument(help="Adapter name.")],
         err.print(str(e), highlight=False)
         raise typer.Exit(1) from None
     out.print(f"{rec.name}@{rec.version} is now {rec.status}")
+
+
+def _registry(home: Path | None, actor: str = "cli"):
+    from registry.store import AdapterRegistry
+
+    return AdapterRegistry(_home(home) / "registry.duckdb", actor=actor)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[red]error[/red] {e}", highlight=False)
+    raise typer.Exit(1) from None
+
+
+@registry_app.command("show")
+def registry_show(ref: RefArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """One version with its metrics, training config, lineage and the name's aliases."""
+    from registry.store import RegistryError
+
+    try:
+        reg = _registry(home)
+        rec = reg.get(ref)
+        aliases = reg.aliases(rec.name)
+    except RegistryError as e:
+        _fail(e)
+    data = rec.model_dump(mode="json") | {"aliases": aliases}
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    table = Table(title=f"{rec.name}@{rec.version} ({rec.status})", show_header=False)
+    for key in ("base_model", "base_model_hash", "method", "r", "lora_alpha", "target_modules", "dataset",
+                "dataset_fingerprint", "path", "adapter_sha256", "size_bytes", "trainable_params", "created_at",
+                "run_id", "code_version"):
+        table.add_row(key, str(data[key]))
+    for m, v in rec.metrics.items():
+        table.add_row(f"metric {m}", f"{v.get('base', float('nan')):.4f} → {v.get('adapter', float('nan')):.4f}")
+    table.add_row("aliases", ", ".join(f"{a} → v{v}" for a, v in aliases.items()) or "-")
+    out.print(table)
+
+
+@registry_app.command("register")
+def registry_register(
+        adapter_dir: Annotated[Path, typer.Argument(help="A peft LoRA adapter dir (adapter_config.json + "
+                                                    "adapter_model.safetensors).")],
+        name: Annotated[str, typer.Option("--name", help="Name to register it under.")],
+        base_model: Annotated[str | None, typer.Option(help="Base model id; default: base_model_name_or_path in "
+                                                       "adapter_config.json.")] = None,
+        dataset: Annotated[str | None, typer.Option(help="Dataset it was trained on (lineage).")] = None,
+        home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Bring in an adapter trained elsewhere, as a candidate (idempotent: the same files give the same version)."""
+    from registry.store import NewAdapter, RegistryError, check_adapter_dir
+
+    try:
+        cfg = check_adapter_dir(adapter_dir)
+        base = base_model or cfg.get("base_model_name_or_path")
+        if not base:
+            raise RegistryError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path. Fix: pass "
+                                "--base-model.")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise RegistryError(f"name {name!r} is not valid. Fix: use letters, digits, '.', '_' or '-'.")
+        rec = _registry(home).register(NewAdapter(
+            name=name, path=adapter_dir, base_model=base, method="lora", dataset=dataset,
+            training_config={"imported_from": str(Path(adapter_dir).resolve()),
+                             **{k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")}}))
+    except RegistryError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(rec.model_dump(mode="json")) + "\n")
+    else:
+        out.print(f"registered {rec.name}@{rec.version} ({rec.status}), sha256 {rec.adapter_sha256[:12]}")
+
+
+@registry_app.command("archive")
+def registry_archive(ref: Annotated[str, typer.Argument(help="NAME@VERSION to retire.")],
+                     home: HomeOpt = None) -> None:
+    """Retire a version: status archived, never served again; its aliases are removed (history kept)."""
+    from registry.store import RegistryError, parse_ref
+
+    try:
+        name, version, _ = parse_ref(ref)
+        if version is None:
+            raise RegistryError(f"{ref!r}: name the version, e.g. {name}@2.")
+        rec = _registry(home).archive(name, version)
+    except RegistryError as e:
+        _fail(e)
+    out.print(f"{rec.name}@{rec.version} is now {rec.status}")
+
+
+@registry_app.command("alias")
+def registry_alias(ref: Annotated[str, typer.Argument(help="NAME@VERSION the alias should point at.")],
+                   alias: Annotated[str, typer.Argument(help="Alias, e.g. prod or staging.")],
+                   home: HomeOpt = None) -> None:
+    """Point NAME:ALIAS at a version (the move is kept in alias_history)."""
+    from registry.store import RegistryError, parse_ref
+
+    try:
+        name, version, _ = parse_ref(ref)
+        if version is None:
+            raise RegistryError(f"{ref!r}: name the version, e.g. {name}@2.")
+        _registry(home).set_alias(name, alias, version)
+    except RegistryError as e:
+        _fail(e)
+    out.print(f"{name}:{alias} → v{version}")
+
+
+@registry_app.command("verify")
+def registry_verify(name: Annotated[str | None, typer.Argument(help="Only this name (or NAME@VERSION).")] = None,
+                    home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Recompute every adapter's sha256; exit 1 if any files changed after registration."""
+    from registry.store import RegistryError, parse_ref
+
+    try:
+        n, v, _ = parse_ref(name) if name else (None, None, None)
+        results = _registry(home).verify(n, v)
+    except RegistryError as e:
+        _fail(e)
+    if as_json:
+        for r in results:
+            sys.stdout.write(r.model_dump_json() + "\n")
+    else:
+        table = Table(title=f"verified {len(results)} version(s)")
+        for col in ("name", "version", "ok", "detail"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(r.name, str(r.version), "ok" if r.ok else "[red]CHANGED[/red]", r.detail)
+        out.print(table)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@registry_app.command("card")
+def registry_card(ref: RefArg, home: HomeOpt = None) -> None:
+    """Write a Hugging Face model card (README.md with YAML front matter) into the adapter dir."""
+    from registry.card import write_card
+    from registry.store import RegistryError
+
+    try:
+        path = write_card(_registry(home).get(ref))
+    except RegistryError as e:
+        _fail(e)
+    out.print(f"wrote {path}")
+
+
+@registry_app.command("sql")
+def registry_sql(query: Annotated[str, typer.Argument(help="A read-only SQL statement.")], home: HomeOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """Run a read-only SQL query on the registry (tables adapters, aliases, alias_history, events; views
+    latest_adapters, champions, leaderboard)."""
+    import duckdb
+
+    from registry.store import RegistryError
+
+    try:
+        cols, rows = _registry(home).query(query)
+    except (RegistryError, duckdb.Error) as e:
+        _fail(e)
+    if as_json:
+        for r in rows:
+            sys.stdout.write(json.dumps(dict(zip(cols, r, strict=True)), default=str) + "\n")
+        return
+    table = Table(title=f"{len(rows)} row(s)")
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r))
+    out.print(table)
+
+
+@registry_app.command("export")
+def registry_export(out_dir: Annotated[Path, typer.Argument(help="A new (or empty) dir.")],
+                    home: HomeOpt = None) -> None:
+    """Write a portable copy: every table as parquet plus the adapter dirs."""
+    from registry.portable import export_registry
+    from registry.store import RegistryError
+
+    try:
+        counts = export_registry(_registry(home), out_dir)
+    except RegistryError as e:
+        _fail(e)
+    out.print(f"exported to {out_dir}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+
+
+@registry_app.command("import")
+def registry_import(src: Annotated[Path, typer.Argument(help="A dir written by `registry export`.")],
+                    home: HomeOpt = None) -> None:
+    """Bring an exported registry in (adapter dirs copied under <home>/adapters/imported, hashes checked)."""
+    from registry.portable import import_registry
+    from registry.store import RegistryError
+
+    try:
+        counts = import_registry(_registry(home, actor="import"), src, _home(home) / "adapters")
+    except RegistryError as e:
+        _fail(e)
+    out.print(f"imported from {src}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 
 if __name__ == "__main__":

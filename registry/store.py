@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +20,8 @@ from typing import Any, Literal, TypeVar
 
 import duckdb
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 Status = Literal["candidate", "champion", "rejected", "archived"]
 SERVABLE_STATUSES = ("candidate", "champion")
@@ -93,10 +97,35 @@ def _m002_champions_leaderboard(con: duckdb.DuckDBPyConnection) -> None:
         FROM ranked""")
 
 
+def _m003_aliases(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("""
+        CREATE TABLE aliases (
+            name VARCHAR NOT NULL,
+            alias VARCHAR NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (name, alias)
+        )""")
+    con.execute("""
+        CREATE TABLE alias_history (
+            changed_at TIMESTAMP NOT NULL,
+            actor VARCHAR NOT NULL,
+            name VARCHAR NOT NULL,
+            alias VARCHAR NOT NULL,
+            version INTEGER,
+            previous_version INTEGER
+        )""")
+    # champions promoted before aliases existed get their `champion` alias
+    con.execute("""
+        INSERT INTO aliases SELECT name, 'champion', version, now()::TIMESTAMP FROM adapters
+        WHERE status = 'champion'""")
+
+
 #: Numbered migrations, applied in order on open. Append only; never edit a released one.
 MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (1, "initial schema: adapters, events, latest_adapters", _m001_initial),
     (2, "views: champions, leaderboard", _m002_champions_leaderboard),
+    (3, "aliases with history", _m003_aliases),
 ]
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -158,6 +187,19 @@ class NewAdapter(BaseModel):
 
 
 _COLUMNS = list(AdapterRecord.model_fields)
+ALIAS_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class VerifyResult(BaseModel):
+    """Whether one registered version's files still hash to the registered sha256."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: int
+    ok: bool
+    detail: str
+    path: str
 
 
 def adapter_sha256(adapter_dir: Path) -> tuple[str, int]:
@@ -215,8 +257,9 @@ class AdapterRegistry:
                 if read_only and not self.path.exists():
                     con = duckdb.connect(":memory:")
                     _migrate(con, self.path)
+                elif not self.path.exists():
+                    con = self._create()
                 else:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
                     con = duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as e:
                 if "lock" not in str(e).lower() or time.monotonic() >= deadline:
@@ -244,6 +287,20 @@ class AdapterRegistry:
                     raise
             finally:
                 con.close()
+
+    def _create(self) -> duckdb.DuckDBPyConnection:
+        """Open a file that may not exist yet. Two processes creating the same new file at the same moment
+        can each get a database of their own (DuckDB's lock is taken after the file is created), so creation
+        is serialized with an OS lock on a sidecar file."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".create-lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return duckdb.connect(str(self.path))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # -- operations --------------------------------------------------------------------------------------
 
@@ -285,41 +342,148 @@ class AdapterRegistry:
 
         return self._with_retry(op)
 
-    def list(self, name: str | None = None, status: str | None = None, latest_only: bool = False
+    def list(self, name: str | None = None, status: str | None = None, latest_only: bool = False, *,
+             base_model: str | None = None, dataset: str | None = None,
+             min_metric: dict[str, float] | None = None, max_metric: dict[str, float] | None = None,
+             order_by: str | None = None, descending: bool = False, limit: int | None = None
              ) -> list[AdapterRecord]:
-        """Registered versions, oldest first, optionally filtered by name and status."""
+        """Registered versions, filtered; oldest first unless ordered by a metric.
+
+        Args:
+            name, status, base_model, dataset: equality filters.
+            latest_only: only the newest version of each name.
+            min_metric / max_metric: ``{metric: bound}`` on the adapter's value of that metric (inclusive).
+            order_by: a metric name to order by (the adapter's value), ascending unless ``descending``.
+            limit: at most this many rows.
+        """
         table = "latest_adapters" if latest_only else "adapters"
         where, args = [], []
-        if name:
-            where.append("name = ?")
-            args.append(name)
-        if status:
-            where.append("status = ?")
-            args.append(status)
+        for column, value in (("name", name), ("status", status), ("base_model", base_model),
+                              ("dataset", dataset)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        for bounds, op in ((min_metric or {}, ">="), (max_metric or {}, "<=")):
+            for metric, bound in bounds.items():
+                where.append(f"CAST(json_extract(metrics, ?) AS DOUBLE) {op} ?")
+                args += [_metric_path(metric), bound]
         sql = f"SELECT {', '.join(_COLUMNS)} FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY name, version"
+        if order_by:
+            sql += f" ORDER BY CAST(json_extract(metrics, ?) AS DOUBLE) {'DESC' if descending else 'ASC'} NULLS LAST"
+            args.append(_metric_path(order_by))
+            sql += ", name, version"
+        else:
+            sql += " ORDER BY name, version"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
         return self._with_retry(lambda con: [_record(r) for r in con.execute(sql, args).fetchall()],
                                 read_only=True)
 
-    def get(self, name: str, version: int | None = None) -> AdapterRecord:
-        """One version of an adapter (the latest when ``version`` is None)."""
-        rows = self.list(name=name)
-        if version is not None:
-            rows = [r for r in rows if r.version == version]
-        if not rows:
-            raise RegistryError(f"no adapter {name!r}" + (f" version {version}" if version else "") +
-                                " in the registry. Fix: `lorafoundry registry list` shows what is there.")
-        return rows[-1]
+    def get(self, name: str, version: int | str | None = None) -> AdapterRecord:
+        """One version of an adapter: by number, by alias (``"champion"``), or the latest when None.
 
-    def servable(self) -> list[AdapterRecord]:
+        ``name`` may also carry the reference itself: ``name@3`` or ``name:champion``.
+        """
+        name, ref_version, ref_alias = parse_ref(name)
+        ref = version if version is not None else (ref_version if ref_version is not None else ref_alias)
+
+        def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
+            if isinstance(ref, str) and not ref.isdigit():
+                row = con.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", [name, ref]).fetchone()
+                if row is None:
+                    raise RegistryError(f"adapter {name!r} has no alias {ref!r}. Fix: `lorafoundry registry show "
+                                        f"{name}` lists its aliases.")
+                v = row[0]
+            elif ref is None:
+                v = con.execute("SELECT max(version) FROM adapters WHERE name = ?", [name]).fetchone()[0]
+            else:
+                v = int(ref)
+            row = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?",
+                              [name, v]).fetchone()
+            if row is None:
+                raise RegistryError(f"no adapter {name!r}" + (f" version {v}" if v else "") + " in the registry. "
+                                    "Fix: `lorafoundry registry list` shows what is there.")
+            return _record(row)
+
+        return self._with_retry(op, read_only=True)
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """The aliases of ``name`` and the versions they point to."""
+        _, rows = self.query("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", [name])
+        return dict(rows)
+
+    def alias_history(self, name: str) -> list[dict[str, Any]]:
+        """Every change to the aliases of ``name``, oldest first."""
+        cols, rows = self.query("SELECT * FROM alias_history WHERE name = ? ORDER BY changed_at, rowid", [name])
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def set_alias(self, name: str, alias: str, version: int | None) -> None:
+        """Point ``name:alias`` at ``version`` (None removes the alias). `champion` moves only by promote."""
+        if not ALIAS_RE.fullmatch(alias) or alias.isdigit():
+            raise RegistryError(f"alias {alias!r} is not valid. Fix: use letters, digits, '.', '_' or '-', not "
+                                "only digits (e.g. prod, staging).")
+        if alias == "champion":
+            raise RegistryError("`champion` is set by promotion. Fix: `lorafoundry registry promote NAME VERSION`.")
+
+        def op(con: duckdb.DuckDBPyConnection) -> None:
+            if version is not None:
+                status = con.execute("SELECT status FROM adapters WHERE name = ? AND version = ?",
+                                     [name, version]).fetchone()
+                if status is None:
+                    raise RegistryError(f"no adapter {name}@{version}.")
+                if status[0] not in SERVABLE_STATUSES:
+                    raise RegistryError(f"{name}@{version} is {status[0]}; an alias can only point at a candidate "
+                                        "or the champion.")
+            _set_alias(con, self.actor, name, alias, version)
+
+        self._with_retry(op)
+
+    def archive(self, name: str, version: int) -> AdapterRecord:
+        """Retire ``name@version``: status `archived`, never served; its aliases are removed (with history)."""
+
+        def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
+            if con.execute("SELECT 1 FROM adapters WHERE name = ? AND version = ?", [name, version]).fetchone() is None:
+                raise RegistryError(f"no adapter {name}@{version}.")
+            con.execute("UPDATE adapters SET status = 'archived' WHERE name = ? AND version = ?", [name, version])
+            for (alias,) in con.execute("SELECT alias FROM aliases WHERE name = ? AND version = ?",
+                                        [name, version]).fetchall():
+                _set_alias(con, self.actor, name, alias, None)
+            _event(con, self.actor, "archive", name, version, {})
+            return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
+                                       "version = ?", [name, version]).fetchone())
+
+        return self._with_retry(op)
+
+    def verify(self, name: str | None = None, version: int | None = None) -> list[VerifyResult]:
+        """Recompute each adapter's sha256 over its files and compare with the registered one."""
+        results = []
+        for rec in self.list(name=name):
+            if version is not None and rec.version != version:
+                continue
+            try:
+                sha, _ = adapter_sha256(Path(rec.path))
+                ok = sha == rec.adapter_sha256
+                detail = "ok" if ok else f"sha256 {sha[:16]}… differs from the registered {rec.adapter_sha256[:16]}…"
+            except OSError as e:
+                ok, detail = False, f"cannot read the adapter files: {e}"
+            results.append(VerifyResult(name=rec.name, version=rec.version, ok=ok, detail=detail, path=rec.path))
+        return results
+
+    def servable(self, verify: bool = False) -> list[AdapterRecord]:
         """The version served under each name: its champion, else its latest candidate (never a rejected or
-        archived one)."""
+        archived one). With ``verify``, a version whose files no longer match its sha256 is left out."""
         chosen: dict[str, AdapterRecord] = {}
         for r in self.list():
             if r.status == "champion" or (r.status == "candidate" and chosen.get(r.name, r).status != "champion"):
                 chosen[r.name] = r
+        if verify:
+            bad = {(v.name, v.version): v.detail for r in chosen.values() for v in self.verify(r.name, r.version)
+                   if not v.ok}
+            for (name, version), detail in bad.items():
+                log.warning("not serving %s@%s: %s (run `lorafoundry registry verify`)", name, version, detail)
+            return [r for r in chosen.values() if (r.name, r.version) not in bad]
         return list(chosen.values())
 
     def champion(self, name: str) -> AdapterRecord | None:
@@ -396,7 +560,40 @@ def _promote(con: duckdb.DuckDBPyConnection, actor: str, name: str, version: int
     if old is not None:
         con.execute("UPDATE adapters SET status = 'candidate' WHERE name = ? AND version = ?", [name, old[0]])
     con.execute("UPDATE adapters SET status = 'champion' WHERE name = ? AND version = ?", [name, version])
+    _set_alias(con, actor, name, "champion", version)
     _event(con, actor, "promote", name, version, {"reason": reason, "previous_champion": old[0] if old else None})
+
+
+def _set_alias(con: duckdb.DuckDBPyConnection, actor: str, name: str, alias: str, version: int | None) -> None:
+    prev = con.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", [name, alias]).fetchone()
+    prev_version = prev[0] if prev else None
+    if prev_version == version:
+        return
+    con.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", [name, alias])
+    now = datetime.now(UTC).replace(tzinfo=None)
+    if version is not None:
+        con.execute("INSERT INTO aliases VALUES (?, ?, ?, ?)", [name, alias, version, now])
+    con.execute("INSERT INTO alias_history VALUES (?, ?, ?, ?, ?, ?)", [now, actor, name, alias, version,
+                                                                         prev_version])
+
+
+def _metric_path(metric: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_]+", metric):
+        raise RegistryError(f"metric {metric!r} is not a metric name. Fix: use e.g. exact_match, eval_loss.")
+    return f'$."{metric}".adapter'
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    """Split ``name``, ``name@VERSION`` or ``name:ALIAS`` into (name, version, alias)."""
+    if "@" in ref:
+        name, _, v = ref.partition("@")
+        if not v.isdigit():
+            raise RegistryError(f"{ref!r}: the version after '@' must be a number, e.g. {name}@2.")
+        return name, int(v), None
+    if ":" in ref:
+        name, _, alias = ref.partition(":")
+        return name, None, alias
+    return ref, None, None
 
 
 def _event(con: duckdb.DuckDBPyConnection, actor: str, action: str, name: str, version: int | None,

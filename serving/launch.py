@@ -154,7 +154,7 @@ def plan_server(spec: PipelineSpec, home: Path, port: int | None = None) -> tupl
     from lora_assets.pipeline import Pipeline
 
     pipe = Pipeline(spec, home)
-    adapters = [r for r in pipe.registry.servable() if r.base_model_hash == pipe.base.content_hash]
+    adapters = [r for r in pipe.registry.servable(verify=True) if r.base_model_hash == pipe.base.content_hash]
     port = port or spec.serving.port
     cmd = build_vllm_command(pipe.base.path, spec.served_base_name, adapters, spec.serving, port=port)
     url = f"http://{spec.serving.host}:{port}"

@@ -112,3 +112,19 @@ def test_eval_metrics_have_cis_and_reproduce(sweep_run):
     again = pipe.evaluate("sweepy.p1")
     assert again.metrics == first["metrics"] and [s["adapter"] for s in again.samples] == \
         [s["adapter"] for s in first["samples"]]
+
+
+def test_cli_leaderboard_marks_the_winner(sweep_run):
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+    from registry.store import AdapterRegistry
+
+    _, home, _ = sweep_run
+    res = CliRunner().invoke(app, ["registry", "leaderboard", "sweepy", "--json", "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["rank"] for r in rows] == [1, 2]
+    assert rows[0]["version"] == AdapterRegistry(home / "registry.duckdb").champion("sweepy").version
+    human = CliRunner().invoke(app, ["registry", "leaderboard", "sweepy", "--home", str(home)])
+    assert human.exit_code == 0 and "1 winner" in human.stdout

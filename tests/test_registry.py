@@ -84,20 +84,26 @@ def test_migrations_and_newer_schema_refused(tmp_path):
 
 
 def _register_many(args):
-    path, dirs, name = args
-    reg = AdapterRegistry(path, max_wait_s=120)
-    return [reg.register(new(Path(d), name=name)).version for d in dirs]
+    path, dirs = args
+    reg = AdapterRegistry(path, max_wait_s=300)
+    # alternate between two names so that both see concurrent version assignment
+    return [(name, reg.register(new(Path(d), name=name)).version)
+            for i, d in enumerate(dirs) for name in [("x", "y")[i % 2]]]
 
 
-def test_concurrent_writers_get_gapless_versions(tmp_path):
-    dirs = [str(make_adapter_dir(tmp_path / f"d{i}", seed=i)) for i in range(12)]
+def test_eight_processes_register_200_adapters_without_gaps(tmp_path):
+    dirs = [str(make_adapter_dir(tmp_path / f"d{i}", seed=i)) for i in range(200)]
     path = tmp_path / "r.duckdb"
-    AdapterRegistry(path).register(new(Path(dirs[0]), name="seed"))  # create + migrate once
+    AdapterRegistry(path).schema_version()  # nothing needed up front: the first writer creates and migrates
     ctx = mp.get_context("spawn")
-    with ctx.Pool(4) as pool:
-        results = pool.map(_register_many, [(path, dirs[i::4], "x") for i in range(4)])
-    versions = sorted(v for vs in results for v in vs)
-    assert versions == list(range(1, 13))
+    with ctx.Pool(8) as pool:  # any exception in a worker would be re-raised here
+        results = pool.map(_register_many, [(path, dirs[i * 25:(i + 1) * 25]) for i in range(8)])
+    got = [nv for r in results for nv in r]
+    assert len(got) == 200
+    for name in ("x", "y"):
+        versions = sorted(v for n, v in got if n == name)
+        assert versions == list(range(1, len(versions) + 1)), name  # no gaps, no duplicates
+    assert len(AdapterRegistry(path).list()) == 200
 
 
 def test_cli_registry_list_json(tmp_path):
@@ -191,3 +197,137 @@ def test_leaderboard_across_seeds():
     mean, low, high = mean_ci([1.0, 1.2, 1.1])
     assert abs(mean - 1.1) < 1e-9 and abs((high - mean) - 4.303 * 0.1 / 3 ** 0.5) < 1e-9 and low < mean < high
     assert groups[1]["mean"] == mean
+
+
+def test_aliases_move_with_history_and_resolve(tmp_path):
+    reg = AdapterRegistry(tmp_path / "r.duckdb", actor="tester")
+    for i in range(3):
+        reg.register(new(make_adapter_dir(tmp_path / f"d{i}", seed=i)))
+    reg.set_alias("a", "prod", 1)
+    reg.set_alias("a", "prod", 2)
+    assert reg.get("a:prod").version == 2 and reg.get("a", "prod").version == 2 and reg.get("a@1").version == 1
+    assert reg.aliases("a") == {"prod": 2}
+    reg.set_alias("a", "prod", None)
+    assert reg.aliases("a") == {}
+    history = [(h["alias"], h["version"], h["previous_version"], h["actor"]) for h in reg.alias_history("a")]
+    assert history == [("prod", 1, None, "tester"), ("prod", 2, 1, "tester"), ("prod", None, 2, "tester")]
+    with pytest.raises(RegistryError, match="no alias 'prod'"):
+        reg.get("a:prod")
+    with pytest.raises(RegistryError, match="set by promotion"):
+        reg.set_alias("a", "champion", 1)
+    reg.promote("a", 3)
+    assert reg.get("a:champion").version == 3
+    archived = reg.archive("a", 3)
+    assert archived.status == "archived" and reg.aliases("a") == {}  # an archived version keeps no alias
+    assert [(r.name, r.version) for r in reg.servable()] == [("a", 2)]
+    with pytest.raises(RegistryError, match="archived and cannot be promoted"):
+        reg.promote("a", 3)
+
+
+def test_verify_catches_one_flipped_byte_and_serving_skips_it(tmp_path):
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    d = make_adapter_dir(tmp_path / "d")
+    reg.register(new(d))
+    assert [v.ok for v in reg.verify()] == [True]
+    weights = d / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    (result,) = reg.verify()
+    assert not result.ok and "differs" in result.detail
+    assert [r.name for r in reg.servable()] == ["a"] and reg.servable(verify=True) == []
+
+
+def test_list_filters_and_metric_order(tmp_path):
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    for i, (em, ds) in enumerate([(0.2, "d1"), (0.9, "d1"), (0.5, "d2")]):
+        reg.register(NewAdapter(name=f"n{i}", path=make_adapter_dir(tmp_path / f"a{i}", seed=i), base_model="b",
+                                dataset=ds, metrics={"exact_match": {"base": 0.0, "adapter": em}}))
+    assert [r.name for r in reg.list(order_by="exact_match", descending=True)] == ["n1", "n2", "n0"]
+    assert [r.name for r in reg.list(min_metric={"exact_match": 0.5})] == ["n1", "n2"]
+    assert [r.name for r in reg.list(dataset="d1", max_metric={"exact_match": 0.5})] == ["n0"]
+    assert reg.list(base_model="other") == []
+    with pytest.raises(RegistryError, match="not a metric name"):
+        reg.list(order_by="x'; DROP TABLE adapters; --")
+
+
+def test_cli_round_trips(tmp_path):
+    import yaml
+
+    from orchestration.cli import app
+
+    run = CliRunner()
+    home = ["--home", str(tmp_path / "home")]
+
+    def ok(*args: str) -> str:
+        res = run.invoke(app, ["registry", *args, *home])
+        assert res.exit_code == 0, res.output
+        return res.stdout
+
+    d1, d2 = make_adapter_dir(tmp_path / "ext1"), make_adapter_dir(tmp_path / "ext2", seed=1)
+    first = json.loads(ok("register", str(d1), "--name", "ext", "--json"))
+    assert (first["version"], first["status"], first["base_model"]) == (1, "candidate", "base")
+    assert json.loads(ok("register", str(d1), "--name", "ext", "--json"))["version"] == 1  # idempotent
+    ok("register", str(d2), "--name", "ext", "--base-model", "other-base")
+    ok("promote", "ext", "2")
+    ok("alias", "ext@1", "stable")
+    shown = json.loads(ok("show", "ext:champion", "--json"))
+    assert shown["version"] == 2 and shown["aliases"] == {"champion": 2, "stable": 1}
+    listed = [json.loads(line) for line in ok("list", "--json", "--base-model", "other-base").splitlines()]
+    assert [(r["name"], r["version"]) for r in listed] == [("ext", 2)]
+    rows = [json.loads(line) for line in ok("sql", "SELECT name, version FROM champions", "--json").splitlines()]
+    assert rows == [{"name": "ext", "version": 2}]
+    denied = run.invoke(app, ["registry", "sql", "DELETE FROM adapters", *home])
+    assert denied.exit_code == 1 and "read-only" in denied.output.lower()
+    assert [json.loads(line)["ok"] for line in ok("verify", "--json").splitlines()] == [True, True]
+
+    trained = AdapterRegistry(tmp_path / "home" / "registry.duckdb").register(
+        new(make_adapter_dir(tmp_path / "t", seed=5), name="trained", dataset="demo"))
+    card_path = Path(ok("card", "trained@1").split("wrote ", 1)[1].strip())
+    assert card_path == Path(trained.path) / "README.md"
+    text = card_path.read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "builtin:tiny" and meta["library_name"] == "peft"
+    assert meta["base_model_relation"] == "adapter" and meta["datasets"] == ["demo"]
+    (metric,) = meta["model-index"][0]["results"][0]["metrics"]
+    assert (metric["type"], metric["value"]) == ("exact_match", 0.5)
+    assert [v["ok"] for v in map(json.loads, ok("verify", "--json").splitlines())] == [True] * 3  # card not hashed
+
+    ok("archive", "ext@1")
+    assert json.loads(ok("show", "ext@1", "--json"))["status"] == "archived"
+    out_dir = tmp_path / "export"
+    ok("export", str(out_dir))
+    assert {p.name for p in out_dir.glob("*.parquet")} == {"adapters.parquet", "aliases.parquet",
+                                                         "alias_history.parquet", "events.parquet"}
+    other = ["--home", str(tmp_path / "other")]
+    res = run.invoke(app, ["registry", "import", str(out_dir), *other])
+    assert res.exit_code == 0, res.output
+    moved = [json.loads(line) for line in run.invoke(app, ["registry", "list", "--json", *other]).stdout.splitlines()]
+    assert [(r["name"], r["version"], r["status"], r["adapter_sha256"]) for r in moved] == \
+        [("ext", 1, "archived", first["adapter_sha256"]), ("ext", 2, "champion", shown["adapter_sha256"]),
+         ("trained", 1, "candidate", trained.adapter_sha256)]
+    assert all(Path(r["path"]).is_relative_to(tmp_path / "other") for r in moved)
+    again = run.invoke(app, ["registry", "import", str(out_dir), *other])  # same rows: nothing new
+    assert again.exit_code == 0 and "adapters 0" in again.stdout
+    bad = run.invoke(app, ["registry", "show", "nope", "--json", *home])
+    assert bad.exit_code == 1 and "no adapter 'nope'" in bad.output
+
+
+def test_docs_registry_queries_run_as_written(tmp_path):
+    """Every ```sql block in docs/registry.md runs on a registry with data in it."""
+    import re
+
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    for i in range(3):
+        reg.register(NewAdapter(name="a", path=make_adapter_dir(tmp_path / f"d{i}", seed=i), base_model="b",
+                                dataset="ds", promote="if_better", rank_metric="exact_match",
+                                metrics={"exact_match": {"base": 0.0, "adapter": 0.3 * i, "gain": 0.3 * i,
+                                                         "gain_ci_low": 0.1 * i, "gain_ci_high": 0.4 * i}}))
+    reg.set_alias("a", "prod", 1)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "registry.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) >= 5
+    for sql in blocks:
+        cols, rows = reg.query(sql)
+        assert cols and rows, sql

@@ -1,0 +1,98 @@
+"""Export a registry (rows as parquet plus the adapter dirs) and import it on another machine."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+
+from registry.store import AdapterRegistry, RegistryError, adapter_sha256
+
+TABLES = ("adapters", "aliases", "alias_history", "events")
+
+
+def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
+    """Write ``out/<table>.parquet`` for every table and copy each adapter dir to ``out/adapters/<name>/v<N>``;
+    the exported ``path`` column is relative to ``out``. Returns rows per table."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RegistryError(f"{out} is not empty. Fix: export into a new dir.")
+    out.mkdir(parents=True, exist_ok=True)
+    for rec in reg.list():
+        shutil.copytree(rec.path, out / "adapters" / rec.name / f"v{rec.version}")
+    counts = {}
+
+    def op(con: duckdb.DuckDBPyConnection) -> None:
+        for table in TABLES:
+            sql = (f"SELECT * REPLACE ('adapters/' || name || '/v' || version AS path) FROM {table}"
+                   if table == "adapters" else f"SELECT * FROM {table}")
+            con.execute(f"COPY ({sql}) TO '{out / (table + '.parquet')}' (FORMAT parquet)")
+            counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    reg._with_retry(op, read_only=True)
+    return counts
+
+
+def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dict[str, int]:
+    """Bring an exported registry in: adapter dirs are copied under ``adapters_root/imported/<name>/v<N>`` and
+    checked against their sha256; rows keep their versions. A version already present with the same sha256 is
+    skipped; one present with another sha256 is a conflict, and conflicts stop the import before anything is
+    written. Returns rows imported per table."""
+    src = Path(src)
+    missing = [t for t in TABLES if not (src / f"{t}.parquet").exists()]
+    if missing:
+        raise RegistryError(f"{src} is not a lorafoundry export: no {', '.join(missing)}.parquet.")
+    mem = duckdb.connect(":memory:")
+    cols = [d[0] for d in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}' LIMIT 0").description]
+    rows = [dict(zip(cols, r, strict=True)) for r in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}'")
+            .fetchall()]
+    problems = []
+    for r in rows:
+        sha, _ = adapter_sha256(src / r["path"])
+        if sha != r["adapter_sha256"]:
+            problems.append(f"{r['name']}@{r['version']}: exported files do not match their sha256")
+    existing = {(r.name, r.version): r.adapter_sha256 for r in reg.list()}
+    new_rows = []
+    for r in rows:
+        have = existing.get((r["name"], r["version"]))
+        if have is None:
+            new_rows.append(r)
+        elif have != r["adapter_sha256"]:
+            problems.append(f"{r['name']}@{r['version']} exists here with another sha256")
+    if problems:
+        raise RegistryError("import refused, nothing written: " + "; ".join(problems))
+    for r in new_rows:
+        dest = Path(adapters_root) / "imported" / r["name"] / f"v{r['version']}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(src / r["path"], dest)
+        r["path"] = str(dest.resolve())
+    imported = {t: 0 for t in TABLES}
+    keys = {(r["name"], r["version"]) for r in new_rows}
+
+    def op(con: duckdb.DuckDBPyConnection) -> None:
+        for r in new_rows:
+            if r["status"] == "champion" and con.execute(
+                    "SELECT 1 FROM adapters WHERE name = ? AND status = 'champion'", [r["name"]]).fetchone():
+                r["status"] = "candidate"  # this registry's champion stays; promote the import by hand if wanted
+            con.execute(f"INSERT INTO adapters ({', '.join(r)}) VALUES ({', '.join('?' * len(r))})", list(r.values()))
+        imported["adapters"] = len(new_rows)
+        for table in ("aliases", "alias_history", "events"):
+            data = mem.execute(f"SELECT * FROM '{src / (table + '.parquet')}'").fetchall()
+            names = [d[0] for d in mem.description]
+            for row in data:
+                rec = dict(zip(names, row, strict=True))
+                if (rec["name"], rec["version"]) not in keys and table != "alias_history":
+                    continue
+                if table == "alias_history" and rec["name"] not in {k[0] for k in keys}:
+                    continue
+                if table == "aliases" and con.execute("SELECT 1 FROM aliases WHERE name = ? AND alias = ?",
+                                                      [rec["name"], rec["alias"]]).fetchone():
+                    continue  # this registry's own alias wins
+                con.execute(f"INSERT INTO {table} ({', '.join(rec)}) VALUES ({', '.join('?' * len(rec))})",
+                            list(rec.values()))
+                imported[table] += 1
+
+    reg._with_retry(op)
+    return imported
