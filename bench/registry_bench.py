@@ -43,8 +43,7 @@ def fill(reg_path: Path, n: int) -> None:
 
     from registry.store import AdapterRegistry
 
-    AdapterRegistry(reg_path).schema_version()
-    AdapterRegistry(reg_path).list()  # creates and migrates
+    AdapterRegistry(reg_path).init()
     con = duckdb.connect(str(reg_path))
     con.execute(f"""
         INSERT INTO adapters

@@ -311,12 +311,13 @@ class AdapterRegistry:
         now = datetime.now(UTC).replace(tzinfo=None)
 
         def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
-            existing = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
-                                   "adapter_sha256 = ?", [new.name, sha]).fetchone()
-            if existing:
-                return _record(existing)
-            version = con.execute("SELECT coalesce(max(version), 0) + 1 FROM adapters WHERE name = ?",
-                                  [new.name]).fetchone()[0]
+            # one round trip: the version with these bytes, if any, and the next free version of the name
+            same, version = con.execute(
+                "SELECT max(version) FILTER (WHERE adapter_sha256 = ?), coalesce(max(version), 0) + 1 "
+                "FROM adapters WHERE name = ?", [sha, new.name]).fetchone()
+            if same is not None:
+                return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
+                                           "version = ?", [new.name, same]).fetchone())
             row = {
                 "name": new.name, "version": version, "status": new.status, "base_model": new.base_model,
                 "base_model_hash": new.base_model_hash, "method": new.method, "r": int(cfg["r"]),
@@ -337,8 +338,9 @@ class AdapterRegistry:
                 why = _beats(new.metrics, champion, new.rank_metric) if new.promote == "if_better" else "always"
                 if why:
                     _promote(con, self.actor, new.name, version, why)
-            return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
-                                       "version = ?", [new.name, version]).fetchone())
+                    row["status"] = "champion"
+            return AdapterRecord.model_validate({**row, "training_config": json.loads(row["training_config"]),
+                                                 "metrics": new.metrics})
 
         return self._with_retry(op)
 
@@ -522,6 +524,10 @@ class AdapterRegistry:
             return cols, cur.fetchall()
 
         return self._with_retry(op, read_only=True)
+
+    def init(self) -> None:
+        """Create the file if needed and apply pending migrations."""
+        self._with_retry(lambda con: None)
 
     def schema_version(self) -> int:
         return self._with_retry(lambda con: _current_version(con), read_only=True)
