@@ -24,3 +24,7 @@ def test_qlora_adapter_beats_the_base(materialized, session_home, demo_spec):
     assert ev.generation["dtype"] == "bfloat16"  # evaluated on the unquantized base, as it will be served
     em = ev.metrics["exact_match"]
     assert em["adapter"] > em["base"] + 0.5, em
+    agreement = ev.precision_agreement  # greedy answers on the 4-bit training base vs the bf16 serving base
+    assert agreement is not None and agreement["rows"] == ev.rows
+    assert 0 <= agreement["identical_greedy_outputs"] <= ev.rows
+    assert agreement["share_identical"] == round(agreement["identical_greedy_outputs"] / ev.rows, 4)
