@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from serving.launch import VLLMServer
+from serving.launch import VLLMServer, auth_headers
 
 
 def state_path(home: Path) -> Path:
@@ -46,7 +46,7 @@ def current(home: Path) -> dict | None:
     if not _alive(state["pid"]):
         return None
     try:
-        if httpx.get(f"{state['url']}/v1/models", timeout=5).status_code != 200:
+        if httpx.get(f"{state['url']}/v1/models", timeout=5, headers=auth_headers()).status_code != 200:
             return None
     except httpx.HTTPError:
         return None

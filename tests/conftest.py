@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ADMIN_KEY = "test-admin-key"
+os.environ["LORAFOUNDRY_ADMIN_KEY"] = ADMIN_KEY  # the session's vLLM server guards its adapter endpoints with it
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "examples" / "demo.yaml"

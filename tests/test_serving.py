@@ -113,3 +113,88 @@ def test_serve_command_starts_and_stops_on_sigterm(materialized, session_home, d
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _copy_adapter(src: str, dest, **config_changes):
+    """A copy of a trained adapter with a changed adapter_config.json (so another sha256) under ``dest``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(src, dest)
+    cfg_path = Path(dest) / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update({"base_model_name_or_path": f"copy-{Path(dest).name}", **config_changes})
+    cfg_path.write_text(json.dumps(cfg))
+    return Path(dest)
+
+
+def _post(url: str, path: str, body: dict, **headers) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
+
+
+def test_adapter_endpoints_need_the_admin_key(vllm_server, session_home):
+    from tests.conftest import ADMIN_KEY
+
+    url = vllm_server["url"]
+    body = {"lora_name": "x", "lora_path": "/etc"}
+    assert _post(url, "/v1/load_lora_adapter", body).status_code == 401
+    assert _post(url, "/v1/load_lora_adapter", body, **{"X-Admin-Key": "wrong"}).status_code == 403
+    assert _post(url, "/v1/unload_lora_adapter", {"lora_name": "categories"}).status_code == 401
+    outside = _post(url, "/v1/load_lora_adapter", body, **{"X-Admin-Key": ADMIN_KEY})
+    assert outside.status_code == 403 and outside.json()["error"]["type"] == "PathNotAllowed"
+
+
+def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, session_home, demo_spec):
+    """`name@VERSION` registered after the server started is loaded on first use; unknown, rejected, changed,
+    foreign-base, too-large-rank and malformed references get typed 4xx and the server keeps serving."""
+    from registry.store import AdapterRegistry, NewAdapter
+
+    url = vllm_server["url"]
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    current = reg.get("categories")
+    root = session_home / "adapters" / "test-copies"
+
+    def register(tag: str, status="candidate", base_hash=None, **changes):
+        d = _copy_adapter(current.path, root / tag, **changes)
+        return reg.register(NewAdapter(name="categories", path=d, base_model=current.base_model, status=status,
+                                       base_model_hash=base_hash or current.base_model_hash, promote="manual",
+                                       metrics=current.metrics))
+
+    fresh = register("fresh")
+    rejected = register("rejected", status="rejected")
+    foreign = register("foreign", base_hash="0" * 64)
+    big = register("big", r=64, lora_alpha=128)
+    changed = register("changed")
+    weights = root / "changed" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    try:
+        prompt = PROMPTS[0]
+        ref = f"categories@{fresh.version}"
+        r = _post(url, "/v1/completions", {"model": ref, "prompt": prompt, "max_tokens": 24, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == complete(url, "categories", prompt)  # same weights, same answer
+        listed = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+        assert listed[ref]["parent"] == demo_spec.served_base_name
+
+        expected = {
+            "no-such-adapter": (404, "NotFoundError"),
+            "categories@999": (404, "NotFoundError"),
+            "categories:nosuchalias": (404, "NotFoundError"),
+            "../../etc/passwd": (400, "InvalidModelName"),
+            f"categories@{rejected.version}": (403, "AdapterNotServable"),
+            f"categories@{foreign.version}": (400, "BaseModelMismatch"),
+            f"categories@{big.version}": (400, "RankTooLarge"),
+            f"categories@{changed.version}": (409, "AdapterIntegrityError"),
+        }
+        for model, (status, kind) in expected.items():
+            r = _post(url, "/v1/chat/completions", {"model": model, "max_tokens": 4,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+            assert (r.status_code, r.json()["error"]["type"]) == (status, kind), (model, r.text)
+        assert complete(url, demo_spec.served_base_name, prompt)  # still serving
+    finally:
+        for rec in (fresh, rejected, foreign, big, changed):
+            if rec.status != "rejected":
+                reg.archive("categories", rec.version)  # leave the session registry as the other tests expect
