@@ -201,6 +201,8 @@ class ServingSpec(_Strict):
     host: str = Field("127.0.0.1", description="Address vLLM binds to.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of the OpenAI-compatible endpoint.")
     max_loras: int = Field(4, gt=0, description="Adapters that can share one batch (vLLM --max-loras).")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one server shards the model over (vLLM "
+                                      "--tensor-parallel-size); 1 on CPU.")
     max_model_len: int = Field(512, gt=0, description="Longest prompt + completion in tokens.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Weight dtype vLLM serves (and evaluation uses).")

@@ -189,11 +189,17 @@ def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
 
 @app.command()
 def serve(spec: SpecArg, home: HomeOpt = None,
-          port: Annotated[int | None, typer.Option(help="Port (default: serving.port in the spec).")] = None) -> None:
-    """Serve the base model and each adapter name's champion (else latest candidate) until Ctrl-C or SIGTERM."""
+          port: Annotated[int | None, typer.Option(help="Port (default: serving.port in the spec).")] = None,
+          api_key: Annotated[str | None, typer.Option(
+              envvar="LORAFOUNDRY_API_KEY", help="Require this client key (Authorization: Bearer) on /v1; passed to "
+              "vLLM through its environment, never on the command line.")] = None) -> None:
+    """Serve the base model and each adapter name's champion (else latest candidate) until Ctrl-C or SIGTERM;
+    other registered versions load on first use as NAME@VERSION or NAME:ALIAS."""
     from serving.launch import ServerError
 
     _offline()
+    if api_key:
+        os.environ["LORAFOUNDRY_API_KEY"] = api_key
     s = _load(spec)
     h = _home(home)
     try:
@@ -364,16 +370,26 @@ def registry_leaderboard(
 @registry_app.command("promote")
 def registry_promote(name: Annotated[str, typer.Argument(help="Adapter name.")],
                      version: Annotated[int, typer.Argument(help="The version to make champion.")],
-                     home: HomeOpt = None) -> None:
+                     home: HomeOpt = None,
+                     notify: Annotated[str | None, typer.Option(
+                         help="URL of a running server (e.g. http://127.0.0.1:8000) to reload NAME with this version "
+                         "without a restart; needs LORAFOUNDRY_ADMIN_KEY.")] = None) -> None:
     """Make NAME@VERSION the champion (served under the plain name); the previous champion becomes a candidate."""
     from registry.store import AdapterRegistry, RegistryError
+    from serving.launch import ServerError
+    from serving.notify import notify_promotion
 
     try:
         rec = AdapterRegistry(_home(home) / "registry.duckdb", actor="cli").promote(name, version)
     except RegistryError as e:
-        err.print(str(e), highlight=False)
-        raise typer.Exit(1) from None
+        _fail(e)
     out.print(f"{rec.name}@{rec.version} is now {rec.status}")
+    if notify:
+        try:
+            notify_promotion(notify, rec.name, rec.path)
+        except ServerError as e:
+            _fail(f"promoted in the registry, but the server was not updated: {e}")
+        out.print(f"{notify} now serves {rec.name} as version {rec.version}")
 
 
 def _registry(home: Path | None, actor: str = "cli"):

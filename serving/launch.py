@@ -51,9 +51,11 @@ def build_vllm_command(base_path: Path, base_name: str, adapters: list[AdapterRe
         "--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len),
         "--generation-config", "vllm",  # greedy means greedy: ignore sampling defaults in the model dir
     ]
+    if serving.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(serving.tensor_parallel_size)]
     ranks = [a.r for a in adapters] + list(loadable_ranks or [])
     if ranks:
-        cmd += ["--enable-lora", "--max-loras", str(max(1, min(serving.max_loras, len(adapters)))),
+        cmd += ["--enable-lora", "--max-loras", str(serving.max_loras),
                 "--max-cpu-loras", str(max(serving.max_loras, len(adapters))),
                 "--max-lora-rank", str(max_lora_rank(ranks))]
     if adapters:

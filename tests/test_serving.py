@@ -198,3 +198,118 @@ def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, ses
         for rec in (fresh, rejected, foreign, big, changed):
             if rec.status != "rejected":
                 reg.archive("categories", rec.version)  # leave the session registry as the other tests expect
+
+
+def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_spec, monkeypatch):
+    """`registry promote … --notify URL`: the plain name answers with the new champion at once, the old version
+    stays addressable as name@VERSION, and nothing restarts."""
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+    from registry.store import AdapterRegistry, NewAdapter
+    from tests.conftest import ADMIN_KEY
+
+    monkeypatch.setenv("LORAFOUNDRY_ADMIN_KEY", ADMIN_KEY)
+    url, pid = vllm_server["url"], vllm_server["pid"]
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    old = reg.champion("sentiment")
+    # a new "sentiment" version that behaves differently: the categories weights
+    other = _copy_adapter(reg.get("categories:champion").path, session_home / "adapters" / "test-copies" / "swap")
+    new = reg.register(NewAdapter(name="sentiment", path=other, base_model=old.base_model, promote="manual",
+                                  base_model_hash=old.base_model_hash, metrics=old.metrics))
+    prompt = PROMPTS[1]
+    before = complete(url, "sentiment", prompt)
+    expected_new = complete(url, "categories", prompt)
+    assert before != expected_new
+    run = CliRunner()
+    home = ["--home", str(session_home)]
+    try:
+        res = run.invoke(app, ["registry", "promote", "sentiment", str(new.version), "--notify", url, *home])
+        assert res.exit_code == 0, res.output
+        assert complete(url, "sentiment", prompt) == expected_new  # the plain name follows the champion
+        assert complete(url, f"sentiment@{old.version}", prompt) == before  # the old one is still there
+        assert deployment_pid(session_home) == pid  # no restart
+    finally:
+        res = run.invoke(app, ["registry", "promote", "sentiment", str(old.version), "--notify", url, *home])
+        assert res.exit_code == 0, res.output
+        reg.archive("sentiment", new.version)
+    assert complete(url, "sentiment", prompt) == before
+
+
+def deployment_pid(home) -> int:
+    from serving import deployment
+
+    return deployment.current(home)["pid"]
+
+
+def test_sixteen_clients_for_a_minute_get_their_solo_answers(vllm_server, session_home, demo_spec):
+    """16 concurrent clients for 60 s over the base, both adapters and two registry-resolved versions: no 5xx, and
+    every greedy answer equals the one the same request gets alone."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from registry.store import AdapterRegistry
+
+    url = vllm_server["url"]
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    models = [demo_spec.served_base_name, *demo_spec.adapters,
+              *(f"{n}@{reg.champion(n).version}" for n in demo_spec.adapters)]  # 4 adapter names + base
+    jobs = [(m, p) for m in models for p in PROMPTS]
+    solo = {job: complete(url, *job) for job in jobs}
+    deadline = time.monotonic() + 60
+    failures: list[str] = []
+    counts = {"requests": 0}
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < deadline:
+            model, prompt = rng.choice(jobs)
+            r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 24,
+                                                          "temperature": 0}, timeout=120)
+            counts["requests"] += 1
+            if r.status_code >= 500:
+                failures.append(f"{model}: {r.status_code} {r.text[:200]}")
+            elif r.json()["choices"][0]["text"] != solo[(model, prompt)]:
+                failures.append(f"{model} / {prompt[:30]!r}: batch answer differs from solo")
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(client, range(16)))
+    assert counts["requests"] > 100 and not failures, (counts, failures[:5])
+
+
+def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path):
+    """`lorafoundry serve` in the foreground: vLLM killed under it makes it exit 1 with the log tail."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import DEMO_SPEC, free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", str(DEMO_SPEC), "--home",
+                             str(session_home), "--port", str(free_port())], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ | {"COLUMNS": "200"})
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("serving ") or not line and proc.poll() is not None:
+                break
+        assert any(ln.startswith("serving ") for ln in lines), "".join(lines)
+        (vllm,) = psutil.Process(proc.pid).children()
+        os.kill(vllm.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert "vLLM exited unexpectedly with code -9" in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for child in psutil.Process().children(recursive=True):
+            if "vllm" in " ".join(child.cmdline()):
+                child.kill()

@@ -1,0 +1,34 @@
+"""Tell a running vLLM server that a name's champion changed: the plain name is reloaded in place with the new
+version's weights (no restart; requests keep being served). Older versions stay addressable as ``name@VERSION``
+through the registry resolver."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+
+from serving.launch import ServerError, auth_headers
+
+
+def notify_promotion(url: str, name: str, adapter_path: str, admin_key: str | None = None,
+                     timeout_s: float = 120) -> None:
+    """Reload ``name`` on the server at ``url`` from ``adapter_path`` (vLLM's load_lora_adapter, in place).
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
+        name: the served adapter name.
+        adapter_path: the new champion's adapter dir (inside the server's adapter root).
+        admin_key: the server's admin key; default ``LORAFOUNDRY_ADMIN_KEY``.
+    """
+    key = admin_key or os.environ.get("LORAFOUNDRY_ADMIN_KEY")
+    if not key:
+        raise ServerError("no admin key: set LORAFOUNDRY_ADMIN_KEY to the key the server was started with.")
+    headers = auth_headers() | {"X-Admin-Key": key}
+    try:
+        r = httpx.post(f"{url.rstrip('/')}/v1/load_lora_adapter", headers=headers, timeout=timeout_s,
+                       json={"lora_name": name, "lora_path": adapter_path, "load_inplace": True})
+    except httpx.HTTPError as e:
+        raise ServerError(f"could not reach {url} to reload {name!r}: {e}") from e
+    if r.status_code != 200:
+        raise ServerError(f"{url} refused to reload {name!r} ({r.status_code}): {r.text[:500]}")
