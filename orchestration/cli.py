@@ -219,6 +219,7 @@ def serve(spec: SpecArg, home: HomeOpt = None,
         code = server.proc.poll()
         if code is not None:
             err.print(f"[red]vLLM exited unexpectedly with code {code}[/red]. Last log lines:\n{server.log_tail()}")
+            server.stop()  # its engine and worker processes go too
             raise typer.Exit(1)
         time.sleep(0.5)
     server.stop()

@@ -142,9 +142,16 @@ class VLLMServer:
             time.sleep(1)
 
     def stop(self, timeout_s: float = 30) -> int | None:
-        """SIGTERM the server's process group, then SIGKILL if it has not exited in ``timeout_s``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
+        """SIGTERM the server's process group, then SIGKILL if it has not exited in ``timeout_s``. When the main
+        process already died (killed), its engine and worker processes are killed with the group."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers in its group (engine core, workers)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return self.proc.returncode
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:

@@ -304,12 +304,26 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
         assert any(ln.startswith("serving ") for ln in lines), "".join(lines)
         (vllm,) = psutil.Process(proc.pid).children()
         os.kill(vllm.pid, signal.SIGKILL)
+        group = vllm.pid
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 1
         assert "vLLM exited unexpectedly with code -9" in rest, rest
+        time.sleep(1)
+        left = [p for p in psutil.process_iter(["pid", "status"])
+                if _pgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE]
+        assert not left, f"vLLM processes left behind: {left}"
     finally:
         if proc.poll() is None:
             proc.kill()
         for child in psutil.Process().children(recursive=True):
             if "vllm" in " ".join(child.cmdline()):
                 child.kill()
+
+
+def _pgid(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
