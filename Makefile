@@ -35,7 +35,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 ui: install
-	@mkdir -p $(HOME_DIR)/dagster_home && test -f $(HOME_DIR)/dagster_home/dagster.yaml || printf "telemetry:\n  enabled: false\n" > $(HOME_DIR)/dagster_home/dagster.yaml
+	@mkdir -p $(HOME_DIR)/dagster_home && test -f $(HOME_DIR)/dagster_home/dagster.yaml || printf "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\nrun_monitoring:\n  enabled: true\n" > $(HOME_DIR)/dagster_home/dagster.yaml
 	@echo "Dagster UI: http://127.0.0.1:3000 (spec: $${LORAFOUNDRY_SPEC:-examples/demo.yaml}, home: $(HOME_DIR))"
 	LORAFOUNDRY_HOME=$(HOME_DIR) DAGSTER_HOME=$(HOME_DIR)/dagster_home \
 		$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
@@ -44,6 +44,11 @@ ui: install
 bench: install
 	$(PY) -m pip install -q -r requirements/bench.txt
 	$(PY) bench/clean_bench.py --rows 1000000
+	$(PY) bench/train_bench.py --model 30m --data mixed --rows 400
+	$(PY) bench/qlora_bench.py --size 150m --steps 10 --batch-size 1 --max-seq-len 128
+	$(PY) bench/registry_bench.py
+	@echo "serving: run 'lorafoundry run examples/seed-ablation.yaml --no-deploy --home /tmp/ablation-home', then"
+	@echo "         '$(PY) bench/serve_bench.py --home /tmp/ablation-home' (it needs 16 registered versions)"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -294,7 +294,8 @@ def tokenized_train_split(tokenizer, base: BaseModelRef, clean: CleanReport, max
 
 def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
     """Content key of one training run: same base, data and config give the same adapter dir."""
-    payload = {"spec": spec.model_dump(mode="json", exclude={"gate", "sweep", "max_eval_rows", "checkpoint_every"}),
+    payload = {"spec": spec.model_dump(mode="json", exclude={"gate", "sweep", "max_eval_rows", "checkpoint_every",
+                                                       "promote"}),
                "base": base.content_hash, "data": clean.fingerprint, "trainer": TRAINER_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

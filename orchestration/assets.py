@@ -5,6 +5,7 @@ and ``serving/deployment``.
 """
 
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from lora_assets.clean import (
+    CLEANER_VERSION,
     CheckOutcome,
     CleanReport,
     check_min_train_rows,
@@ -21,19 +23,28 @@ from lora_assets.clean import (
     read_split,
 )
 from lora_assets.evaluate import load_eval
-from lora_assets.pipeline import AdapterJob, Pipeline, adapter_jobs
+from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_jobs
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
-from lora_assets.train import LOSS_PLOT
+from lora_assets.train import LOSS_PLOT, TRAINER_VERSION
 from registry import leaderboard
 from serving.deployment import deploy
 from serving.launch import plan_server
+
+#: Training and evaluation run in this Dagster pool; `make ui` limits every pool to one slot, so two trainings
+#: never share the device (set another limit with `dagster instance concurrency set training N`).
+TRAINING_POOL = "training"
 
 
 class LoraFoundryHome(dg.ConfigurableResource):
     """Where all lorafoundry state lives (datasets, adapters, the registry, built-in models)."""
 
     home: str = Field(description="The home dir; LORAFOUNDRY_HOME, default ./.lorafoundry.")
+
+
+def code_version(*parts) -> str:
+    """A short hash of what determines an asset's output: a changed spec shows the affected assets as stale."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
@@ -65,6 +76,8 @@ def _loss_plot(adapter_dir: str, curve: list[tuple[int, float]]) -> str:
 
 def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
     @dg.asset(key=["dataset", ds_name, "clean"], group_name="datasets", kinds={"duckdb"},
+              code_version=code_version(spec.datasets[ds_name].model_dump(mode="json"), spec.base_model,
+                                        CLEANER_VERSION),
               description=f"Dataset `{ds_name}` parsed, normalized to chat messages, PII-redacted, deduplicated "
               "(exact and near) and split train/eval with DuckDB; every dropped row kept in quarantine.jsonl "
               "with its reason.")
@@ -122,7 +135,11 @@ def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefini
 
 def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "train"], deps=[dg.AssetKey(["dataset", job.spec.dataset, "clean"])],
-              group_name="adapters", kinds={"peft", "pytorch"},
+              group_name="adapters", kinds={"peft", "pytorch"}, pool=TRAINING_POOL,
+              retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
+              code_version=code_version(job.spec.model_dump(mode="json", exclude={
+                  "gate", "sweep", "max_eval_rows", "checkpoint_every", "promote"}), spec.base_model,
+                  TRAINER_VERSION),
               description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
               f"(r={job.spec.r}, alpha={job.spec.alpha}).")
     def train_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
@@ -142,7 +159,9 @@ def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
 
 def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "eval"], deps=[dg.AssetKey(["adapter", job.key, "train"])],
-              group_name="adapters", kinds={"peft"},
+              group_name="adapters", kinds={"peft"}, pool=TRAINING_POOL,
+              code_version=code_version(job.spec.max_eval_rows, job.spec.gate and job.spec.gate.model_dump(),
+                                        spec.serving.dtype),
               description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
               "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.")
     def eval_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
@@ -166,7 +185,7 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
 
 def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "register"], deps=[dg.AssetKey(["adapter", job.key, "eval"])],
-              group_name="adapters", kinds={"duckdb"},
+              group_name="adapters", kinds={"duckdb"}, code_version=code_version(job.spec.promote, CODE_VERSION),
               description=f"Registry row for adapter `{job.name}`: version, status, sha256, metrics, lineage.")
     def register_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
         rec = Pipeline(spec, lorafoundry.home).register(job.key, run_id=context.run.run_id)
@@ -227,6 +246,7 @@ def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.Ass
 
 def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
     @dg.asset(key=["serving", "deployment"], deps=upstream, group_name="serving", kinds={"vllm"},
+              code_version=code_version(spec.serving.model_dump(mode="json")),
               description="The vLLM server for the base and every servable registered adapter, started (or replaced "
               "when the adapter set changed) and left running; recorded in <home>/serving/deployment.json.")
     def deployment_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:

@@ -230,8 +230,13 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
         assert complete(url, f"sentiment@{old.version}", prompt) == before  # the old one is still there
         assert deployment_pid(session_home) == pid  # no restart
     finally:
-        res = run.invoke(app, ["registry", "promote", "sentiment", str(old.version), "--notify", url, *home])
-        assert res.exit_code == 0, res.output
+        # back through the Dagster sensor's path: promote in the registry, then let the sensor notify the server
+        from orchestration.sensors import notify_new_promotions
+
+        _, cursor = notify_new_promotions(demo_spec, session_home, None)  # everything so far is handled
+        reg.promote("sentiment", old.version)
+        lines, _ = notify_new_promotions(demo_spec, session_home, cursor)
+        assert lines == [f"sentiment@{old.version}: the server at {url} now serves it as sentiment"], lines
         reg.archive("sentiment", new.version)
     assert complete(url, "sentiment", prompt) == before
 
