@@ -11,7 +11,7 @@ HOME_DIR ?= $(CURDIR)/.lorafoundry
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test ui lint lock clean bench
+.PHONY: install demo test ui lint lock clean bench browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ install: $(STAMP)
 demo: install
 	LORAFOUNDRY_HOME=$(HOME_DIR) $(VENV)/bin/lorafoundry demo
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# The browser test drives Debian's headless Chromium through chromedriver; install them when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+		echo "warning: could not install chromium/chromium-driver; the browser test will be skipped"
 
 ui: install
 	@mkdir -p $(HOME_DIR)/dagster_home && test -f $(HOME_DIR)/dagster_home/dagster.yaml || printf "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\nrun_monitoring:\n  enabled: true\n" > $(HOME_DIR)/dagster_home/dagster.yaml

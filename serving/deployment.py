@@ -73,8 +73,18 @@ def stop(home: Path, timeout_s: float = 30) -> bool:
             while _alive(pid):
                 time.sleep(0.1)
         stopped = True
+    _kill_group_leftovers(pid)
     path.unlink(missing_ok=True)
     return stopped
+
+
+def _kill_group_leftovers(pgid: int) -> None:
+    """vLLM's engine-core and worker processes can outlive the API server they belong to (they were seen still
+    running, 2 GB each, after it exited on SIGTERM): kill whatever is left in its process group."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: list[str], timeout_s: float,

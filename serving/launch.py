@@ -157,10 +157,15 @@ class VLLMServer:
         except ProcessLookupError:
             pass
         try:
-            return self.proc.wait(timeout_s)
+            code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(10)
+        try:  # engine-core and worker processes can outlive the API server: take the rest of the group too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return code
 
     def __enter__(self) -> VLLMServer:
         return self
