@@ -29,12 +29,20 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie child of this process counts as gone
-    try:
+    try:  # our own child: reap it if it exited
         done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
+        if done:
+            return False
     except ChildProcessError:
-        return True
+        pass
+    # an exited process that its parent (maybe another process, e.g. the one that started the deployment) has
+    # not reaped yet is a zombie: it is gone, and waiting for it to disappear would never end
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def current(home: Path) -> dict | None:
@@ -87,6 +95,15 @@ def _kill_group_leftovers(pgid: int) -> None:
         pass
 
 
+def same_command(a: list[str], b: list[str]) -> bool:
+    """Equal command lines, where the interpreter may be named differently (``.venv/bin/python`` from the CLI,
+    ``.venv/bin/python3`` from a Dagster run worker) as long as it is the same file."""
+    if not a or not b or a[1:] != b[1:]:
+        return False
+    same_dir = os.path.dirname(os.path.abspath(a[0])) == os.path.dirname(os.path.abspath(b[0]))  # same venv
+    return a[0] == b[0] or (same_dir and os.path.realpath(a[0]) == os.path.realpath(b[0]))
+
+
 def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: list[str], timeout_s: float,
            on_wait=None) -> tuple[dict, bool]:
     """Make the home's deployment run ``cmd``. Returns (state, changed).
@@ -101,7 +118,7 @@ def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: li
         on_wait: optional callable(seconds waited) for progress.
     """
     running = current(home)
-    if running and running["cmd"] == cmd:
+    if running and same_command(running["cmd"], cmd):
         return running, False
     stop(home)
     server = VLLMServer(cmd, env, Path(home) / "logs" / "vllm-deployment.log", url).start()

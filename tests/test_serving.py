@@ -332,3 +332,23 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def test_same_command_tolerates_the_interpreter_name(tmp_path):
+    """The CLI runs `.venv/bin/python`, a Dagster run worker `.venv/bin/python3`: the same server command."""
+    import os
+
+    from serving.deployment import same_command
+
+    real = tmp_path / "bin" / "python3.11"
+    real.parent.mkdir()
+    real.write_text("")
+    for link in ("python", "python3"):
+        os.symlink(real, tmp_path / "bin" / link)
+    other = tmp_path / "other-venv" / "python"
+    other.parent.mkdir()
+    os.symlink(real, other)
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--port", "8000"]
+    assert same_command([str(tmp_path / "bin" / "python"), *args], [str(tmp_path / "bin" / "python3"), *args])
+    assert not same_command([str(tmp_path / "bin" / "python"), *args], [str(other), *args])  # another venv
+    assert not same_command([str(tmp_path / "bin" / "python"), *args], [str(tmp_path / "bin" / "python"), "-m", "x"])
