@@ -284,7 +284,8 @@ def test_sixteen_clients_for_a_minute_get_their_solo_answers(vllm_server, sessio
 
 
 def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path):
-    """`lorafoundry serve` in the foreground: vLLM killed under it makes it exit 1 with the log tail."""
+    """`lorafoundry serve --api-key` in the foreground: the client key is required (401 without it or with a wrong
+    one); vLLM killed under it makes `serve` exit 1 with the log tail, leaving no vLLM process behind."""
     import os
     import signal
     import subprocess
@@ -295,9 +296,11 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
 
     from tests.conftest import DEMO_SPEC, free_port
 
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", str(DEMO_SPEC), "--home",
-                             str(session_home), "--port", str(free_port())], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=os.environ | {"COLUMNS": "200"})
+                             str(session_home), "--port", str(port), "--api-key", "client-secret"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"COLUMNS": "200"})
     try:
         lines = []
         deadline = time.monotonic() + 300
@@ -307,6 +310,12 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
             if line.startswith("serving ") or not line and proc.poll() is not None:
                 break
         assert any(ln.startswith("serving ") for ln in lines), "".join(lines)
+        assert "client-secret" not in "".join(lines)  # the key is not on the printed command line
+        # this server was started with --api-key: the client endpoints want it
+        models = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(models, timeout=30).status_code == 401
+        assert httpx.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+        assert httpx.get(models, headers={"Authorization": "Bearer client-secret"}, timeout=30).status_code == 200
         (vllm,) = psutil.Process(proc.pid).children()
         os.kill(vllm.pid, signal.SIGKILL)
         group = vllm.pid
