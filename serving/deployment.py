@@ -95,6 +95,29 @@ def _kill_group_leftovers(pgid: int) -> None:
         pass
 
 
+def _wait_port_free(url: str, timeout_s: float = 30) -> None:
+    """Wait until the server's port can be bound (a stopped server's processes may still hold it for a moment);
+    fail with a clear message if something else keeps it."""
+    import socket
+    from urllib.parse import urlparse
+
+    from serving.launch import ServerError
+
+    parsed = urlparse(url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((parsed.hostname, parsed.port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"port {parsed.port} on {parsed.hostname} is in use by another process. Fix: "
+                                      "stop it, or set serving.port to a free port.") from None
+        time.sleep(0.5)
+
+
 def same_command(a: list[str], b: list[str]) -> bool:
     """Equal command lines, where the interpreter may be named differently (``.venv/bin/python`` from the CLI,
     ``.venv/bin/python3`` from a Dagster run worker) as long as it is the same file."""
@@ -121,6 +144,7 @@ def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: li
     if running and same_command(running["cmd"], cmd):
         return running, False
     stop(home)
+    _wait_port_free(url)
     server = VLLMServer(cmd, env, Path(home) / "logs" / "vllm-deployment.log", url).start()
     server.wait_ready(timeout_s, on_wait=on_wait)
     state = {"pid": server.proc.pid, "url": url, "cmd": cmd, "models": models, "started_at": time.time()}

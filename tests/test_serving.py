@@ -326,12 +326,11 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
         left = [p for p in psutil.process_iter(["pid", "status"])
                 if _pgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE]
         assert not left, f"vLLM processes left behind: {left}"
-    finally:
+    finally:  # only this test's processes: the session's own server is also a child of this process
         if proc.poll() is None:
-            proc.kill()
-        for child in psutil.Process().children(recursive=True):
-            if "vllm" in " ".join(child.cmdline()):
+            for child in psutil.Process(proc.pid).children(recursive=True):
                 child.kill()
+            proc.kill()
 
 
 def _pgid(pid: int) -> int | None:
