@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
 WIDTH, HEIGHT = 640, 320
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 28, 40
@@ -31,6 +32,7 @@ def loss_curve_png(curve: list[tuple[int, float]], title: str = "training loss")
     x0, y0, x1, y1 = MARGIN_LEFT, MARGIN_TOP, WIDTH - MARGIN_RIGHT, HEIGHT - MARGIN_BOTTOM
     draw.text((x0, 6), title, fill="black", font=font)
     draw.rectangle((x0, y0, x1, y1), outline="#888888")
+    curve = [(s, v) for s, v in curve if math.isfinite(v)]  # a NaN or inf loss must not lose the run
     if not curve:
         draw.text((x0 + 10, (y0 + y1) // 2), "no loss logged (run shorter than one logging interval)",
                   fill="black", font=font)

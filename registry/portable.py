@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -48,8 +49,17 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
     rows = [dict(zip(cols, r, strict=True)) for r in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}'")
             .fetchall()]
     problems = []
-    for r in rows:
-        sha, _ = adapter_sha256(src / r["path"])
+    for r in rows:  # nothing in the files is trusted: names, versions and paths are checked first
+        source = (src / str(r["path"])).resolve()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(r["name"])) or ".." in str(r["name"]) or \
+                not isinstance(r["version"], int) or not source.is_relative_to(src.resolve()):
+            raise RegistryError(f"import refused, nothing written: row {r['name']!r}@{r['version']!r} has an "
+                                f"invalid name, version or path ({r['path']!r}).")
+        try:
+            sha, _ = adapter_sha256(source)
+        except OSError as e:
+            problems.append(f"{r['name']}@{r['version']}: exported files missing ({e})")
+            continue
         if sha != r["adapter_sha256"]:
             problems.append(f"{r['name']}@{r['version']}: exported files do not match their sha256")
     existing = {(r.name, r.version): r.adapter_sha256 for r in reg.list()}

@@ -89,10 +89,14 @@ def stop(home: Path, timeout_s: float = 30) -> bool:
 def _kill_group_leftovers(pgid: int) -> None:
     """vLLM's engine-core and worker processes can outlive the API server they belong to (they were seen still
     running, 2 GB each, after it exited on SIGTERM): kill whatever is left in its process group."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        try:  # members of that group only: a stale id whose group is gone matches nothing
+            if os.getpgid(proc.pid) == pgid:
+                proc.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
 
 
 def _wait_port_free(url: str, timeout_s: float = 30) -> None:

@@ -10,8 +10,9 @@ that ``lorafoundry serve`` / the deployment asset give vLLM:
 - ``LORAFOUNDRY_MAX_LORA_RANK``: vLLM's ``--max-lora-rank``;
 - ``LORAFOUNDRY_STATIC_MODELS``: comma-separated names served from the start (base and ``--lora-modules``);
 - ``LORAFOUNDRY_BASE_NAME``: the base's served name (the `parent` of resolved adapters in ``/v1/models``);
-- ``LORAFOUNDRY_ADMIN_KEY``: the key ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` require in the
-  ``X-Admin-Key`` header (distinct from the client ``--api-key``); without it those endpoints answer 403.
+- ``LORAFOUNDRY_ADMIN_KEY``: the key ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` and ``/adapters``
+  require in the ``X-Admin-Key`` header (distinct from the client ``--api-key``): no header 401, a wrong key (or no
+  key configured) 403.
 
 A request for ``name``, ``name@VERSION`` or ``name:ALIAS`` that the server does not hold yet is checked here
 (registry entry, status, base model, rank, path, sha256) and refused with an OpenAI-shaped 4xx that says why;
@@ -31,7 +32,9 @@ from pathlib import Path
 from registry.store import AdapterRecord, AdapterRegistry, RegistryError, adapter_sha256
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+(@[0-9]+|:[A-Za-z0-9._-]+)?")
+# vLLM's adapter-loading endpoints; with runtime LoRA updating on it also serves POST/DELETE /adapters[/{name}]
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+ADMIN_PREFIX = "/adapters"
 MODEL_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses")
 
 
@@ -134,16 +137,19 @@ class LoraFoundryGuard:
         self.static = _static_models()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path in ADMIN_PATHS:
+        admin = path in ADMIN_PATHS or path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+        if not admin and scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        if admin:
             headers = dict(scope.get("headers") or [])
-            given = headers.get(b"x-admin-key", b"").decode(errors="replace")
+            given = headers.get(b"x-admin-key", b"")
             if not given:
                 return await _send_json(send, 401, Refusal(401, "AuthenticationError", "this endpoint needs the "
                                         "admin key in the X-Admin-Key header.").body())
-            if not self.admin_key or not hmac.compare_digest(given, self.admin_key):
+            if not self.admin_key or not hmac.compare_digest(given, self.admin_key.encode()):
                 return await _send_json(send, 403, Refusal(403, "PermissionDeniedError", "wrong admin key (or "
                                         "no admin key configured: LORAFOUNDRY_ADMIN_KEY).").body())
         elif path not in MODEL_PATHS or self.resolver is None:
@@ -160,8 +166,8 @@ class LoraFoundryGuard:
         except ValueError:
             payload = {}
         payload = payload if isinstance(payload, dict) else {}
-        lora_path = payload.get("lora_path")
-        if path in ADMIN_PATHS and isinstance(lora_path, str) and self.resolver is not None and not \
+        lora_path = payload.get("lora_path", payload.get("src"))
+        if admin and isinstance(lora_path, str) and self.resolver is not None and not \
                 Path(lora_path).resolve().is_relative_to(self.resolver.adapter_root):
             return await _send_json(send, 403, Refusal(403, "PathNotAllowed", f"lora_path {lora_path!r} is outside "
                                     f"the adapter root {self.resolver.adapter_root}.").body())

@@ -54,10 +54,10 @@ def build_vllm_command(base_path: Path, base_name: str, adapters: list[AdapterRe
     if serving.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(serving.tensor_parallel_size)]
     ranks = [a.r for a in adapters] + list(loadable_ranks or [])
-    if ranks:
+    if adapters or loadable_ranks is not None:
         cmd += ["--enable-lora", "--max-loras", str(serving.max_loras),
                 "--max-cpu-loras", str(max(serving.max_loras, len(adapters))),
-                "--max-lora-rank", str(max_lora_rank(ranks))]
+                "--max-lora-rank", str(max_lora_rank(ranks or [16]))]
     if adapters:
         cmd += ["--lora-modules"]
         cmd += [json.dumps({"name": a.name, "path": a.path, "base_model_name": base_name}) for a in adapters]
@@ -125,6 +125,7 @@ class VLLMServer:
         while True:
             code = self.proc.poll()
             if code is not None:
+                self.stop()  # its engine and worker processes may still be there
                 raise ServerError(f"vLLM exited with code {code} while starting. Last log lines "
                                   f"({self.log_path}):\n{self.log_tail()}")
             try:
@@ -199,7 +200,7 @@ def plan_server(spec: PipelineSpec, home: Path, port: int | None = None) -> tupl
         "LORAFOUNDRY_REGISTRY": str(pipe.registry.path),
         "LORAFOUNDRY_BASE_HASH": pipe.base.content_hash,
         "LORAFOUNDRY_ADAPTER_ROOT": str(pipe.adapters_dir),
-        "LORAFOUNDRY_MAX_LORA_RANK": str(max_lora_rank([r.r for r in same_base]) if same_base else 1),
+        "LORAFOUNDRY_MAX_LORA_RANK": str(max_lora_rank([r.r for r in same_base] or [16])),
         "LORAFOUNDRY_STATIC_MODELS": ",".join(names),
         "LORAFOUNDRY_BASE_NAME": spec.served_base_name,
     }

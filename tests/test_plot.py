@@ -27,3 +27,8 @@ def test_empty_and_flat_curves_still_render():
     assert not _blue_pixels(loss_curve_png([]))
     assert _blue_pixels(loss_curve_png([(10, 1.0), (20, 1.0)]))
     assert markdown_image(b"\x89PNG", "x").startswith("![x](data:image/png;base64,")
+
+
+def test_non_finite_losses_are_left_out():
+    png = loss_curve_png([(1, float("nan")), (2, 3.0), (3, float("inf")), (4, 2.0)])
+    assert _blue_pixels(png)

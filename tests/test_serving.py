@@ -143,6 +143,11 @@ def test_adapter_endpoints_need_the_admin_key(vllm_server, session_home):
     assert _post(url, "/v1/unload_lora_adapter", {"lora_name": "categories"}).status_code == 401
     outside = _post(url, "/v1/load_lora_adapter", body, **{"X-Admin-Key": ADMIN_KEY})
     assert outside.status_code == 403 and outside.json()["error"]["type"] == "PathNotAllowed"
+    # vLLM's other adapter routes (on with runtime LoRA updating) are guarded the same way
+    assert _post(url, "/adapters", {"name": "x", "src": "/etc"}).status_code == 401
+    assert httpx.delete(f"{url}/adapters/categories", timeout=30).status_code == 401
+    src_outside = _post(url, "/adapters", {"name": "x", "src": "/etc"}, **{"X-Admin-Key": ADMIN_KEY})
+    assert src_outside.status_code == 403
 
 
 def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, session_home, demo_spec):
