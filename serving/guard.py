@@ -133,6 +133,9 @@ class LoraFoundryGuard:
     def __init__(self, app) -> None:
         self.app = app
         self.admin_key = os.environ.get("LORAFOUNDRY_ADMIN_KEY", "")
+        # vLLM's own API-key check runs after this middleware: check the client key first, so that a client
+        # without it learns nothing about the registry and causes no lookups
+        self.api_key = os.environ.get("VLLM_API_KEY", "")
         self.resolver = AdapterResolver.from_env()
         self.static = _static_models()
 
@@ -143,6 +146,11 @@ class LoraFoundryGuard:
         admin = path in ADMIN_PATHS or path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
         if not admin and scope.get("method") != "POST":
             return await self.app(scope, receive, send)
+        if self.api_key and path in MODEL_PATHS:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, b"Bearer " + self.api_key.encode()):
+                return await _send_json(send, 401, Refusal(401, "AuthenticationError", "missing or wrong API key "
+                                        "(Authorization: Bearer …).").body())
         if admin:
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"x-admin-key", b"")

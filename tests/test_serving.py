@@ -321,6 +321,9 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
         assert httpx.get(models, timeout=30).status_code == 401
         assert httpx.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
         assert httpx.get(models, headers={"Authorization": "Bearer client-secret"}, timeout=30).status_code == 200
+        probe = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                           json={"model": "categories@1", "prompt": "hi", "max_tokens": 2})
+        assert probe.status_code == 401 and "registry" not in probe.text  # no lookup before the key is checked
         (vllm,) = psutil.Process(proc.pid).children()
         os.kill(vllm.pid, signal.SIGKILL)
         group = vllm.pid
