@@ -22,6 +22,7 @@ from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
 from lora_assets.spec import AdapterSpec, GateSpec
 from lora_assets.train import tokenize_example
+from registry.store import LOWER_IS_BETTER
 
 EVAL_FILE = "eval_results.json"
 
@@ -52,7 +53,6 @@ class EvalResult(BaseModel):
     precision_agreement: dict | None = None
 
 
-LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 BOOTSTRAP_RESAMPLES = 1000
 
 

@@ -27,6 +27,8 @@ from lora_assets.spec import AdapterSpec
 log = logging.getLogger(__name__)
 
 TRAINER_VERSION = 4
+#: Spec fields that do not change the trained weights (left out of the run key and the train code version)
+RUN_KEY_EXCLUDE = {"gate", "sweep", "max_eval_rows", "checkpoint_every", "promote"}
 LOSS_PLOT = "loss_curve.png"  # kept next to the adapter weights; the train asset shows it in the UI
 
 
@@ -294,8 +296,7 @@ def tokenized_train_split(tokenizer, base: BaseModelRef, clean: CleanReport, max
 
 def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
     """Content key of one training run: same base, data and config give the same adapter dir."""
-    payload = {"spec": spec.model_dump(mode="json", exclude={"gate", "sweep", "max_eval_rows", "checkpoint_every",
-                                                       "promote"}),
+    payload = {"spec": spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE),
                "base": base.content_hash, "data": clean.fingerprint, "trainer": TRAINER_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -26,8 +26,9 @@ from lora_assets.evaluate import load_eval
 from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_jobs
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
-from lora_assets.train import LOSS_PLOT, TRAINER_VERSION
+from lora_assets.train import LOSS_PLOT, RUN_KEY_EXCLUDE, TRAINER_VERSION
 from registry import leaderboard
+from registry.store import LOWER_IS_BETTER
 from serving.deployment import deploy
 from serving.launch import plan_server
 
@@ -137,8 +138,7 @@ def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "train"], deps=[dg.AssetKey(["dataset", job.spec.dataset, "clean"])],
               group_name="adapters", kinds={"peft", "pytorch"}, pool=TRAINING_POOL,
               retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
-              code_version=code_version(job.spec.model_dump(mode="json", exclude={
-                  "gate", "sweep", "max_eval_rows", "checkpoint_every", "promote"}), spec.base_model,
+              code_version=code_version(job.spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE), spec.base_model,
                   TRAINER_VERSION),
               description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
               f"(r={job.spec.r}, alpha={job.spec.alpha}).")
@@ -204,7 +204,7 @@ def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition
     sweep, not an incident: it is reported as a warning and does not block the leaderboard or deployment."""
     gate = job.spec.gate
     what = (f"{gate.metric} " + (f"gain >= {gate.min_gain}" if gate.min_gain is not None else
-                                 f"{'<=' if gate.metric in ('eval_loss', 'perplexity') else '>='} {gate.min_value}")
+                                 f"{'<=' if gate.metric in LOWER_IS_BETTER else '>='} {gate.min_value}")
             if gate else "no gate set (always passes)")
 
     @dg.asset_check(asset=dg.AssetKey(["adapter", job.key, "register"]), name="quality_gate", blocking=True,

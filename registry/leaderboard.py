@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any
 
+from registry.store import LOWER_IS_BETTER
+
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy in the runtime)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -59,7 +61,7 @@ def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "metric": members[0]["rank_metric"], "mean": mean, "ci_low": low, "ci_high": high,
                     "values": values, "trainable_params": members[0]["trainable_params"],
                     "versions": sorted(m["version"] for m in members)})
-    lower = bool(out) and out[0]["metric"] in ("eval_loss", "perplexity")
+    lower = bool(out) and out[0]["metric"] in LOWER_IS_BETTER
     out.sort(key=lambda g: g["mean"] if lower else -g["mean"])
     return out
 
