@@ -40,11 +40,12 @@ def run_dagster(home: Path) -> None:
     import dagster as dg
 
     from lora_assets.spec import load_spec
-    from orchestration.assets import LoraFoundryHome, build_assets
+    from orchestration.assets import build_assets
+    from orchestration.resources import resources_from_env
 
     spec = load_spec(ROOT / "examples" / "demo.yaml")
     result = dg.materialize(build_assets(spec, deployment=False),
-                            resources={"lorafoundry": LoraFoundryHome(home=str(home))})
+                            resources=resources_from_env(home))
     assert result.success
 
 

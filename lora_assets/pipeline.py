@@ -8,7 +8,7 @@ Layout under the home dir (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``)::
     adapters/<job>/<run key>/           peft adapter dir + training_manifest.json + eval_results.json
     adapters/<job>/current.json         which run the last training produced
     tokenized/<key>.npz                 train splits tokenized once per (data, tokenizer, template, length)
-    registry.duckdb                     the adapter registry
+    registry.duckdb                     the adapter registry (unless $LORAFOUNDRY_REGISTRY names another file)
     serving/deployment.json             the vLLM server the serving/deployment asset left running
     logs/                               vLLM logs
     dagster_home/                       Dagster's instance (runs, event logs) for the CLI and the UI
@@ -34,6 +34,11 @@ CODE_VERSION = "0.1.0"
 
 def default_home() -> Path:
     return Path(os.environ.get("LORAFOUNDRY_HOME") or ".lorafoundry").resolve()
+
+
+def default_registry_path(home: Path | str) -> Path:
+    """The registry file: ``$LORAFOUNDRY_REGISTRY`` (e.g. on shared storage), else ``<home>/registry.duckdb``."""
+    return Path(os.environ.get("LORAFOUNDRY_REGISTRY") or Path(home) / "registry.duckdb").resolve()
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,15 @@ class Pipeline:
         spec: the validated spec.
         home: the home dir holding all state (created as needed).
         progress: optional callable(str) for progress lines (Dagster's logger in assets).
+        registry_path: the registry file; default :func:`default_registry_path` of ``home``.
     """
 
-    def __init__(self, spec: PipelineSpec, home: Path | str | None = None, progress=None) -> None:
+    def __init__(self, spec: PipelineSpec, home: Path | str | None = None, progress=None,
+                 registry_path: Path | str | None = None) -> None:
         self.spec = spec
         self.progress = progress
         self.home = Path(home).resolve() if home else default_home()
+        self.registry_path = Path(registry_path).resolve() if registry_path else default_registry_path(self.home)
         self.jobs = adapter_jobs(spec)
 
     @property
@@ -85,7 +93,7 @@ class Pipeline:
 
     @property
     def registry(self) -> AdapterRegistry:
-        return AdapterRegistry(self.home / "registry.duckdb")
+        return AdapterRegistry(self.registry_path)
 
     @cached_property
     def base(self) -> BaseModelRef:

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
 
 from lora_assets.clean import (
     CLEANER_VERSION,
@@ -27,6 +26,7 @@ from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_job
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
 from lora_assets.train import LOSS_PLOT, RUN_KEY_EXCLUDE, TRAINER_VERSION
+from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource, pipeline
 from registry import leaderboard
 from registry.store import LOWER_IS_BETTER
 from serving.deployment import deploy
@@ -37,10 +37,12 @@ from serving.launch import plan_server
 TRAINING_POOL = "training"
 
 
-class LoraFoundryHome(dg.ConfigurableResource):
-    """Where all lorafoundry state lives (datasets, adapters, the registry, built-in models)."""
-
-    home: str = Field(description="The home dir; LORAFOUNDRY_HOME, default ./.lorafoundry.")
+#: Declarative automation for everything downstream of cleaning: when an upstream asset is updated (and nothing
+#: upstream is missing or running), materialize, but only once every blocking check on the parents has passed, so
+#: a failed leakage check or quality gate stops the chain here exactly as it does inside one run. Acted on by
+#: the `follow_upstream` sensor (off by default; switch it on in the UI's Automation page).
+FOLLOW_UPSTREAM = (dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+                   ).with_label("eager, once upstream blocking checks passed")
 
 
 def code_version(*parts) -> str:
@@ -137,7 +139,7 @@ def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefini
 def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "train"], deps=[dg.AssetKey(["dataset", job.spec.dataset, "clean"])],
               group_name="adapters", kinds={"peft", "pytorch"}, pool=TRAINING_POOL,
-              retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
+              retry_policy=dg.RetryPolicy(max_retries=1, delay=10), automation_condition=FOLLOW_UPSTREAM,
               code_version=code_version(job.spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE), spec.base_model,
                   TRAINER_VERSION),
               description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
@@ -159,7 +161,7 @@ def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
 
 def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "eval"], deps=[dg.AssetKey(["adapter", job.key, "train"])],
-              group_name="adapters", kinds={"peft"}, pool=TRAINING_POOL,
+              group_name="adapters", kinds={"peft"}, pool=TRAINING_POOL, automation_condition=FOLLOW_UPSTREAM,
               code_version=code_version(job.spec.max_eval_rows, job.spec.gate and job.spec.gate.model_dump(),
                                         spec.serving.dtype),
               description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
@@ -186,9 +188,11 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
 def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "register"], deps=[dg.AssetKey(["adapter", job.key, "eval"])],
               group_name="adapters", kinds={"duckdb"}, code_version=code_version(job.spec.promote, CODE_VERSION),
+              automation_condition=FOLLOW_UPSTREAM,
               description=f"Registry row for adapter `{job.name}`: version, status, sha256, metrics, lineage.")
-    def register_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
-        rec = Pipeline(spec, lorafoundry.home).register(job.key, run_id=context.run.run_id)
+    def register_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome,
+                       registry: RegistryResource) -> dg.MaterializeResult:
+        rec = pipeline(spec, lorafoundry, registry).register(job.key, run_id=context.run.run_id)
         return dg.MaterializeResult(metadata={
             "name": rec.name, "version": rec.version, "status": rec.status,
             "adapter_sha256": rec.adapter_sha256, "path": dg.MetadataValue.path(rec.path),
@@ -201,13 +205,13 @@ def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
 def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition:
     """The adapter's quality gate as a blocking check on its registry row. A failure keeps the run from deploying
     (the rejected version stays in the registry for inspection). For a sweep point a failure is a result of the
-    sweep, not an incident: it is reported as a warning and does not block the leaderboard or deployment."""
+    sweep, not an incident: it is reported as a warning and is not blocking (Dagster blocks only on ERROR)."""
     gate = job.spec.gate
     what = (f"{gate.metric} " + (f"gain >= {gate.min_gain}" if gate.min_gain is not None else
                                  f"{'<=' if gate.metric in LOWER_IS_BETTER else '>='} {gate.min_value}")
             if gate else "no gate set (always passes)")
 
-    @dg.asset_check(asset=dg.AssetKey(["adapter", job.key, "register"]), name="quality_gate", blocking=True,
+    @dg.asset_check(asset=dg.AssetKey(["adapter", job.key, "register"]), name="quality_gate", blocking=not job.point,
                     description=f"Quality gate: {what}. A failing adapter is registered as `rejected`, never served.")
     def quality_gate(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
         ev = load_eval(Pipeline(spec, lorafoundry.home).adapter_dir(job.key))
@@ -222,11 +226,11 @@ def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition
 
 def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", name, "leaderboard"], deps=[dg.AssetKey(["adapter", k, "register"]) for k in keys],
-              group_name="adapters", kinds={"duckdb"},
+              group_name="adapters", kinds={"duckdb"}, automation_condition=FOLLOW_UPSTREAM,
               description=f"Every registered version of sweep `{name}` ranked by its gate metric, with trainable "
               "parameters, training wall time and peak memory; the winner is marked.")
-    def leaderboard_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
-        rows = Pipeline(spec, lorafoundry.home).registry.leaderboard(name)
+    def leaderboard_asset(context: dg.AssetExecutionContext, registry: RegistryResource) -> dg.MaterializeResult:
+        rows = registry.open().leaderboard(name)
         best = next((r for r in rows if r["status"] in ("candidate", "champion")), None)
         meta = {"leaderboard": dg.MetadataValue.md(leaderboard.markdown(rows)), "versions": len(rows)}
         if best is not None:
@@ -246,12 +250,15 @@ def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.Ass
 
 def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
     @dg.asset(key=["serving", "deployment"], deps=upstream, group_name="serving", kinds={"vllm"},
-              code_version=code_version(spec.serving.model_dump(mode="json")),
+              code_version=code_version(spec.serving.model_dump(mode="json")), automation_condition=FOLLOW_UPSTREAM,
               description="The vLLM server for the base and every servable registered adapter, started (or replaced "
               "when the adapter set changed) and left running; recorded in <home>/serving/deployment.json.")
-    def deployment_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+    def deployment_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome,
+                         registry: RegistryResource, serving: ServingResource) -> dg.MaterializeResult:
         home = Path(lorafoundry.home)
-        cmd, env, url, names = plan_server(spec, home)
+        cmd, env, url, names = plan_server(spec, home, registry_path=registry.path)
+        if serving.admin_key:
+            env["LORAFOUNDRY_ADMIN_KEY"] = serving.admin_key
         context.log.info("deploying: " + " ".join(cmd))
         state, changed = deploy(home, cmd, env, url, names, spec.serving.startup_timeout_s)
         context.log.info(f"{'started' if changed else 'unchanged'}: {url}/v1 serving {', '.join(names)}")

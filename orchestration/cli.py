@@ -65,7 +65,8 @@ def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True) -> None
     import dagster as dg
 
     from lora_assets.pipeline import Pipeline
-    from orchestration.assets import LoraFoundryHome, build_assets
+    from orchestration.assets import build_assets
+    from orchestration.resources import resources_from_env
 
     try:
         Pipeline(spec, home).preflight()
@@ -80,7 +81,7 @@ def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True) -> None
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(build_assets(spec, deployment=deploy),
-                                resources={"lorafoundry": LoraFoundryHome(home=str(home))},
+                                resources=resources_from_env(home),
                                 instance=instance, raise_on_error=False)
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
@@ -329,9 +330,8 @@ def registry_leaderboard(
 ) -> None:
     """Versions of NAME ranked by their gate metric (eval_loss without a gate), best first; the winner marked."""
     from registry import leaderboard
-    from registry.store import AdapterRegistry
 
-    rows = AdapterRegistry(_home(home) / "registry.duckdb").leaderboard(name)
+    rows = _registry(home).leaderboard(name)
     if not rows:
         err.print(f"no adapter {name!r} in the registry. Fix: `lorafoundry registry list` shows the names.")
         raise typer.Exit(1)
@@ -376,12 +376,12 @@ def registry_promote(name: Annotated[str, typer.Argument(help="Adapter name.")],
                          help="URL of a running server (e.g. http://127.0.0.1:8000) to reload NAME with this version "
                          "without a restart; needs LORAFOUNDRY_ADMIN_KEY.")] = None) -> None:
     """Make NAME@VERSION the champion (served under the plain name); the previous champion becomes a candidate."""
-    from registry.store import AdapterRegistry, RegistryError
+    from registry.store import RegistryError
     from serving.launch import ServerError
     from serving.notify import notify_promotion
 
     try:
-        rec = AdapterRegistry(_home(home) / "registry.duckdb", actor="cli").promote(name, version)
+        rec = _registry(home).promote(name, version)
     except RegistryError as e:
         _fail(e)
     out.print(f"{rec.name}@{rec.version} is now {rec.status}")
@@ -394,9 +394,11 @@ def registry_promote(name: Annotated[str, typer.Argument(help="Adapter name.")],
 
 
 def _registry(home: Path | None, actor: str = "cli"):
+    """The registry of ``home`` (or the file named by LORAFOUNDRY_REGISTRY)."""
+    from lora_assets.pipeline import default_registry_path
     from registry.store import AdapterRegistry
 
-    return AdapterRegistry(_home(home) / "registry.duckdb", actor=actor)
+    return AdapterRegistry(default_registry_path(_home(home)), actor=actor)
 
 
 def _fail(e: Exception) -> None:

@@ -1,4 +1,5 @@
-"""Sensors: a changed dataset file re-runs its chain; a promotion reaches the running server.
+"""Sensors: a changed dataset file re-runs its chain; a promotion reaches the running server; declarative
+automation follows upstream changes.
 
 The change detection and the notification are plain functions (tested without Dagster); the sensors wrap them.
 """
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from lora_assets.pipeline import Pipeline, adapter_jobs
+from lora_assets.pipeline import adapter_jobs
 from lora_assets.spec import PipelineSpec
-from orchestration.assets import LoraFoundryHome
+from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource
+from registry.store import AdapterRegistry
 from serving import deployment
 from serving.launch import ServerError
 from serving.notify import notify_promotion
@@ -65,46 +67,63 @@ def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
     return dataset_files_changed
 
 
-def notify_new_promotions(spec: PipelineSpec, home: Path, after: str | None) -> tuple[list[str], str | None]:
-    """Reload every name promoted since ``after`` (an event timestamp) on the running deployment.
+def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | None, url: str | None = None,
+                          admin_key: str | None = None) -> tuple[list[str], str | None]:
+    """Reload every name promoted since ``after`` (an event timestamp) on the running server.
+
+    With no cursor yet (``after`` None) nothing is sent: the server started with the champions of that moment, so
+    only the newest promotion's time is recorded. When a reload fails the cursor does not move, so the next call
+    tries again (reloading in place is idempotent).
+
+    Args:
+        registry: the registry whose promote events are read.
+        home: the home dir whose running deployment (``serving/deployment.json``) is updated.
+        after: the cursor: the time of the last promotion handled.
+        url: send to this server instead of the deployment's own URL (e.g. a load balancer).
+        admin_key: the server's admin key (default LORAFOUNDRY_ADMIN_KEY).
 
     Returns (one line per promotion handled, the new cursor).
     """
-    pipe = Pipeline(spec, home)
     sql = "SELECT occurred_at::VARCHAR, name, version FROM events WHERE action = 'promote'"
-    _, rows = pipe.registry.query(sql + (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1",
-                                  [after] if after else [])
+    _, rows = registry.query(sql + (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1",
+                             [after] if after else [])
     if not rows:
         return [], after
+    if after is None:
+        return [], rows[-1][0]
     state = deployment.current(home)
-    lines, cursor = [], after
+    target = url or (state["url"] if state else None)
+    lines, failed = [], False
     latest: dict[str, int] = {}
-    for at, name, version in rows:
+    for _, name, version in rows:
         latest[name] = version
-        cursor = at
     for name, version in latest.items():
-        if state is None or name not in state["models"]:
+        if target is None or (url is None and name not in state["models"]):
             lines.append(f"{name}@{version}: promoted; no running deployment serves {name}")
             continue
-        rec = pipe.registry.get(name, version)
+        rec = registry.get(name, version)
         if rec.status != "champion":
             lines.append(f"{name}@{version}: no longer the champion, skipped")
             continue
         try:
-            notify_promotion(state["url"], name, rec.path)
-            lines.append(f"{name}@{version}: the server at {state['url']} now serves it as {name}")
+            notify_promotion(target, name, rec.path, admin_key=admin_key)
+            lines.append(f"{name}@{version}: the server at {target} now serves it as {name}")
         except ServerError as e:
-            lines.append(f"{name}@{version}: could not update the server: {e}")
-    return lines, cursor
+            failed = True
+            lines.append(f"{name}@{version}: could not update the server (will retry): {e}")
+    return lines, after if failed else rows[-1][0]
 
 
-def build_promotion_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
+def build_promotion_sensor() -> dg.SensorDefinition:
     @dg.sensor(name="promotions_to_server", minimum_interval_seconds=15,
                default_status=dg.DefaultSensorStatus.STOPPED,
                description="When a version becomes a name's champion, reload that name on the running vLLM "
-               "server in place (no restart); needs LORAFOUNDRY_ADMIN_KEY.")
-    def promotions_to_server(context: dg.SensorEvaluationContext, lorafoundry: LoraFoundryHome) -> dg.SkipReason:
-        lines, cursor = notify_new_promotions(spec, Path(lorafoundry.home), context.cursor)
+               "server in place (no restart); needs the serving resource's admin key (LORAFOUNDRY_ADMIN_KEY). "
+               "A failed reload is retried on the next tick.")
+    def promotions_to_server(context: dg.SensorEvaluationContext, lorafoundry: LoraFoundryHome,
+                             registry: RegistryResource, serving: ServingResource) -> dg.SkipReason:
+        lines, cursor = notify_new_promotions(registry.open(actor="sensor"), Path(lorafoundry.home),
+                                              context.cursor, url=serving.url, admin_key=serving.admin_key)
         for line in lines:
             context.log.info(line)
         if cursor:
@@ -112,3 +131,12 @@ def build_promotion_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
         return dg.SkipReason("; ".join(lines) if lines else "no new promotion")
 
     return promotions_to_server
+
+
+def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    """Evaluates the assets' automation conditions (orchestration.assets.FOLLOW_UPSTREAM)."""
+    return dg.AutomationConditionSensorDefinition(
+        "follow_upstream", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=30,
+        description="Declarative automation: when an asset is updated, materialize what depends on it once every "
+        "blocking check upstream has passed (a failed leakage check or quality gate stops the chain).")

@@ -175,8 +175,8 @@ class VLLMServer:
         self.stop()
 
 
-def plan_server(spec: PipelineSpec, home: Path, port: int | None = None) -> tuple[list[str], dict[str, str], str,
-                                                                                   list[str]]:
+def plan_server(spec: PipelineSpec, home: Path, port: int | None = None, registry_path: Path | str | None = None
+                ) -> tuple[list[str], dict[str, str], str, list[str]]:
     """(command, env, url, served names) for serving this spec's base and its registered adapters.
 
     Served from the start: each name's champion (else latest candidate) registered on this base (same content
@@ -185,7 +185,7 @@ def plan_server(spec: PipelineSpec, home: Path, port: int | None = None) -> tupl
     """
     from lora_assets.pipeline import Pipeline
 
-    pipe = Pipeline(spec, home)
+    pipe = Pipeline(spec, home, registry_path=registry_path)
     same_base = [r for r in pipe.registry.list() if r.base_model_hash == pipe.base.content_hash
                  and r.status in ("candidate", "champion")]
     adapters = [r for r in pipe.registry.servable(verify=True) if r.base_model_hash == pipe.base.content_hash]

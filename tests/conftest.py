@@ -48,12 +48,13 @@ def materialized(session_home, served_spec):
     tiny base, real registry rows, and a real vLLM deployment that stays up for the session."""
     import dagster as dg
 
-    from orchestration.assets import LoraFoundryHome, build_assets
+    from orchestration.assets import build_assets
+    from orchestration.resources import resources_from_env
     from serving import deployment
 
     try:
         result = dg.materialize(build_assets(served_spec),
-                                resources={"lorafoundry": LoraFoundryHome(home=str(session_home))})
+                                resources=resources_from_env(session_home))
         assert result.success
         yield result
     finally:

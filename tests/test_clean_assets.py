@@ -8,7 +8,8 @@ from pathlib import Path
 import dagster as dg
 
 from lora_assets.spec import validate_spec
-from orchestration.assets import LoraFoundryHome, build_assets
+from orchestration.assets import build_assets
+from orchestration.resources import resources_from_env
 
 
 def small_spec(tmp_path: Path, base: Path):
@@ -22,7 +23,7 @@ def small_spec(tmp_path: Path, base: Path):
 
 def run(spec, home: Path, selection: list[str]) -> dg.ExecuteInProcessResult:
     return dg.materialize(build_assets(spec, deployment=False), selection=selection, raise_on_error=False,
-                          resources={"lorafoundry": LoraFoundryHome(home=str(home))})
+                          resources=resources_from_env(home))
 
 
 def test_clean_asset_metadata_and_passing_checks(tmp_path, random_base):

@@ -26,7 +26,7 @@ def test_definitions_module_loads_and_resolves_jobs(tmp_path, monkeypatch):
     for j in defs.resolve_all_job_defs():
         assert j.graph is not None
     sensors = {s.name for s in defs.sensors}
-    assert sensors >= {"dataset_files_changed", "promotions_to_server"}
+    assert sensors >= {"dataset_files_changed", "promotions_to_server", "follow_upstream"}
     for name in sensors:
         assert defs.resolve_sensor_def(name) is not None
     graph = defs.resolve_asset_graph()

@@ -36,7 +36,8 @@ def sweep_run(materialized, session_home, tmp_path_factory):
     import dagster as dg
 
     from lora_assets.spec import validate_spec
-    from orchestration.assets import LoraFoundryHome, build_assets
+    from orchestration.assets import build_assets
+    from orchestration.resources import resources_from_env
     from serving import deployment
 
     home = tmp_path_factory.mktemp("sweep-home")
@@ -53,7 +54,7 @@ def sweep_run(materialized, session_home, tmp_path_factory):
         "serving": {"port": free_port()},
     })
     try:
-        result = dg.materialize(build_assets(spec), resources={"lorafoundry": LoraFoundryHome(home=str(home))},
+        result = dg.materialize(build_assets(spec), resources=resources_from_env(home),
                                 raise_on_error=False)
         yield spec, home, result
     finally:

@@ -60,9 +60,10 @@ def test_registry_rows_and_adapters_beat_base(materialized, session_home, demo_s
 def test_rematerializing_reuses_identical_work(materialized, session_home, demo_spec):
     import dagster as dg
 
-    from orchestration.assets import LoraFoundryHome, build_assets
+    from orchestration.assets import build_assets
+    from orchestration.resources import resources_from_env
 
-    result = dg.materialize(build_assets(demo_spec), resources={"lorafoundry": LoraFoundryHome(home=str(session_home))},
+    result = dg.materialize(build_assets(demo_spec), resources=resources_from_env(session_home),
                             selection=[f"adapter/{next(iter(demo_spec.adapters))}/train"])
     (event,) = result.get_asset_materialization_events()
     assert event.materialization.metadata["reused_existing_run"].value is True

@@ -66,10 +66,11 @@ def test_mixed_batches_match_solo_outputs(vllm_server, demo_spec):
 def test_deployment_is_kept_when_nothing_changed(vllm_server, session_home, served_spec):
     import dagster as dg
 
-    from orchestration.assets import LoraFoundryHome, build_assets
+    from orchestration.assets import build_assets
+    from orchestration.resources import resources_from_env
 
     result = dg.materialize(build_assets(served_spec), selection=["serving/deployment"],
-                            resources={"lorafoundry": LoraFoundryHome(home=str(session_home))})
+                            resources=resources_from_env(session_home))
     (event,) = result.get_asset_materialization_events()
     meta = event.materialization.metadata
     assert meta["restarted"].value is False and meta["pid"].value == vllm_server["pid"]
@@ -238,9 +239,9 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
         # back through the Dagster sensor's path: promote in the registry, then let the sensor notify the server
         from orchestration.sensors import notify_new_promotions
 
-        _, cursor = notify_new_promotions(demo_spec, session_home, None)  # everything so far is handled
+        _, cursor = notify_new_promotions(reg, session_home, None)  # everything so far is handled
         reg.promote("sentiment", old.version)
-        lines, _ = notify_new_promotions(demo_spec, session_home, cursor)
+        lines, _ = notify_new_promotions(reg, session_home, cursor)
         assert lines == [f"sentiment@{old.version}: the server at {url} now serves it as sentiment"], lines
         reg.archive("sentiment", new.version)
     assert complete(url, "sentiment", prompt) == before

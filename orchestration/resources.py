@@ -1,0 +1,70 @@
+"""Dagster resources: where state lives, the registry, and how to reach the vLLM server.
+
+Each is a ``ConfigurableResource`` (shown with its values on the UI's Resources page, overridable in a run's
+config). :func:`resources_from_env` builds them from the environment; the admin key is passed as an ``EnvVar``
+so the UI shows the variable's name, never the key.
+
+=========================  ===========================================================================
+environment variable       meaning
+=========================  ===========================================================================
+``LORAFOUNDRY_HOME``       the home dir (datasets, adapters, logs); default ``./.lorafoundry``
+``LORAFOUNDRY_REGISTRY``   the registry file, e.g. on shared storage; default ``<home>/registry.duckdb``
+``LORAFOUNDRY_SERVING_URL`` the server the promotion sensor updates, e.g. a load balancer in front of
+                           replicas; default the URL the ``serving/deployment`` asset recorded
+``LORAFOUNDRY_ADMIN_KEY``  the key for vLLM's runtime adapter endpoints (given to the server it starts)
+=========================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from lora_assets.pipeline import Pipeline, default_home, default_registry_path
+from lora_assets.spec import PipelineSpec
+from registry.store import AdapterRegistry
+
+
+class LoraFoundryHome(dg.ConfigurableResource):
+    """Where all lorafoundry state lives (datasets, adapters, built-in models, logs)."""
+
+    home: str = Field(description="The home dir; LORAFOUNDRY_HOME, default ./.lorafoundry.")
+
+
+class RegistryResource(dg.ConfigurableResource):
+    """The adapter registry: one DuckDB file that the assets write and the server reads."""
+
+    path: str = Field(description="The registry file; LORAFOUNDRY_REGISTRY, default <home>/registry.duckdb.")
+
+    def open(self, actor: str = "dagster") -> AdapterRegistry:
+        """The registry, with ``actor`` recorded on the events it writes."""
+        return AdapterRegistry(self.path, actor=actor)
+
+
+class ServingResource(dg.ConfigurableResource):
+    """How the orchestration reaches the vLLM server."""
+
+    url: str | None = Field(default=None, description="Base URL of the server the promotion sensor updates "
+                            "(LORAFOUNDRY_SERVING_URL); unset: the URL the serving/deployment asset recorded.")
+    admin_key: str | None = Field(default=None, description="Key for the server's runtime adapter endpoints "
+                                  "(LORAFOUNDRY_ADMIN_KEY); the deployment starts vLLM with it and the promotion "
+                                  "sensor sends it. Unset: those endpoints are closed.")
+
+
+def pipeline(spec: PipelineSpec, home: LoraFoundryHome, registry: RegistryResource, progress=None) -> Pipeline:
+    """The pipeline over the resources' home dir and registry file."""
+    return Pipeline(spec, home.home, progress=progress, registry_path=registry.path)
+
+
+def resources_from_env(home: Path | str | None = None) -> dict[str, dg.ConfigurableResource]:
+    """The three resources, configured from the environment (``home`` overrides LORAFOUNDRY_HOME)."""
+    home = Path(home).resolve() if home else default_home()
+    key = dg.EnvVar("LORAFOUNDRY_ADMIN_KEY") if os.environ.get("LORAFOUNDRY_ADMIN_KEY") else None
+    return {
+        "lorafoundry": LoraFoundryHome(home=str(home)),
+        "registry": RegistryResource(path=str(default_registry_path(home))),
+        "serving": ServingResource(url=os.environ.get("LORAFOUNDRY_SERVING_URL") or None, admin_key=key),
+    }

@@ -1,0 +1,111 @@
+"""Resources from the environment, declarative automation that respects blocking checks, and the promotion
+sensor's cursor."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration.assets import build_assets
+from orchestration.resources import RegistryResource, ServingResource, resources_from_env
+from tests.test_clean_assets import small_spec
+from tests.test_registry import make_adapter_dir
+
+
+def test_resources_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFOUNDRY_REGISTRY", str(tmp_path / "shared" / "reg.duckdb"))
+    monkeypatch.setenv("LORAFOUNDRY_SERVING_URL", "http://lb.internal:8000")
+    monkeypatch.setenv("LORAFOUNDRY_ADMIN_KEY", "s3cret")
+    res = resources_from_env(tmp_path / "home")
+    assert res["lorafoundry"].home == str((tmp_path / "home").resolve())
+    assert res["registry"].path == str(tmp_path / "shared" / "reg.duckdb")
+    assert res["serving"].url == "http://lb.internal:8000"
+    # the key is an EnvVar: the UI shows its name; the resource sees the value when it runs
+    assert isinstance(res["serving"].admin_key, dg.EnvVar)
+
+    @dg.asset
+    def probe(serving: ServingResource, registry: RegistryResource) -> dict:
+        return {"key": serving.admin_key, "registry": str(registry.open().path)}
+
+    result = dg.materialize([probe], resources=res)
+    assert result.output_for_node("probe") == {"key": "s3cret", "registry": str(tmp_path / "shared" / "reg.duckdb")}
+
+    monkeypatch.delenv("LORAFOUNDRY_REGISTRY")
+    monkeypatch.delenv("LORAFOUNDRY_SERVING_URL")
+    monkeypatch.delenv("LORAFOUNDRY_ADMIN_KEY")
+    res = resources_from_env(tmp_path / "home")
+    assert res["registry"].path == str((tmp_path / "home" / "registry.duckdb").resolve())
+    assert res["serving"].url is None and res["serving"].admin_key is None
+
+
+def test_automation_follows_upstream_only_after_blocking_checks_pass(tmp_path, random_base):
+    """A re-cleaned dataset makes training follow, unless a blocking check on the cleaning failed."""
+    spec = small_spec(tmp_path, random_base)
+    home = tmp_path / "home"
+    defs = dg.Definitions(assets=build_assets(spec, deployment=False), resources=resources_from_env(home))
+    chain = {dg.AssetKey(["adapter", "a", stage]) for stage in ("train", "eval", "register")}
+
+    def requested(result) -> set[dg.AssetKey]:
+        return {k for k in defs.resolve_asset_graph().get_all_asset_keys() if result.get_num_requested(k)}
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert first.total_requested == 0  # nothing happens on the first evaluation
+
+        def clean() -> dict[str, bool]:
+            r = dg.materialize(build_assets(spec, deployment=False), selection=["dataset/d/clean"],
+                               instance=instance, resources=resources_from_env(home), raise_on_error=False)
+            return {e.asset_check_key.name: e.passed for e in r.get_asset_check_evaluations()}
+
+        assert all(clean().values())
+        passed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+        assert requested(passed) == chain  # one run: train, then eval and register
+        run = dg.materialize(build_assets(spec, deployment=False), selection=[k.to_user_string() for k in chain],
+                             instance=instance, resources=resources_from_env(home))  # what the sensor launches
+        assert run.success
+        idle = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=passed.cursor)
+        assert idle.total_requested == 0  # the sensor's next tick: everything is up to date
+
+        out_dir = Path(json.loads((home / "datasets" / "d" / "current.json").read_text())["dir"])
+        with (out_dir / "eval.jsonl").open("a") as f:  # a train row leaks into eval
+            f.write((out_dir / "train.jsonl").read_text().splitlines()[0] + "\n")
+        assert clean()["no_train_eval_leakage"] is False
+        blocked = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=idle.cursor)
+        assert blocked.total_requested == 0
+
+        assert all(clean().values()) is False  # still leaking: nothing follows on later ticks either
+        later = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=blocked.cursor)
+        assert later.total_requested == 0
+
+        lines = (out_dir / "eval.jsonl").read_text().splitlines()
+        (out_dir / "eval.jsonl").write_text("\n".join(lines[:-2]) + "\n")  # the data is fixed
+        assert all(clean().values())
+        fixed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=later.cursor)
+        assert requested(fixed) == chain
+
+
+def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path):
+    from orchestration.sensors import notify_new_promotions
+    from registry.store import AdapterRegistry, NewAdapter
+
+    reg = AdapterRegistry(tmp_path / "registry.duckdb")
+    v = [reg.register(NewAdapter(name="a", path=make_adapter_dir(tmp_path / f"d{i}", seed=i), base_model="b",
+                                 promote="manual")) for i in range(3)]
+    reg.promote("a", v[0].version)
+    lines, cursor = notify_new_promotions(reg, tmp_path, None)
+    assert lines == [] and cursor  # the first tick records history, sends nothing
+
+    reg.promote("a", v[1].version)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    lines, held = notify_new_promotions(reg, tmp_path, cursor, url=dead, admin_key="k")
+    assert len(lines) == 1 and "could not update the server (will retry)" in lines[0]
+    assert held == cursor  # retried next tick
+
+    lines, moved = notify_new_promotions(reg, tmp_path, cursor)  # no deployment: nothing to update
+    assert lines == [f"a@{v[1].version}: promoted; no running deployment serves a"] and moved > cursor
+    assert notify_new_promotions(reg, tmp_path, moved) == ([], moved)
