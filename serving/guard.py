@@ -14,9 +14,12 @@ that ``lorafoundry serve`` / the deployment asset give vLLM:
   require in the ``X-Admin-Key`` header (distinct from the client ``--api-key``): no header 401, a wrong key (or no
   key configured) 403.
 
-A request for ``name``, ``name@VERSION`` or ``name:ALIAS`` that the server does not hold yet is checked here
-(registry entry, status, base model, rank, path, sha256) and refused with an OpenAI-shaped 4xx that says why;
-when the checks pass, vLLM's resolver loads it.
+A request for a model the server was not started with (``name``, ``name@VERSION`` or ``name:ALIAS``) is checked
+here (registry entry, status, base model, rank, path, sha256) and refused with an OpenAI-shaped 4xx that says why.
+When the checks pass the request goes on to vLLM for the immutable ``name@VERSION`` it resolved to (so the answer's
+``model`` says which version answered, as OpenAI does for its aliases), and vLLM's resolver loads that version on
+first use. Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2): after that, a moved alias
+answers with its new version and an archived version is refused, although vLLM still holds its weights.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import hmac
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +142,21 @@ class LoraFoundryGuard:
         self.api_key = os.environ.get("VLLM_API_KEY", "")
         self.resolver = AdapterResolver.from_env()
         self.static = _static_models()
+        self.ttl_s = float(os.environ.get("LORAFOUNDRY_RESOLVE_TTL_S", "2"))
+        self._cache: dict[str, tuple[float, AdapterRecord | Refusal]] = {}
+
+    async def lookup(self, ref: str) -> AdapterRecord | Refusal:
+        """The resolver's answer for ``ref``, cached for ``ttl_s`` seconds (a registry read and a sha256 per
+        miss, off the event loop)."""
+        now = time.monotonic()
+        hit = self._cache.get(ref)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        outcome = await asyncio.to_thread(self.resolver.resolve, ref)
+        if len(self._cache) > 10_000:  # names are client-chosen: bound the memory
+            self._cache.clear()
+        self._cache[ref] = (now, outcome)
+        return outcome
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -181,10 +200,14 @@ class LoraFoundryGuard:
                                     f"the adapter root {self.resolver.adapter_root}.").body())
         model = payload.get("model")
         if path in MODEL_PATHS and isinstance(model, str) and model not in self.static:
-            outcome = await asyncio.to_thread(self.resolver.resolve, model)
+            outcome = await self.lookup(model)
             if isinstance(outcome, Refusal):
                 return await _send_json(send, outcome.status, outcome.body())
-            self.static.add(model)  # checked once: vLLM keeps the loaded weights, later file changes do not matter
+            concrete = f"{outcome.name}@{outcome.version}"
+            if model != concrete:  # an alias or a plain name: ask vLLM for the version it means now
+                body = json.dumps({**payload, "model": concrete}).encode()
+                scope = {**scope, "headers": [(k, str(len(body)).encode() if k == b"content-length" else v)
+                                              for k, v in scope.get("headers") or []]}
         replayed = False
 
         async def replay():

@@ -206,6 +206,50 @@ def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, ses
                 reg.archive("categories", rec.version)  # leave the session registry as the other tests expect
 
 
+def test_aliases_follow_moves_and_archived_versions_stop_answering(vllm_server, session_home, demo_spec):
+    """`name:ALIAS` answers with the version the alias points at now (the answer's model names it), and a version
+    archived after it was loaded is refused, both within the guard's cache time."""
+    import time
+
+    from registry.store import AdapterRegistry, NewAdapter
+
+    url = vllm_server["url"]
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    cat, sen = reg.get("categories:champion"), reg.get("sentiment:champion")
+    root = session_home / "adapters" / "test-copies"
+    # two "categories" versions that answer differently: its own weights, and the sentiment weights
+    a, b = (reg.register(NewAdapter(name="categories", path=_copy_adapter(src.path, root / tag), promote="manual",
+                                    base_model=cat.base_model, base_model_hash=cat.base_model_hash,
+                                    metrics=cat.metrics)) for tag, src in (("alias-a", cat), ("alias-b", sen)))
+    prompt = PROMPTS[1]
+    as_a, as_b = complete(url, "categories", prompt), complete(url, "sentiment", prompt)
+    assert as_a != as_b
+
+    def ask(model: str) -> httpx.Response:
+        return _post(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0})
+
+    try:
+        reg.set_alias("categories", "canary", a.version)
+        r = ask("categories:canary")
+        assert r.status_code == 200, r.text
+        assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{a.version}", as_a)
+        reg.set_alias("categories", "canary", b.version)
+        time.sleep(2.5)  # the guard's lookup cache (LORAFOUNDRY_RESOLVE_TTL_S, 2 s)
+        r = ask("categories:canary")
+        assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{b.version}", as_b)
+
+        assert ask(f"categories@{a.version}").status_code == 200  # loaded in vLLM now
+        reg.archive("categories", a.version)
+        time.sleep(2.5)
+        r = ask(f"categories@{a.version}")
+        assert (r.status_code, r.json()["error"]["type"]) == (403, "AdapterNotServable"), r.text
+        assert complete(url, "categories", prompt) == as_a  # the champion is untouched
+    finally:
+        for rec in (a, b):
+            if reg.get("categories", rec.version).status != "archived":
+                reg.archive("categories", rec.version)
+
+
 def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_spec, monkeypatch):
     """`registry promote … --notify URL`: the plain name answers with the new champion at once, the old version
     stays addressable as name@VERSION, and nothing restarts."""
