@@ -305,7 +305,8 @@ class AdapterRegistry:
     # -- operations --------------------------------------------------------------------------------------
 
     def register(self, new: NewAdapter) -> AdapterRecord:
-        """Register an adapter dir. Idempotent: the same sha256 under the same name returns that version."""
+        """Register an adapter dir. The same sha256 under the same name is that version again: nothing new is
+        written unless its evaluation changed (a new gate, a new eval), which updates its metrics and status."""
         cfg = check_adapter_dir(new.path)
         sha, size = adapter_sha256(new.path)
         now = datetime.now(UTC).replace(tzinfo=None)
@@ -316,8 +317,7 @@ class AdapterRegistry:
                 "SELECT max(version) FILTER (WHERE adapter_sha256 = ?), coalesce(max(version), 0) + 1 "
                 "FROM adapters WHERE name = ?", [sha, new.name]).fetchone()
             if same is not None:
-                return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
-                                           "version = ?", [new.name, same]).fetchone())
+                return _reevaluate(con, self.actor, new, same)
             row = {
                 "name": new.name, "version": version, "status": new.status, "base_model": new.base_model,
                 "base_model_hash": new.base_model_hash, "method": new.method, "r": int(cfg["r"]),
@@ -538,6 +538,39 @@ def _record(row: tuple) -> AdapterRecord:
     data["training_config"] = json.loads(data["training_config"] or "{}")
     data["metrics"] = json.loads(data["metrics"] or "{}")
     return AdapterRecord.model_validate(data)
+
+
+def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int) -> AdapterRecord:
+    """The same bytes registered again. Unchanged metrics and gate outcome: the existing row as it is. Otherwise
+    the version takes the new metrics, and the new gate outcome: a rejected version that now passes becomes a
+    candidate (and the champion rule applies); a candidate or champion that now fails is rejected (a champion
+    leaves its alias, so the name has no champion until another version earns it). Archived stays archived."""
+
+    def current() -> AdapterRecord:
+        return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?",
+                                   [new.name, version]).fetchone())
+
+    rec = current()
+    passes = new.status != "rejected"
+    status_changes = rec.status != "archived" and passes == (rec.status == "rejected")
+    if (not new.metrics or new.metrics == rec.metrics) and not status_changes:
+        return rec
+    if new.metrics:
+        con.execute("UPDATE adapters SET metrics = ? WHERE name = ? AND version = ?",
+                    [json.dumps(new.metrics), new.name, version])
+    status = rec.status
+    if status_changes:
+        status = "candidate" if passes else "rejected"
+        con.execute("UPDATE adapters SET status = ? WHERE name = ? AND version = ?", [status, new.name, version])
+        if rec.status == "champion":
+            _set_alias(con, actor, new.name, "champion", None)
+    _event(con, actor, "reevaluate", new.name, version, {"previous_status": rec.status, "status": status})
+    if status == "candidate" and status_changes and new.promote != "manual":
+        why = _beats(new.metrics, _champion(con, new.name), new.rank_metric) if new.promote == "if_better" \
+            else "always"
+        if why:
+            _promote(con, actor, new.name, version, why)
+    return current()
 
 
 def _champion(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, dict] | None:

@@ -155,6 +155,29 @@ def test_champion_rule_promotes_only_better_versions(tmp_path):
     assert champs == [("a", 5)]
 
 
+def test_same_bytes_re_evaluated_take_the_new_gate_outcome(tmp_path):
+    """A changed gate re-registers the same weights: rejected -> candidate (and champion by the rule), and a
+    champion that now fails is rejected and leaves the champion alias; nothing else changes, no new version."""
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    d = make_adapter_dir(tmp_path / "d")
+
+    def again(status: str, loss: float):
+        return reg.register(NewAdapter(name="a", path=d, base_model="b", metrics=_metrics(loss), status=status,
+                                       promote="if_better", rank_metric="eval_loss"))
+
+    assert again("rejected", 2.0).status == "rejected"
+    assert again("rejected", 2.0).status == "rejected"  # nothing changed: nothing written
+    passed = again("candidate", 2.0)  # the gate was loosened
+    assert (passed.version, passed.status) == (1, "champion") and reg.get("a:champion").version == 1
+    failed = again("rejected", 2.5)  # a stricter gate, a new evaluation
+    assert (failed.version, failed.status, failed.metrics["eval_loss"]["adapter"]) == (1, "rejected", 2.5)
+    assert reg.servable() == [] and reg.aliases("a") == {}
+    _, rows = reg.query("SELECT action, count(*) FROM events GROUP BY 1 ORDER BY 1")
+    assert dict(rows) == {"promote": 1, "reevaluate": 2, "reject": 1}
+    reg.archive("a", 1)
+    assert again("candidate", 2.0).status == "archived"  # a retired version stays retired
+
+
 def test_champion_rule_higher_is_better_and_always(tmp_path):
     reg = AdapterRegistry(tmp_path / "r.duckdb")
     d = [make_adapter_dir(tmp_path / f"d{i}", seed=i) for i in range(3)]
