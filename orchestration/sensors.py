@@ -50,8 +50,9 @@ def downstream_of_dataset(spec: PipelineSpec, dataset: str) -> list[dg.AssetKey]
 def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
     @dg.sensor(name="dataset_files_changed", minimum_interval_seconds=30,
                target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.STOPPED,
-               description="When a dataset file changes (size or mtime), run clean -> train -> eval -> register "
-               "for the adapters that use it, then update the deployment. The first tick only records the files.")
+               description="When dataset files change (size or mtime), run clean -> train -> eval -> register "
+               "for the adapters that use them, then update the deployment, in one run per tick. The first tick "
+               "only records the files.")
     def dataset_files_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         seen = json.loads(context.cursor) if context.cursor else None
         now = {name: dataset_signature(spec.dataset_path(name)) for name in spec.datasets}
@@ -59,10 +60,13 @@ def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
             return dg.SensorResult(skip_reason="recorded the dataset files; changes from now on start runs",
                                    cursor=json.dumps(now))
         changed = sorted(n for n in now if seen.get(n) != now[n])
-        requests = [dg.RunRequest(run_key=f"{n}:{now[n]}", asset_selection=downstream_of_dataset(spec, n),
-                                  tags={"lorafoundry/dataset": n}) for n in changed]
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(now),
-                               skip_reason=None if requests else "no dataset file changed")
+        if not changed:
+            return dg.SensorResult(cursor=json.dumps(now), skip_reason="no dataset file changed")
+        # one run for everything that changed in this tick: one deployment at the end, not one per dataset
+        keys = list(dict.fromkeys(k for n in changed for k in downstream_of_dataset(spec, n)))
+        request = dg.RunRequest(run_key=",".join(f"{n}:{now[n]}" for n in changed), asset_selection=keys,
+                                tags={"lorafoundry/datasets": ",".join(changed)})
+        return dg.SensorResult(run_requests=[request], cursor=json.dumps(now))
 
     return dataset_files_changed
 

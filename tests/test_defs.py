@@ -77,6 +77,12 @@ def test_dataset_sensor_requests_the_chain_of_a_changed_file(tmp_path):
     keys = {"/".join(k.path) for k in req.asset_selection}
     assert keys == {"dataset/d/clean", "serving/deployment", "adapter/s/leaderboard",
                     *(f"adapter/{j}/{st}" for j in ("a", "s.p0", "s.p1") for st in ("train", "eval", "register"))}
+    for f in (data, other):  # both change in one tick: one run, one deployment
+        f.write_text(f.read_text() + json.dumps({"prompt": "q3", "completion": "a3"}) + "\n")
+    (both,) = sensor(dg.build_sensor_context(cursor=changed.cursor)).run_requests
+    keys = ["/".join(k.path) for k in both.asset_selection]
+    assert len(keys) == len(set(keys)) and keys.count("serving/deployment") == 1
+    assert {"dataset/d/clean", "dataset/o/clean", "adapter/b/train"} <= set(keys)
 
 
 def test_workspace_yaml_validates_with_dagster_cli(tmp_path):
