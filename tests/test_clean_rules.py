@@ -201,6 +201,24 @@ def test_minhash_finds_near_duplicates_and_spares_distinct_rows():
     assert dup[50] == 3 and dup[51] == -1 and (dup[:50] == -1).all()
 
 
+def test_chunked_minhash_equals_the_one_pass_definition():
+    """The cache-sized, multi-threaded MinHash gives exactly the signatures of the plain definition (64 passes
+    over all shingles), across many work units; the fused trigram path equals trigrams-then-MinHash."""
+    from lora_assets.clean import _permutations, word_trigram_hashes, word_trigram_signatures
+
+    rng = np.random.default_rng(3)
+    lens = rng.integers(1, 60, size=12_000)  # ~350 k entries: several work units, rows of 1 and 2 words too
+    rids = np.repeat(np.arange(len(lens)) * 7, lens)  # row ids need not be dense
+    h = rng.integers(0, 2**64, size=len(rids), dtype=np.uint64)
+    a, b = _permutations(0)
+    h32 = ((h >> np.uint64(32)) ^ h).astype(np.uint32)
+    starts = np.flatnonzero(np.r_[True, rids[1:] != rids[:-1]])
+    with np.errstate(over="ignore"):
+        expected = np.stack([np.minimum.reduceat(h32 * a[k] + b[k], starts) for k in range(len(a))], axis=1)
+    assert np.array_equal(minhash_signatures(rids, h), expected)
+    assert np.array_equal(word_trigram_signatures(rids, h), minhash_signatures(*word_trigram_hashes(rids, h)))
+
+
 def test_unreadable_or_empty_files_fail_clearly(tmp_path):
     with pytest.raises(CleanError, match="matches no file"):
         clean_dataset("d", DatasetSpec(path="x"), str(tmp_path / "*.jsonl"), tmp_path / "out")
