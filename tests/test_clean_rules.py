@@ -153,6 +153,23 @@ def test_glob_of_files_with_different_formats(tmp_path):
     assert [m["content"] for m in by_source["d.jsonl:1"]] == ["h1", "a1", "h2", "a2", "i", "o"]
 
 
+def test_crlf_files_blank_lines_and_numbering_across_files(tmp_path):
+    """CRLF line ends are not content; empty, CR-only and space-only lines are blank_line at their own line number
+    (a tab-only line is not blank: invalid JSON); the final newline makes no row; rows of later files keep their
+    own file:line references."""
+    rows = [json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}).encode() for i in range(3)]
+    (tmp_path / "a.jsonl").write_bytes(rows[0] + b"\r\n\r\n" + b"   \r\n" + b"\t\n" + rows[1] + b"\r\n")
+    (tmp_path / "b.jsonl").write_bytes(b"\n" + rows[2] + b"\n")
+    r = clean_dataset("c", DatasetSpec(path="x", eval_fraction=0.01), str(tmp_path / "*.jsonl"), tmp_path / "o")
+    assert r.rows_in == 7 and [f.rows for f in r.files] == [5, 2]
+    got = {x["source"].split("/")[-1]: x["reason"] for x in read_split(r, "quarantine")}
+    assert got == {"a.jsonl:2": "blank_line", "a.jsonl:3": "blank_line", "a.jsonl:4": "invalid_json",
+                   "b.jsonl:1": "blank_line"}
+    kept = {x["source"].split("/")[-1]: x["messages"][1]["content"] for x in read_split(r, "train")
+            + read_split(r, "eval")}
+    assert kept == {"a.jsonl:1": "c0", "a.jsonl:5": "c1", "b.jsonl:2": "c2"}
+
+
 def test_messages_content_as_text_parts(tmp_path):
     row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text",
                                                                                            "text": "there"}]},
