@@ -111,11 +111,13 @@ CREATE OR REPLACE MACRO norm_text_full(s) AS trim(
         '[ \t]+\n', chr(10), 'g'),
         '\n{3,}', chr(10) || chr(10), 'g'),
     ' ' || chr(9) || chr(10));
--- Most text needs only NFC and a trim: one regex search decides whether the full pass is needed.
-CREATE OR REPLACE MACRO norm_text(s) AS CASE
-    WHEN regexp_matches(s, '[\x{00}-\x{08}\x{0B}-\x{1F}\x{7F}\x{00A0}\x{2000}-\x{200D}\x{202F}\x{205F}'
-                           '\x{3000}\x{FEFF}]|[ \t]\n|\n\n\n')
-    THEN norm_text_full(s) ELSE trim(nfc_normalize(s), ' ' || chr(9) || chr(10)) END
+-- trim() with a character set is slow: call it only when an end needs it
+CREATE OR REPLACE MACRO trim_ends(s) AS CASE
+    WHEN starts_with(s, ' ') OR starts_with(s, chr(9)) OR starts_with(s, chr(10)) OR ends_with(s, ' ')
+         OR ends_with(s, chr(9)) OR ends_with(s, chr(10)) THEN trim(s, ' ' || chr(9) || chr(10)) ELSE s END;
+-- Most text needs only NFC (and trim_ends): one regex search decides whether the full pass is needed.
+CREATE OR REPLACE MACRO needs_full_norm(s) AS regexp_matches(s,
+    '[\x{00}-\x{08}\x{0B}-\x{1F}\x{7F}\x{00A0}\x{2000}-\x{200D}\x{202F}\x{205F}\x{3000}\x{FEFF}]|[ \t]\n|\n\n\n')
 """
 
 
@@ -398,32 +400,45 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
     """Validate and normalize each message, redact PII, and build table `result` (one row per input row)."""
     con.execute(_NORMALIZE_MACRO)
     # Everything per message runs inside list_transform over each row's message list: no explode and
-    # re-aggregate. First the role, its type, and the normalized content.
+    # re-aggregate. First the role, its type, and the content's text; then the text normalized, in a stage of
+    # its own (a macro repeats its argument: given the JSON extraction itself, that would re-run it per use).
     con.execute("""
         CREATE TABLE norm AS
-        SELECT rid, list_transform(msgs, lambda m: {
+        SELECT rid, list_transform(ms1, lambda m: {'role': m.role, 'role_ok': m.role_ok,
+                                                   'content': trim_ends(m.content), 'parts_ok': m.parts_ok}) AS ms
+        FROM (SELECT rid, list_transform(ms0, lambda m: {'role': m.role, 'role_ok': m.role_ok, 'content':
+                  CASE WHEN needs_full_norm(m.content) THEN norm_text_full(m.content) ELSE nfc_normalize(m.content)
+                  END, 'parts_ok': m.parts_ok}) AS ms1
+        FROM (SELECT rid, list_transform(msgs, lambda m: {
                    'role': CASE lower(trim(m.role->>'$')) WHEN 'human' THEN 'user' WHEN 'gpt' THEN 'assistant'
                                 ELSE lower(trim(m.role->>'$')) END,
                    'role_ok': json_type(m.role) = 'VARCHAR',
-                   'content': norm_text(CASE json_type(m.content) WHEN 'VARCHAR' THEN m.content->>'$'
+                   'content': CASE json_type(m.content) WHEN 'VARCHAR' THEN m.content->>'$'
                         WHEN 'ARRAY' THEN array_to_string(list_transform(json_extract(m.content, '$[*]'),
                             lambda p: CASE json_type(p) WHEN 'VARCHAR' THEN p->>'$' WHEN 'OBJECT' THEN
-                                 CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END), '') END),
+                                 CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END), '') END,
                    'parts_ok': json_type(m.content) <> 'ARRAY' OR NOT list_bool_or(list_transform(
                        json_extract(m.content, '$[*]'), lambda p: NOT (json_type(p) = 'VARCHAR' OR
-                       (json_type(p) = 'OBJECT' AND coalesce(json_type(p->'$.text'), '') = 'VARCHAR'))))}) AS ms
-        FROM shaped WHERE reason IS NULL AND msgs IS NOT NULL""")
+                       (json_type(p) = 'OBJECT' AND coalesce(json_type(p->'$.text'), '') = 'VARCHAR'))))}) AS ms0
+        FROM shaped WHERE reason IS NULL AND msgs IS NOT NULL))""")
     # Then, per PII kind: count in the text as the previous kind left it, and redact. A plain regexp_matches
     # guards the costlier extract/replace, since few messages contain PII.
-    select = "SELECT rid, ms, list_transform(ms, lambda m: m.content) AS texts FROM norm"
+    # One search per text for any kind (an '@', or one alternation of the other patterns) picks the rows that can
+    # hold PII at all; only those run the per-kind searches, counts and replacements.
+    others = "|".join(f"(?:{pat})" for kind, pat in PII_PATTERNS.items() if kind != "email")
+    maybe = (f"{pii_mode != 'off'} AND list_bool_or(list_transform(texts, lambda t: contains(t, '@') OR "
+             f"regexp_matches(t, '{others}')))")
+    select = (f"SELECT *, {maybe} AS maybe FROM (SELECT rid, ms, list_transform(ms, lambda m: m.content) AS texts "
+              "FROM norm)")
     for kind, pat in PII_PATTERNS.items():
         guard = "contains(t, '@') AND " if kind == "email" else ""  # a substring test is far cheaper than RE2
-        hit = f"{pii_mode != 'off'} AND {guard}regexp_matches(t, '{pat}')"
-        new_texts = (f"list_transform(texts, lambda t: CASE WHEN {hit} THEN regexp_replace(t, '{pat}', "
-                     f"'{PII_PLACEHOLDERS[kind]}', 'g') ELSE t END)" if pii_mode == "redact" else "texts")
-        select = (f"SELECT * REPLACE ({new_texts} AS texts), coalesce(list_sum(list_transform(texts, lambda t: "
-                  f"CASE WHEN {hit} THEN len(regexp_extract_all(t, '{pat}')) ELSE 0 END)), 0) AS n_{kind} "
-                  f"FROM ({select})")
+        hit = f"{guard}regexp_matches(t, '{pat}')"
+        new_texts = (f"CASE WHEN maybe THEN list_transform(texts, lambda t: CASE WHEN {hit} THEN regexp_replace(t, "
+                     f"'{pat}', '{PII_PLACEHOLDERS[kind]}', 'g') ELSE t END) ELSE texts END"
+                     if pii_mode == "redact" else "texts")
+        select = (f"SELECT * REPLACE ({new_texts} AS texts), CASE WHEN maybe THEN coalesce(list_sum(list_transform("
+                  f"texts, lambda t: CASE WHEN {hit} THEN len(regexp_extract_all(t, '{pat}')) ELSE 0 END)), 0) "
+                  f"ELSE 0 END AS n_{kind} FROM ({select})")
     pii_total = " + ".join(f"n_{k}" for k in PII_PATTERNS)
     con.execute(f"""
         CREATE TABLE per_row AS
