@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from lora_assets.spec import DatasetSpec
 
-CLEANER_VERSION = 2
+CLEANER_VERSION = 3
 
 REASONS = [
     "invalid_utf8", "blank_line", "invalid_json", "not_an_object", "missing_fields", "wrong_type",
@@ -459,7 +459,7 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
     con.execute("DROP TABLE norm")
     con.execute(f"""
         CREATE TABLE result AS
-        SELECT s.rid, r.file, r.line_no, r.line, s.fmt, p.messages,
+        SELECT s.rid, r.file, r.line_no, s.fmt, p.messages,  -- the raw line stays in `rows` (quarantine only)
                coalesce(s.reason,
                    CASE WHEN p.rid IS NULL OR len(p.messages) = 0 THEN 'empty_conversation'
                         WHEN p.bad_type THEN 'wrong_type'
@@ -479,7 +479,7 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
                {", ".join(f"coalesce(p.n_{k}, 0) AS n_{k}" for k in PII_PATTERNS)},
                NULL::VARCHAR AS split
         FROM shaped s JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid)""")
-    con.execute("DROP TABLE shaped; DROP TABLE per_row; DROP TABLE rows; DROP TABLE parsed")
+    con.execute("DROP TABLE shaped; DROP TABLE per_row; DROP TABLE parsed")
     if pii_mode != "redact":
         return {}
     row = con.execute(f"SELECT {', '.join(f'sum(n_{k})' for k in PII_PATTERNS)} FROM result "
@@ -624,12 +624,13 @@ def word_trigram_hashes(row_ids: np.ndarray, word_hashes: np.ndarray) -> tuple[n
 
 
 def _mark_near_duplicates(con: duckdb.DuckDBPyConnection, threshold: float) -> None:
-    # Words of the lower-cased conversation, hashed in DuckDB inside each row's list; trigrams are mixed in numpy.
+    # Words (runs of Unicode letters and digits, any script) of the lower-cased conversation, hashed in DuckDB
+    # inside each row's list; trigrams are mixed in numpy.
     # The words table is in row order and unnest keeps it, so the hashes come out grouped by row without a sort.
     con.execute("""
         CREATE TEMP TABLE words AS
         SELECT rid, list_transform(list_filter(regexp_split_to_array(lower(array_to_string(
-                   list_transform(messages, lambda m: m.content), ' ')), '[^[:alnum:]]+'), lambda w: w <> ''),
+                   list_transform(messages, lambda m: m.content), ' ')), '[^\\pL\\pN]+'), lambda w: w <> ''),
                    lambda w: hash(w)) AS h
         FROM result WHERE reason IS NULL ORDER BY rid""")
     arrays = con.execute("SELECT rid, unnest(h) AS h FROM words").fetchnumpy()
@@ -670,8 +671,8 @@ def _write_outputs(con: duckdb.DuckDBPyConnection, out: Path) -> None:
                   FROM result WHERE split = '{split}' ORDER BY rid)
             TO '{out / (split + '.jsonl')}' (FORMAT json)""")
     con.execute(f"""
-        COPY (SELECT reason, file || ':' || line_no AS source, line AS raw
-              FROM result WHERE split = 'quarantine' ORDER BY rid)
+        COPY (SELECT q.reason, q.file || ':' || q.line_no AS source, r.line AS raw
+              FROM result q JOIN rows r USING (rid) WHERE q.split = 'quarantine' ORDER BY rid)
         TO '{out / 'quarantine.jsonl'}' (FORMAT json)""")
 
 

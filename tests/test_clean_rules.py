@@ -255,6 +255,19 @@ def test_unreadable_or_empty_files_fail_clearly(tmp_path):
         clean_dataset("d", DatasetSpec(path="x"), junk, tmp_path / "out")
 
 
+def test_near_duplicates_in_any_script(tmp_path):
+    """Words are runs of Unicode letters and digits: Cyrillic or Greek text gets near-duplicate detection too (with
+    ASCII-only words it had no shingles at all), and a distinct text in the same script is kept."""
+    ru = ("быстрая лиса прыгает через ленивую собаку и бежит дальше в тёмный лес где растут высокие старые сосны "
+          "а за лесом течёт широкая река по которой плывут лодки рыбаков с утра до самого позднего вечера каждый "
+          "день кроме воскресенья когда все отдыхают дома с семьёй и пьют горячий чай")
+    el = "η γρήγορη αλεπού πηδά πάνω από τον τεμπέλη σκύλο και τρέχει μακριά στο σκοτεινό δάσος με τα ψηλά πεύκα"
+    rows = [*good_rows(40), chat("Что это?", ru), chat("Что это?", ru + " сегодня"), chat("Τι είναι;", el),
+            chat("Τι είναι;", el.replace("πεύκα", "έλατα")), chat("Что там?", "совсем другой текст о погоде " * 3)]
+    got = quarantined(run(tmp_path, "scripts", rows, pii="off"))
+    assert got == {42: "near_duplicate", 44: "near_duplicate"}
+
+
 def test_word_trigrams_stay_inside_rows():
     from lora_assets.clean import word_trigram_hashes
 
