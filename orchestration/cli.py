@@ -441,9 +441,19 @@ def registry_register(
                                                        "adapter_config.json.")] = None,
         dataset: Annotated[str | None, typer.Option(help="Dataset it was trained on (lineage).")] = None,
         home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Bring in an adapter trained elsewhere, as a candidate (idempotent: the same files give the same version)."""
-    from registry.store import NewAdapter, RegistryError, check_adapter_dir
+    """Bring in an adapter trained elsewhere, as a candidate (idempotent: the same files give the same version).
 
+    The files are copied under <home>/adapters/imported/ (the server reads adapters from there only), and the base
+    model's content hash is recorded when the base is on this machine (a local dir, builtin:tiny, or the Hugging
+    Face cache), which is what lets the server load it.
+    """
+    import shutil
+
+    from lora_assets.base_model import resolve_base_model
+    from registry.store import NewAdapter, RegistryError, adapter_sha256, check_adapter_dir
+
+    _offline()
+    h = _home(home)
     try:
         cfg = check_adapter_dir(adapter_dir)
         base = base_model or cfg.get("base_model_name_or_path")
@@ -452,16 +462,29 @@ def registry_register(
                                 "--base-model.")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
             raise RegistryError(f"name {name!r} is not valid. Fix: use letters, digits, '.', '_' or '-'.")
+        try:
+            base_hash = resolve_base_model(base, h).content_hash
+        except (FileNotFoundError, OSError) as e:
+            base_hash = None
+            err.print(f"[yellow]note[/yellow]: {e}\nRegistered without the base's hash, so no server will load it. "
+                      "Fix: register again with --base-model set to the local model dir.", highlight=False)
+        src = Path(adapter_dir).resolve()
+        root = (h / "adapters").resolve()
+        dest = src if src.is_relative_to(root) else root / "imported" / name / adapter_sha256(src)[0][:16]
+        if not dest.exists():
+            shutil.copytree(src, dest.with_name(dest.name + ".tmp"), dirs_exist_ok=True)
+            dest.with_name(dest.name + ".tmp").rename(dest)
         rec = _registry(home).register(NewAdapter(
-            name=name, path=adapter_dir, base_model=base, method="lora", dataset=dataset,
-            training_config={"imported_from": str(Path(adapter_dir).resolve()),
+            name=name, path=dest, base_model=base, base_model_hash=base_hash, method="lora", dataset=dataset,
+            training_config={"imported_from": str(src),
                              **{k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")}}))
     except RegistryError as e:
         _fail(e)
     if as_json:
         sys.stdout.write(json.dumps(rec.model_dump(mode="json")) + "\n")
     else:
-        out.print(f"registered {rec.name}@{rec.version} ({rec.status}), sha256 {rec.adapter_sha256[:12]}")
+        out.print(f"registered {rec.name}@{rec.version} ({rec.status}), sha256 {rec.adapter_sha256[:12]}, "
+                  f"files in {rec.path}")
 
 
 @registry_app.command("archive")

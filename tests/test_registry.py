@@ -354,3 +354,29 @@ def test_docs_registry_queries_run_as_written(tmp_path):
     for sql in blocks:
         cols, rows = reg.query(sql)
         assert cols and rows, sql
+
+
+def test_cli_register_brings_files_home_and_records_the_base(tmp_path, random_base):
+    """`registry register DIR --base-model LOCAL_DIR`: the files are copied under <home>/adapters, the base's content
+    hash is recorded, and the server's resolver accepts the version; without a local base it is registered but a
+    note says it will not be served."""
+    from lora_assets.base_model import resolve_base_model
+    from orchestration.cli import app
+    from serving.guard import AdapterResolver, Refusal
+
+    home = tmp_path / "home"
+    ext = make_adapter_dir(tmp_path / "elsewhere")
+    res = CliRunner().invoke(app, ["registry", "register", str(ext), "--name", "ext", "--base-model",
+                                   str(random_base), "--home", str(home), "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    base_hash = resolve_base_model(str(random_base), home).content_hash
+    assert rec["base_model_hash"] == base_hash
+    assert Path(rec["path"]).is_relative_to(home / "adapters") and (Path(rec["path"]) / "adapter_config.json").exists()
+    resolver = AdapterResolver(home / "registry.duckdb", base_hash, home / "adapters", max_rank=16)
+    assert not isinstance(resolver.resolve("ext@1"), Refusal)
+
+    res = CliRunner().invoke(app, ["registry", "register", str(make_adapter_dir(tmp_path / "x", seed=3)),
+                                   "--name", "nobase", "--base-model", "some-org/not-here", "--home", str(home)])
+    assert res.exit_code == 0 and "no server will load it" in res.output
+    assert isinstance(resolver.resolve("nobase@1"), Refusal)
