@@ -9,6 +9,7 @@ exactly.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -278,6 +279,10 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
                for r, ref, b, a in list(zip(rows, refs, base_out, ad_out, strict=True))[:10]]
     manifest_path = Path(adapter_dir) / "training_manifest.json"
     method = json.loads(manifest_path.read_text())["method"]["method"] if manifest_path.exists() else "lora"
+    del model  # free the serving-dtype model before a 4-bit one is loaded: the two never share memory
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     agreement = (_precision_agreement(base, Path(adapter_dir), tokenizer, prompts, ad_out, max_new_tokens)
                  if method == "qlora" else None)
     result = EvalResult(
