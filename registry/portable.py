@@ -15,23 +15,40 @@ TABLES = ("adapters", "aliases", "alias_history", "events")
 
 def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
     """Write ``out/<table>.parquet`` for every table and copy each adapter dir to ``out/adapters/<name>/v<N>``;
-    the exported ``path`` column is relative to ``out``. Returns rows per table."""
+    the exported ``path`` column is relative to ``out``. Returns rows per table.
+
+    The tables are read in one transaction and exactly the adapters in that snapshot are copied, so a version
+    registered meanwhile is either fully in the export or not at all; the export is built next to ``out`` and
+    renamed into place, so a failure leaves no half-written export.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RegistryError(f"{out} is not empty. Fix: export into a new dir.")
-    out.mkdir(parents=True, exist_ok=True)
-    for rec in reg.list():
-        shutil.copytree(rec.path, out / "adapters" / rec.name / f"v{rec.version}")
-    counts = {}
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts: dict[str, int] = {}
+    sources: list[tuple[str, int, str]] = []
 
     def op(con: duckdb.DuckDBPyConnection) -> None:
+        sources.clear()  # a retried attempt starts over
         for table in TABLES:
             sql = (f"SELECT * REPLACE ('adapters/' || name || '/v' || version AS path) FROM {table}"
                    if table == "adapters" else f"SELECT * FROM {table}")
-            con.execute(f"COPY ({sql}) TO '{out / (table + '.parquet')}' (FORMAT parquet)")
+            con.execute(f"COPY ({sql}) TO '{tmp / (table + '.parquet')}' (FORMAT parquet)")
             counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        sources.extend(con.execute("SELECT name, version, path FROM adapters").fetchall())
 
-    reg._with_retry(op, read_only=True)
+    try:
+        reg._with_retry(op, read_only=True)
+        for name, version, path in sources:
+            shutil.copytree(path, tmp / "adapters" / name / f"v{version}")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return counts
 
 

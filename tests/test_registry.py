@@ -380,3 +380,21 @@ def test_cli_register_brings_files_home_and_records_the_base(tmp_path, random_ba
                                    "--name", "nobase", "--base-model", "some-org/not-here", "--home", str(home)])
     assert res.exit_code == 0 and "no server will load it" in res.output
     assert isinstance(resolver.resolve("nobase@1"), Refusal)
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path):
+    import shutil
+
+    from registry.portable import export_registry
+
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    reg.register(new(make_adapter_dir(tmp_path / "a1")))
+    gone = reg.register(new(make_adapter_dir(tmp_path / "a2", seed=1)))
+    shutil.rmtree(gone.path)  # its files vanished after registration
+    with pytest.raises(OSError):
+        export_registry(reg, tmp_path / "export")
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export*"))
+    (tmp_path / "ok").mkdir()  # an existing empty dir is fine
+    make_adapter_dir(Path(gone.path), seed=1)
+    assert export_registry(reg, tmp_path / "ok")["adapters"] == 2
+    assert sorted(p.name for p in (tmp_path / "ok" / "adapters" / "a").iterdir()) == ["v1", "v2"]
