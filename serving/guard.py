@@ -29,6 +29,7 @@ import hmac
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]+(@[0-9]+|:[A-Za-z0-9._-]+)?")
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 ADMIN_PREFIX = "/adapters"
 MODEL_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses")
+
+
+#: Resolver answers shared across the process: (settings..., ref) -> (monotonic time, answer).
+_ANSWERS: dict[tuple, tuple[float, AdapterRecord | Refusal]] = {}
+_ANSWERS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,12 @@ class AdapterResolver:
         max_rank: the server's ``--max-lora-rank``.
     """
 
-    def __init__(self, registry: Path, base_hash: str, adapter_root: Path, max_rank: int) -> None:
+    def __init__(self, registry: Path, base_hash: str, adapter_root: Path, max_rank: int,
+                 ttl_s: float | None = None) -> None:
         self.registry = AdapterRegistry(registry, max_wait_s=10, actor="vllm")
         self.base_hash, self.max_rank = base_hash, max_rank
         self.adapter_root = Path(adapter_root).resolve()
+        self.ttl_s = float(os.environ.get("LORAFOUNDRY_RESOLVE_TTL_S", "2")) if ttl_s is None else ttl_s
 
     @classmethod
     def from_env(cls) -> AdapterResolver | None:
@@ -80,7 +88,23 @@ class AdapterResolver:
                    int(os.environ.get("LORAFOUNDRY_MAX_LORA_RANK", "16")))
 
     def resolve(self, ref: str) -> AdapterRecord | Refusal:
-        """The record to load for ``ref``, or the reason it is refused."""
+        """The record to load for ``ref``, or the reason it is refused; answers are kept ``ttl_s`` seconds and
+        shared by every resolver of the process with the same settings (the guard and vLLM's resolver plugin
+        ask about the same name one after the other: one registry read and one sha256 serve both)."""
+        key = (str(self.registry.path), self.base_hash, str(self.adapter_root), self.max_rank, ref)
+        now = time.monotonic()
+        with _ANSWERS_LOCK:
+            hit = _ANSWERS.get(key)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        outcome = self._resolve(ref)
+        with _ANSWERS_LOCK:
+            if len(_ANSWERS) > 10_000:  # names are client-chosen: bound the memory
+                _ANSWERS.clear()
+            _ANSWERS[key] = (now, outcome)
+        return outcome
+
+    def _resolve(self, ref: str) -> AdapterRecord | Refusal:
         if not NAME_RE.fullmatch(ref) or ".." in ref:
             return Refusal(400, "InvalidModelName", f"model {ref!r} is not a valid name: use letters, digits, "
                            "'.', '_', '-', optionally with @VERSION or :ALIAS (e.g. sentiment@2, sentiment:prod).")
@@ -142,21 +166,6 @@ class LoraFoundryGuard:
         self.api_key = os.environ.get("VLLM_API_KEY", "")
         self.resolver = AdapterResolver.from_env()
         self.static = _static_models()
-        self.ttl_s = float(os.environ.get("LORAFOUNDRY_RESOLVE_TTL_S", "2"))
-        self._cache: dict[str, tuple[float, AdapterRecord | Refusal]] = {}
-
-    async def lookup(self, ref: str) -> AdapterRecord | Refusal:
-        """The resolver's answer for ``ref``, cached for ``ttl_s`` seconds (a registry read and a sha256 per
-        miss, off the event loop)."""
-        now = time.monotonic()
-        hit = self._cache.get(ref)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
-        outcome = await asyncio.to_thread(self.resolver.resolve, ref)
-        if len(self._cache) > 10_000:  # names are client-chosen: bound the memory
-            self._cache.clear()
-        self._cache[ref] = (now, outcome)
-        return outcome
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -200,7 +209,7 @@ class LoraFoundryGuard:
                                     f"the adapter root {self.resolver.adapter_root}.").body())
         model = payload.get("model")
         if path in MODEL_PATHS and isinstance(model, str) and model not in self.static:
-            outcome = await self.lookup(model)
+            outcome = await asyncio.to_thread(self.resolver.resolve, model)  # off the event loop
             if isinstance(outcome, Refusal):
                 return await _send_json(send, outcome.status, outcome.body())
             concrete = f"{outcome.name}@{outcome.version}"

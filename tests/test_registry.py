@@ -398,3 +398,20 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
     make_adapter_dir(Path(gone.path), seed=1)
     assert export_registry(reg, tmp_path / "ok")["adapters"] == 2
     assert sorted(p.name for p in (tmp_path / "ok" / "adapters" / "a").iterdir()) == ["v1", "v2"]
+
+
+def test_resolver_answers_are_shared_for_their_time(tmp_path):
+    """The guard and vLLM's resolver plugin ask about the same name one after the other: the second asks no
+    registry; after the cache time a change (here an archive) is seen."""
+    from serving.guard import AdapterResolver, Refusal
+
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    root = tmp_path / "adapters"
+    rec = reg.register(NewAdapter(name="a", path=make_adapter_dir(root / "a1"), base_model="b",
+                                  base_model_hash="h" * 64))
+    guard, plugin = (AdapterResolver(tmp_path / "r.duckdb", "h" * 64, root, 16, ttl_s=60) for _ in range(2))
+    assert guard.resolve("a@1").adapter_sha256 == rec.adapter_sha256
+    reg.archive("a", 1)
+    assert not isinstance(plugin.resolve("a@1"), Refusal)  # the guard's answer, seconds old
+    fresh = AdapterResolver(tmp_path / "r.duckdb", "h" * 64, root, 16, ttl_s=0)
+    assert fresh.resolve("a@1").status == 403
