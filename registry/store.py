@@ -541,23 +541,33 @@ def _record(row: tuple) -> AdapterRecord:
 
 
 def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int) -> AdapterRecord:
-    """The same bytes registered again. Unchanged metrics and gate outcome: the existing row as it is. Otherwise
-    the version takes the new metrics, and the new gate outcome: a rejected version that now passes becomes a
-    candidate (and the champion rule applies); a candidate or champion that now fails is rejected (a champion
-    leaves its alias, so the name has no champion until another version earns it). Archived stays archived."""
+    """The same bytes registered again. Without new metrics: the existing row (plus the base's hash and the new
+    path when the row had no hash yet). With new metrics (a new evaluation): the version takes them, and the new
+    gate outcome: a rejected version that now passes becomes a candidate (and the champion rule applies); a
+    candidate or champion that now fails is rejected (a champion leaves its alias, so the name has no champion
+    until another version earns it). Archived stays archived."""
 
     def current() -> AdapterRecord:
         return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?",
                                    [new.name, version]).fetchone())
 
     rec = current()
+    # the base's hash and the files' place, when the first registration could not record them (an import
+    # before the base was on this machine): registering again with the base present is the fix the CLI names
+    if rec.base_model_hash is None and new.base_model_hash is not None:
+        con.execute("UPDATE adapters SET base_model_hash = ?, path = ? WHERE name = ? AND version = ?",
+                    [new.base_model_hash, str(Path(new.path).resolve()), new.name, version])
+        _event(con, actor, "update", new.name, version, {"base_model_hash": new.base_model_hash})
+        rec = current()
+    # only a new evaluation (metrics) can change the gate outcome: registering files again with no metrics
+    # (e.g. `registry register`) never turns a rejected version into a candidate
+    evaluated = bool(new.metrics)
     passes = new.status != "rejected"
-    status_changes = rec.status != "archived" and passes == (rec.status == "rejected")
-    if (not new.metrics or new.metrics == rec.metrics) and not status_changes:
+    status_changes = evaluated and rec.status != "archived" and passes == (rec.status == "rejected")
+    if not evaluated or (new.metrics == rec.metrics and not status_changes):
         return rec
-    if new.metrics:
-        con.execute("UPDATE adapters SET metrics = ? WHERE name = ? AND version = ?",
-                    [json.dumps(new.metrics), new.name, version])
+    con.execute("UPDATE adapters SET metrics = ? WHERE name = ? AND version = ?",
+                [json.dumps(new.metrics), new.name, version])
     status = rec.status
     if status_changes:
         status = "candidate" if passes else "rejected"

@@ -177,6 +177,23 @@ def test_same_bytes_re_evaluated_take_the_new_gate_outcome(tmp_path):
     reg.archive("a", 1)
     assert again("candidate", 2.0).status == "archived"  # a retired version stays retired
 
+    d2 = make_adapter_dir(tmp_path / "d2", seed=2)
+    reg.register(NewAdapter(name="c", path=d2, base_model="b", metrics=_metrics(2.0), status="rejected"))
+    plain = reg.register(NewAdapter(name="c", path=d2, base_model="b"))  # files again, no evaluation
+    assert plain.status == "rejected"  # only an evaluation can pass a gate
+
+
+def test_registering_again_with_the_base_present_records_its_hash(tmp_path):
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    d = make_adapter_dir(tmp_path / "outside")
+    first = reg.register(NewAdapter(name="x", path=d, base_model="b"))
+    assert first.base_model_hash is None
+    home_copy = make_adapter_dir(tmp_path / "adapters" / "imported" / "x")  # same bytes, inside the home
+    again = reg.register(NewAdapter(name="x", path=home_copy, base_model="b", base_model_hash="h" * 64))
+    assert (again.version, again.base_model_hash, again.path) == (1, "h" * 64, str(home_copy.resolve()))
+    assert reg.register(NewAdapter(name="x", path=d, base_model="b", base_model_hash="z" * 64)).base_model_hash \
+        == "h" * 64  # a recorded hash is never replaced
+
 
 def test_champion_rule_higher_is_better_and_always(tmp_path):
     reg = AdapterRegistry(tmp_path / "r.duckdb")
