@@ -17,7 +17,7 @@ from orchestration.resources import LoraFoundryHome, RegistryResource, ServingRe
 from registry.store import AdapterRegistry
 from serving import deployment
 from serving.launch import ServerError
-from serving.notify import notify_promotion
+from serving.notify import ServerUnavailable, notify_promotion
 
 
 def dataset_signature(path: Path) -> str:
@@ -76,8 +76,9 @@ def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | No
     """Reload every name promoted since ``after`` (an event timestamp) on the running server.
 
     With no cursor yet (``after`` None) nothing is sent: the server started with the champions of that moment, so
-    only the newest promotion's time is recorded. When a reload fails the cursor does not move, so the next call
-    tries again (reloading in place is idempotent).
+    only the newest promotion's time is recorded (the epoch when there is none, so the first promotion counts).
+    When the server cannot be reached or fails (5xx) the cursor does not move and the next call tries again
+    (reloading in place is idempotent); a refusal (no admin key, 4xx) is reported once and not retried.
 
     Args:
         registry: the registry whose promote events are read.
@@ -91,10 +92,10 @@ def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | No
     sql = "SELECT occurred_at::VARCHAR, name, version FROM events WHERE action = 'promote'"
     _, rows = registry.query(sql + (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1",
                              [after] if after else [])
+    if after is None:
+        return [], rows[-1][0] if rows else "1970-01-01 00:00:00"
     if not rows:
         return [], after
-    if after is None:
-        return [], rows[-1][0]
     state = deployment.current(home)
     target = url or (state["url"] if state else None)
     lines, failed = [], False
@@ -112,9 +113,11 @@ def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | No
         try:
             notify_promotion(target, name, rec.path, admin_key=admin_key)
             lines.append(f"{name}@{version}: the server at {target} now serves it as {name}")
-        except ServerError as e:
+        except ServerUnavailable as e:
             failed = True
             lines.append(f"{name}@{version}: could not update the server (will retry): {e}")
+        except ServerError as e:
+            lines.append(f"{name}@{version}: the server refused the update (not retried): {e}")
     return lines, after if failed else rows[-1][0]
 
 

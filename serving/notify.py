@@ -29,6 +29,11 @@ def notify_promotion(url: str, name: str, adapter_path: str, admin_key: str | No
         r = httpx.post(f"{url.rstrip('/')}/v1/load_lora_adapter", headers=headers, timeout=timeout_s,
                        json={"lora_name": name, "lora_path": adapter_path, "load_inplace": True})
     except httpx.HTTPError as e:
-        raise ServerError(f"could not reach {url} to reload {name!r}: {e}") from e
+        raise ServerUnavailable(f"could not reach {url} to reload {name!r}: {e}") from e
     if r.status_code != 200:
-        raise ServerError(f"{url} refused to reload {name!r} ({r.status_code}): {r.text[:500]}")
+        kind = ServerUnavailable if r.status_code >= 500 else ServerError
+        raise kind(f"{url} refused to reload {name!r} ({r.status_code}): {r.text[:500]}")
+
+
+class ServerUnavailable(ServerError):
+    """The server could not be reached or failed (5xx): worth trying again later, unlike a refusal (4xx)."""

@@ -87,13 +87,17 @@ def test_automation_follows_upstream_only_after_blocking_checks_pass(tmp_path, r
         assert requested(fixed) == chain
 
 
-def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path):
+def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path, monkeypatch):
     from orchestration.sensors import notify_new_promotions
     from registry.store import AdapterRegistry, NewAdapter
 
     reg = AdapterRegistry(tmp_path / "registry.duckdb")
     v = [reg.register(NewAdapter(name="a", path=make_adapter_dir(tmp_path / f"d{i}", seed=i), base_model="b",
-                                 promote="manual")) for i in range(3)]
+                                 promote="manual")) for i in range(4)]
+    lines, empty = notify_new_promotions(reg, tmp_path, None)  # no promotion yet: the very first one will count
+    reg.promote("a", v[3].version)
+    assert notify_new_promotions(reg, tmp_path, empty)[0] == [
+        f"a@{v[3].version}: promoted; no running deployment serves a"]
     reg.promote("a", v[0].version)
     lines, cursor = notify_new_promotions(reg, tmp_path, None)
     assert lines == [] and cursor  # the first tick records history, sends nothing
@@ -109,3 +113,8 @@ def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path):
     lines, moved = notify_new_promotions(reg, tmp_path, cursor)  # no deployment: nothing to update
     assert lines == [f"a@{v[1].version}: promoted; no running deployment serves a"] and moved > cursor
     assert notify_new_promotions(reg, tmp_path, moved) == ([], moved)
+
+    reg.promote("a", v[2].version)  # a refusal (here: no admin key at all) is reported once, not retried
+    monkeypatch.delenv("LORAFOUNDRY_ADMIN_KEY", raising=False)
+    lines, after = notify_new_promotions(reg, tmp_path, moved, url=dead)
+    assert "refused the update (not retried)" in lines[0] and after > moved
