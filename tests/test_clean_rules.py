@@ -40,11 +40,12 @@ def quarantined(report) -> dict[int, str]:
     return {int(r["source"].rsplit(":", 1)[1]): r["reason"] for r in read_split(report, "quarantine")}
 
 
-# Each bad row, after 40 good ones, and the reason it must get. 28 kinds.
+# Each bad row, after 40 good ones, and the reason it must get. 30 kinds.
 BAD_ROWS = [
     (b"\xff\xfe not utf-8 {\"messages\": []}", "invalid_utf8"),
     ("", "blank_line"),
     ("   ", "blank_line"),
+    ("\u00a0\u3000", "blank_line"),  # Unicode spaces only
     ("{not json", "invalid_json"),
     ('{"messages": [}', "invalid_json"),
     ("[1, 2, 3]", "not_an_object"),
@@ -57,6 +58,8 @@ BAD_ROWS = [
     ({"messages": [{"role": None, "content": "q"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
     ({"messages": [None, {"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
     ({"messages": ["q", {"role": "assistant", "content": "x"}]}, "wrong_type"),
+    ({"messages": [{"content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]},
+     "wrong_type"),  # a message without a role (before, it passed and kept a null role)
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "x"}]},
      "wrong_type"),
     ({"messages": []}, "empty_conversation"),
