@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -21,12 +22,11 @@ def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
     registered meanwhile is either fully in the export or not at all; the export is built next to ``out`` and
     renamed into place, so a failure leaves no half-written export.
     """
-    out = Path(out)
+    out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise RegistryError(f"{out} is not empty. Fix: export into a new dir.")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     counts: dict[str, int] = {}
     sources: list[tuple[str, int, str]] = []
 
@@ -43,9 +43,12 @@ def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
         reg._with_retry(op, read_only=True)
         for name, version, path in sources:
             shutil.copytree(path, tmp / "adapters" / name / f"v{version}")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
+        if out.exists():  # empty (checked above), maybe someone's working dir: keep it, move the entries in
+            for entry in tmp.iterdir():
+                entry.rename(out / entry.name)
+            tmp.rmdir()
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

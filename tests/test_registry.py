@@ -399,7 +399,7 @@ def test_cli_register_brings_files_home_and_records_the_base(tmp_path, random_ba
     assert isinstance(resolver.resolve("nobase@1"), Refusal)
 
 
-def test_failed_export_leaves_nothing_behind(tmp_path):
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     import shutil
 
     from registry.portable import export_registry
@@ -415,6 +415,10 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
     make_adapter_dir(Path(gone.path), seed=1)
     assert export_registry(reg, tmp_path / "ok")["adapters"] == 2
     assert sorted(p.name for p in (tmp_path / "ok" / "adapters" / "a").iterdir()) == ["v1", "v2"]
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert export_registry(reg, Path("."))["adapters"] == 2  # `registry export .` in an empty dir
+    assert (tmp_path / "here" / "adapters.parquet").exists()
 
 
 def test_resolver_answers_are_shared_for_their_time(tmp_path):
