@@ -448,6 +448,7 @@ def registry_register(
     Face cache), which is what lets the server load it.
     """
     import shutil
+    import tempfile
 
     from lora_assets.base_model import resolve_base_model
     from registry.store import NewAdapter, RegistryError, adapter_sha256, check_adapter_dir
@@ -464,21 +465,37 @@ def registry_register(
             raise RegistryError(f"name {name!r} is not valid. Fix: use letters, digits, '.', '_' or '-'.")
         try:
             base_hash = resolve_base_model(base, h).content_hash
-        except (FileNotFoundError, OSError) as e:
+        except Exception as e:  # not on this machine, or not loadable: register anyway, say what it means
             base_hash = None
-            err.print(f"[yellow]note[/yellow]: {e}\nRegistered without the base's hash, so no server will load it. "
-                      "Fix: register again with --base-model set to the local model dir.", highlight=False)
+            err.print(f"[yellow]note[/yellow]: base model {base!r}: {e}\nRegistered without the base's hash, so no "
+                      "server will load it. Fix: register again with --base-model set to the local model dir.",
+                      highlight=False)
         src = Path(adapter_dir).resolve()
         root = (h / "adapters").resolve()
-        dest = src if src.is_relative_to(root) else root / "imported" / name / adapter_sha256(src)[0][:16]
-        if not dest.exists():
-            shutil.copytree(src, dest.with_name(dest.name + ".tmp"), dirs_exist_ok=True)
-            dest.with_name(dest.name + ".tmp").rename(dest)
-        rec = _registry(home).register(NewAdapter(
-            name=name, path=dest, base_model=base, base_model_hash=base_hash, method="lora", dataset=dataset,
-            training_config={"imported_from": str(src),
-                             **{k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")}}))
-    except RegistryError as e:
+        dest, created = src, False
+        if not src.is_relative_to(root):  # the adapter's own files (not checkpoints or other dirs), under the home
+            dest = root / "imported" / name / adapter_sha256(src)[0][:16]
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
+                for f in src.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+                try:
+                    tmp.rename(dest)
+                    created = True
+                except OSError:  # another register of the same files got there first
+                    shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            rec = _registry(home).register(NewAdapter(
+                name=name, path=dest, base_model=base, base_model_hash=base_hash, method="lora", dataset=dataset,
+                training_config={"imported_from": str(src), **{k: cfg.get(k) for k in (
+                    "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")}}))
+        except BaseException:
+            if created:
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
+    except (RegistryError, OSError) as e:
         _fail(e)
     if as_json:
         sys.stdout.write(json.dumps(rec.model_dump(mode="json")) + "\n")
