@@ -517,6 +517,14 @@ def _permutations(seed: int) -> tuple[np.ndarray, np.ndarray]:
 _CHUNK_SHINGLES = 1 << 16
 
 
+def _workers() -> int:
+    """Threads for the numpy stages: the CPUs this process may run on (its affinity, e.g. a container cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _row_chunks(row_ids: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Row starts in a row-grouped array, and ranges of rows holding about ``_CHUNK_SHINGLES`` entries each."""
     starts = np.flatnonzero(np.r_[True, row_ids[1:] != row_ids[:-1]])
@@ -547,7 +555,7 @@ def _chunked_signatures(row_ids: np.ndarray, values: np.ndarray, seed: int, shin
                 buf += b[k]
                 out[:, k] = np.minimum.reduceat(buf, local)
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(_workers()) as pool:
         list(pool.map(unit, units))
     return sig
 
@@ -581,8 +589,10 @@ def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
         perm = np.argsort(key, kind="stable")  # equal keys together, earliest row first
         return perm, key[perm]
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # the sorts on every core; the checks in band order
-        for perm, sorted_key in pool.map(band_order, range(_LSH_BANDS)):
+    workers = _workers()
+    with ThreadPoolExecutor(workers) as pool:  # the sorts on every core, a few bands at a time; checks in order
+        for perm, sorted_key in (r for first in range(0, _LSH_BANDS, workers)
+                                 for r in pool.map(band_order, range(first, min(first + workers, _LSH_BANDS)))):
             first_of_group = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
             leader = perm[np.maximum.accumulate(np.where(first_of_group, index, 0))]
             cand = (leader != perm) & (out[perm] < 0)
