@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.store import AdapterRecord, AdapterRegistry, RegistryError, adapter_sha256
+from registry.store import ADAPTER_FILES, AdapterRecord, AdapterRegistry, RegistryError, adapter_sha256
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+(@[0-9]+|:[A-Za-z0-9._-]+)?")
 # vLLM's adapter-loading endpoints; with runtime LoRA updating on it also serves POST/DELETE /adapters[/{name}]
@@ -46,6 +46,8 @@ MODEL_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1
 #: Resolver answers shared across the process: (settings..., ref) -> (monotonic time, answer).
 _ANSWERS: dict[tuple, tuple[float, AdapterRecord | Refusal]] = {}
 _ANSWERS_LOCK = threading.Lock()
+#: Adapter dir -> (size and mtime of its files, their sha256).
+_HASHED: dict[Path, tuple[tuple, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,27 @@ class AdapterResolver:
             return Refusal(403, "PathNotAllowed", f"{rec.name}@{rec.version} lives outside the adapter root "
                            f"{self.adapter_root}; the server reads nothing else.")
         try:
-            sha, _ = adapter_sha256(path)
+            sha = _files_sha256(path)
         except OSError as e:
             return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable ({e}).")
         if sha != rec.adapter_sha256:
             return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files changed after "
                            "registration (sha256 mismatch); refused. Fix: `lorafoundry registry verify`.")
         return rec
+
+
+def _files_sha256(path: Path) -> str:
+    """The adapter's sha256, recomputed only when a file's size or modification time changed since the last
+    time (the guard re-checks a name every few seconds; hashing large adapters each time would be the cost)."""
+    stamp = tuple((f, (path / f).stat().st_size, (path / f).stat().st_mtime_ns) for f in ADAPTER_FILES)
+    with _ANSWERS_LOCK:
+        known = _HASHED.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    sha, _ = adapter_sha256(path)
+    with _ANSWERS_LOCK:
+        _HASHED[path] = (stamp, sha)
+    return sha
 
 
 def _static_models() -> set[str]:

@@ -436,3 +436,11 @@ def test_resolver_answers_are_shared_for_their_time(tmp_path):
     assert not isinstance(plugin.resolve("a@1"), Refusal)  # the guard's answer, seconds old
     fresh = AdapterResolver(tmp_path / "r.duckdb", "h" * 64, root, 16, ttl_s=0)
     assert fresh.resolve("a@1").status == 403
+    reg.register(NewAdapter(name="a", path=make_adapter_dir(root / "a2", seed=2), base_model="b",
+                            base_model_hash="h" * 64))
+    assert not isinstance(fresh.resolve("a@2"), Refusal)  # hashed once; later checks see unchanged files
+    weights = root / "a2" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))  # a new mtime: hashed again
+    assert fresh.resolve("a@2").status == 409
