@@ -17,7 +17,7 @@ from orchestration.resources import LoraFoundryHome, RegistryResource, ServingRe
 from registry.store import AdapterRegistry
 from serving import deployment
 from serving.launch import ServerError
-from serving.notify import ServerUnavailable, notify_promotion
+from serving.notify import ServerUnavailable, notify_promotion, notify_unload
 
 
 def dataset_signature(path: Path) -> str:
@@ -73,23 +73,26 @@ def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
 
 def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | None, url: str | None = None,
                           admin_key: str | None = None) -> tuple[list[str], str | None]:
-    """Reload every name promoted since ``after`` (an event timestamp) on the running server.
+    """Bring the running server up to date with every name whose champion changed since ``after`` (an event
+    timestamp): promoted, or rejected on re-evaluation. The plain name is reloaded in place with what a fresh
+    deployment would serve (the champion, else the latest candidate), or unloaded when nothing is servable.
 
     With no cursor yet (``after`` None) nothing is sent: the server started with the champions of that moment, so
-    only the newest promotion's time is recorded (the epoch when there is none, so the first promotion counts).
+    only the newest event's time is recorded (the epoch when there is none, so the first promotion counts).
     When the server cannot be reached or fails (5xx) the cursor does not move and the next call tries again
     (reloading in place is idempotent); a refusal (no admin key, 4xx) is reported once and not retried.
 
     Args:
-        registry: the registry whose promote events are read.
+        registry: the registry whose events are read.
         home: the home dir whose running deployment (``serving/deployment.json``) is updated.
-        after: the cursor: the time of the last promotion handled.
+        after: the cursor: the time of the last event handled.
         url: send to this server instead of the deployment's own URL (e.g. a load balancer).
         admin_key: the server's admin key (default LORAFOUNDRY_ADMIN_KEY).
 
-    Returns (one line per promotion handled, the new cursor).
+    Returns (one line per name handled, the new cursor).
     """
-    sql = "SELECT occurred_at::VARCHAR, name, version FROM events WHERE action = 'promote'"
+    sql = ("SELECT occurred_at::VARCHAR, name, version FROM events WHERE (action = 'promote' OR (action = "
+           "'reevaluate' AND detail->>'previous_status' = 'champion' AND detail->>'status' = 'rejected'))")
     _, rows = registry.query(sql + (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1",
                              [after] if after else [])
     if after is None:
@@ -102,31 +105,35 @@ def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | No
     latest: dict[str, int] = {}
     for _, name, version in rows:
         latest[name] = version
+    base = state.get("base_hash") if state and url is None else None  # only versions trained on its base
+    servable = [r for r in registry.servable() if base is None or r.base_model_hash == base]
     for name, version in latest.items():
         if target is None or (url is None and name not in state["models"]):
             lines.append(f"{name}@{version}: promoted; no running deployment serves {name}")
             continue
-        rec = registry.get(name, version)
-        if rec.status != "champion":
-            lines.append(f"{name}@{version}: no longer the champion, skipped")
-            continue
+        pick = next((r for r in servable if r.name == name), None)
         try:
-            notify_promotion(target, name, rec.path, admin_key=admin_key)
-            lines.append(f"{name}@{version}: the server at {target} now serves it as {name}")
+            if pick is None:
+                notify_unload(target, name, admin_key=admin_key)
+                lines.append(f"{name}: no servable version left; unloaded from {target}")
+            else:
+                notify_promotion(target, name, pick.path, admin_key=admin_key)
+                lines.append(f"{name}@{pick.version}: the server at {target} now serves it as {name}")
         except ServerUnavailable as e:
             failed = True
-            lines.append(f"{name}@{version}: could not update the server (will retry): {e}")
+            lines.append(f"{name}: could not update the server (will retry): {e}")
         except ServerError as e:
-            lines.append(f"{name}@{version}: the server refused the update (not retried): {e}")
+            lines.append(f"{name}: the server refused the update (not retried): {e}")
     return lines, after if failed else rows[-1][0]
 
 
 def build_promotion_sensor() -> dg.SensorDefinition:
     @dg.sensor(name="promotions_to_server", minimum_interval_seconds=15,
                default_status=dg.DefaultSensorStatus.STOPPED,
-               description="When a version becomes a name's champion, reload that name on the running vLLM "
-               "server in place (no restart); needs the serving resource's admin key (LORAFOUNDRY_ADMIN_KEY). "
-               "A failed reload is retried on the next tick.")
+               description="When a name's champion changes (a promotion, or a champion rejected on "
+               "re-evaluation), reload that name on the running vLLM server in place (no restart), or unload it "
+               "when nothing is servable; needs the serving resource's admin key (LORAFOUNDRY_ADMIN_KEY). An "
+               "unreachable server is retried on the next tick.")
     def promotions_to_server(context: dg.SensorEvaluationContext, lorafoundry: LoraFoundryHome,
                              registry: RegistryResource, serving: ServingResource) -> dg.SkipReason:
         lines, cursor = notify_new_promotions(registry.open(actor="sensor"), Path(lorafoundry.home),

@@ -151,7 +151,8 @@ def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: li
     _wait_port_free(url)
     server = VLLMServer(cmd, env, Path(home) / "logs" / "vllm-deployment.log", url).start()
     server.wait_ready(timeout_s, on_wait=on_wait)
-    state = {"pid": server.proc.pid, "url": url, "cmd": cmd, "models": models, "started_at": time.time()}
+    state = {"pid": server.proc.pid, "url": url, "cmd": cmd, "models": models, "started_at": time.time(),
+             "base_hash": env.get("LORAFOUNDRY_BASE_HASH")}  # which adapters it can take (promotion sensor)
     path = state_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

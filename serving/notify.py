@@ -35,5 +35,21 @@ def notify_promotion(url: str, name: str, adapter_path: str, admin_key: str | No
         raise kind(f"{url} refused to reload {name!r} ({r.status_code}): {r.text[:500]}")
 
 
+def notify_unload(url: str, name: str, admin_key: str | None = None, timeout_s: float = 60) -> None:
+    """Unload ``name`` from the server at ``url`` (no version of it may be served any more); a later request
+    for it goes through the registry resolver again. Raises like :func:`notify_promotion`."""
+    key = admin_key or os.environ.get("LORAFOUNDRY_ADMIN_KEY")
+    if not key:
+        raise ServerError("no admin key: set LORAFOUNDRY_ADMIN_KEY to the key the server was started with.")
+    try:
+        r = httpx.post(f"{url.rstrip('/')}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=timeout_s,
+                       headers=auth_headers() | {"X-Admin-Key": key})
+    except httpx.HTTPError as e:
+        raise ServerUnavailable(f"could not reach {url} to unload {name!r}: {e}") from e
+    if r.status_code != 200:
+        kind = ServerUnavailable if r.status_code >= 500 else ServerError
+        raise kind(f"{url} refused to unload {name!r} ({r.status_code}): {r.text[:500]}")
+
+
 class ServerUnavailable(ServerError):
     """The server could not be reached or failed (5xx): worth trying again later, unlike a refusal (4xx)."""

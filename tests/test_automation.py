@@ -118,3 +118,50 @@ def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path, mo
     monkeypatch.delenv("LORAFOUNDRY_ADMIN_KEY", raising=False)
     lines, after = notify_new_promotions(reg, tmp_path, moved, url=dead)
     assert "refused the update (not retried)" in lines[0] and after > moved
+
+
+def test_promotion_sensor_reloads_or_unloads_when_a_champion_is_rejected(tmp_path, monkeypatch):
+    """Decision logic against a recording HTTP endpoint (the real reload is tested on the session's vLLM in
+    test_serving): a champion rejected on re-evaluation is replaced by the name's next servable version, or
+    unloaded when there is none."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from orchestration.sensors import notify_new_promotions
+    from registry.store import AdapterRegistry, NewAdapter
+
+    seen: list[tuple[str, dict]] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("LORAFOUNDRY_ADMIN_KEY", "k")
+    try:
+        reg = AdapterRegistry(tmp_path / "registry.duckdb")
+        metrics = {"eval_loss": {"base": 2.0, "adapter": 1.0}}
+
+        def add(name: str, seed: int, status: str = "candidate"):
+            return reg.register(NewAdapter(name=name, path=make_adapter_dir(tmp_path / f"{name}{seed}", seed=seed),
+                                           base_model="b", metrics=metrics, status=status, promote="manual"))
+
+        a1, a2, b1 = add("a", 1), add("a", 2), add("b", 3)
+        reg.promote("a", a2.version)
+        reg.promote("b", b1.version)
+        _, cursor = notify_new_promotions(reg, tmp_path, None, url=url)
+        add("a", 2, status="rejected")  # a's champion fails a re-evaluation: a1 is what a deployment would serve
+        add("b", 3, status="rejected")  # b's only version fails: nothing left to serve
+        lines, _ = notify_new_promotions(reg, tmp_path, cursor, url=url)
+        assert seen == [("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": a1.path, "load_inplace": True}),
+                        ("/v1/unload_lora_adapter", {"lora_name": "b"})], lines
+    finally:
+        server.shutdown()

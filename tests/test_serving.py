@@ -280,13 +280,17 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
         assert complete(url, f"sentiment@{old.version}", prompt) == before  # the old one is still there
         assert deployment_pid(session_home) == pid  # no restart
     finally:
-        # back through the Dagster sensor's path: promote in the registry, then let the sensor notify the server
+        # back through the Dagster sensor's path: the new champion fails a re-evaluation (same files, rejected),
+        # and the sensor reloads what a deployment would serve now: the old version, a candidate again
         from orchestration.sensors import notify_new_promotions
 
         _, cursor = notify_new_promotions(reg, session_home, None)  # everything so far is handled
-        reg.promote("sentiment", old.version)
+        demoted = reg.register(NewAdapter(name="sentiment", path=other, base_model=old.base_model, status="rejected",
+                                          base_model_hash=old.base_model_hash, metrics=old.metrics))
+        assert (demoted.version, demoted.status) == (new.version, "rejected")
         lines, _ = notify_new_promotions(reg, session_home, cursor)
         assert lines == [f"sentiment@{old.version}: the server at {url} now serves it as sentiment"], lines
+        reg.promote("sentiment", old.version)
         reg.archive("sentiment", new.version)
     assert complete(url, "sentiment", prompt) == before
 
