@@ -579,22 +579,22 @@ def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
     n = sig.shape[0]
     out = np.full(n, -1, dtype=np.int64)
     rows_per_band = _MINHASH_PERMUTATIONS // _LSH_BANDS
-    index = np.arange(n)
 
     def band_order(band: int) -> tuple[np.ndarray, np.ndarray]:
         key = np.zeros(n, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for col in sig[:, band * rows_per_band:(band + 1) * rows_per_band].T:
                 key = (key ^ col.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # mix the band into one key
-        perm = np.argsort(key, kind="stable")  # equal keys together, earliest row first
+        perm = np.argsort(key)  # equal keys together (numpy's SIMD sort: 5x a stable sort on 64-bit keys)
         return perm, key[perm]
 
     workers = _workers()
     with ThreadPoolExecutor(workers) as pool:  # the sorts on every core, a few bands at a time; checks in order
         for perm, sorted_key in (r for first in range(0, _LSH_BANDS, workers)
                                  for r in pool.map(band_order, range(first, min(first + workers, _LSH_BANDS)))):
-            first_of_group = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
-            leader = perm[np.maximum.accumulate(np.where(first_of_group, index, 0))]
+            starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+            # each group's earliest row leads it (what a stable sort would have put first)
+            leader = np.repeat(np.minimum.reduceat(perm, starts), np.diff(np.r_[starts, n]))
             cand = (leader != perm) & (out[perm] < 0)
             rows, leads = perm[cand], leader[cand]
             if len(rows):

@@ -222,6 +222,9 @@ def test_minhash_finds_near_duplicates_and_spares_distinct_rows():
     sig = minhash_signatures(rids, np.concatenate(rows))
     dup = near_duplicate_of(sig, 0.9)
     assert dup[50] == 3 and dup[51] == -1 and (dup[:50] == -1).all()
+    same = np.random.default_rng(1).integers(0, 2**32, size=(12, 64), dtype=np.uint64).astype(np.uint32)
+    same[[7, 9, 2]] = same[4]  # four identical rows: the earliest (4 is later than 2) keeps, the rest point to it
+    assert near_duplicate_of(same, 0.9).tolist() == [-1, -1, -1, -1, 2, -1, -1, 2, -1, 2, -1, -1]
 
 
 def test_chunked_minhash_equals_the_one_pass_definition():
