@@ -437,15 +437,16 @@ def registry_register(
         adapter_dir: Annotated[Path, typer.Argument(help="A peft LoRA adapter dir (adapter_config.json + "
                                                     "adapter_model.safetensors).")],
         name: Annotated[str, typer.Option("--name", help="Name to register it under.")],
-        base_model: Annotated[str | None, typer.Option(help="Base model id; default: base_model_name_or_path in "
-                                                       "adapter_config.json.")] = None,
+        base_model: Annotated[str | None, typer.Option(help="Base model: a local model dir, builtin:tiny or a hub id "
+                                                       "(default: base_model_name_or_path in adapter_config.json).")
+                              ] = None,
         dataset: Annotated[str | None, typer.Option(help="Dataset it was trained on (lineage).")] = None,
         home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Bring in an adapter trained elsewhere, as a candidate (idempotent: the same files give the same version).
 
-    The files are copied under <home>/adapters/imported/ (the server reads adapters from there only), and the base
-    model's content hash is recorded when the base is on this machine (a local dir, builtin:tiny, or the Hugging
-    Face cache), which is what lets the server load it.
+    The files are copied under <home>/adapters/imported/ (the server reads adapters only from <home>/adapters), and
+    the base model's content hash is recorded when the base is on this machine (a local dir, builtin:tiny, or the
+    Hugging Face cache), which is what lets the server load it.
     """
     import shutil
     import tempfile
