@@ -21,34 +21,30 @@ def notify_promotion(url: str, name: str, adapter_path: str, admin_key: str | No
         adapter_path: the new champion's adapter dir (inside the server's adapter root).
         admin_key: the server's admin key; default ``LORAFOUNDRY_ADMIN_KEY``.
     """
-    key = admin_key or os.environ.get("LORAFOUNDRY_ADMIN_KEY")
-    if not key:
-        raise ServerError("no admin key: set LORAFOUNDRY_ADMIN_KEY to the key the server was started with.")
-    headers = auth_headers() | {"X-Admin-Key": key}
-    try:
-        r = httpx.post(f"{url.rstrip('/')}/v1/load_lora_adapter", headers=headers, timeout=timeout_s,
-                       json={"lora_name": name, "lora_path": adapter_path, "load_inplace": True})
-    except httpx.HTTPError as e:
-        raise ServerUnavailable(f"could not reach {url} to reload {name!r}: {e}") from e
-    if r.status_code != 200:
-        kind = ServerUnavailable if r.status_code >= 500 else ServerError
-        raise kind(f"{url} refused to reload {name!r} ({r.status_code}): {r.text[:500]}")
+    _admin_post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter_path, "load_inplace": True},
+                f"reload {name!r}", admin_key, timeout_s)
 
 
 def notify_unload(url: str, name: str, admin_key: str | None = None, timeout_s: float = 60) -> None:
     """Unload ``name`` from the server at ``url`` (no version of it may be served any more); a later request
     for it goes through the registry resolver again. Raises like :func:`notify_promotion`."""
+    _admin_post(url, "/v1/unload_lora_adapter", {"lora_name": name}, f"unload {name!r}", admin_key, timeout_s)
+
+
+def _admin_post(url: str, path: str, body: dict, what: str, admin_key: str | None, timeout_s: float) -> None:
+    """POST to one of vLLM's adapter endpoints with the admin key; :class:`ServerUnavailable` when the server
+    cannot be reached or fails (5xx), :class:`ServerError` when it refuses (or there is no key)."""
     key = admin_key or os.environ.get("LORAFOUNDRY_ADMIN_KEY")
     if not key:
         raise ServerError("no admin key: set LORAFOUNDRY_ADMIN_KEY to the key the server was started with.")
     try:
-        r = httpx.post(f"{url.rstrip('/')}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=timeout_s,
+        r = httpx.post(f"{url.rstrip('/')}{path}", json=body, timeout=timeout_s,
                        headers=auth_headers() | {"X-Admin-Key": key})
     except httpx.HTTPError as e:
-        raise ServerUnavailable(f"could not reach {url} to unload {name!r}: {e}") from e
+        raise ServerUnavailable(f"could not reach {url} to {what}: {e}") from e
     if r.status_code != 200:
         kind = ServerUnavailable if r.status_code >= 500 else ServerError
-        raise kind(f"{url} refused to unload {name!r} ({r.status_code}): {r.text[:500]}")
+        raise kind(f"{url} refused to {what} ({r.status_code}): {r.text[:500]}")
 
 
 class ServerUnavailable(ServerError):
