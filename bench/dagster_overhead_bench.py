@@ -26,7 +26,7 @@ def run_plain(home: Path) -> None:
     from lora_assets.pipeline import Pipeline
     from lora_assets.spec import load_spec
 
-    spec = load_spec(ROOT / "examples" / "demo.yaml")
+    spec = load_spec(ROOT / "examples" / "tiny.yaml")
     pipe = Pipeline(spec, home)
     for name in spec.datasets:
         pipe.clean(name)
@@ -43,7 +43,7 @@ def run_dagster(home: Path) -> None:
     from orchestration.assets import build_assets
     from orchestration.resources import resources_from_env
 
-    spec = load_spec(ROOT / "examples" / "demo.yaml")
+    spec = load_spec(ROOT / "examples" / "tiny.yaml")
     result = dg.materialize(build_assets(spec, deployment=False),
                             resources=resources_from_env(home))
     assert result.success

@@ -261,6 +261,8 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 def _pretrain(model, tokenizer, texts: list[str], recipe: dict, say) -> list[float]:
     import torch
 
+    from lora_assets.hardware import native_bf16
+
     ids: list[int] = []
     for t in texts:
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
@@ -277,7 +279,7 @@ def _pretrain(model, tokenizer, texts: list[str], recipe: dict, say) -> list[flo
     t0 = time.time()
     for step in range(steps):
         batch = data[torch.randint(0, data.shape[0], (bs,), generator=gen)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16()):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

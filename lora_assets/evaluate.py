@@ -1,7 +1,8 @@
 """Evaluation of an adapter against its base model on the held-out split.
 
-Both are run at the dtype serving uses (bf16 by default), on the same rows, with greedy decoding: eval loss and
-perplexity on assistant tokens; exact match and chrF of the generated answer against the reference. Every gain
+Both are run at the dtype serving uses (bf16 where the hardware has it, else fp32), on the same rows, with greedy
+decoding: eval loss and perplexity on assistant tokens; exact match, contains and chrF of the generated answer
+against the reference. Every gain
 (adapter minus base; for loss and perplexity, base minus adapter, so positive is better) carries a 95% paired
 bootstrap confidence interval over the eval rows. With the same data, model and seed the numbers reproduce
 exactly.
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
+from lora_assets.hardware import resolve_dtype, torch_dtype
 from lora_assets.spec import AdapterSpec, GateSpec
 from lora_assets.train import tokenize_example
 from registry.store import LOWER_IS_BETTER
@@ -142,11 +144,15 @@ def normalize_answer(text: str) -> str:
     return text.strip(" .!?,;:'\"")
 
 
-def _dtype(name: str):
-    import torch
+def contains_answer(output: str, reference: str) -> bool:
+    """Whether the normalized reference occurs in the normalized output, starting at a word boundary.
 
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-            "auto": torch.bfloat16}[name]
+    Fair to a chatty model that answers in a sentence ("These are all fruits." for the reference "fruit"), which
+    exact match scores 0; "grapefruit" does not contain "fruit". An output naming several candidates also
+    counts, so read it next to exact match, never alone.
+    """
+    ref = normalize_answer(reference)
+    return bool(ref) and re.search(r"(?<!\w)" + re.escape(ref), normalize_answer(output)) is not None
 
 
 def _row_losses(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> tuple[list[float], list[int]]:
@@ -210,22 +216,23 @@ def check_gate(gate: GateSpec | None, metrics: dict[str, dict[str, float]]) -> G
 def _precision_agreement(base: BaseModelRef, adapter_dir: Path, tokenizer, prompts: list[str],
                          serving_outputs: list[str], max_new_tokens: int) -> dict:
     """Greedy outputs of a QLoRA adapter on its 4-bit training base against those on the served base."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    compute = torch_dtype("auto")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=torch.bfloat16)
+                               bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=compute)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     trained = _generate(model, tokenizer, prompts, max_new_tokens)
     same = sum(a == b for a, b in zip(trained, serving_outputs, strict=True))
-    return {"training_precision": "nf4 (4-bit, double quant) + bf16 compute", "rows": len(prompts),
+    return {"training_precision": f"nf4 (4-bit, double quant) + {resolve_dtype('auto')} compute",
+            "rows": len(prompts),
             "identical_greedy_outputs": same, "share_identical": round(same / len(prompts), 4)}
 
 
 def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport,
-                     dtype: str = "bfloat16", max_new_tokens: int = 32, seed: int = 0) -> EvalResult:
+                     dtype: str = "auto", max_new_tokens: int = 32, seed: int = 0) -> EvalResult:
     """Evaluate base and adapter on the held-out split and write ``eval_results.json`` into the adapter dir.
 
     Args:
@@ -252,7 +259,7 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch_dtype(dtype))
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
 
@@ -270,10 +277,15 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
     def em(outs: list[str]) -> list[float]:
         return [float(normalize_answer(o) == normalize_answer(r)) for o, r in zip(outs, refs, strict=True)]
 
+    def contains(outs: list[str]) -> list[float]:
+        return [float(contains_answer(o, r)) for o, r in zip(outs, refs, strict=True)]
+
     def chrfs(outs: list[str]) -> list[float]:
         return [chrf(o, r) for o, r in zip(outs, refs, strict=True)]
 
-    metrics = metric_table({"exact_match": (em(base_out), em(ad_out)), "chrf": (chrfs(base_out), chrfs(ad_out))},
+    metrics = metric_table({"exact_match": (em(base_out), em(ad_out)),
+                            "contains": (contains(base_out), contains(ad_out)),
+                            "chrf": (chrfs(base_out), chrfs(ad_out))},
                            (base_sums, ad_sums, counts), seed=seed)
     samples = [{"prompt": r["messages"][-2]["content"], "reference": ref, "base": b, "adapter": a}
                for r, ref, b, a in list(zip(rows, refs, base_out, ad_out, strict=True))[:10]]
@@ -287,7 +299,8 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
                  if method == "qlora" else None)
     result = EvalResult(
         metrics=metrics, rows=len(rows), samples=samples, gate=check_gate(spec.gate, metrics),
-        generation={"decoding": "greedy", "do_sample": False, "max_new_tokens": max_new_tokens, "dtype": dtype,
+        generation={"decoding": "greedy", "do_sample": False, "max_new_tokens": max_new_tokens,
+                    "dtype": resolve_dtype(dtype),
                     "seed": seed, "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "chrf": "char 6-grams, beta 2"},
         wall_s=round(time.time() - t0, 2), precision_agreement=agreement,
     )

@@ -15,13 +15,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lora_assets.base_model import BUILTIN_MODELS
+
 #: The seven linear projections of a Llama-style decoder layer: what `target_modules: all-linear` means there.
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
-Metric = Literal["exact_match", "chrf", "eval_loss", "perplexity"]
+Metric = Literal["exact_match", "contains", "chrf", "eval_loss", "perplexity"]
 
 
 class _Strict(BaseModel):
@@ -205,7 +207,8 @@ class ServingSpec(_Strict):
                                       "--tensor-parallel-size); 1 on CPU.")
     max_model_len: int = Field(512, gt=0, description="Longest prompt + completion in tokens.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Weight dtype vLLM serves (and evaluation uses).")
+        "auto", description="Weight dtype vLLM serves (and evaluation uses); `auto`: bfloat16 where the hardware "
+        "computes in bf16 natively (CUDA, AVX-512-BF16/AMX CPUs), else float32 (bf16 is ~50x slower there).")
     base_model_name: str | None = Field(
         None, description="Served model name of the base; default derived from `base_model`.")
     kv_cache_gib: int = Field(1, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
@@ -215,7 +218,8 @@ class ServingSpec(_Strict):
 class PipelineSpec(_Strict):
     """The whole spec: one base model, its datasets, the adapters to train on them, and serving."""
 
-    base_model: str = Field(description="`builtin:tiny` (built offline by lorafoundry), a local Hugging Face "
+    base_model: str = Field(description="`builtin:tiny` or `builtin:smollm2-135m-instruct` (built offline by "
+                            "lorafoundry), a local Hugging Face "
                             "model dir, or a hub id already in the local HF cache.")
     datasets: dict[str, DatasetSpec] = Field(description="Datasets by name.")
     adapters: dict[str, AdapterSpec] = Field(description="Adapters by name; the name is the served model name.")
@@ -316,9 +320,10 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
                             f"of {sorted(datasets)} or declare it under `datasets`.")
     base = raw.get("base_model")
     if isinstance(base, str):
-        if base.startswith("builtin:") and base != "builtin:tiny":
-            problems.append(f"base_model: {base!r} is not a built-in model. Fix: use `builtin:tiny`, a local model "
-                            "dir, or a hub id in your local HF cache.")
+        if base.startswith("builtin:") and base.split(":", 1)[1] not in BUILTIN_MODELS:
+            names = ", ".join(f"`builtin:{n}`" for n in BUILTIN_MODELS)
+            problems.append(f"base_model: {base!r} is not a built-in model. Fix: use one of {names}, a local "
+                            "model dir, or a hub id in your local HF cache.")
         elif not base.startswith("builtin:"):
             local = Path(base) if Path(base).is_absolute() else spec_dir / base
             looks_local = base.startswith((".", "/", "~")) or local.exists()

@@ -22,6 +22,7 @@ from lora_assets.clean import (
     read_split,
 )
 from lora_assets.evaluate import load_eval
+from lora_assets.hardware import resolve_dtype
 from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_jobs
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
@@ -163,7 +164,7 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(key=["adapter", job.key, "eval"], deps=[dg.AssetKey(["adapter", job.key, "train"])],
               group_name="adapters", kinds={"peft"}, pool=TRAINING_POOL, automation_condition=FOLLOW_UPSTREAM,
               code_version=code_version(job.spec.max_eval_rows, job.spec.gate and job.spec.gate.model_dump(),
-                                        spec.serving.dtype),
+                                        resolve_dtype(spec.serving.dtype)),
               description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
               "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.")
     def eval_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:

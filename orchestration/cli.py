@@ -94,15 +94,19 @@ def _summary_table(spec: PipelineSpec, home: Path) -> Table:
 
     pipe = Pipeline(spec, home)
     table = Table(title="adapters (metric: base → adapter)")
-    for col in ("adapter", "version", "status", "exact_match", "eval_loss"):
+    for col in ("adapter", "version", "status", "exact_match", "contains", "chrf", "eval_loss"):
         table.add_column(col)
     for rec in pipe.registry.list():
         if rec.name not in spec.adapters or rec.base_model_hash != pipe.base.content_hash:
             continue
         m = rec.metrics
+
+        def cell(metric: str, m=m) -> str:  # versions registered before a metric existed lack it
+            v = m.get(metric)
+            return f"{v['base']:.3f} → {v['adapter']:.3f}" if v else "-"
+
         table.add_row(rec.name, str(rec.version), rec.status,
-                      f"{m['exact_match']['base']:.3f} → {m['exact_match']['adapter']:.3f}",
-                      f"{m['eval_loss']['base']:.3f} → {m['eval_loss']['adapter']:.3f}")
+                      *(cell(k) for k in ("exact_match", "contains", "chrf", "eval_loss")))
     return table
 
 

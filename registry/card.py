@@ -9,7 +9,8 @@ import yaml
 
 from registry.store import AdapterRecord
 
-_METRIC_NAMES = {"exact_match": "Exact match", "chrf": "chrF", "eval_loss": "Eval loss", "perplexity": "Perplexity"}
+_METRIC_NAMES = {"exact_match": "Exact match", "contains": "Contains the reference", "chrf": "chrF",
+                 "eval_loss": "Eval loss", "perplexity": "Perplexity"}
 
 
 def front_matter(rec: AdapterRecord) -> dict:

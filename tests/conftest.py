@@ -14,7 +14,7 @@ ADMIN_KEY = "test-admin-key"
 os.environ["LORAFOUNDRY_ADMIN_KEY"] = ADMIN_KEY  # the session's vLLM server guards its adapter endpoints with it
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_SPEC = ROOT / "examples" / "demo.yaml"
+DEMO_SPEC = ROOT / "examples" / "tiny.yaml"  # the fast spec; examples/demo.yaml is the real-model demo
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets.hardware import resolve_dtype
 from lora_assets.pipeline import Pipeline
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ def test_qlora_adapter_beats_the_base(materialized, session_home, demo_spec):
     manifest = json.loads((Path(result.adapter_dir) / "training_manifest.json").read_text())
     assert manifest["method"]["method"] == "qlora" and manifest["libraries"]["bitsandbytes"]
     ev = pipe.evaluate("sentiment-qlora")
-    assert ev.generation["dtype"] == "bfloat16"  # evaluated on the unquantized base, as it will be served
+    assert ev.generation["dtype"] == resolve_dtype("auto")  # evaluated on the unquantized base, as it will be served
     em = ev.metrics["exact_match"]
     assert em["adapter"] > em["base"] + 0.5, em
     agreement = ev.precision_agreement  # greedy answers on the 4-bit training base vs the bf16 serving base

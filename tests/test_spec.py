@@ -27,9 +27,11 @@ def problems(raw: dict) -> list[str]:
     return e.value.problems
 
 
-def test_demo_spec_is_valid():
-    spec = load_spec(ROOT / "examples/demo.yaml")
-    assert spec.base_model == "builtin:tiny"
+@pytest.mark.parametrize(("spec_file", "base"), [("examples/demo.yaml", "builtin:smollm2-135m-instruct"),
+                                                  ("examples/tiny.yaml", "builtin:tiny")])
+def test_example_specs_are_valid(spec_file, base):
+    spec = load_spec(ROOT / spec_file)
+    assert spec.base_model == base
     assert len(spec.datasets) >= 2 and len(spec.adapters) >= 2
     assert {a.dataset for a in spec.adapters.values()} == set(spec.datasets)
 

@@ -58,7 +58,7 @@ def test_packed_batch_gives_the_padded_loss(tmp_path, random_base):
     chats = [[{"role": "user", "content": f"question {i} " + "word " * (i % 5)},
               {"role": "assistant", "content": f"answer {i}"}] for i in range(6)]
     feats = [tokenize_example(tok, c, 128) for c in chats]
-    packer = PackingCollator(tok.pad_token_id, max_len=64)
+    packer = PackingCollator(tok.pad_token_id, max_len=64, attention_width=float("inf"))  # always pack
     packed = packer([dict(f) for f in feats])
     assert packed["input_ids"].shape[0] < len(feats) and "attention_mask" not in packed
     padded = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)([dict(f) for f in feats])
@@ -104,3 +104,16 @@ def test_packing_fills_rows_first_fit_decreasing():
     assert batch["input_ids"].shape == (2, 60)
     assert int((batch["input_ids"] == 7).sum()) == 120  # every token kept
     assert packer.real_tokens == 120 and packer.row_tokens == 120
+
+
+def test_packing_width_weighs_attention_against_padding():
+    """Eight ~50-token chats: one 400-token row costs more attention than the padding it saves, so each row holds
+    one example; with attention free, they go into one row. A model's attention width comes from its config."""
+    from lora_assets.train import PackingCollator, attention_width
+
+    feats = [{"input_ids": [7] * n, "labels": [7] * n} for n in (45, 50, 47, 52, 44, 49, 51, 48)]
+    smollm2 = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+               "intermediate_size": 1536}
+    assert attention_width(smollm2) == 1536
+    assert PackingCollator(0, 512, attention_width(smollm2))(feats)["input_ids"].shape == (8, 52)
+    assert PackingCollator(0, 512, float("inf"))(feats)["input_ids"].shape == (1, 386)

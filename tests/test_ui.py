@@ -30,7 +30,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def dagster_dev(vllm_server, served_spec, session_home, tmp_path_factory):
     """`dagster dev -w workspace.yaml` on a free port, with the session's spec (its server port) and home."""
     work = tmp_path_factory.mktemp("dagster-dev")
-    demo = (ROOT / "examples" / "demo.yaml").read_text()
+    demo = (ROOT / "examples" / "tiny.yaml").read_text()
     spec_file = work / "demo.yaml"
     spec_file.write_text(demo.replace("path: data/", f"path: {ROOT / 'examples' / 'data'}/")
                          .replace("port: 8000", f"port: {served_spec.serving.port}"))

