@@ -346,9 +346,10 @@ def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> P
         return out
 
 
-if __name__ == "__main__":  # regenerate examples/data from the generator
+if __name__ == "__main__":  # regenerate examples/data (tiny.yaml) and examples/data/smollm2 (demo.yaml)
     import sys
 
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "examples/data"
-    for name, path in write_demo_datasets(target).items():
+    for name, path in [*write_demo_datasets(target).items(),
+                       *write_demo_datasets(target / "smollm2", n_rows=240).items()]:
         print(name, path)

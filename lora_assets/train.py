@@ -28,7 +28,7 @@ from lora_assets.train_kernels import supervised_lm_loss, use_bits_dropout
 
 log = logging.getLogger(__name__)
 
-TRAINER_VERSION = 5
+TRAINER_VERSION = 6
 #: Spec fields that do not change the trained weights (left out of the run key and the train code version)
 RUN_KEY_EXCLUDE = {"gate", "sweep", "max_eval_rows", "checkpoint_every", "promote"}
 LOSS_PLOT = "loss_curve.png"  # kept next to the adapter weights; the train asset shows it in the UI
@@ -223,7 +223,7 @@ class PaddedCollator:
         self.row_tokens = 0
 
     def __call__(self, features: list[dict]) -> dict:
-        batch = self._pad(features)
+        batch = self._pad([{k: v for k, v in f.items() if k != "length"} for f in features])
         self.real_tokens += int(batch["attention_mask"].sum())
         self.row_tokens += batch["attention_mask"].numel()
         return batch
@@ -505,6 +505,8 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     examples, cache_hit = tokenized_train_split(tokenizer, base, clean, spec.max_seq_len,
                                                 Path(adapters_root).parent / "tokenized")
     n_tokens = sum(len(e["input_ids"]) for e in examples)
+    for e in examples:
+        e["length"] = len(e["input_ids"])  # for the length-grouped sampler (the collators ignore it)
 
     problems = preflight(f"adapters.{name}", spec, base)
     if problems:
@@ -548,6 +550,9 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         warmup_steps=int(spec.warmup_ratio * steps_per_epoch), logging_steps=log_every,
         report_to="none", seed=spec.seed, data_seed=spec.seed, bf16=native_bf16(),
         use_cpu=not torch.cuda.is_available(),
+        # Batches of similar lengths (transformers' LengthGroupedSampler: each example once per epoch, in
+        # length-sorted groups of 50 batches, shuffled by the seed): rows pack with little padding.
+        train_sampling_strategy="group_by_length", length_column_name="length",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,  # our own bar, see below
     )
     collator = (PackingCollator(tokenizer.pad_token_id, spec.max_seq_len, attention_width(base.config))
