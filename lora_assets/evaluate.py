@@ -11,6 +11,7 @@ exactly.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import re
@@ -54,6 +55,20 @@ class EvalResult(BaseModel):
     gate: GateResult | None
     wall_s: float
     precision_agreement: dict | None = None
+    key: str = ""  # what the numbers depend on (see _eval_key): equal keys give equal results
+
+
+#: Bump when a change to this module changes any number or answer an evaluation produces.
+EVAL_VERSION = 2
+
+
+def _eval_key(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, dtype: str,
+              max_new_tokens: int, seed: int) -> str:
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    st = weights.stat() if weights.exists() else None
+    payload = [EVAL_VERSION, str(adapter_dir), st and (st.st_size, st.st_mtime_ns), base.content_hash,
+               clean.fingerprint, spec.max_eval_rows, spec.max_seq_len, resolve_dtype(dtype), max_new_tokens, seed]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -249,6 +264,12 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    key = _eval_key(adapter_dir, spec, base, clean, dtype, max_new_tokens, seed)
+    cached = Path(adapter_dir) / EVAL_FILE
+    if cached.exists():  # same adapter, data and settings: the same numbers; only the gate may have changed
+        previous = EvalResult.model_validate(json.loads(cached.read_text()))
+        if previous.key == key:
+            return previous.model_copy(update={"gate": check_gate(spec.gate, previous.metrics)})
     t0 = time.time()
     torch.manual_seed(seed)
     rows = read_split(clean, "eval")[: spec.max_eval_rows]
@@ -302,7 +323,7 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
         generation={"decoding": "greedy", "do_sample": False, "max_new_tokens": max_new_tokens,
                     "dtype": resolve_dtype(dtype),
                     "seed": seed, "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "chrf": "char 6-grams, beta 2"},
-        wall_s=round(time.time() - t0, 2), precision_agreement=agreement,
+        wall_s=round(time.time() - t0, 2), precision_agreement=agreement, key=key,
     )
     (Path(adapter_dir) / EVAL_FILE).write_text(result.model_dump_json(indent=2))
     return result

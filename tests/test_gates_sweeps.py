@@ -110,7 +110,10 @@ def test_eval_metrics_have_cis_and_reproduce(sweep_run):
         m = first["metrics"][metric]
         assert m["gain_ci_low"] <= m["gain"] <= m["gain_ci_high"], (metric, m)
     assert first["generation"]["decoding"] == "greedy" and first["generation"]["seed"] == 0
-    again = pipe.evaluate("sweepy.p1")
+    cached = pipe.evaluate("sweepy.p1")  # same adapter, data and settings: read back, not recomputed
+    assert cached.key == first["key"] and cached.wall_s == first["wall_s"]
+    (Path(adir) / EVAL_FILE).unlink()
+    again = pipe.evaluate("sweepy.p1")  # computed again from scratch: the same numbers and answers
     assert again.metrics == first["metrics"] and [s["adapter"] for s in again.samples] == \
         [s["adapter"] for s in first["samples"]]
 
