@@ -32,7 +32,7 @@ demo: install
 	LORAFOUNDRY_HOME=$(HOME_DIR) $(VENV)/bin/lorafoundry demo
 
 test: install browser
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # The browser test drives Debian's headless Chromium through chromedriver; install them when missing.
 browser:
@@ -50,7 +50,8 @@ ui: install
 bench: install
 	$(PY) -m pip install -q -r requirements/bench.txt
 	$(PY) bench/clean_bench.py --rows 1000000
-	$(PY) bench/train_bench.py --model 30m --data mixed --rows 400
+	$(PY) bench/train_bench.py --model smollm2 --data categories --rows 200
+	$(PY) bench/train_bench.py --model smollm2 --data mixed --rows 200
 	$(PY) bench/qlora_bench.py --size 150m --steps 10 --batch-size 1 --max-seq-len 128
 	$(PY) bench/registry_bench.py
 	@echo "serving: run 'lorafoundry run examples/seed-ablation.yaml --no-deploy --home /tmp/ablation-home', then"

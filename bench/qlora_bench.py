@@ -1,10 +1,12 @@
-"""QLoRA against LoRA on one randomly initialised Llama (default ~150 M parameters): peak memory and time.
+"""QLoRA against LoRA on one base: a randomly initialised Llama (default ~150 M parameters) or the real
+SmolLM2-135M-Instruct (`--size smollm2`): peak memory and time.
 
-    python bench/qlora_bench.py [--size 150m] [--steps 12] [--batch-size 4] [--max-seq-len 256]
+    python bench/qlora_bench.py [--size 150m|smollm2] [--steps 12] [--batch-size 4] [--max-seq-len 256]
 
 Each method trains in its own process through lorafoundry's trainer (`train_adapter`, `max_steps` smoke run,
-same data, seed and LoRA config: r=16, alpha=32, all seven projections). LoRA holds the frozen base in bf16;
-QLoRA in 4-bit NF4 with double quantization and bf16 compute (bitsandbytes). Reported per method: seconds per
+same data, seed and LoRA config: r=16, alpha=32, all seven projections). LoRA holds the frozen base in the
+machine's fast format (bf16 where native, else fp32: lora_assets.hardware); QLoRA in 4-bit NF4 with double
+quantization, computing in that same format (bitsandbytes). Reported per method: seconds per
 step (training loop only), peak memory during training (CUDA: max allocated; CPU: process RSS sampled every
 step), the same minus the process's RSS before the model was loaded (what the model and training state add),
 and the process's lifetime max RSS (model loading included).
@@ -32,7 +34,8 @@ def child(method: str, args) -> dict:
     from lora_assets.pipeline import Pipeline
     from lora_assets.train import _rss_bytes, train_adapter
 
-    base = random_llama(args.home / "bench-models" / args.size, args.size)
+    base = ("builtin:smollm2-135m-instruct" if args.size == "smollm2"
+            else random_llama(args.home / "bench-models" / args.size, args.size))
     work = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     data = write_jsonl(mixed_length_rows(args.steps * args.batch_size * 2, max_words=args.max_seq_len // 2),
                        work / "mixed.jsonl")
@@ -50,7 +53,8 @@ def child(method: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", type=Path, default=ROOT / ".lorafoundry")
-    ap.add_argument("--size", default="150m", help="a size from bench/_common.py: 4m, 30m, 150m, 1b")
+    ap.add_argument("--size", default="150m", help="a size from bench/_common.py (4m, 30m, 150m, 1b), or smollm2 "
+                    "for the real SmolLM2-135M-Instruct")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-seq-len", type=int, default=256)
@@ -61,8 +65,12 @@ def main() -> None:
         return
 
     from bench._common import random_llama
+    from lora_assets.base_model import resolve_base_model
 
-    random_llama(args.home / "bench-models" / args.size, args.size)  # built once, outside the timed children
+    if args.size == "smollm2":  # built or converted once, outside the timed children
+        resolve_base_model("builtin:smollm2-135m-instruct", args.home)
+    else:
+        random_llama(args.home / "bench-models" / args.size, args.size)
     res = {}
     for method in ("lora", "qlora"):
         out = subprocess.run([sys.executable, __file__, "--child", method, "--home", str(args.home), "--size",
@@ -74,7 +82,8 @@ def main() -> None:
         res[method] = json.loads(line[0][7:])
     lo, q = res["lora"], res["qlora"]
     mb = 2**20
-    print(f"model: random Llama {args.size} ({lo['params'] / 1e6:.0f} M params), {args.steps} steps, batch "
+    what = "SmolLM2-135M-Instruct" if args.size == "smollm2" else f"random Llama {args.size}"
+    print(f"model: {what} ({lo['params'] / 1e6:.0f} M params), {args.steps} steps, batch "
           f"{args.batch_size}, max_seq_len {args.max_seq_len}; peak = {lo['peak_kind']}")
     print("method   s/step   peak MB   added MB   lifetime max RSS MB   train loss")
     for m in (lo, q):

@@ -199,7 +199,7 @@ def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, ses
             r = _post(url, "/v1/chat/completions", {"model": model, "max_tokens": 4,
                                                     "messages": [{"role": "user", "content": "hi"}]})
             assert (r.status_code, r.json()["error"]["type"]) == (status, kind), (model, r.text)
-        assert complete(url, demo_spec.served_base_name, prompt)  # still serving
+        complete(url, demo_spec.served_base_name, prompt)  # still serving: raises unless it answers 200
     finally:
         for rec in (fresh, rejected, foreign, big, changed):
             if rec.status != "rejected":
