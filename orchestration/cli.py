@@ -441,7 +441,8 @@ def registry_register(
         adapter_dir: Annotated[Path, typer.Argument(help="A peft LoRA adapter dir (adapter_config.json + "
                                                     "adapter_model.safetensors).")],
         name: Annotated[str, typer.Option("--name", help="Name to register it under.")],
-        base_model: Annotated[str | None, typer.Option(help="Base model: a local model dir, builtin:tiny or a hub id "
+        base_model: Annotated[str | None, typer.Option(help="Base model: a local model dir, a builtin: "
+                                                       "name (builtin:smollm2-135m-instruct, builtin:tiny) or a hub id "
                                                        "(default: base_model_name_or_path in adapter_config.json).")
                               ] = None,
         dataset: Annotated[str | None, typer.Option(help="Dataset it was trained on (lineage).")] = None,
@@ -449,7 +450,7 @@ def registry_register(
     """Bring in an adapter trained elsewhere, as a candidate (idempotent: the same files give the same version).
 
     The files are copied under <home>/adapters/imported/ (the server reads adapters only from <home>/adapters), and
-    the base model's content hash is recorded when the base is on this machine (a local dir, builtin:tiny, or the
+    the base model's content hash is recorded when the base is on this machine (a local dir, a builtin: model, or the
     Hugging Face cache), which is what lets the server load it.
     """
     import shutil
