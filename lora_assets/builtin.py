@@ -236,6 +236,18 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def publish_model_dir(out: Path, model, tokenizer, record: dict) -> None:
+    """Write a built-in model dir (safetensors, tokenizer, ``lorafoundry_recipe.json`` with ``record``) beside
+    ``out`` and rename it into place: a half-written model is never seen under the final name."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lorafoundry_recipe.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def build_tokenizer(texts: list[str], vocab_size: int):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -330,18 +342,12 @@ def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> P
         model.eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "lorafoundry_recipe.json").write_text(json.dumps({
+        publish_model_dir(out, model.to(torch.bfloat16), tokenizer, {
             "recipe": recipe, "recipe_hash": recipe_hash(recipe),
             "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
             "build_seconds": round(time.time() - t0, 1),
-        }, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)  # atomic: a half-built model is never seen under the final name
+        })
         say(f"built {out} in {time.time() - t0:.0f} s")
         return out
 

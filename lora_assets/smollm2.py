@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -68,7 +66,7 @@ def build_smollm2(home: Path, progress=None) -> Path:
         home: the lorafoundry home dir; the model lives in ``models/smollm2-135m-instruct-<hash>``.
         progress: optional callable(str) for progress lines (default: this module's logger).
     """
-    from lora_assets.builtin import _file_lock
+    from lora_assets.builtin import _file_lock, publish_model_dir
 
     say = progress or log.info
     source = gguf_path()
@@ -108,18 +106,12 @@ def build_smollm2(home: Path, progress=None) -> Path:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         say(f"builtin:{NAME} [3/3] writing safetensors, tokenizer and chat template")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "lorafoundry_recipe.json").write_text(json.dumps({
+        publish_model_dir(out, model, tokenizer, {
             "builtin": f"builtin:{NAME}", "source_package": PACKAGE, "source_file": GGUF_FILE,
             "source_sha256": _file_sha256(source), "converter_version": CONVERTER_VERSION,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": "bfloat16",
             "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
             "build_seconds": round(time.time() - t0, 1),
-        }, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)  # atomic: a half-written model is never seen under the final name
+        })
         say(f"converted builtin:{NAME} into {out} in {time.time() - t0:.0f} s")
         return out
