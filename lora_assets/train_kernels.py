@@ -58,7 +58,8 @@ def supervised_lm_loss(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]
     (then the caller uses the model's own loss).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = causal_lm.get_output_embeddings()
+    # A wrapper (DDP, FSDP) has no head of its own: calling inside it would skip its hooks, so use the model's loss
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
     if (not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.requires_grad
             or getattr(causal_lm.config, "final_logit_softcapping", None)):
         return None

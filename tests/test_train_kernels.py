@@ -119,3 +119,10 @@ def test_bits_dropout_replaces_every_lora_dropout():
                            LoraConfig(r=2, lora_dropout=0.1, target_modules="all-linear"))
     assert use_bits_dropout(model) == 2 * 7
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+
+
+def test_a_wrapped_model_falls_back_to_its_own_loss():
+    """A DDP-style wrapper has no head of its own; calling inside it would skip its hooks."""
+    wrapper = torch.nn.Module()
+    wrapper.module = _tiny_lora_model()
+    assert supervised_lm_loss(wrapper, _batch()) is None
