@@ -42,3 +42,17 @@ def test_gates_read_the_right_direction():
     assert check_gate(GateSpec(metric="chrf", min_gain=20), metrics).passed
     assert not check_gate(GateSpec(metric="chrf", min_value=31), metrics).passed
     assert check_gate(None, metrics) is None
+
+
+@pytest.mark.parametrize(("output", "reference", "expected"), [
+    ("These are all fruits.", "fruit", True),   # a chatty answer that exact match scores 0
+    ("fruit", "Fruit.", True),
+    ("I love grapefruit", "fruit", False),      # only from a word start
+    ("The review is Positive!", "positive", True),
+    ("negative", "positive", False),
+    ("anything", "   ", False),                 # an empty reference never matches
+])
+def test_contains_answer(output, reference, expected):
+    from lora_assets.evaluate import contains_answer
+
+    assert contains_answer(output, reference) is expected
