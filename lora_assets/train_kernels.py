@@ -34,13 +34,13 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], HEAD_CHUNK):
-                h, t = hidden[start:start + HEAD_CHUNK], targets[start:start + HEAD_CHUNK]
+                h, t = hidden[start : start + HEAD_CHUNK], targets[start : start + HEAD_CHUNK]
                 logits = (h.to(weight.dtype) @ weight.T).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[start:start + HEAD_CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                grad[start : start + HEAD_CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -60,8 +60,12 @@ def supervised_lm_loss(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     # A wrapper (DDP, FSDP) has no head of its own: calling inside it would skip its hooks, so use the model's loss
     head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
-    if (not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.requires_grad
-            or getattr(causal_lm.config, "final_logit_softcapping", None)):
+    if (
+        not isinstance(head, torch.nn.Linear)
+        or head.bias is not None
+        or head.weight.requires_grad
+        or getattr(causal_lm.config, "final_logit_softcapping", None)
+    ):
         return None
     labels = inputs["labels"]
     body = causal_lm.get_decoder()
