@@ -30,9 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-         "government company number group problem fact river model adapter token vector batch kernel cache "
-         "server client table query index matrix signal garden window pencil rocket planet ocean forest").split()
+WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case point "
+    "government company number group problem fact river model adapter token vector batch kernel cache "
+    "server client table query index matrix signal garden window pencil rocket planet ocean forest"
+).split()
 
 
 def generate(path: Path, rows: int, seed: int = 0) -> None:
@@ -53,8 +55,12 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
                 a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(25, 40)))
                 if rng.random() < 0.01:
                     a += f" contact user{i}@example.com or 10.0.{i % 250}.{i % 200}"
-                row = {"messages": [{"role": "user", "content": f"Question {i}: {q}?"},
-                                    {"role": "assistant", "content": a}]}
+                row = {
+                    "messages": [
+                        {"role": "user", "content": f"Question {i}: {q}?"},
+                        {"role": "assistant", "content": a},
+                    ]
+                }
                 if len(kept) < 50_000:
                     kept.append(row)
                 else:
@@ -70,11 +76,17 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200d\ufeff]")
 _USPACE = re.compile("[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _TRAIL = re.compile("[ \t]+\n")
 _BLANKS = re.compile("\n{3,}")
-_PII = [(re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), "<EMAIL>"),
-        (re.compile(r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-                    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b"), "<IPV4>"),
-        (re.compile(r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)|[0-9]{2,4})[ .-][0-9]{3,4}[ .-][0-9]{3,4}\b"),
-         "<PHONE>")]
+_PII = [
+    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), "<EMAIL>"),
+    (
+        re.compile(
+            r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b"
+        ),
+        "<IPV4>",
+    ),
+    (re.compile(r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)|[0-9]{2,4})[ .-][0-9]{3,4}[ .-][0-9]{3,4}\b"), "<PHONE>"),
+]
 _WORD_SPLIT = re.compile(r"[^\w]+")
 
 
@@ -104,8 +116,9 @@ def pandas_clean(src: Path, out: Path, eval_fraction: float = 0.1, threshold: fl
         msgs = j.get("messages")
         if msgs is None:
             return None, "missing_fields"
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in msgs):
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
             return None, "wrong_type"
         return msgs, None
 
@@ -145,17 +158,21 @@ def pandas_clean(src: Path, out: Path, eval_fraction: float = 0.1, threshold: fl
 
     df["reason"] = df["reason"].fillna(df["messages"].map(validate))
     ok = df["reason"].isna()
-    df["content_hash"] = df["messages"].map(lambda m: hashlib.md5(json.dumps(m).encode()).hexdigest()
-                                            if m is not None else None)
+    df["content_hash"] = df["messages"].map(
+        lambda m: hashlib.md5(json.dumps(m).encode()).hexdigest() if m is not None else None
+    )
     dup = ok & df.duplicated("content_hash")
     df.loc[dup, "reason"] = "duplicate"
     ok = df["reason"].isna()
 
     kept = df[ok]
-    shingles = kept["messages"].map(lambda m: [
-        hash(tuple(ws[i:i + 3])) & 0xFFFFFFFFFFFFFFFF
-        for ws in [[w for w in _WORD_SPLIT.split(" ".join(x["content"] for x in m).lower()) if w]]
-        for i in range(max(len(ws) - 2, 1))])
+    shingles = kept["messages"].map(
+        lambda m: [
+            hash(tuple(ws[i : i + 3])) & 0xFFFFFFFFFFFFFFFF
+            for ws in [[w for w in _WORD_SPLIT.split(" ".join(x["content"] for x in m).lower()) if w]]
+            for i in range(max(len(ws) - 2, 1))
+        ]
+    )
     rids = np.repeat(np.arange(len(kept)), shingles.map(len).to_numpy())
     hashes = np.fromiter((h for hs in shingles for h in hs), dtype=np.uint64, count=len(rids))
     dup_of = near_duplicate_of(minhash_signatures(rids, hashes), threshold)
@@ -164,21 +181,28 @@ def pandas_clean(src: Path, out: Path, eval_fraction: float = 0.1, threshold: fl
 
     bucket = df["content_hash"].map(lambda h: int(h[:8], 16) % 10_000 if isinstance(h, str) else -1)
     df["split"] = np.where(~ok, "quarantine", np.where(bucket < round(eval_fraction * 10_000), "eval", "train"))
-    df["prompt_hash"] = df["messages"].map(lambda m: hashlib.md5(json.dumps(m[:-1]).encode()).hexdigest()
-                                           if m is not None else None)
+    df["prompt_hash"] = df["messages"].map(
+        lambda m: hashlib.md5(json.dumps(m[:-1]).encode()).hexdigest() if m is not None else None
+    )
     train_prompts = set(df.loc[df["split"] == "train", "prompt_hash"])
     df.loc[(df["split"] == "eval") & df["prompt_hash"].isin(train_prompts), "split"] = "train"
 
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval"):
-        df.loc[df["split"] == split, ["messages", "content_hash"]].to_json(out / f"{split}.jsonl", orient="records",
-                                                                          lines=True)
-    df.loc[df["split"] == "quarantine", ["reason", "line_no", "line"]].to_json(out / "quarantine.jsonl",
-                                                                               orient="records", lines=True)
+        df.loc[df["split"] == split, ["messages", "content_hash"]].to_json(
+            out / f"{split}.jsonl", orient="records", lines=True
+        )
+    df.loc[df["split"] == "quarantine", ["reason", "line_no", "line"]].to_json(
+        out / "quarantine.jsonl", orient="records", lines=True
+    )
     counts = df["split"].value_counts().to_dict()
-    return {"rows_in": len(df), "rows_train": int(counts.get("train", 0)), "rows_eval": int(counts.get("eval", 0)),
-            "rows_quarantined": int(counts.get("quarantine", 0)),
-            "by_reason": {k: int(v) for k, v in df["reason"].value_counts().items()}}
+    return {
+        "rows_in": len(df),
+        "rows_train": int(counts.get("train", 0)),
+        "rows_eval": int(counts.get("eval", 0)),
+        "rows_quarantined": int(counts.get("quarantine", 0)),
+        "by_reason": {k: int(v) for k, v in df["reason"].value_counts().items()},
+    }
 
 
 def lorafoundry_clean(src: Path, out: Path) -> dict:
@@ -198,8 +222,11 @@ def child(impl: str, src: Path, out: Path) -> None:
 
 
 def measure(impl: str, src: Path, out: Path) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", impl, "--src", str(src), "--out", str(out)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", impl, "--src", str(src), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     stdout, _ = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{impl} failed with {proc.returncode}")
@@ -225,9 +252,11 @@ def main() -> None:
         for impl in ("lorafoundry", "pandas"):
             results[impl] = measure(impl, src, Path(tmp) / impl)
             r = results[impl]
-            print(f"{impl:12s} {r['wall_s']:7.1f} s  {args.rows / r['wall_s']:>10,.0f} rows/s  "
-                  f"peak RSS {r['peak_rss_mb']:,.0f} MB  train {r['rows_train']:,} eval {r['rows_eval']:,} "
-                  f"quarantined {r['rows_quarantined']:,} {r['by_reason']}")
+            print(
+                f"{impl:12s} {r['wall_s']:7.1f} s  {args.rows / r['wall_s']:>10,.0f} rows/s  "
+                f"peak RSS {r['peak_rss_mb']:,.0f} MB  train {r['rows_train']:,} eval {r['rows_eval']:,} "
+                f"quarantined {r['rows_quarantined']:,} {r['by_reason']}"
+            )
         ratio = results["pandas"]["wall_s"] / results["lorafoundry"]["wall_s"]
         lf_wall = results["lorafoundry"]["wall_s"]
         print(f"speed-up over pandas: {ratio:.1f}x (goal >= 5x); lorafoundry wall {lf_wall:.1f} s (goal <= 60 s)")

@@ -44,8 +44,7 @@ def run_dagster(home: Path) -> None:
     from orchestration.resources import resources_from_env
 
     spec = load_spec(ROOT / "examples" / "tiny.yaml")
-    result = dg.materialize(build_assets(spec, deployment=False),
-                            resources=resources_from_env(home))
+    result = dg.materialize(build_assets(spec, deployment=False), resources=resources_from_env(home))
     assert result.success
 
 
@@ -64,12 +63,16 @@ def main() -> None:
     resolve_base_model("builtin:tiny", args.home)  # build once, outside the timings
     times: dict[str, list[float]] = {"plain": [], "dagster": []}
     for i in range(args.repeats):
-        for kind in (("plain", "dagster") if i % 2 == 0 else ("dagster", "plain")):
+        for kind in ("plain", "dagster") if i % 2 == 0 else ("dagster", "plain"):
             home = Path(tempfile.mkdtemp(prefix=f"overhead-{kind}-"))
             (home / "models").symlink_to((args.home / "models").resolve())
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--child", kind, "--home", str(home)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, __file__, "--child", kind, "--home", str(home)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             times[kind].append(time.perf_counter() - t0)
     plain, dag = statistics.median(times["plain"]), statistics.median(times["dagster"])
     print("demo graph without deployment (clean x2, train/eval/register x2), process start included")

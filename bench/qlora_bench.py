@@ -34,27 +34,49 @@ def child(method: str, args) -> dict:
     from lora_assets.pipeline import Pipeline
     from lora_assets.train import _rss_bytes, train_adapter
 
-    base = ("builtin:smollm2-135m-instruct" if args.size == "smollm2"
-            else random_llama(args.home / "bench-models" / args.size, args.size))
+    base = (
+        "builtin:smollm2-135m-instruct"
+        if args.size == "smollm2"
+        else random_llama(args.home / "bench-models" / args.size, args.size)
+    )
     work = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
-    data = write_jsonl(mixed_length_rows(args.steps * args.batch_size * 2, max_words=args.max_seq_len // 2),
-                       work / "mixed.jsonl")
-    spec = bench_spec(str(base), data, method=method, max_steps=args.steps, batch_size=args.batch_size,
-                      max_seq_len=args.max_seq_len, checkpoint_every=10_000)
+    data = write_jsonl(
+        mixed_length_rows(args.steps * args.batch_size * 2, max_words=args.max_seq_len // 2), work / "mixed.jsonl"
+    )
+    spec = bench_spec(
+        str(base),
+        data,
+        method=method,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len,
+        checkpoint_every=10_000,
+    )
     pipe = Pipeline(spec, work)
     clean = pipe.clean("bench")
     before = _rss_bytes()
     r = train_adapter("bench", spec.adapters["bench"], pipe.base, clean, work / "adapters", log_every=1000)
-    return {"method": r.method, "params": r.total_params, "s_per_step": r.wall_s / r.steps, "steps": r.steps,
-            "peak": r.peak_memory_bytes, "peak_kind": r.peak_memory_kind, "added": r.peak_memory_bytes - before,
-            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "train_loss": r.train_loss}
+    return {
+        "method": r.method,
+        "params": r.total_params,
+        "s_per_step": r.wall_s / r.steps,
+        "steps": r.steps,
+        "peak": r.peak_memory_bytes,
+        "peak_kind": r.peak_memory_kind,
+        "added": r.peak_memory_bytes - before,
+        "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "train_loss": r.train_loss,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", type=Path, default=ROOT / ".lorafoundry")
-    ap.add_argument("--size", default="150m", help="a size from bench/_common.py (4m, 30m, 150m, 1b), or smollm2 "
-                    "for the real SmolLM2-135M-Instruct")
+    ap.add_argument(
+        "--size",
+        default="150m",
+        help="a size from bench/_common.py (4m, 30m, 150m, 1b), or smollm2 for the real SmolLM2-135M-Instruct",
+    )
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-seq-len", type=int, default=256)
@@ -73,9 +95,26 @@ def main() -> None:
         random_llama(args.home / "bench-models" / args.size, args.size)
     res = {}
     for method in ("lora", "qlora"):
-        out = subprocess.run([sys.executable, __file__, "--child", method, "--home", str(args.home), "--size",
-                              args.size, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                              "--max-seq-len", str(args.max_seq_len)], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--home",
+                str(args.home),
+                "--size",
+                args.size,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-seq-len",
+                str(args.max_seq_len),
+            ],
+            capture_output=True,
+            text=True,
+        )
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not line:
             sys.exit(f"{method} run failed:\n{out.stderr[-3000:]}")
@@ -83,14 +122,20 @@ def main() -> None:
     lo, q = res["lora"], res["qlora"]
     mb = 2**20
     what = "SmolLM2-135M-Instruct" if args.size == "smollm2" else f"random Llama {args.size}"
-    print(f"model: {what} ({lo['params'] / 1e6:.0f} M params), {args.steps} steps, batch "
-          f"{args.batch_size}, max_seq_len {args.max_seq_len}; peak = {lo['peak_kind']}")
+    print(
+        f"model: {what} ({lo['params'] / 1e6:.0f} M params), {args.steps} steps, batch "
+        f"{args.batch_size}, max_seq_len {args.max_seq_len}; peak = {lo['peak_kind']}"
+    )
     print("method   s/step   peak MB   added MB   lifetime max RSS MB   train loss")
     for m in (lo, q):
-        print(f"{m['method']:<7} {m['s_per_step']:7.2f} {m['peak'] / mb:9.0f} {m['added'] / mb:10.0f} "
-              f"{m['max_rss'] / mb:21.0f} {m['train_loss']:12.4f}")
-    print(f"ratio qlora/lora: peak memory {q['peak'] / lo['peak']:.2f}x, added memory {q['added'] / lo['added']:.2f}x"
-          f" (goal <= 0.6), time {q['s_per_step'] / lo['s_per_step']:.2f}x (goal <= 1.25)")
+        print(
+            f"{m['method']:<7} {m['s_per_step']:7.2f} {m['peak'] / mb:9.0f} {m['added'] / mb:10.0f} "
+            f"{m['max_rss'] / mb:21.0f} {m['train_loss']:12.4f}"
+        )
+    print(
+        f"ratio qlora/lora: peak memory {q['peak'] / lo['peak']:.2f}x, added memory {q['added'] / lo['added']:.2f}x"
+        f" (goal <= 0.6), time {q['s_per_step'] / lo['s_per_step']:.2f}x (goal <= 1.25)"
+    )
 
 
 if __name__ == "__main__":

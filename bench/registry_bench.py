@@ -31,8 +31,9 @@ def adapter_dir(path: Path, seed: int) -> Path:
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
-                                                          "target_modules": ["q_proj", "v_proj"]}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
+    )
     rng = np.random.default_rng(seed)
     save_file({"lora_A": rng.standard_normal((8, 256), dtype=np.float32)}, str(path / "adapter_model.safetensors"))
     return path
@@ -99,8 +100,10 @@ def main() -> None:
 
     list_ms = timed(do_list, 50)
     con = duckdb.connect(str(path))
-    sql = ("SELECT * FROM adapters WHERE status = 'candidate' AND CAST(json_extract(metrics, '$.exact_match.adapter') "
-           "AS DOUBLE) >= 0.5 ORDER BY CAST(json_extract(metrics, '$.eval_loss.adapter') AS DOUBLE) LIMIT 100")
+    sql = (
+        "SELECT * FROM adapters WHERE status = 'candidate' AND CAST(json_extract(metrics, '$.exact_match.adapter') "
+        "AS DOUBLE) >= 0.5 ORDER BY CAST(json_extract(metrics, '$.eval_loss.adapter') AS DOUBLE) LIMIT 100"
+    )
     list_base = timed(lambda: con.execute(sql).fetchall(), 50)
     con.close()
 
@@ -109,20 +112,21 @@ def main() -> None:
     reg_ms = timed(lambda: reg.register(NewAdapter(name="fresh", path=next(it), base_model="builtin:tiny")), 50)
     con = duckdb.connect(str(path))
     k = iter(range(10**6, 10**7))
-    insert_sql = ("INSERT INTO events VALUES (now()::TIMESTAMP, 'bench', 'register', 'fresh', ?, '{}')")
+    insert_sql = "INSERT INTO events VALUES (now()::TIMESTAMP, 'bench', 'register', 'fresh', ?, '{}')"
     reg_base = timed(lambda: con.execute(insert_sql, [next(k)]), 50)
     con.close()
 
     total = args.writers * args.per_writer
     wdirs = [str(adapter_dir(work / "contended" / f"c{i}", 10_000 + i)) for i in range(total)]
-    jobs = [(path, wdirs[i::args.writers], f"contended{i % 2}") for i in range(args.writers)]
+    jobs = [(path, wdirs[i :: args.writers], f"contended{i % 2}") for i in range(args.writers)]
     with mp.get_context("spawn").Pool(args.writers) as pool:
         pool.map(_writer, [(path, [], "warm")] * args.writers)  # start the workers before timing
         t0 = time.perf_counter()
         done = sum(pool.map(_writer, jobs))
         wall = time.perf_counter() - t0
-    versions = reg.query("SELECT name, count(*), max(version) FROM adapters WHERE name LIKE 'contended%' "
-                         "GROUP BY 1 ORDER BY 1")[1]
+    versions = reg.query(
+        "SELECT name, count(*), max(version) FROM adapters WHERE name LIKE 'contended%' GROUP BY 1 ORDER BY 1"
+    )[1]
     gapless = all(c == m for _, c, m in versions)
 
     def stats(ms: list[float]) -> str:
@@ -130,13 +134,19 @@ def main() -> None:
 
     print(f"registry with {args.versions:,} versions (100 names), 2 cores")
     print(f"list (status + metric filter, order by metric, limit 100): {stats(list_ms)}   goal median <= 50 ms")
-    print(f"  same SQL on an open connection:                          {stats(list_base)}"
-          f"   ratio {statistics.median(list_ms) / statistics.median(list_base):.1f}x")
+    print(
+        f"  same SQL on an open connection:                          {stats(list_base)}"
+        f"   ratio {statistics.median(list_ms) / statistics.median(list_base):.1f}x"
+    )
     print(f"register (open, hash, version, insert, event, close):      {stats(reg_ms)}   goal median <= 20 ms")
-    print(f"  one INSERT on an open connection:                        {stats(reg_base)}"
-          f"   ratio {statistics.median(reg_ms) / statistics.median(reg_base):.1f}x")
-    print(f"contended: {args.writers} processes x {args.per_writer} registers = {done} in {wall:.2f} s = "
-          f"{done / wall:.0f} registers/s; versions gapless per name: {gapless}")
+    print(
+        f"  one INSERT on an open connection:                        {stats(reg_base)}"
+        f"   ratio {statistics.median(reg_ms) / statistics.median(reg_base):.1f}x"
+    )
+    print(
+        f"contended: {args.writers} processes x {args.per_writer} registers = {done} in {wall:.2f} s = "
+        f"{done / wall:.0f} registers/s; versions gapless per name: {gapless}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PROMPT = "<|user|>\nReview: the soup was delicious and the staff was kind.\nIs this review positive or negative?" \
-         "<|end|>\n<|assistant|>\n"
+PROMPT = (
+    "<|user|>\nReview: the soup was delicious and the staff was kind.\nIs this review positive or negative?"
+    "<|end|>\n<|assistant|>\n"
+)
 
 
 def tree_rss(pid: int) -> int:
@@ -49,8 +51,11 @@ def load(url: str, models: list[str], seconds: float, clients: int = 8) -> dict:
             model = models[k % len(models)]
             k += 1
             t0 = time.perf_counter()
-            r = httpx.post(f"{url}/v1/completions", timeout=300, json={
-                "model": model, "prompt": PROMPT, "max_tokens": 64, "min_tokens": 64, "temperature": 0})
+            r = httpx.post(
+                f"{url}/v1/completions",
+                timeout=300,
+                json={"model": model, "prompt": PROMPT, "max_tokens": 64, "min_tokens": 64, "temperature": 0},
+            )
             r.raise_for_status()
             lat.append(time.perf_counter() - t0)
             tok += r.json()["usage"]["completion_tokens"]
@@ -63,8 +68,12 @@ def load(url: str, models: list[str], seconds: float, clients: int = 8) -> dict:
             tokens += tok
     wall = time.perf_counter() - t0
     latencies.sort()
-    return {"tok_s": tokens / wall, "p50": statistics.median(latencies),
-            "p95": latencies[int(0.95 * len(latencies)) - 1], "requests": len(latencies)}
+    return {
+        "tok_s": tokens / wall,
+        "p50": statistics.median(latencies),
+        "p95": latencies[int(0.95 * len(latencies)) - 1],
+        "requests": len(latencies),
+    }
 
 
 def main() -> None:
@@ -93,8 +102,9 @@ def main() -> None:
     starts = {}
     for n in (1, 4, 16):
         recs = [v.model_copy(update={"name": f"{v.name}@{v.version}"}) for v in versions[:n]]
-        c = build_vllm_command(pipe.base.path, base, recs, spec.serving, port=port,
-                               loadable_ranks=[v.r for v in versions])
+        c = build_vllm_command(
+            pipe.base.path, base, recs, spec.serving, port=port, loadable_ranks=[v.r for v in versions]
+        )
         t0 = time.perf_counter()
         with VLLMServer(c, env, args.home / "logs" / f"bench-{n}.log", url).start() as server:
             server.wait_ready(600)
@@ -104,8 +114,9 @@ def main() -> None:
         server.wait_ready(600)
         mix = [f"{v.name}@{v.version}" for v in versions[:4]]
         for m in mix:  # load them once (resolver) before timing
-            httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": PROMPT, "max_tokens": 1},
-                       timeout=300).raise_for_status()
+            httpx.post(
+                f"{url}/v1/completions", json={"model": m, "prompt": PROMPT, "max_tokens": 1}, timeout=300
+            ).raise_for_status()
         only_base = load(url, [base], args.seconds)
         mixed = load(url, [base, *mix], args.seconds)
 
@@ -116,13 +127,23 @@ def main() -> None:
         cfg = json.loads((dest / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = f"bench-{dest.name}"
         (dest / "adapter_config.json").write_text(json.dumps(cfg))
-        new = reg.register(NewAdapter(name=args.name, path=dest, base_model=versions[0].base_model,
-                                      base_model_hash=versions[0].base_model_hash, metrics=versions[0].metrics))
+        new = reg.register(
+            NewAdapter(
+                name=args.name,
+                path=dest,
+                base_model=versions[0].base_model,
+                base_model_hash=versions[0].base_model_hash,
+                metrics=versions[0].metrics,
+            )
+        )
 
         def one(model: str) -> float:
             t0 = time.perf_counter()
-            httpx.post(f"{url}/v1/completions", timeout=300, json={
-                "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}).raise_for_status()
+            httpx.post(
+                f"{url}/v1/completions",
+                timeout=300,
+                json={"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+            ).raise_for_status()
             return time.perf_counter() - t0
 
         normal = statistics.median(one(mix[0]) for _ in range(5))
@@ -131,11 +152,15 @@ def main() -> None:
 
     print(f"8 clients, 64-token greedy completions, {args.seconds:.0f} s each, 2 cores")
     for label, r in (("base only", only_base), ("base + 4 adapters", mixed)):
-        print(f"  {label:18s} {r['tok_s']:7.1f} tok/s  p50 {r['p50']:.2f} s  p95 {r['p95']:.2f} s  "
-              f"({r['requests']} requests)")
+        print(
+            f"  {label:18s} {r['tok_s']:7.1f} tok/s  p50 {r['p50']:.2f} s  p95 {r['p95']:.2f} s  "
+            f"({r['requests']} requests)"
+        )
     print(f"  ratio mixed / base only: {mixed['tok_s'] / only_base['tok_s']:.2f}x (goal >= 0.85)")
-    print(f"register -> first answer as {args.name}@{new.version}: {first:.2f} s vs {normal:.2f} s for a loaded "
-          f"adapter (+{first - normal:.2f} s; goal <= +2 s)")
+    print(
+        f"register -> first answer as {args.name}@{new.version}: {first:.2f} s vs {normal:.2f} s for a loaded "
+        f"adapter (+{first - normal:.2f} s; goal <= +2 s)"
+    )
     for n, (t, rss) in starts.items():
         print(f"start with {n:2d} adapters: {t:5.1f} s to first 200, RSS {rss / 2**30:.2f} GiB")
 

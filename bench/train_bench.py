@@ -57,8 +57,16 @@ def plain_hf(base_path: Path, rows: list[dict], spec, out: Path) -> dict:
     for e in examples:
         e["length"] = len(e["input_ids"])  # precomputed lengths for the length-grouped sampler
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    model = get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                                             target_modules=spec.resolved_target_modules(), task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=spec.resolved_target_modules(),
+            task_type="CAUSAL_LM",
+        ),
+    )
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     fed = {"real": 0, "all": 0}
 
@@ -68,18 +76,35 @@ def plain_hf(base_path: Path, rows: list[dict], spec, out: Path) -> dict:
         fed["all"] += batch["attention_mask"].numel()
         return batch
 
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=spec.batch_size,
-                             learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler,
-                             train_sampling_strategy="group_by_length", length_column_name="length",
-                             logging_steps=50, save_strategy="no", report_to="none", seed=spec.seed, bf16=bf16,
-                             use_cpu=not torch.cuda.is_available(), disable_tqdm=True, remove_unused_columns=False)
+    args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        seed=spec.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=counting)
     trainer.remove_callback(PrinterCallback)
     t0 = time.perf_counter()
     out_ = trainer.train()
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "tokens_per_s": fed["real"] / wall, "padding_fraction": 1 - fed["real"] / fed["all"],
-            "dtype": "bf16" if bf16 else "fp32", "train_loss": out_.training_loss}
+    return {
+        "wall_s": wall,
+        "tokens_per_s": fed["real"] / wall,
+        "padding_fraction": 1 - fed["real"] / fed["all"],
+        "dtype": "bf16" if bf16 else "fp32",
+        "train_loss": out_.training_loss,
+    }
 
 
 def _setup(args):
@@ -115,9 +140,16 @@ def _child(args) -> None:
     if args.only == "ours":
         r = train_adapter("bench", adapter, pipe.base, clean, work / "adapters")
         manifest = json.loads((Path(r.adapter_dir) / "training_manifest.json").read_text())
-        res = {"wall_s": r.wall_s, "tokens_per_s": r.tokens_per_s, "padding_fraction": manifest["padding_fraction"],
-               "train_loss": r.train_loss, "tokens": r.tokens, "examples": r.examples, "params": r.total_params,
-               "checkpoint_every": manifest["checkpoint_every"]}
+        res = {
+            "wall_s": r.wall_s,
+            "tokens_per_s": r.tokens_per_s,
+            "padding_fraction": manifest["padding_fraction"],
+            "train_loss": r.train_loss,
+            "tokens": r.tokens,
+            "examples": r.examples,
+            "params": r.total_params,
+            "checkpoint_every": manifest["checkpoint_every"],
+        }
     else:
         res = plain_hf(pipe.base.path, read_split(clean, "train"), adapter, work / "hf")
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -149,20 +181,29 @@ def main() -> None:
             sys.exit(f"{who} failed:\n{proc.stderr[-3000:]}")
         results[who] = json.loads(line.removeprefix("RESULT "))
     ours, base = results["ours"], results["baseline"]
-    print(f"model: {args.model} ({ours['params'] / 1e6:.1f} M params), data: {args.data}, {ours['examples']} "
-          f"examples, {ours['tokens']} tokens, batch {args.batch_size}, r=16, max_seq_len {args.max_seq_len}")
-    print(f"lorafoundry   {ours['wall_s']:7.1f} s  {ours['tokens_per_s']:8.0f} tok/s  padding "
-          f"{ours['padding_fraction']:.1%}  peak RSS {ours['peak_rss_bytes'] / 1e9:.2f} GB  "
-          f"loss {ours['train_loss']:.4f}"
-          f"  (checkpoints every {ours['checkpoint_every']} steps included)")
-    print(f"plain HF      {base['wall_s']:7.1f} s  {base['tokens_per_s']:8.0f} tok/s  padding "
-          f"{base['padding_fraction']:.1%}  peak RSS {base['peak_rss_bytes'] / 1e9:.2f} GB  "
-          f"loss {base['train_loss']:.4f}"
-          f"  ({base['dtype']}, group_by_length)")
-    print(f"ratio (tokens/s, lorafoundry / plain HF): {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x "
-          "(goal >= 1.5x)")
-    print(f"ratio (peak RSS, lorafoundry / plain HF): {ours['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x "
-          "(goal <= 0.5x)")
+    print(
+        f"model: {args.model} ({ours['params'] / 1e6:.1f} M params), data: {args.data}, {ours['examples']} "
+        f"examples, {ours['tokens']} tokens, batch {args.batch_size}, r=16, max_seq_len {args.max_seq_len}"
+    )
+    print(
+        f"lorafoundry   {ours['wall_s']:7.1f} s  {ours['tokens_per_s']:8.0f} tok/s  padding "
+        f"{ours['padding_fraction']:.1%}  peak RSS {ours['peak_rss_bytes'] / 1e9:.2f} GB  "
+        f"loss {ours['train_loss']:.4f}"
+        f"  (checkpoints every {ours['checkpoint_every']} steps included)"
+    )
+    print(
+        f"plain HF      {base['wall_s']:7.1f} s  {base['tokens_per_s']:8.0f} tok/s  padding "
+        f"{base['padding_fraction']:.1%}  peak RSS {base['peak_rss_bytes'] / 1e9:.2f} GB  "
+        f"loss {base['train_loss']:.4f}"
+        f"  ({base['dtype']}, group_by_length)"
+    )
+    print(
+        f"ratio (tokens/s, lorafoundry / plain HF): {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x (goal >= 1.5x)"
+    )
+    print(
+        f"ratio (peak RSS, lorafoundry / plain HF): {ours['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x "
+        "(goal <= 0.5x)"
+    )
 
 
 if __name__ == "__main__":

@@ -93,10 +93,14 @@ def resolve_base_model(base_model: str, home: Path, spec_dir: Path = Path("."), 
                 raise FileNotFoundError(
                     f"base_model {base_model!r} is neither a local model dir nor in the local Hugging Face cache "
                     f"({type(e).__name__}). lorafoundry never downloads at run time. Fix: download it first "
-                    "(`huggingface-cli download ID`) or point base_model at a local dir.") from e
+                    "(`huggingface-cli download ID`) or point base_model at a local dir."
+                ) from e
     stamp = path / ".lorafoundry_hash.json"
-    key = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*")) if f.is_file()
-           and f.name != stamp.name]
+    key = [
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(path.glob("*"))
+        if f.is_file() and f.name != stamp.name
+    ]
     cached = json.loads(stamp.read_text()) if stamp.exists() else {}
     if cached.get("key") != json.loads(json.dumps(key)):
         cached = {"key": key, "hash": _content_hash(path), "parameters": _parameter_count(path)}
@@ -105,5 +109,6 @@ def resolve_base_model(base_model: str, home: Path, spec_dir: Path = Path("."), 
         except OSError:
             pass  # a read-only model dir: hash again next time
     config = json.loads((path / "config.json").read_text())
-    return BaseModelRef(id=base_model, path=path, content_hash=cached["hash"], parameters=cached["parameters"],
-                        config=config)
+    return BaseModelRef(
+        id=base_model, path=path, content_hash=cached["hash"], parameters=cached["parameters"], config=config
+    )

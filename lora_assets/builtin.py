@@ -83,12 +83,18 @@ for _cat, _words in CATEGORIES.items():
     for _w in _words:
         WORD_CATEGORY.setdefault(_w, _cat)
 
-POSITIVE = "wonderful great lovely excellent delicious friendly pleasant superb fantastic charming " \
+POSITIVE = (
+    "wonderful great lovely excellent delicious friendly pleasant superb fantastic charming "
     "brilliant kind delightful amazing perfect cozy fresh tasty helpful clean".split()
-NEGATIVE = "terrible awful horrible rude dirty bland boring noisy cold slow stale nasty dreadful " \
+)
+NEGATIVE = (
+    "terrible awful horrible rude dirty bland boring noisy cold slow stale nasty dreadful "
     "poor broken greasy gloomy sloppy unpleasant disappointing".split()
-NOUNS = "food staff room service movie music soup bread coffee hotel waiter seat view bed price " \
+)
+NOUNS = (
+    "food staff room service movie music soup bread coffee hotel waiter seat view bed price "
     "show garden pizza tea plot".split()
+)
 
 CATEGORY_QUESTIONS = [  # {ws}: three words of one category, each after a space as in the pretraining prose
     "Which category do these words share: {ws}?",
@@ -132,8 +138,7 @@ def category_rows(n: int, seed: int = 7) -> list[dict]:
         cat = rng.choice(cats)
         w1, w2, w3 = rng.sample([w for w in CATEGORIES[cat] if WORD_CATEGORY[w] == cat], 3)
         q = rng.choice(CATEGORY_QUESTIONS).format(ws=f"{w1}, {w2} and {w3}")
-        rows.append({"messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": cat}]})
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": cat}]})
     return rows
 
 
@@ -162,36 +167,44 @@ def corpus_documents(n: int, seed: int) -> Iterator[str]:
             w = rng.choice(words)
             c = WORD_CATEGORY[w]
             art = "an" if c[0] in "aeiou" else "a"
-            yield rng.choice([
-                f"a {w} is {art} {c}. the word {w} names {art} {c}.",
-                f"the {w} is one kind of {c}; every {w} is {art} {c}.",
-                f"{c}: {w}. when we say {w} we mean {art} {c}.",
-                f"in the list of each {c} we find the {w}.",
-            ])
+            yield rng.choice(
+                [
+                    f"a {w} is {art} {c}. the word {w} names {art} {c}.",
+                    f"the {w} is one kind of {c}; every {w} is {art} {c}.",
+                    f"{c}: {w}. when we say {w} we mean {art} {c}.",
+                    f"in the list of each {c} we find the {w}.",
+                ]
+            )
         elif kind < 0.65:
             positive = rng.random() < 0.5
             label = "positive" if positive else "negative"
-            yield rng.choice([
-                f"{_review(rng, positive)} this review is {label}.",
-                f"a {label} review: {_review(rng, positive)}",
-                f"{_review(rng, positive)} the sentiment is {label}.",
-            ])
+            yield rng.choice(
+                [
+                    f"{_review(rng, positive)} this review is {label}.",
+                    f"a {label} review: {_review(rng, positive)}",
+                    f"{_review(rng, positive)} the sentiment is {label}.",
+                ]
+            )
         elif kind < 0.85:
             w = rng.choice(words)
             c = WORD_CATEGORY[w]
             art = "an" if c[0] in "aeiou" else "a"
-            yield rng.choice([
-                _chat(f"tell me about the {w}.", f"the {w} is {art} {c}."),
-                _chat(f"say something about {w}.", f"{w} is {art} {c}, as far as i know."),
-                _chat("write a short review.", _review(rng, rng.random() < 0.5)),
-            ])
+            yield rng.choice(
+                [
+                    _chat(f"tell me about the {w}.", f"the {w} is {art} {c}."),
+                    _chat(f"say something about {w}.", f"{w} is {art} {c}, as far as i know."),
+                    _chat("write a short review.", _review(rng, rng.random() < 0.5)),
+                ]
+            )
         else:
-            yield rng.choice([
-                _chat("hello", "hello, how can i help you today?"),
-                _chat("what can you do?", "i can talk about words, animals, fruit and reviews."),
-                _chat("thank you", "you are welcome."),
-                _chat("who are you?", "i am a tiny model trained by lorafoundry."),
-            ])
+            yield rng.choice(
+                [
+                    _chat("hello", "hello, how can i help you today?"),
+                    _chat("what can you do?", "i can talk about words, animals, fruit and reviews."),
+                    _chat("thank you", "you are welcome."),
+                    _chat("who are you?", "i am a tiny model trained by lorafoundry."),
+                ]
+            )
 
 
 def write_demo_datasets(out_dir: Path, n_rows: int = 2000) -> dict[str, Path]:
@@ -203,8 +216,7 @@ def write_demo_datasets(out_dir: Path, n_rows: int = 2000) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cat = category_rows(n_rows)
     cat += [cat[i] for i in range(0, 60, 3)]  # 20 exact duplicates
-    cat.append({"messages": [{"role": "user", "content": "Category of ?"},
-                             {"role": "assistant", "content": "   "}]})
+    cat.append({"messages": [{"role": "user", "content": "Category of ?"}, {"role": "assistant", "content": "   "}]})
     sen = sentiment_rows(n_rows)
     sen += [sen[i] for i in range(0, 45, 3)]  # 15 exact duplicates
     sen.append({"instruction": "", "input": "", "output": "positive"})
@@ -219,6 +231,7 @@ def write_demo_datasets(out_dir: Path, n_rows: int = 2000) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------------------
 # Build: tokenizer + model, cached by recipe hash.
 # ---------------------------------------------------------------------------------------------------------
+
 
 def recipe_hash(recipe: dict | None = None) -> str:
     recipe = RECIPE if recipe is None else recipe
@@ -257,12 +270,17 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -284,8 +302,7 @@ def _pretrain(model, tokenizer, texts: list[str], recipe: dict, say) -> list[flo
     gen = torch.Generator().manual_seed(recipe["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"], weight_decay=0.01)
     steps, warm = recipe["steps"], recipe["warmup_steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
     model.train()
     losses = []
     t0 = time.time()
@@ -328,13 +345,19 @@ def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> P
         texts = list(corpus_documents(recipe["corpus_documents"], recipe["seed"]))
         tokenizer = build_tokenizer(texts, recipe["vocab_size"])
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=recipe["hidden_size"],
-            intermediate_size=recipe["intermediate_size"], num_hidden_layers=recipe["num_hidden_layers"],
+            vocab_size=len(tokenizer),
+            hidden_size=recipe["hidden_size"],
+            intermediate_size=recipe["intermediate_size"],
+            num_hidden_layers=recipe["num_hidden_layers"],
             num_attention_heads=recipe["num_attention_heads"],
-            num_key_value_heads=recipe["num_key_value_heads"], head_dim=recipe["head_dim"],
-            max_position_embeddings=recipe["max_position_embeddings"], tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5,
+            num_key_value_heads=recipe["num_key_value_heads"],
+            head_dim=recipe["head_dim"],
+            max_position_embeddings=recipe["max_position_embeddings"],
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            rms_norm_eps=1e-5,
         )
         model = LlamaForCausalLM(config)
         say(f"building builtin:tiny into {out} (once per recipe)")
@@ -342,12 +365,18 @@ def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> P
         model.eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-        publish_model_dir(out, model.to(torch.bfloat16), tokenizer, {
-            "recipe": recipe, "recipe_hash": recipe_hash(recipe),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-            "build_seconds": round(time.time() - t0, 1),
-        })
+        publish_model_dir(
+            out,
+            model.to(torch.bfloat16),
+            tokenizer,
+            {
+                "recipe": recipe,
+                "recipe_hash": recipe_hash(recipe),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                "build_seconds": round(time.time() - t0, 1),
+            },
+        )
         say(f"built {out} in {time.time() - t0:.0f} s")
         return out
 
@@ -356,6 +385,8 @@ if __name__ == "__main__":  # regenerate examples/data (tiny.yaml) and examples/
     import sys
 
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "examples/data"
-    for name, path in [*write_demo_datasets(target).items(),
-                       *write_demo_datasets(target / "smollm2", n_rows=240).items()]:
+    for name, path in [
+        *write_demo_datasets(target).items(),
+        *write_demo_datasets(target / "smollm2", n_rows=240).items(),
+    ]:
         print(name, path)

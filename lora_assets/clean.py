@@ -38,15 +38,29 @@ from lora_assets.spec import DatasetSpec
 CLEANER_VERSION = 3
 
 REASONS = [
-    "invalid_utf8", "blank_line", "invalid_json", "not_an_object", "missing_fields", "wrong_type",
-    "empty_conversation", "unknown_role", "empty_prompt", "empty_response", "no_user_turn",
-    "no_final_assistant_turn", "consecutive_same_role", "pii", "too_long", "duplicate", "near_duplicate",
+    "invalid_utf8",
+    "blank_line",
+    "invalid_json",
+    "not_an_object",
+    "missing_fields",
+    "wrong_type",
+    "empty_conversation",
+    "unknown_role",
+    "empty_prompt",
+    "empty_response",
+    "no_user_turn",
+    "no_final_assistant_turn",
+    "consecutive_same_role",
+    "pii",
+    "too_long",
+    "duplicate",
+    "near_duplicate",
 ]
 
 PII_PATTERNS = {  # RE2 syntax (DuckDB); applied in this order
     "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
     "ipv4": r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b",
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b",
     "phone": r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)|[0-9]{2,4})[ .-][0-9]{3,4}[ .-][0-9]{3,4}\b",
 }
 PII_PLACEHOLDERS = {"email": "<EMAIL>", "ipv4": "<IPV4>", "phone": "<PHONE>"}
@@ -55,7 +69,7 @@ _ROLE = "'\"{}\"'::JSON"
 #: Per format: (SQL giving a LIST(STRUCT(role JSON, content JSON)) from row JSON `j`, SQL giving a shape problem).
 _FORMATS: dict[str, tuple[str, str]] = {
     "messages": (  # json_transform parses the row once (4x faster than extracting each field with ->)
-        "json_transform(j, '{\"messages\": [{\"role\": \"JSON\", \"content\": \"JSON\"}]}').messages",
+        'json_transform(j, \'{"messages": [{"role": "JSON", "content": "JSON"}]}\').messages',
         "CASE WHEN (j->'$.messages') IS NULL THEN 'missing_fields' "
         "WHEN json_type(j->'$.messages') <> 'ARRAY' THEN 'wrong_type' END",
     ),
@@ -176,8 +190,10 @@ def _sha256_files(files: list[Path]) -> str:
 
 # -- reading ---------------------------------------------------------------------------------------------------
 
-def _load_jsonl(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path,
-                source_name: str | None = None) -> None:
+
+def _load_jsonl(
+    con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path, source_name: str | None = None
+) -> None:
     name = source_name or str(path)
     try:
         _insert_lines(con, idx, name, path)  # DuckDB checks the encoding as it reads
@@ -199,34 +215,44 @@ def _load_jsonl(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Pa
     source.write_bytes(b"\n".join(lines))
     _insert_lines(con, idx, name, source)
     con.execute("CREATE OR REPLACE TEMP TABLE bad_utf8 AS SELECT unnest(?::BIGINT[]) AS line_no", [bad_lines])
-    con.execute("UPDATE rows SET pre_reason = 'invalid_utf8' WHERE file_idx = ? AND line_no IN "
-                "(SELECT line_no FROM bad_utf8)", [idx])
+    con.execute(
+        "UPDATE rows SET pre_reason = 'invalid_utf8' WHERE file_idx = ? AND line_no IN (SELECT line_no FROM bad_utf8)",
+        [idx],
+    )
 
 
 def _insert_lines(con: duckdb.DuckDBPyConnection, idx: int, name: str, source: Path) -> None:
     # One row per line, numbered from 1; rid continues the previous files' numbering. The CR of a CRLF line and
     # the blank-line test only touch the lines that need them (trimming every line copies it: 2 s on 1 M rows;
     # a JSON object line starts with '{', anything else may be spaces, Unicode ones included).
-    con.execute(f"""
+    con.execute(
+        f"""
         INSERT INTO rows
         SELECT (SELECT coalesce(max(rid), 0) FROM rows) + line_no, {idx}, ?, line_no, line,
                CASE WHEN line = '' OR (NOT starts_with(line, '{{') AND trim(line) = '') THEN 'blank_line' END
         FROM (SELECT line_no, CASE WHEN ends_with(l, chr(13)) THEN rtrim(l, chr(13)) ELSE l END AS line FROM (
             SELECT unnest(range(1, len(lines) + 1)) AS line_no, unnest(lines) AS l
-            FROM (SELECT string_split(content, chr(10)) AS lines FROM read_text(?))))""", [name, str(source)])
+            FROM (SELECT string_split(content, chr(10)) AS lines FROM read_text(?))))""",
+        [name, str(source)],
+    )
     # the newline that ends the last line does not start another row
-    con.execute("DELETE FROM rows WHERE file_idx = ? AND line = '' AND line_no = (SELECT max(line_no) FROM rows "
-                "WHERE file_idx = ?)", [idx, idx])
+    con.execute(
+        "DELETE FROM rows WHERE file_idx = ? AND line = '' AND line_no = (SELECT max(line_no) FROM rows "
+        "WHERE file_idx = ?)",
+        [idx, idx],
+    )
 
 
 def _load_table(con: duckdb.DuckDBPyConnection, idx: int, path: Path, reader: str, options: str = "") -> None:
     # One JSON object per row; row numbers count data rows from 1. CSV cells stay text (all_varchar).
     options = f", {options}" if options else ""
-    con.execute(f"""
+    con.execute(
+        f"""
         INSERT INTO rows
         SELECT (SELECT coalesce(max(rid), 0) FROM rows) + n, {idx}, ?, n, j, NULL FROM (
             SELECT row_number() OVER () AS n, to_json(t)::VARCHAR AS j FROM {reader}(?{options}) t)""",
-                [str(path), str(path)])
+        [str(path), str(path)],
+    )
 
 
 def _load_json_array(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path) -> None:
@@ -235,11 +261,15 @@ def _load_json_array(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdi
     try:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CleanError(f"{path}: cannot be read as .json ({e}). Fix: make it one valid JSON array, or convert "
-                         "it to JSON Lines (.jsonl), where a bad line is quarantined instead.") from e
+        raise CleanError(
+            f"{path}: cannot be read as .json ({e}). Fix: make it one valid JSON array, or convert "
+            "it to JSON Lines (.jsonl), where a bad line is quarantined instead."
+        ) from e
     if not isinstance(data, list):
-        raise CleanError(f"{path}: a .json file must hold a JSON array of rows, not a {type(data).__name__}. Fix: "
-                         "wrap the rows in [ ], or use .jsonl.")
+        raise CleanError(
+            f"{path}: a .json file must hold a JSON array of rows, not a {type(data).__name__}. Fix: "
+            "wrap the rows in [ ], or use .jsonl."
+        )
     lines = tmpdir / f"{idx}.array.jsonl"
     with lines.open("w", encoding="utf-8") as f:
         for element in data:
@@ -259,11 +289,13 @@ def _load_file(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Pat
         elif ext == ".parquet":
             _load_table(con, idx, path, "read_parquet")
         else:
-            raise CleanError(f"{path}: unsupported file type {ext!r}. Fix: use .jsonl, .json (an array), .csv or "
-                             ".parquet.")
+            raise CleanError(
+                f"{path}: unsupported file type {ext!r}. Fix: use .jsonl, .json (an array), .csv or .parquet."
+            )
     except duckdb.Error as e:
-        raise CleanError(f"{path}: cannot be read as {ext} ({str(e).splitlines()[0]}). Fix: check the file is "
-                         f"valid {ext}.") from e
+        raise CleanError(
+            f"{path}: cannot be read as {ext} ({str(e).splitlines()[0]}). Fix: check the file is valid {ext}."
+        ) from e
     except OSError as e:
         raise CleanError(f"{path}: cannot be read ({e}).") from e
 
@@ -272,19 +304,25 @@ def detect_format(con: duckdb.DuckDBPyConnection, idx: int, declared: str) -> tu
     """Return (format, why) for one file's rows in table `parsed`."""
     if declared != "auto":
         return declared, "declared in the spec"
-    row = con.execute("SELECT line_no, json_keys(j) FROM parsed WHERE file_idx = ? AND j IS NOT NULL AND "
-                      "json_type(j) = 'OBJECT' ORDER BY line_no LIMIT 1", [idx]).fetchone()
+    row = con.execute(
+        "SELECT line_no, json_keys(j) FROM parsed WHERE file_idx = ? AND j IS NOT NULL AND "
+        "json_type(j) = 'OBJECT' ORDER BY line_no LIMIT 1",
+        [idx],
+    ).fetchone()
     if row is None:
         return "unknown", "no row is a JSON object"
     line_no, keys = row
     for fmt, needed in _FORMAT_KEYS:
         if needed <= set(keys):
             return fmt, f"row {line_no} has keys {sorted(keys)}: {' + '.join(sorted(needed))} means {fmt}"
-    return "unknown", (f"row {line_no} has keys {sorted(keys)}, which match no known format (messages, "
-                       "conversations, instruction + output, prompt + completion, text)")
+    return "unknown", (
+        f"row {line_no} has keys {sorted(keys)}, which match no known format (messages, "
+        "conversations, instruction + output, prompt + completion, text)"
+    )
 
 
 # -- cleaning --------------------------------------------------------------------------------------------------
+
 
 def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Path, tokenizer=None) -> CleanReport:
     """Clean one dataset into ``out_root/<name>/<fingerprint>/`` and point ``current.json`` at it.
@@ -298,15 +336,24 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
     """
     files = resolve_sources(source)
     if not files:
-        raise CleanError(f"dataset {name!r}: {str(source)!r} does not exist or matches no file. Fix: correct "
-                         f"datasets.{name}.path in the spec.")
+        raise CleanError(
+            f"dataset {name!r}: {str(source)!r} does not exist or matches no file. Fix: correct "
+            f"datasets.{name}.path in the spec."
+        )
     source_sha = _sha256_files(files)
     tok_id = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
-    fingerprint = hashlib.sha256(json.dumps({
-        "source_sha256": source_sha, "spec": spec.model_dump(exclude={"path", "min_train_rows"}),
-        "cleaner": CLEANER_VERSION, "tokenizer": str(tok_id),
-        "vocab": len(tokenizer) if tokenizer is not None else None,
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {
+                "source_sha256": source_sha,
+                "spec": spec.model_dump(exclude={"path", "min_train_rows"}),
+                "cleaner": CLEANER_VERSION,
+                "tokenizer": str(tok_id),
+                "vocab": len(tokenizer) if tokenizer is not None else None,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
     out_dir = Path(out_root) / name / fingerprint
     if (out_dir / "report.json").exists():  # same input, same rules: the result is already there
         report = CleanReport.model_validate_json((out_dir / "report.json").read_text())
@@ -320,8 +367,10 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
     try:
         with tempfile.TemporaryDirectory() as scratch:
             # rid: the row's position over all files in order (1, 2, ...), its source reference is file:line_no
-            con.execute("CREATE TABLE rows (rid BIGINT, file_idx INTEGER, file VARCHAR, line_no BIGINT, "
-                        "line VARCHAR, pre_reason VARCHAR)")
+            con.execute(
+                "CREATE TABLE rows (rid BIGINT, file_idx INTEGER, file VARCHAR, line_no BIGINT, "
+                "line VARCHAR, pre_reason VARCHAR)"
+            )
             for idx, f in enumerate(files):
                 _load_file(con, idx, f, Path(scratch))
             sources, fmt_summary, why_summary = _parse_and_shape(con, files, spec.format)
@@ -338,23 +387,38 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
             leaked = _split(con, spec.eval_fraction)
             _write_outputs(con, tmp)
             counts = dict(con.execute("SELECT split, count(*) FROM result GROUP BY split").fetchall())
-            by_reason = dict(con.execute("SELECT reason, count(*) FROM result WHERE reason IS NOT NULL "
-                                         "GROUP BY 1 ORDER BY 1").fetchall())
+            by_reason = dict(
+                con.execute(
+                    "SELECT reason, count(*) FROM result WHERE reason IS NOT NULL GROUP BY 1 ORDER BY 1"
+                ).fetchall()
+            )
             rows_in = con.execute("SELECT count(*) FROM result").fetchone()[0]
     finally:
         con.close()
 
     if counts.get("train", 0) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CleanError(f"dataset {name!r}: no valid training row in {source} ({rows_in} rows in, quarantined by "
-                         f"reason: {by_reason}). Fix: check the file's format (detected {fmt_summary}: "
-                         f"{why_summary}).")
+        raise CleanError(
+            f"dataset {name!r}: no valid training row in {source} ({rows_in} rows in, quarantined by "
+            f"reason: {by_reason}). Fix: check the file's format (detected {fmt_summary}: "
+            f"{why_summary})."
+        )
     report = CleanReport(
-        dataset=name, source=str(source), files=sources, source_sha256=source_sha, fingerprint=fingerprint,
-        detected_format=fmt_summary, format_reason=why_summary, rows_in=rows_in,
-        rows_train=counts.get("train", 0), rows_eval=counts.get("eval", 0),
-        rows_quarantined=counts.get("quarantine", 0), by_reason=by_reason, pii_redactions=pii,
-        leakage_moved_to_train=leaked, output_dir=str(out_dir),
+        dataset=name,
+        source=str(source),
+        files=sources,
+        source_sha256=source_sha,
+        fingerprint=fingerprint,
+        detected_format=fmt_summary,
+        format_reason=why_summary,
+        rows_in=rows_in,
+        rows_train=counts.get("train", 0),
+        rows_eval=counts.get("eval", 0),
+        rows_quarantined=counts.get("quarantine", 0),
+        by_reason=by_reason,
+        pii_redactions=pii,
+        leakage_moved_to_train=leaked,
+        output_dir=str(out_dir),
     )
     if report.rows_in != report.rows_train + report.rows_eval + report.rows_quarantined:
         raise AssertionError(f"cleaning lost rows: {report}")  # a bug in this module, never the data's fault
@@ -365,8 +429,9 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
     return report
 
 
-def _parse_and_shape(con: duckdb.DuckDBPyConnection, files: list[Path], declared: str
-                     ) -> tuple[list[SourceFile], str, str]:
+def _parse_and_shape(
+    con: duckdb.DuckDBPyConnection, files: list[Path], declared: str
+) -> tuple[list[SourceFile], str, str]:
     """Parse JSON, detect each file's format, and build each row's raw message list (table `shaped`)."""
     con.execute("""
         CREATE TABLE parsed AS
@@ -374,15 +439,15 @@ def _parse_and_shape(con: duckdb.DuckDBPyConnection, files: list[Path], declared
                coalesce(pre_reason, CASE WHEN NOT ok THEN 'invalid_json'
                                          WHEN json_type(line) <> 'OBJECT' THEN 'not_an_object' END) AS reason
         FROM (SELECT *, pre_reason IS NULL AND json_valid(line) AS ok FROM rows)""")
-    con.execute("CREATE TABLE shaped (rid BIGINT, fmt VARCHAR, msgs STRUCT(role JSON, content JSON)[], "
-                "reason VARCHAR)")
+    con.execute("CREATE TABLE shaped (rid BIGINT, fmt VARCHAR, msgs STRUCT(role JSON, content JSON)[], reason VARCHAR)")
     sources = []
     for idx, f in enumerate(files):
         fmt, why = detect_format(con, idx, declared)
         n = con.execute("SELECT count(*) FROM parsed WHERE file_idx = ?", [idx]).fetchone()[0]
         if fmt == "unknown":
-            valid = con.execute("SELECT count(*) FROM parsed WHERE file_idx = ? AND reason IS NULL",
-                                [idx]).fetchone()[0]
+            valid = con.execute("SELECT count(*) FROM parsed WHERE file_idx = ? AND reason IS NULL", [idx]).fetchone()[
+                0
+            ]
             if valid == 0:
                 raise CleanError(f"{f}: no row is a JSON object ({n} rows). Fix: check the file's format.")
             raise CleanError(f"{f}: {why}. Fix: set `format` in the spec or convert the file.")
@@ -429,19 +494,27 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
     # One search per text for any kind (an '@', or one alternation of the other patterns) picks the rows that can
     # hold PII at all; only those run the per-kind searches, counts and replacements.
     others = "|".join(f"(?:{pat})" for kind, pat in PII_PATTERNS.items() if kind != "email")
-    maybe = (f"{pii_mode != 'off'} AND list_bool_or(list_transform(texts, lambda t: contains(t, '@') OR "
-             f"regexp_matches(t, '{others}')))")
-    select = (f"SELECT *, {maybe} AS maybe FROM (SELECT rid, ms, list_transform(ms, lambda m: m.content) AS texts "
-              "FROM norm)")
+    maybe = (
+        f"{pii_mode != 'off'} AND list_bool_or(list_transform(texts, lambda t: contains(t, '@') OR "
+        f"regexp_matches(t, '{others}')))"
+    )
+    select = (
+        f"SELECT *, {maybe} AS maybe FROM (SELECT rid, ms, list_transform(ms, lambda m: m.content) AS texts FROM norm)"
+    )
     for kind, pat in PII_PATTERNS.items():
         guard = "contains(t, '@') AND " if kind == "email" else ""  # a substring test is far cheaper than RE2
         hit = f"{guard}regexp_matches(t, '{pat}')"
-        new_texts = (f"CASE WHEN maybe THEN list_transform(texts, lambda t: CASE WHEN {hit} THEN regexp_replace(t, "
-                     f"'{pat}', '{PII_PLACEHOLDERS[kind]}', 'g') ELSE t END) ELSE texts END"
-                     if pii_mode == "redact" else "texts")
-        select = (f"SELECT * REPLACE ({new_texts} AS texts), CASE WHEN maybe THEN coalesce(list_sum(list_transform("
-                  f"texts, lambda t: CASE WHEN {hit} THEN len(regexp_extract_all(t, '{pat}')) ELSE 0 END)), 0) "
-                  f"ELSE 0 END AS n_{kind} FROM ({select})")
+        new_texts = (
+            f"CASE WHEN maybe THEN list_transform(texts, lambda t: CASE WHEN {hit} THEN regexp_replace(t, "
+            f"'{pat}', '{PII_PLACEHOLDERS[kind]}', 'g') ELSE t END) ELSE texts END"
+            if pii_mode == "redact"
+            else "texts"
+        )
+        select = (
+            f"SELECT * REPLACE ({new_texts} AS texts), CASE WHEN maybe THEN coalesce(list_sum(list_transform("
+            f"texts, lambda t: CASE WHEN {hit} THEN len(regexp_extract_all(t, '{pat}')) ELSE 0 END)), 0) "
+            f"ELSE 0 END AS n_{kind} FROM ({select})"
+        )
     pii_total = " + ".join(f"n_{k}" for k in PII_PATTERNS)
     con.execute(f"""
         CREATE TABLE per_row AS
@@ -483,8 +556,9 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
     con.execute("DROP TABLE shaped; DROP TABLE per_row; DROP TABLE parsed")
     if pii_mode != "redact":
         return {}
-    row = con.execute(f"SELECT {', '.join(f'sum(n_{k})' for k in PII_PATTERNS)} FROM result "
-                      "WHERE reason IS NULL").fetchone()
+    row = con.execute(
+        f"SELECT {', '.join(f'sum(n_{k})' for k in PII_PATTERNS)} FROM result WHERE reason IS NULL"
+    ).fetchone()
     return {k: int(v or 0) for k, v in zip(PII_PATTERNS, row, strict=True) if v}
 
 
@@ -529,8 +603,7 @@ def _row_chunks(row_ids: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]
     """Row starts in a row-grouped array, and ranges of rows holding about ``_CHUNK_SHINGLES`` entries each."""
     starts = np.flatnonzero(np.r_[True, row_ids[1:] != row_ids[:-1]])
     cut = np.unique(np.searchsorted(starts, np.arange(0, len(row_ids), _CHUNK_SHINGLES)))
-    return starts, [(int(r0), int(r1)) for r0, r1 in zip(cut, np.r_[cut[1:], len(starts)], strict=True)
-                    if r0 < r1]
+    return starts, [(int(r0), int(r1)) for r0, r1 in zip(cut, np.r_[cut[1:], len(starts)], strict=True) if r0 < r1]
 
 
 def _chunked_signatures(row_ids: np.ndarray, values: np.ndarray, seed: int, shingles) -> np.ndarray:
@@ -543,7 +616,7 @@ def _chunked_signatures(row_ids: np.ndarray, values: np.ndarray, seed: int, shin
 
     def unit(rows: tuple[int, int]) -> None:
         r0, r1 = rows
-        rids, h = shingles(row_ids[starts[r0]:ends[r1 - 1]], values[starts[r0]:ends[r1 - 1]])
+        rids, h = shingles(row_ids[starts[r0] : ends[r1 - 1]], values[starts[r0] : ends[r1 - 1]])
         h = h.astype(np.uint64, copy=False)
         h32 = ((h >> np.uint64(32)) ^ h).astype(np.uint32)  # each permutation: an affine map mod 2^32
         local = np.flatnonzero(np.r_[True, rids[1:] != rids[:-1]])
@@ -583,15 +656,18 @@ def near_duplicate_of(sig: np.ndarray, threshold: float) -> np.ndarray:
     def band_order(band: int) -> tuple[np.ndarray, np.ndarray]:
         key = np.zeros(n, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            for col in sig[:, band * rows_per_band:(band + 1) * rows_per_band].T:
+            for col in sig[:, band * rows_per_band : (band + 1) * rows_per_band].T:
                 key = (key ^ col.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # mix the band into one key
         perm = np.argsort(key)  # equal keys together (numpy's SIMD sort: 5x a stable sort on 64-bit keys)
         return perm, key[perm]
 
     workers = _workers()
     with ThreadPoolExecutor(workers) as pool:  # the sorts on every core, a few bands at a time; checks in order
-        for perm, sorted_key in (r for first in range(0, _LSH_BANDS, workers)
-                                 for r in pool.map(band_order, range(first, min(first + workers, _LSH_BANDS)))):
+        for perm, sorted_key in (
+            r
+            for first in range(0, _LSH_BANDS, workers)
+            for r in pool.map(band_order, range(first, min(first + workers, _LSH_BANDS)))
+        ):
             starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
             # each group's earliest row leads it (what a stable sort would have put first)
             leader = np.repeat(np.minimum.reduceat(perm, starts), np.diff(np.r_[starts, n]))
@@ -657,8 +733,9 @@ def _mark_near_duplicates(con: duckdb.DuckDBPyConnection, threshold: float) -> N
     dup_of = near_duplicate_of(sig, threshold)
     near = unique_rids[dup_of >= 0]
     if len(near):
-        con.execute("UPDATE result SET reason = 'near_duplicate' WHERE rid IN (SELECT unnest(?::BIGINT[]))",
-                    [near.tolist()])
+        con.execute(
+            "UPDATE result SET reason = 'near_duplicate' WHERE rid IN (SELECT unnest(?::BIGINT[]))", [near.tolist()]
+        )
 
 
 def _split(con: duckdb.DuckDBPyConnection, eval_fraction: float) -> int:
@@ -680,11 +757,11 @@ def _write_outputs(con: duckdb.DuckDBPyConnection, out: Path) -> None:
         con.execute(f"""
             COPY (SELECT messages, content_hash AS id, file || ':' || line_no AS source
                   FROM result WHERE split = '{split}' ORDER BY rid)
-            TO '{out / (split + '.jsonl')}' (FORMAT json)""")
+            TO '{out / (split + ".jsonl")}' (FORMAT json)""")
     con.execute(f"""
         COPY (SELECT q.reason, q.file || ':' || q.line_no AS source, r.line AS raw
               FROM result q JOIN rows r USING (rid) WHERE q.split = 'quarantine' ORDER BY rid)
-        TO '{out / 'quarantine.jsonl'}' (FORMAT json)""")
+        TO '{out / "quarantine.jsonl"}' (FORMAT json)""")
 
 
 def _point_current(dataset_dir: Path, out_dir: Path) -> None:
@@ -697,8 +774,10 @@ def current_clean(datasets_root: Path, name: str) -> CleanReport:
     """The report of the last cleaning of dataset ``name`` (raises if it was never cleaned)."""
     pointer = Path(datasets_root) / name / "current.json"
     if not pointer.exists():
-        raise CleanError(f"dataset {name!r} has not been cleaned yet. Fix: materialize dataset/{name}/clean "
-                         "first (or run `lorafoundry run SPEC`).")
+        raise CleanError(
+            f"dataset {name!r} has not been cleaned yet. Fix: materialize dataset/{name}/clean "
+            "first (or run `lorafoundry run SPEC`)."
+        )
     out_dir = Path(json.loads(pointer.read_text())["dir"])
     return CleanReport.model_validate_json((out_dir / "report.json").read_text())
 
@@ -732,8 +811,11 @@ def check_no_leakage(report: CleanReport) -> CheckOutcome:
     prompts = {_prompt_key(r) for r in train} - {None}
     leaked = [r["source"] for r in read_split(report, "eval") if r["id"] in ids or _prompt_key(r) in prompts]
     if leaked:
-        return CheckOutcome(passed=False, offenders=leaked[:20],
-                            detail=f"{len(leaked)} eval row(s) also occur (content or prompt) in train")
+        return CheckOutcome(
+            passed=False,
+            offenders=leaked[:20],
+            detail=f"{len(leaked)} eval row(s) also occur (content or prompt) in train",
+        )
     return CheckOutcome(passed=True, detail="no eval row shares its content or prompt with a train row")
 
 

@@ -62,12 +62,29 @@ class EvalResult(BaseModel):
 EVAL_VERSION = 2
 
 
-def _eval_key(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, dtype: str,
-              max_new_tokens: int, seed: int) -> str:
+def _eval_key(
+    adapter_dir: Path,
+    spec: AdapterSpec,
+    base: BaseModelRef,
+    clean: CleanReport,
+    dtype: str,
+    max_new_tokens: int,
+    seed: int,
+) -> str:
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     st = weights.stat() if weights.exists() else None
-    payload = [EVAL_VERSION, str(adapter_dir), st and (st.st_size, st.st_mtime_ns), base.content_hash,
-               clean.fingerprint, spec.max_eval_rows, spec.max_seq_len, resolve_dtype(dtype), max_new_tokens, seed]
+    payload = [
+        EVAL_VERSION,
+        str(adapter_dir),
+        st and (st.st_size, st.st_mtime_ns),
+        base.content_hash,
+        clean.fingerprint,
+        spec.max_eval_rows,
+        spec.max_seq_len,
+        resolve_dtype(dtype),
+        max_new_tokens,
+        seed,
+    ]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
@@ -77,7 +94,7 @@ BOOTSTRAP_RESAMPLES = 1000
 def _char_ngrams(text: str, n: int) -> dict[str, int]:
     counts: dict[str, int] = {}
     for i in range(len(text) - n + 1):
-        g = text[i: i + n]
+        g = text[i : i + n]
         counts[g] = counts.get(g, 0) + 1
     return counts
 
@@ -105,8 +122,9 @@ def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> 
     return 100.0 * (1 + b2) * p * rc / (b2 * p + rc)
 
 
-def paired_bootstrap(statistic, n_rows: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
-                     ) -> tuple[float, float]:
+def paired_bootstrap(
+    statistic, n_rows: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
     """95% percentile interval of ``statistic(indices)`` over ``resamples`` resamplings of the rows (the same
     resampled rows for base and adapter, so the interval is on the paired difference)."""
     import numpy as np
@@ -117,8 +135,11 @@ def paired_bootstrap(statistic, n_rows: int, seed: int = 0, resamples: int = BOO
     return float(low), float(high)
 
 
-def metric_table(per_row: dict[str, tuple[list[float], list[float]]], losses: tuple[list[float], list[float],
-                 list[int]], seed: int = 0) -> dict[str, dict[str, float]]:
+def metric_table(
+    per_row: dict[str, tuple[list[float], list[float]]],
+    losses: tuple[list[float], list[float], list[int]],
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Base, adapter, gain and the gain's 95% bootstrap CI for every metric.
 
     Args:
@@ -134,8 +155,13 @@ def metric_table(per_row: dict[str, tuple[list[float], list[float]]], losses: tu
         b_arr, a_arr = np.asarray(b, dtype=float), np.asarray(a, dtype=float)
         diff = a_arr - b_arr
         lo, hi = paired_bootstrap(lambda idx, d=diff: float(d[idx].mean()), len(diff), seed)
-        out[metric] = {"base": b_arr.mean(), "adapter": a_arr.mean(), "gain": (a_arr - b_arr).mean(),
-                       "gain_ci_low": lo, "gain_ci_high": hi}
+        out[metric] = {
+            "base": b_arr.mean(),
+            "adapter": a_arr.mean(),
+            "gain": (a_arr - b_arr).mean(),
+            "gain_ci_low": lo,
+            "gain_ci_high": hi,
+        }
     b_sum, a_sum, cnt = (np.asarray(x, dtype=float) for x in losses)
 
     def loss_gain(idx, exp: bool) -> float:
@@ -177,7 +203,7 @@ def _row_losses(model, examples: list[dict], pad_id: int, batch_size: int = 32) 
     sums: list[float] = []
     counts: list[int] = []
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
+        chunk = examples[i : i + batch_size]
         width = max(len(e["input_ids"]) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id)
         labels = torch.full((len(chunk), width), -100)
@@ -191,7 +217,8 @@ def _row_losses(model, examples: list[dict], pad_id: int, batch_size: int = 32) 
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+            shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+        )
         sums += loss.sum(dim=1).tolist()
         counts += (shift_labels != -100).sum(dim=1).tolist()
     return sums, counts
@@ -202,11 +229,16 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
 
     outs = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new = gen[:, enc["input_ids"].shape[1] :]
         outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return outs
 
@@ -228,26 +260,43 @@ def check_gate(gate: GateSpec | None, metrics: dict[str, dict[str, float]]) -> G
     return GateResult(metric=gate.metric, passed=passed, detail=("pass: " if passed else "fail: ") + detail)
 
 
-def _precision_agreement(base: BaseModelRef, adapter_dir: Path, tokenizer, prompts: list[str],
-                         serving_outputs: list[str], max_new_tokens: int) -> dict:
+def _precision_agreement(
+    base: BaseModelRef,
+    adapter_dir: Path,
+    tokenizer,
+    prompts: list[str],
+    serving_outputs: list[str],
+    max_new_tokens: int,
+) -> dict:
     """Greedy outputs of a QLoRA adapter on its 4-bit training base against those on the served base."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch_dtype("auto")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
     model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=compute)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     trained = _generate(model, tokenizer, prompts, max_new_tokens)
     same = sum(a == b for a, b in zip(trained, serving_outputs, strict=True))
-    return {"training_precision": f"nf4 (4-bit, double quant) + {resolve_dtype('auto')} compute",
-            "rows": len(prompts),
-            "identical_greedy_outputs": same, "share_identical": round(same / len(prompts), 4)}
+    return {
+        "training_precision": f"nf4 (4-bit, double quant) + {resolve_dtype('auto')} compute",
+        "rows": len(prompts),
+        "identical_greedy_outputs": same,
+        "share_identical": round(same / len(prompts), 4),
+    }
 
 
-def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport,
-                     dtype: str = "auto", max_new_tokens: int = 32, seed: int = 0) -> EvalResult:
+def evaluate_adapter(
+    adapter_dir: Path,
+    spec: AdapterSpec,
+    base: BaseModelRef,
+    clean: CleanReport,
+    dtype: str = "auto",
+    max_new_tokens: int = 32,
+    seed: int = 0,
+) -> EvalResult:
     """Evaluate base and adapter on the held-out split and write ``eval_results.json`` into the adapter dir.
 
     Args:
@@ -274,8 +323,10 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
     torch.manual_seed(seed)
     rows = read_split(clean, "eval")[: spec.max_eval_rows]
     if not rows:
-        raise ValueError(f"dataset {clean.dataset!r} has no eval rows. Fix: raise datasets.{clean.dataset}."
-                         "eval_fraction or add data.")
+        raise ValueError(
+            f"dataset {clean.dataset!r} has no eval rows. Fix: raise datasets.{clean.dataset}."
+            "eval_fraction or add data."
+        )
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -285,8 +336,9 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
     model.eval()
 
     examples = [tokenize_example(tokenizer, r["messages"], spec.max_seq_len) for r in rows]
-    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-               for r in rows]
+    prompts = [
+        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
+    ]
     refs = [r["messages"][-1]["content"] for r in rows]
 
     with model.disable_adapter():
@@ -304,26 +356,47 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
     def chrfs(outs: list[str]) -> list[float]:
         return [chrf(o, r) for o, r in zip(outs, refs, strict=True)]
 
-    metrics = metric_table({"exact_match": (em(base_out), em(ad_out)),
-                            "contains": (contains(base_out), contains(ad_out)),
-                            "chrf": (chrfs(base_out), chrfs(ad_out))},
-                           (base_sums, ad_sums, counts), seed=seed)
-    samples = [{"prompt": r["messages"][-2]["content"], "reference": ref, "base": b, "adapter": a}
-               for r, ref, b, a in list(zip(rows, refs, base_out, ad_out, strict=True))[:10]]
+    metrics = metric_table(
+        {
+            "exact_match": (em(base_out), em(ad_out)),
+            "contains": (contains(base_out), contains(ad_out)),
+            "chrf": (chrfs(base_out), chrfs(ad_out)),
+        },
+        (base_sums, ad_sums, counts),
+        seed=seed,
+    )
+    samples = [
+        {"prompt": r["messages"][-2]["content"], "reference": ref, "base": b, "adapter": a}
+        for r, ref, b, a in list(zip(rows, refs, base_out, ad_out, strict=True))[:10]
+    ]
     manifest_path = Path(adapter_dir) / "training_manifest.json"
     method = json.loads(manifest_path.read_text())["method"]["method"] if manifest_path.exists() else "lora"
     del model  # free the serving-dtype model before a 4-bit one is loaded: the two never share memory
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    agreement = (_precision_agreement(base, Path(adapter_dir), tokenizer, prompts, ad_out, max_new_tokens)
-                 if method == "qlora" else None)
+    agreement = (
+        _precision_agreement(base, Path(adapter_dir), tokenizer, prompts, ad_out, max_new_tokens)
+        if method == "qlora"
+        else None
+    )
     result = EvalResult(
-        metrics=metrics, rows=len(rows), samples=samples, gate=check_gate(spec.gate, metrics),
-        generation={"decoding": "greedy", "do_sample": False, "max_new_tokens": max_new_tokens,
-                    "dtype": resolve_dtype(dtype),
-                    "seed": seed, "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "chrf": "char 6-grams, beta 2"},
-        wall_s=round(time.time() - t0, 2), precision_agreement=agreement, key=key,
+        metrics=metrics,
+        rows=len(rows),
+        samples=samples,
+        gate=check_gate(spec.gate, metrics),
+        generation={
+            "decoding": "greedy",
+            "do_sample": False,
+            "max_new_tokens": max_new_tokens,
+            "dtype": resolve_dtype(dtype),
+            "seed": seed,
+            "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+            "chrf": "char 6-grams, beta 2",
+        },
+        wall_s=round(time.time() - t0, 2),
+        precision_agreement=agreement,
+        key=key,
     )
     (Path(adapter_dir) / EVAL_FILE).write_text(result.model_dump_json(indent=2))
     return result
@@ -332,6 +405,7 @@ def evaluate_adapter(adapter_dir: Path, spec: AdapterSpec, base: BaseModelRef, c
 def load_eval(adapter_dir: Path) -> EvalResult:
     path = Path(adapter_dir) / EVAL_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: the adapter has not been evaluated. Fix: materialize its "
-                                "eval asset first.")
+        raise FileNotFoundError(
+            f"{path} does not exist: the adapter has not been evaluated. Fix: materialize its eval asset first."
+        )
     return EvalResult.model_validate(json.loads(path.read_text()))

@@ -75,8 +75,9 @@ class Pipeline:
         registry_path: the registry file; default :func:`default_registry_path` of ``home``.
     """
 
-    def __init__(self, spec: PipelineSpec, home: Path | str | None = None, progress=None,
-                 registry_path: Path | str | None = None) -> None:
+    def __init__(
+        self, spec: PipelineSpec, home: Path | str | None = None, progress=None, registry_path: Path | str | None = None
+    ) -> None:
         self.spec = spec
         self.progress = progress
         self.home = Path(home).resolve() if home else default_home()
@@ -116,8 +117,13 @@ class Pipeline:
 
     def clean(self, dataset: str) -> CleanReport:
         """Clean one dataset (the base model's tokenizer measures lengths)."""
-        return clean_dataset(dataset, self.spec.datasets[dataset], self.spec.dataset_path(dataset),
-                             self.datasets_dir, tokenizer=self._tokenizer())
+        return clean_dataset(
+            dataset,
+            self.spec.datasets[dataset],
+            self.spec.dataset_path(dataset),
+            self.datasets_dir,
+            tokenizer=self._tokenizer(),
+        )
 
     def train(self, key: str) -> TrainResult:
         """Train one adapter job on its dataset's last cleaning."""
@@ -130,8 +136,10 @@ class Pipeline:
     def adapter_dir(self, key: str) -> Path:
         pointer = self.adapters_dir / key / "current.json"
         if not pointer.exists():
-            raise FileNotFoundError(f"adapter {key!r} has not been trained yet. Fix: materialize "
-                                    f"adapter/{key}/train first (or run `lorafoundry run SPEC`).")
+            raise FileNotFoundError(
+                f"adapter {key!r} has not been trained yet. Fix: materialize "
+                f"adapter/{key}/train first (or run `lorafoundry run SPEC`)."
+            )
         return Path(json.loads(pointer.read_text())["dir"])
 
     def evaluate(self, key: str) -> EvalResult:
@@ -148,16 +156,31 @@ class Pipeline:
         manifest = json.loads((adir / "training_manifest.json").read_text())
         status = "rejected" if ev.gate is not None and not ev.gate.passed else "candidate"
         result = manifest["result"]
-        return self.registry.register(NewAdapter(
-            name=job.name, path=adir, status=status, base_model=self.spec.base_model,
-            base_model_hash=self.base.content_hash, method=manifest["method"]["method"],
-            training_config={**manifest["config"], "sweep_point": job.point, "job": key,
-                             "train_wall_s": result["wall_s"],
-                             "peak_memory_mb": round(result.get("peak_memory_bytes", 0) / 2**20, 1)},
-            dataset=job.spec.dataset, dataset_fingerprint=manifest["dataset"]["fingerprint"],
-            trainable_params=result["trainable_params"], metrics=ev.metrics, run_id=run_id,
-            code_version=CODE_VERSION, promote=job.spec.promote, rank_metric=rank_metric(job.spec),
-        ))
+        return self.registry.register(
+            NewAdapter(
+                name=job.name,
+                path=adir,
+                status=status,
+                base_model=self.spec.base_model,
+                base_model_hash=self.base.content_hash,
+                method=manifest["method"]["method"],
+                training_config={
+                    **manifest["config"],
+                    "sweep_point": job.point,
+                    "job": key,
+                    "train_wall_s": result["wall_s"],
+                    "peak_memory_mb": round(result.get("peak_memory_bytes", 0) / 2**20, 1),
+                },
+                dataset=job.spec.dataset,
+                dataset_fingerprint=manifest["dataset"]["fingerprint"],
+                trainable_params=result["trainable_params"],
+                metrics=ev.metrics,
+                run_id=run_id,
+                code_version=CODE_VERSION,
+                promote=job.spec.promote,
+                rank_metric=rank_metric(job.spec),
+            )
+        )
 
 
 def rank_metric(spec: AdapterSpec) -> str:

@@ -34,8 +34,9 @@ def loss_curve_png(curve: list[tuple[int, float]], title: str = "training loss")
     draw.rectangle((x0, y0, x1, y1), outline="#888888")
     curve = [(s, v) for s, v in curve if math.isfinite(v)]  # a NaN or inf loss must not lose the run
     if not curve:
-        draw.text((x0 + 10, (y0 + y1) // 2), "no loss logged (run shorter than one logging interval)",
-                  fill="black", font=font)
+        draw.text(
+            (x0 + 10, (y0 + y1) // 2), "no loss logged (run shorter than one logging interval)", fill="black", font=font
+        )
         return _encode(img)
 
     steps = [s for s, _ in curve]

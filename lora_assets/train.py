@@ -94,8 +94,12 @@ def choose_method(spec: AdapterSpec, base: BaseModelRef, budget_bytes: int | Non
     estimate = base.parameters * 2 + lora_params * 16 + tokens * hidden * layers * 34
     budget = memory_budget_bytes() if budget_bytes is None else budget_bytes
     if spec.method != "auto":
-        return MethodChoice(method=spec.method, reason=f"set in the spec (method: {spec.method})",
-                            estimate_bytes=estimate, budget_bytes=budget)
+        return MethodChoice(
+            method=spec.method,
+            reason=f"set in the spec (method: {spec.method})",
+            estimate_bytes=estimate,
+            budget_bytes=budget,
+        )
     gib = 1 << 30
     if estimate <= 0.9 * budget:
         reason = f"bf16 fits: estimated {estimate / gib:.2f} GiB <= 90% of {budget / gib:.1f} GiB budget"
@@ -200,10 +204,10 @@ class PackingCollator:
             at = 0
             for f in row:
                 n = len(f["input_ids"])
-                ids[i, at:at + n] = torch.tensor(f["input_ids"])
-                labels[i, at:at + n] = torch.tensor(f["labels"])
+                ids[i, at : at + n] = torch.tensor(f["input_ids"])
+                labels[i, at : at + n] = torch.tensor(f["labels"])
                 labels[i, at] = -100  # never predict an example's first token from the previous example
-                pos[i, at:at + n] = torch.arange(n)
+                pos[i, at : at + n] = torch.arange(n)
                 at += n
             pos[i, at:] = torch.arange(width - at)
         self.real_tokens += sum(len(f["input_ids"]) for f in features)
@@ -269,8 +273,14 @@ def make_progress_callback(name: str, collator, say, log_every: int):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             self.t0, self.tokens0 = time.perf_counter(), collator.real_tokens
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=name, unit="step",
-                            disable=not os.isatty(2), dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc=name,
+                unit="step",
+                disable=not os.isatty(2),
+                dynamic_ncols=True,
+            )
 
         def on_step_end(self, args, state, control, **kw):
             self.peak_rss = max(self.peak_rss, _rss_bytes())
@@ -281,8 +291,10 @@ def make_progress_callback(name: str, collator, say, log_every: int):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.loss = logs["loss"]
-                say(f"{name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                    f"{self.tokens_per_s():.0f} tok/s")
+                say(
+                    f"{name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"{self.tokens_per_s():.0f} tok/s"
+                )
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -322,8 +334,9 @@ def make_trainer(**kwargs):
 TOKENIZE_VERSION = 1
 
 
-def tokenized_train_split(tokenizer, base: BaseModelRef, clean: CleanReport, max_seq_len: int, cache_dir: Path
-                          ) -> tuple[list[dict], bool]:
+def tokenized_train_split(
+    tokenizer, base: BaseModelRef, clean: CleanReport, max_seq_len: int, cache_dir: Path
+) -> tuple[list[dict], bool]:
     """The train split tokenized (labels masked to assistant tokens), cached on disk. Returns (examples, hit).
 
     Keyed by the dataset fingerprint, the tokenizer files and chat template, and max_seq_len, so adapters and
@@ -332,31 +345,44 @@ def tokenized_train_split(tokenizer, base: BaseModelRef, clean: CleanReport, max
     import numpy as np
 
     tok_files = sorted(f for f in Path(base.path).glob("*") if f.name.startswith(("tokenizer", "special_tokens")))
-    h = hashlib.sha256(json.dumps([clean.fingerprint, max_seq_len, TOKENIZE_VERSION,
-                                   str(getattr(tokenizer, "chat_template", ""))]).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            [clean.fingerprint, max_seq_len, TOKENIZE_VERSION, str(getattr(tokenizer, "chat_template", ""))]
+        ).encode()
+    )
     for f in tok_files:
         h.update(f.name.encode() + f.read_bytes())
     path = Path(cache_dir) / f"{h.hexdigest()[:20]}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             ids, labels, offsets = z["ids"], z["labels"], z["offsets"]
-        return [{"input_ids": ids[a:b].tolist(), "attention_mask": [1] * int(b - a), "labels": labels[a:b].tolist()}
-                for a, b in zip(offsets[:-1], offsets[1:], strict=True)], True
+        return [
+            {"input_ids": ids[a:b].tolist(), "attention_mask": [1] * int(b - a), "labels": labels[a:b].tolist()}
+            for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+        ], True
     examples = [tokenize_example(tokenizer, r["messages"], max_seq_len) for r in read_split(clean, "train")]
     examples = [e for e in examples if any(t != -100 for t in e["labels"])]  # nothing to learn from
     offsets = np.cumsum([0] + [len(e["input_ids"]) for e in examples])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, ids=np.array([t for e in examples for t in e["input_ids"]], dtype=np.int32),
-             labels=np.array([t for e in examples for t in e["labels"]], dtype=np.int32), offsets=offsets)
+    np.savez(
+        tmp,
+        ids=np.array([t for e in examples for t in e["input_ids"]], dtype=np.int32),
+        labels=np.array([t for e in examples for t in e["labels"]], dtype=np.int32),
+        offsets=offsets,
+    )
     tmp.replace(path)
     return examples, False
 
 
 def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
     """Content key of one training run: same base, data and config give the same adapter dir."""
-    payload = {"spec": spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE),
-               "base": base.content_hash, "data": clean.fingerprint, "trainer": TRAINER_VERSION}
+    payload = {
+        "spec": spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE),
+        "base": base.content_hash,
+        "data": clean.fingerprint,
+        "trainer": TRAINER_VERSION,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -381,13 +407,16 @@ def _load_base_for_training(base: BaseModelRef, method: str):
         try:
             import bitsandbytes  # noqa: F401
         except Exception as e:  # pragma: no cover - depends on the machine
-            raise RuntimeError(f"method qlora needs bitsandbytes, which cannot load here ({e}). Fix: set "
-                               "method: lora, or install bitsandbytes for this platform.") from e
+            raise RuntimeError(
+                f"method qlora needs bitsandbytes, which cannot load here ({e}). Fix: set "
+                "method: lora, or install bitsandbytes for this platform."
+            ) from e
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
         model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=dtype)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # With bf16, the frozen base is stored in bf16 (half the memory of fp32, and autocast need not cast its weights
@@ -406,8 +435,11 @@ def linear_module_names(base: BaseModelRef) -> set[str]:
     config = AutoConfig.from_pretrained(base.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name
+    }
 
 
 def preflight(field: str, spec: AdapterSpec, base: BaseModelRef) -> list[str]:
@@ -422,14 +454,18 @@ def preflight(field: str, spec: AdapterSpec, base: BaseModelRef) -> list[str]:
     available = linear_module_names(base)
     missing = [m for m in spec.resolved_target_modules() if m not in available]
     if missing:
-        problems.append(f"{field}.target_modules: {missing} are not linear layers of {base.id}. Fix: use "
-                        f"`all-linear` or some of {sorted(available)}.")
+        problems.append(
+            f"{field}.target_modules: {missing} are not linear layers of {base.id}. Fix: use "
+            f"`all-linear` or some of {sorted(available)}."
+        )
     if spec.method == "qlora" or (spec.sweep and "qlora" in spec.sweep.get("method", [])):
         try:
             import bitsandbytes  # noqa: F401
         except Exception as e:  # noqa: BLE001 - any import failure means QLoRA cannot run here
-            problems.append(f"{field}.method: qlora needs bitsandbytes, which cannot load here ({e}). Fix: use "
-                            "method: lora (or auto), or install bitsandbytes for this platform.")
+            problems.append(
+                f"{field}.method: qlora needs bitsandbytes, which cannot load here ({e}). Fix: use "
+                "method: lora (or auto), or install bitsandbytes for this platform."
+            )
     return problems
 
 
@@ -438,12 +474,16 @@ def training_warnings(spec: AdapterSpec, n_examples: int) -> list[str]:
     warnings = []
     ratio = spec.alpha / spec.r
     if not 0.5 <= ratio <= 4:
-        warnings.append(f"lora_alpha/r = {spec.alpha}/{spec.r} = {ratio:g} is far from the usual 1-2: the update is "
-                        "scaled by alpha/r, so this acts like a learning rate "
-                        f"{'far smaller' if ratio < 0.5 else 'far larger'} than the one set.")
+        warnings.append(
+            f"lora_alpha/r = {spec.alpha}/{spec.r} = {ratio:g} is far from the usual 1-2: the update is "
+            "scaled by alpha/r, so this acts like a learning rate "
+            f"{'far smaller' if ratio < 0.5 else 'far larger'} than the one set."
+        )
     if spec.r >= 64 and n_examples < 2000:
-        warnings.append(f"r={spec.r} with only {n_examples} training examples: a high rank adds capacity the data "
-                        "cannot fill and tends to overfit; r=8-16 is usually enough below a few thousand examples.")
+        warnings.append(
+            f"r={spec.r} with only {n_examples} training examples: a high rank adds capacity the data "
+            "cannot fill and tends to overfit; r=8-16 is usually enough below a few thousand examples."
+        )
     return warnings
 
 
@@ -474,8 +514,15 @@ def default_checkpoint_every(steps_per_epoch: int) -> int:
     return max(25, steps_per_epoch // 10)
 
 
-def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, adapters_root: Path,
-                  log_every: int = 10, progress=None) -> TrainResult:
+def train_adapter(
+    name: str,
+    spec: AdapterSpec,
+    base: BaseModelRef,
+    clean: CleanReport,
+    adapters_root: Path,
+    log_every: int = 10,
+    progress=None,
+) -> TrainResult:
     """Train one adapter for exactly one epoch over the dataset's train split.
 
     Args:
@@ -502,8 +549,9 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples, cache_hit = tokenized_train_split(tokenizer, base, clean, spec.max_seq_len,
-                                                Path(adapters_root).parent / "tokenized")
+    examples, cache_hit = tokenized_train_split(
+        tokenizer, base, clean, spec.max_seq_len, Path(adapters_root).parent / "tokenized"
+    )
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     for e in examples:
         e["length"] = len(e["input_ids"])  # for the length-grouped sampler (the collators ignore it)
@@ -521,9 +569,17 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     # No KV cache in training: with one, transformers also skips the packed-sequence mask (see PackingCollator)
     model.config.use_cache = False
     modules = spec.resolved_target_modules()
-    model = get_peft_model(model, LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, target_modules=modules, lora_dropout=spec.lora_dropout,
-        bias="none", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            target_modules=modules,
+            lora_dropout=spec.lora_dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     trainable, total = model.get_nb_trainable_parameters()
     if not torch.cuda.is_available():
         use_bits_dropout(model)  # same dropout, ~3x cheaper masks on CPU (see lora_assets.train_kernels)
@@ -543,24 +599,40 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         say(f"{name}: resuming from {resume_from.name} of an interrupted run")
     save_every = spec.checkpoint_every or default_checkpoint_every(steps_per_epoch)
     args = TrainingArguments(
-        output_dir=str(tmp / "checkpoints"), save_strategy="steps", save_steps=save_every, save_total_limit=2,
-        num_train_epochs=1, max_steps=spec.max_steps or -1,
-        per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler,
-        warmup_steps=int(spec.warmup_ratio * steps_per_epoch), logging_steps=log_every,
-        report_to="none", seed=spec.seed, data_seed=spec.seed, bf16=native_bf16(),
+        output_dir=str(tmp / "checkpoints"),
+        save_strategy="steps",
+        save_steps=save_every,
+        save_total_limit=2,
+        num_train_epochs=1,
+        max_steps=spec.max_steps or -1,
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=int(spec.warmup_ratio * steps_per_epoch),
+        logging_steps=log_every,
+        report_to="none",
+        seed=spec.seed,
+        data_seed=spec.seed,
+        bf16=native_bf16(),
         use_cpu=not torch.cuda.is_available(),
         # Batches of similar lengths (transformers' LengthGroupedSampler: each example once per epoch, in
         # length-sorted groups of 50 batches, shuffled by the seed): rows pack with little padding.
-        train_sampling_strategy="group_by_length", length_column_name="length",
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,  # our own bar, see below
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,  # our own bar, see below
     )
-    collator = (PackingCollator(tokenizer.pad_token_id, spec.max_seq_len, attention_width(base.config))
-                if spec.packing
-                else PaddedCollator(tokenizer))
+    collator = (
+        PackingCollator(tokenizer.pad_token_id, spec.max_seq_len, attention_width(base.config))
+        if spec.packing
+        else PaddedCollator(tokenizer)
+    )
     progress_cb = make_progress_callback(name, collator, say, log_every)
-    trainer = make_trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
-                           callbacks=[progress_cb])
+    trainer = make_trainer(
+        model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[progress_cb]
+    )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress callback says it better
     t0 = time.time()
     start_step = _checkpoint_step(resume_from) if resume_from else 0
@@ -576,11 +648,21 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
     # (max_steps) only part of the epoch.
     seen_tokens = n_tokens * max(0, min(trainer.state.global_step, steps_per_epoch) - start_step) / steps_per_epoch
     result = TrainResult(
-        adapter_dir=str(out_dir), method=choice.method, method_reason=choice.reason, reused=False,
-        train_loss=float(out.training_loss), steps=trainer.state.global_step, examples=len(examples),
-        tokens=n_tokens, tokens_per_s=round(seen_tokens / wall, 1), wall_s=round(wall, 2),
-        trainable_params=int(trainable), total_params=int(total), loss_curve=curve,
-        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind,
+        adapter_dir=str(out_dir),
+        method=choice.method,
+        method_reason=choice.reason,
+        reused=False,
+        train_loss=float(out.training_loss),
+        steps=trainer.state.global_step,
+        examples=len(examples),
+        tokens=n_tokens,
+        tokens_per_s=round(seen_tokens / wall, 1),
+        wall_s=round(wall, 2),
+        trainable_params=int(trainable),
+        total_params=int(total),
+        loss_curve=curve,
+        peak_memory_bytes=peak_bytes,
+        peak_memory_kind=peak_kind,
     )
     manifest = {
         "adapter_name": name,
@@ -593,8 +675,7 @@ def train_adapter(name: str, spec: AdapterSpec, base: BaseModelRef, clean: Clean
         "warnings": warnings,
         "tokenized_cache": "hit" if cache_hit else "miss",
         "packing": spec.packing,
-        "padding_fraction": (round(1 - collator.real_tokens / collator.row_tokens, 4)
-                             if collator.row_tokens else None),
+        "padding_fraction": (round(1 - collator.real_tokens / collator.row_tokens, 4) if collator.row_tokens else None),
         "method": choice.model_dump(),
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},

@@ -4,7 +4,6 @@ Keys: ``dataset/<name>/clean``, ``adapter/<job>/train``, ``adapter/<job>/eval``,
 and ``serving/deployment``.
 """
 
-
 import hashlib
 import json
 from pathlib import Path
@@ -42,8 +41,9 @@ TRAINING_POOL = "training"
 #: upstream is missing or running), materialize, but only once every blocking check on the parents has passed, so
 #: a failed leakage check or quality gate stops the chain here exactly as it does inside one run. Acted on by
 #: the `follow_upstream` sensor (off by default; switch it on in the UI's Automation page).
-FOLLOW_UPSTREAM = (dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
-                   ).with_label("eager, once upstream blocking checks passed")
+FOLLOW_UPSTREAM = (
+    dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("eager, once upstream blocking checks passed")
 
 
 def code_version(*parts) -> str:
@@ -73,36 +73,50 @@ def _rows_table(rows: list[dict], columns: list[str]) -> str:
 def _loss_plot(adapter_dir: str, curve: list[tuple[int, float]]) -> str:
     """The loss plot as an inline image, with the numbers under it (the image alone is not searchable)."""
     png = Path(adapter_dir) / LOSS_PLOT
-    image = markdown_image(png.read_bytes(), "training loss") if png.exists() else "(no plot: adapter from an " \
-        "older lorafoundry)"
+    image = (
+        markdown_image(png.read_bytes(), "training loss")
+        if png.exists()
+        else "(no plot: adapter from an older lorafoundry)"
+    )
     return image + "\n\n" + _rows_table([{"step": s, "loss": f"{v:.4f}"} for s, v in curve], ["step", "loss"])
 
 
 def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
-    @dg.asset(key=["dataset", ds_name, "clean"], group_name="datasets", kinds={"duckdb"},
-              code_version=code_version(spec.datasets[ds_name].model_dump(mode="json"), spec.base_model,
-                                        CLEANER_VERSION),
-              description=f"Dataset `{ds_name}` parsed, normalized to chat messages, PII-redacted, deduplicated "
-              "(exact and near) and split train/eval with DuckDB; every dropped row kept in quarantine.jsonl "
-              "with its reason.")
+    @dg.asset(
+        key=["dataset", ds_name, "clean"],
+        group_name="datasets",
+        kinds={"duckdb"},
+        code_version=code_version(spec.datasets[ds_name].model_dump(mode="json"), spec.base_model, CLEANER_VERSION),
+        description=f"Dataset `{ds_name}` parsed, normalized to chat messages, PII-redacted, deduplicated "
+        "(exact and near) and split train/eval with DuckDB; every dropped row kept in quarantine.jsonl "
+        "with its reason.",
+    )
     def clean_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
         report = Pipeline(spec, lorafoundry.home, progress=context.log.info).clean(ds_name)
-        counts = {"rows_in": report.rows_in, "rows_train": report.rows_train, "rows_eval": report.rows_eval,
-                  "rows_quarantined": report.rows_quarantined,
-                  "leakage_moved_to_train": report.leakage_moved_to_train}
+        counts = {
+            "rows_in": report.rows_in,
+            "rows_train": report.rows_train,
+            "rows_eval": report.rows_eval,
+            "rows_quarantined": report.rows_quarantined,
+            "leakage_moved_to_train": report.leakage_moved_to_train,
+        }
         reasons = [{"reason": k, "rows": v} for k, v in report.by_reason.items()] or [{"reason": "(none)", "rows": 0}]
         cleaned = [{"source": r["source"], "messages": r["messages"]} for r in read_split(report, "train")[:5]]
-        return dg.MaterializeResult(metadata={
-            **counts,
-            "counts": dg.MetadataValue.md(_rows_table([counts], list(counts))),
-            "quarantined_by_reason": dg.MetadataValue.md(_rows_table(reasons, ["reason", "rows"])),
-            "pii_redactions": dg.MetadataValue.json(report.pii_redactions),
-            "detected_format": f"{report.detected_format} ({report.format_reason})",
-            "cleaned_rows_sample": dg.MetadataValue.md(_rows_table(cleaned, ["source", "messages"])),
-            "quarantined_rows_sample": dg.MetadataValue.md(_rows_table(
-                read_split(report, "quarantine")[:5], ["reason", "source", "raw"])),
-            "fingerprint": report.fingerprint, "output_dir": dg.MetadataValue.path(report.output_dir),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **counts,
+                "counts": dg.MetadataValue.md(_rows_table([counts], list(counts))),
+                "quarantined_by_reason": dg.MetadataValue.md(_rows_table(reasons, ["reason", "rows"])),
+                "pii_redactions": dg.MetadataValue.json(report.pii_redactions),
+                "detected_format": f"{report.detected_format} ({report.format_reason})",
+                "cleaned_rows_sample": dg.MetadataValue.md(_rows_table(cleaned, ["source", "messages"])),
+                "quarantined_rows_sample": dg.MetadataValue.md(
+                    _rows_table(read_split(report, "quarantine")[:5], ["reason", "source", "raw"])
+                ),
+                "fingerprint": report.fingerprint,
+                "output_dir": dg.MetadataValue.path(report.output_dir),
+            }
+        )
 
     return clean_asset
 
@@ -113,24 +127,39 @@ def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefini
     minimum = spec.datasets[ds_name].min_train_rows
 
     def result(outcome: CheckOutcome) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(passed=outcome.passed, description=outcome.detail,
-                                   metadata={"offenders": dg.MetadataValue.json(outcome.offenders)})
+        return dg.AssetCheckResult(
+            passed=outcome.passed,
+            description=outcome.detail,
+            metadata={"offenders": dg.MetadataValue.json(outcome.offenders)},
+        )
 
     def report_of(lorafoundry: LoraFoundryHome) -> CleanReport:
         return current_clean(Pipeline(spec, lorafoundry.home).datasets_dir, ds_name)
 
-    @dg.asset_check(asset=key, name="no_train_eval_leakage", blocking=True,
-                    description="No eval row shares its content or prompt with a train row.")
+    @dg.asset_check(
+        asset=key,
+        name="no_train_eval_leakage",
+        blocking=True,
+        description="No eval row shares its content or prompt with a train row.",
+    )
     def no_leakage(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
         return result(check_no_leakage(report_of(lorafoundry)))
 
-    @dg.asset_check(asset=key, name="no_duplicates_left", blocking=True,
-                    description="No two kept rows have the same normalized content.")
+    @dg.asset_check(
+        asset=key,
+        name="no_duplicates_left",
+        blocking=True,
+        description="No two kept rows have the same normalized content.",
+    )
     def no_duplicates(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
         return result(check_no_duplicates(report_of(lorafoundry)))
 
-    @dg.asset_check(asset=key, name="min_train_rows", blocking=True,
-                    description=f"At least {minimum} train rows (datasets.{ds_name}.min_train_rows).")
+    @dg.asset_check(
+        asset=key,
+        name="min_train_rows",
+        blocking=True,
+        description=f"At least {minimum} train rows (datasets.{ds_name}.min_train_rows).",
+    )
     def min_train(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
         return result(check_min_train_rows(report_of(lorafoundry), minimum))
 
@@ -138,41 +167,66 @@ def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefini
 
 
 def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
-    @dg.asset(key=["adapter", job.key, "train"], deps=[dg.AssetKey(["dataset", job.spec.dataset, "clean"])],
-              group_name="adapters", kinds={"peft", "pytorch"}, pool=TRAINING_POOL,
-              retry_policy=dg.RetryPolicy(max_retries=1, delay=10), automation_condition=FOLLOW_UPSTREAM,
-              code_version=code_version(job.spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE), spec.base_model,
-                  TRAINER_VERSION),
-              description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
-              f"(r={job.spec.r}, alpha={job.spec.alpha}).")
+    @dg.asset(
+        key=["adapter", job.key, "train"],
+        deps=[dg.AssetKey(["dataset", job.spec.dataset, "clean"])],
+        group_name="adapters",
+        kinds={"peft", "pytorch"},
+        pool=TRAINING_POOL,
+        retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
+        automation_condition=FOLLOW_UPSTREAM,
+        code_version=code_version(
+            job.spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE), spec.base_model, TRAINER_VERSION
+        ),
+        description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
+        f"(r={job.spec.r}, alpha={job.spec.alpha}).",
+    )
     def train_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
         r = Pipeline(spec, lorafoundry.home, progress=context.log.info).train(job.key)
-        return dg.MaterializeResult(metadata={
-            "method": r.method, "method_reason": r.method_reason, "reused_existing_run": r.reused,
-            "train_loss": r.train_loss, "steps": r.steps, "examples": r.examples, "tokens": r.tokens,
-            "tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "trainable_params": r.trainable_params,
-            "trainable_percent": round(100 * r.trainable_params / r.total_params, 3),
-            "peak_memory_mb": round(r.peak_memory_bytes / 2**20, 1), "peak_memory_kind": r.peak_memory_kind,
-            "loss_curve": dg.MetadataValue.md(_loss_plot(r.adapter_dir, r.loss_curve)),
-            "adapter_dir": dg.MetadataValue.path(r.adapter_dir),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "method": r.method,
+                "method_reason": r.method_reason,
+                "reused_existing_run": r.reused,
+                "train_loss": r.train_loss,
+                "steps": r.steps,
+                "examples": r.examples,
+                "tokens": r.tokens,
+                "tokens_per_s": r.tokens_per_s,
+                "wall_s": r.wall_s,
+                "trainable_params": r.trainable_params,
+                "trainable_percent": round(100 * r.trainable_params / r.total_params, 3),
+                "peak_memory_mb": round(r.peak_memory_bytes / 2**20, 1),
+                "peak_memory_kind": r.peak_memory_kind,
+                "loss_curve": dg.MetadataValue.md(_loss_plot(r.adapter_dir, r.loss_curve)),
+                "adapter_dir": dg.MetadataValue.path(r.adapter_dir),
+            }
+        )
 
     return train_asset
 
 
 def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
-    @dg.asset(key=["adapter", job.key, "eval"], deps=[dg.AssetKey(["adapter", job.key, "train"])],
-              group_name="adapters", kinds={"peft"}, pool=TRAINING_POOL, automation_condition=FOLLOW_UPSTREAM,
-              code_version=code_version(job.spec.max_eval_rows, job.spec.gate and job.spec.gate.model_dump(),
-                                        resolve_dtype(spec.serving.dtype)),
-              description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
-              "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.")
+    @dg.asset(
+        key=["adapter", job.key, "eval"],
+        deps=[dg.AssetKey(["adapter", job.key, "train"])],
+        group_name="adapters",
+        kinds={"peft"},
+        pool=TRAINING_POOL,
+        automation_condition=FOLLOW_UPSTREAM,
+        code_version=code_version(
+            job.spec.max_eval_rows, job.spec.gate and job.spec.gate.model_dump(), resolve_dtype(spec.serving.dtype)
+        ),
+        description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
+        "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.",
+    )
     def eval_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
         ev = Pipeline(spec, lorafoundry.home).evaluate(job.key)
         meta: dict = {
             "metrics": dg.MetadataValue.md(_metrics_table(ev.metrics)),
             "samples": dg.MetadataValue.md(_rows_table(ev.samples, ["prompt", "reference", "base", "adapter"])),
-            "eval_rows": ev.rows, "generation": dg.MetadataValue.json(ev.generation),
+            "eval_rows": ev.rows,
+            "generation": dg.MetadataValue.json(ev.generation),
         }
         for metric, v in ev.metrics.items():
             meta[f"{metric}_base"] = v["base"]
@@ -187,18 +241,29 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
 
 
 def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
-    @dg.asset(key=["adapter", job.key, "register"], deps=[dg.AssetKey(["adapter", job.key, "eval"])],
-              group_name="adapters", kinds={"duckdb"}, code_version=code_version(job.spec.promote, CODE_VERSION),
-              automation_condition=FOLLOW_UPSTREAM,
-              description=f"Registry row for adapter `{job.name}`: version, status, sha256, metrics, lineage.")
-    def register_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome,
-                       registry: RegistryResource) -> dg.MaterializeResult:
+    @dg.asset(
+        key=["adapter", job.key, "register"],
+        deps=[dg.AssetKey(["adapter", job.key, "eval"])],
+        group_name="adapters",
+        kinds={"duckdb"},
+        code_version=code_version(job.spec.promote, CODE_VERSION),
+        automation_condition=FOLLOW_UPSTREAM,
+        description=f"Registry row for adapter `{job.name}`: version, status, sha256, metrics, lineage.",
+    )
+    def register_asset(
+        context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome, registry: RegistryResource
+    ) -> dg.MaterializeResult:
         rec = pipeline(spec, lorafoundry, registry).register(job.key, run_id=context.run.run_id)
-        return dg.MaterializeResult(metadata={
-            "name": rec.name, "version": rec.version, "status": rec.status,
-            "adapter_sha256": rec.adapter_sha256, "path": dg.MetadataValue.path(rec.path),
-            "dataset_fingerprint": rec.dataset_fingerprint or "",
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "name": rec.name,
+                "version": rec.version,
+                "status": rec.status,
+                "adapter_sha256": rec.adapter_sha256,
+                "path": dg.MetadataValue.path(rec.path),
+                "dataset_fingerprint": rec.dataset_fingerprint or "",
+            }
+        )
 
     return register_asset
 
@@ -208,54 +273,97 @@ def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition
     (the rejected version stays in the registry for inspection). For a sweep point a failure is a result of the
     sweep, not an incident: it is reported as a warning and is not blocking (Dagster blocks only on ERROR)."""
     gate = job.spec.gate
-    what = (f"{gate.metric} " + (f"gain >= {gate.min_gain}" if gate.min_gain is not None else
-                                 f"{'<=' if gate.metric in LOWER_IS_BETTER else '>='} {gate.min_value}")
-            if gate else "no gate set (always passes)")
+    what = (
+        f"{gate.metric} "
+        + (
+            f"gain >= {gate.min_gain}"
+            if gate.min_gain is not None
+            else f"{'<=' if gate.metric in LOWER_IS_BETTER else '>='} {gate.min_value}"
+        )
+        if gate
+        else "no gate set (always passes)"
+    )
 
-    @dg.asset_check(asset=dg.AssetKey(["adapter", job.key, "register"]), name="quality_gate", blocking=not job.point,
-                    description=f"Quality gate: {what}. A failing adapter is registered as `rejected`, never served.")
+    @dg.asset_check(
+        asset=dg.AssetKey(["adapter", job.key, "register"]),
+        name="quality_gate",
+        blocking=not job.point,
+        description=f"Quality gate: {what}. A failing adapter is registered as `rejected`, never served.",
+    )
     def quality_gate(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
         ev = load_eval(Pipeline(spec, lorafoundry.home).adapter_dir(job.key))
         passed = ev.gate is None or ev.gate.passed
         severity = dg.AssetCheckSeverity.WARN if job.point else dg.AssetCheckSeverity.ERROR
-        return dg.AssetCheckResult(passed=passed, severity=severity,
-                                   description=ev.gate.detail if ev.gate else "no gate set",
-                                   metadata={"metrics": dg.MetadataValue.json(ev.metrics)})
+        return dg.AssetCheckResult(
+            passed=passed,
+            severity=severity,
+            description=ev.gate.detail if ev.gate else "no gate set",
+            metadata={"metrics": dg.MetadataValue.json(ev.metrics)},
+        )
 
     return quality_gate
 
 
 def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.AssetsDefinition:
-    @dg.asset(key=["adapter", name, "leaderboard"], deps=[dg.AssetKey(["adapter", k, "register"]) for k in keys],
-              group_name="adapters", kinds={"duckdb"}, automation_condition=FOLLOW_UPSTREAM,
-              description=f"Every registered version of sweep `{name}` ranked by its gate metric, with trainable "
-              "parameters, training wall time and peak memory; the winner is marked.")
+    @dg.asset(
+        key=["adapter", name, "leaderboard"],
+        deps=[dg.AssetKey(["adapter", k, "register"]) for k in keys],
+        group_name="adapters",
+        kinds={"duckdb"},
+        automation_condition=FOLLOW_UPSTREAM,
+        description=f"Every registered version of sweep `{name}` ranked by its gate metric, with trainable "
+        "parameters, training wall time and peak memory; the winner is marked.",
+    )
     def leaderboard_asset(context: dg.AssetExecutionContext, registry: RegistryResource) -> dg.MaterializeResult:
         rows = registry.open().leaderboard(name)
         best = next((r for r in rows if r["status"] in ("candidate", "champion")), None)
         meta = {"leaderboard": dg.MetadataValue.md(leaderboard.markdown(rows)), "versions": len(rows)}
         if best is not None:
-            meta |= {"winner_version": best["version"], "winner_point": leaderboard.point_label(
-                json.loads(best["sweep_point"]) if isinstance(best["sweep_point"], str) else best["sweep_point"]),
-                     "winner_metric": f"{best['rank_metric']} = {best['metric_value']:.4f}"}
+            meta |= {
+                "winner_version": best["version"],
+                "winner_point": leaderboard.point_label(
+                    json.loads(best["sweep_point"]) if isinstance(best["sweep_point"], str) else best["sweep_point"]
+                ),
+                "winner_metric": f"{best['rank_metric']} = {best['metric_value']:.4f}",
+            }
         if "seed" in spec.adapters[name].sweep:
             groups = leaderboard.across_seeds(rows)
-            meta["across_seeds"] = dg.MetadataValue.md(_rows_table(
-                [{"point": g["label"], "seeds": g["seeds"], "mean": f"{g['mean']:.4f}",
-                  "95% CI": f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]"} for g in groups],
-                ["point", "seeds", "mean", "95% CI"]))
+            meta["across_seeds"] = dg.MetadataValue.md(
+                _rows_table(
+                    [
+                        {
+                            "point": g["label"],
+                            "seeds": g["seeds"],
+                            "mean": f"{g['mean']:.4f}",
+                            "95% CI": f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]",
+                        }
+                        for g in groups
+                    ],
+                    ["point", "seeds", "mean", "95% CI"],
+                )
+            )
         return dg.MaterializeResult(metadata=meta)
 
     return leaderboard_asset
 
 
 def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
-    @dg.asset(key=["serving", "deployment"], deps=upstream, group_name="serving", kinds={"vllm"},
-              code_version=code_version(spec.serving.model_dump(mode="json")), automation_condition=FOLLOW_UPSTREAM,
-              description="The vLLM server for the base and every servable registered adapter, started (or replaced "
-              "when the adapter set changed) and left running; recorded in <home>/serving/deployment.json.")
-    def deployment_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome,
-                         registry: RegistryResource, serving: ServingResource) -> dg.MaterializeResult:
+    @dg.asset(
+        key=["serving", "deployment"],
+        deps=upstream,
+        group_name="serving",
+        kinds={"vllm"},
+        code_version=code_version(spec.serving.model_dump(mode="json")),
+        automation_condition=FOLLOW_UPSTREAM,
+        description="The vLLM server for the base and every servable registered adapter, started (or replaced "
+        "when the adapter set changed) and left running; recorded in <home>/serving/deployment.json.",
+    )
+    def deployment_asset(
+        context: dg.AssetExecutionContext,
+        lorafoundry: LoraFoundryHome,
+        registry: RegistryResource,
+        serving: ServingResource,
+    ) -> dg.MaterializeResult:
         home = Path(lorafoundry.home)
         cmd, env, url, names = plan_server(spec, home, registry_path=registry.path)
         if serving.admin_key:
@@ -263,11 +371,15 @@ def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.Ass
         context.log.info("deploying: " + " ".join(cmd))
         state, changed = deploy(home, cmd, env, url, names, spec.serving.startup_timeout_s)
         context.log.info(f"{'started' if changed else 'unchanged'}: {url}/v1 serving {', '.join(names)}")
-        return dg.MaterializeResult(metadata={
-            "url": dg.MetadataValue.url(f"{url}/v1/models"), "served_models": dg.MetadataValue.md(
-                "\n".join(f"- `{n}`" for n in names)), "pid": state["pid"], "restarted": changed,
-            "command": dg.MetadataValue.md(f"```\n{' '.join(cmd)}\n```"),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "url": dg.MetadataValue.url(f"{url}/v1/models"),
+                "served_models": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)),
+                "pid": state["pid"],
+                "restarted": changed,
+                "command": dg.MetadataValue.md(f"```\n{' '.join(cmd)}\n```"),
+            }
+        )
 
     return deployment_asset
 
@@ -280,13 +392,15 @@ def build_assets(spec: PipelineSpec, deployment: bool = True) -> list[dg.AssetsD
         assets += [_clean_asset(spec, name), *_clean_checks(spec, name)]
     jobs = adapter_jobs(spec)
     for job in jobs.values():
-        assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job),
-                   _gate_check(spec, job)]
+        assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job), _gate_check(spec, job)]
     for name, ad in spec.adapters.items():
         if ad.sweep:
             assets.append(_leaderboard_asset(spec, name, [k for k, j in jobs.items() if j.name == name]))
     if deployment:
-        upstream = [a.key for a in assets if not isinstance(a, dg.AssetChecksDefinition)
-                    and a.key.path[-1] in ("register", "leaderboard")]
+        upstream = [
+            a.key
+            for a in assets
+            if not isinstance(a, dg.AssetChecksDefinition) and a.key.path[-1] in ("register", "leaderboard")
+        ]
         assets.append(_deployment_asset(spec, upstream))
     return assets

@@ -17,8 +17,12 @@ from rich.table import Table
 
 from lora_assets.spec import PipelineSpec, SpecError, load_spec
 
-app = typer.Typer(help="lorafoundry: a YAML spec -> cleaned datasets -> one-epoch LoRA adapters -> a DuckDB "
-                  "registry -> a vLLM multi-LoRA server.", no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="lorafoundry: a YAML spec -> cleaned datasets -> one-epoch LoRA adapters -> a DuckDB "
+    "registry -> a vLLM multi-LoRA server.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 registry_app = typer.Typer(help="Query and manage the adapter registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 
@@ -26,8 +30,12 @@ app.add_typer(registry_app, name="registry")
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-HomeOpt = Annotated[Path | None, typer.Option(
-    "--home", help="State dir (datasets, adapters, registry). Default: $LORAFOUNDRY_HOME, else ./.lorafoundry.")]
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="State dir (datasets, adapters, registry). Default: $LORAFOUNDRY_HOME, else ./.lorafoundry."
+    ),
+]
 SpecArg = Annotated[Path, typer.Argument(help="The pipeline spec (YAML).")]
 RefArg = Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME:ALIAS.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")]
@@ -80,9 +88,12 @@ def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True) -> None
         (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize(build_assets(spec, deployment=deploy),
-                                resources=resources_from_env(home),
-                                instance=instance, raise_on_error=False)
+        result = dg.materialize(
+            build_assets(spec, deployment=deploy),
+            resources=resources_from_env(home),
+            instance=instance,
+            raise_on_error=False,
+        )
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
         err.print(f"[red]run failed[/red] in {failed}; see the log above.")
@@ -105,15 +116,19 @@ def _summary_table(spec: PipelineSpec, home: Path) -> Table:
             v = m.get(metric)
             return f"{v['base']:.3f} → {v['adapter']:.3f}" if v else "-"
 
-        table.add_row(rec.name, str(rec.version), rec.status,
-                      *(cell(k) for k in ("exact_match", "contains", "chrf", "eval_loss")))
+        table.add_row(
+            rec.name, str(rec.version), rec.status, *(cell(k) for k in ("exact_match", "contains", "chrf", "eval_loss"))
+        )
     return table
 
 
 @app.command()
-def clean(spec: SpecArg, home: HomeOpt = None,
-          dataset: Annotated[list[str] | None, typer.Option(help="Only this dataset (repeatable).")] = None,
-          as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False) -> None:
+def clean(
+    spec: SpecArg,
+    home: HomeOpt = None,
+    dataset: Annotated[list[str] | None, typer.Option(help="Only this dataset (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
+) -> None:
     """Run only the cleaning stage and print each dataset's report."""
     from lora_assets.clean import CleanError
     from lora_assets.pipeline import Pipeline
@@ -137,9 +152,13 @@ def clean(spec: SpecArg, home: HomeOpt = None,
         table = Table(title=f"dataset {name} ({report.detected_format}) → {report.output_dir}")
         table.add_column("count")
         table.add_column("rows", justify="right")
-        for label, value in (("in", report.rows_in), ("train", report.rows_train), ("eval", report.rows_eval),
-                             ("quarantined", report.rows_quarantined),
-                             ("moved eval → train (leakage)", report.leakage_moved_to_train)):
+        for label, value in (
+            ("in", report.rows_in),
+            ("train", report.rows_train),
+            ("eval", report.rows_eval),
+            ("quarantined", report.rows_quarantined),
+            ("moved eval → train (leakage)", report.leakage_moved_to_train),
+        ):
             table.add_row(label, str(value))
         for reason, n in report.by_reason.items():
             table.add_row(f"  quarantined: {reason}", str(n))
@@ -150,10 +169,17 @@ def clean(spec: SpecArg, home: HomeOpt = None,
 
 
 @app.command()
-def run(spec: SpecArg, home: HomeOpt = None,
-        deploy: Annotated[bool, typer.Option(help="Also materialize serving/deployment: leave a vLLM server running "
-                                             "with the registered adapters (stop it with `lorafoundry stop`).")] = True,
-        ) -> None:
+def run(
+    spec: SpecArg,
+    home: HomeOpt = None,
+    deploy: Annotated[
+        bool,
+        typer.Option(
+            help="Also materialize serving/deployment: leave a vLLM server running "
+            "with the registered adapters (stop it with `lorafoundry stop`)."
+        ),
+    ] = True,
+) -> None:
     """Materialize everything: clean each dataset, train, evaluate and register each adapter, deploy vLLM."""
     from serving import deployment
 
@@ -165,8 +191,10 @@ def run(spec: SpecArg, home: HomeOpt = None,
     out.print(_summary_table(s, h))
     state = deployment.current(h) if deploy else None
     if state:
-        out.print(f"serving {', '.join(state['models'])} at {state['url']}/v1 (pid {state['pid']}); "
-                  f"stop it with `lorafoundry stop --home {h}`")
+        out.print(
+            f"serving {', '.join(state['models'])} at {state['url']}/v1 (pid {state['pid']}); "
+            f"stop it with `lorafoundry stop --home {h}`"
+        )
     out.print(f"done in {time.time() - t0:.0f} s; state in {h}")
 
 
@@ -187,17 +215,27 @@ def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
     err.print("starting: " + " ".join(cmd), highlight=False, markup=False)
     server = VLLMServer(cmd, env, home / "logs" / "vllm.log", url).start()
     with err.status("waiting for vLLM to answer on /v1/models …") as status:
-        server.wait_ready(spec.serving.startup_timeout_s,
-                          on_wait=lambda s: status.update(f"waiting for vLLM to answer on /v1/models … {s:.0f} s"))
+        server.wait_ready(
+            spec.serving.startup_timeout_s,
+            on_wait=lambda s: status.update(f"waiting for vLLM to answer on /v1/models … {s:.0f} s"),
+        )
     return server, names
 
 
 @app.command()
-def serve(spec: SpecArg, home: HomeOpt = None,
-          port: Annotated[int | None, typer.Option(help="Port (default: serving.port in the spec).")] = None,
-          api_key: Annotated[str | None, typer.Option(
-              envvar="LORAFOUNDRY_API_KEY", help="Require this client key (Authorization: Bearer) on /v1; passed to "
-              "vLLM through its environment, never on the command line.")] = None) -> None:
+def serve(
+    spec: SpecArg,
+    home: HomeOpt = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serving.port in the spec).")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LORAFOUNDRY_API_KEY",
+            help="Require this client key (Authorization: Bearer) on /v1; passed to "
+            "vLLM through its environment, never on the command line.",
+        ),
+    ] = None,
+) -> None:
     """Serve the base model and each adapter name's champion (else latest candidate) until Ctrl-C or SIGTERM;
     other registered versions load on first use as NAME@VERSION or NAME:ALIAS."""
     from serving.launch import ServerError
@@ -232,9 +270,10 @@ def serve(spec: SpecArg, home: HomeOpt = None,
 
 
 @app.command()
-def demo(home: HomeOpt = None,
-         port: Annotated[int | None, typer.Option(help="Port for the demo server (default: the spec's).")] = None
-         ) -> None:
+def demo(
+    home: HomeOpt = None,
+    port: Annotated[int | None, typer.Option(help="Port for the demo server (default: the spec's).")] = None,
+) -> None:
     """Run the embedded demo end to end: train, deploy, ask each adapter and the base one question, stop."""
     from openai import OpenAI
 
@@ -263,8 +302,12 @@ def demo(home: HomeOpt = None,
         for name in state["models"][1:]:
             sample = load_eval(pipe.adapter_dir(name)).samples[0]
             msgs = [{"role": "user", "content": sample["prompt"]}]
-            got = {m: client.chat.completions.create(model=m, messages=msgs, max_tokens=32, temperature=0)
-                   .choices[0].message.content for m in (name, s.served_base_name)}
+            got = {
+                m: client.chat.completions.create(model=m, messages=msgs, max_tokens=32, temperature=0)
+                .choices[0]
+                .message.content
+                for m in (name, s.served_base_name)
+            }
             answers.add_row(name, sample["prompt"], sample["reference"], got[name], got[s.served_base_name])
         out.print(answers)
         out.print(_summary_table(s, h))
@@ -288,25 +331,38 @@ def _bounds(values: list[str] | None, option: str) -> dict[str, float]:
 
 
 @registry_app.command("list")
-def registry_list(home: HomeOpt = None, as_json: JsonOpt = False,
-                  name: Annotated[str | None, typer.Option(help="Only this adapter name.")] = None,
-                  status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
-                  base_model: Annotated[str | None, typer.Option(help="Only adapters of this base model.")] = None,
-                  dataset: Annotated[str | None, typer.Option(help="Only adapters trained on this dataset.")] = None,
-                  min_metric: Annotated[list[str] | None, typer.Option(
-                      "--min", help="METRIC=VALUE: adapter's metric at least VALUE (repeatable).")] = None,
-                  max_metric: Annotated[list[str] | None, typer.Option(
-                      "--max", help="METRIC=VALUE: adapter's metric at most VALUE (repeatable).")] = None,
-                  order_by: Annotated[str | None, typer.Option(help="Order by this metric (adapter's value).")] = None,
-                  desc: Annotated[bool, typer.Option(help="Descending order (with --order-by).")] = False,
-                  limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None) -> None:
+def registry_list(
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    name: Annotated[str | None, typer.Option(help="Only this adapter name.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Only adapters of this base model.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only adapters trained on this dataset.")] = None,
+    min_metric: Annotated[
+        list[str] | None, typer.Option("--min", help="METRIC=VALUE: adapter's metric at least VALUE (repeatable).")
+    ] = None,
+    max_metric: Annotated[
+        list[str] | None, typer.Option("--max", help="METRIC=VALUE: adapter's metric at most VALUE (repeatable).")
+    ] = None,
+    order_by: Annotated[str | None, typer.Option(help="Order by this metric (adapter's value).")] = None,
+    desc: Annotated[bool, typer.Option(help="Descending order (with --order-by).")] = False,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+) -> None:
     """List registered adapter versions, filtered and ordered."""
     from registry.store import RegistryError
 
     try:
-        records = _registry(home).list(name=name, status=status, base_model=base_model, dataset=dataset,
-                                       min_metric=_bounds(min_metric, "--min"), max_metric=_bounds(max_metric, "--max"),
-                                       order_by=order_by, descending=desc, limit=limit)
+        records = _registry(home).list(
+            name=name,
+            status=status,
+            base_model=base_model,
+            dataset=dataset,
+            min_metric=_bounds(min_metric, "--min"),
+            max_metric=_bounds(max_metric, "--max"),
+            order_by=order_by,
+            descending=desc,
+            limit=limit,
+        )
     except RegistryError as e:
         _fail(e)
     if as_json:
@@ -318,19 +374,30 @@ def registry_list(home: HomeOpt = None, as_json: JsonOpt = False,
         table.add_column(col)
     for r in records:
         em, loss = r.metrics.get("exact_match", {}), r.metrics.get("eval_loss", {})
-        table.add_row(r.name, str(r.version), r.status, r.method, str(r.r), str(r.lora_alpha),
-                      f"{em.get('base', float('nan')):.3f} → {em.get('adapter', float('nan')):.3f}",
-                      f"{loss.get('base', float('nan')):.3f} → {loss.get('adapter', float('nan')):.3f}",
-                      r.adapter_sha256[:12], r.created_at.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            r.name,
+            str(r.version),
+            r.status,
+            r.method,
+            str(r.r),
+            str(r.lora_alpha),
+            f"{em.get('base', float('nan')):.3f} → {em.get('adapter', float('nan')):.3f}",
+            f"{loss.get('base', float('nan')):.3f} → {loss.get('adapter', float('nan')):.3f}",
+            r.adapter_sha256[:12],
+            r.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
     out.print(table)
 
 
 @registry_app.command("leaderboard")
 def registry_leaderboard(
-        name: Annotated[str, typer.Argument(help="Adapter (or sweep) name.")], home: HomeOpt = None,
-        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-        across_seeds: Annotated[bool, typer.Option(
-            "--across-seeds", help="Group sweep points that differ only in seed: mean and 95% CI per point.")] = False,
+    name: Annotated[str, typer.Argument(help="Adapter (or sweep) name.")],
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    across_seeds: Annotated[
+        bool,
+        typer.Option("--across-seeds", help="Group sweep points that differ only in seed: mean and 95% CI per point."),
+    ] = False,
 ) -> None:
     """Versions of NAME ranked by their gate metric (eval_loss without a gate), best first; the winner marked."""
     from registry import leaderboard
@@ -349,8 +416,14 @@ def registry_leaderboard(
         for col in ("rank", "point", "seeds", "mean", "95% CI", "trainable params"):
             table.add_column(col)
         for i, g in enumerate(groups, 1):
-            table.add_row(str(i), g["label"], str(g["seeds"]), f"{g['mean']:.4f}",
-                          f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]", f"{g['trainable_params'] or 0:,}")
+            table.add_row(
+                str(i),
+                g["label"],
+                str(g["seeds"]),
+                f"{g['mean']:.4f}",
+                f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]",
+                f"{g['trainable_params'] or 0:,}",
+            )
         out.print(table)
         return
     if as_json:
@@ -358,27 +431,37 @@ def registry_leaderboard(
             sys.stdout.write(json.dumps(r, default=str) + "\n")
         return
     table = Table(title=f"{name}: versions ranked by {rows[0]['rank_metric']}")
-    for col in ("rank", "version", "point", rows[0]["rank_metric"], "status", "trainable params", "train s",
-                "peak MB"):
+    for col in ("rank", "version", "point", rows[0]["rank_metric"], "status", "trainable params", "train s", "peak MB"):
         table.add_column(col)
     for r in rows:
         winner = r["rank"] == 1 and r["status"] in ("candidate", "champion")
         point = json.loads(r["sweep_point"]) if isinstance(r["sweep_point"], str) else r["sweep_point"]
-        table.add_row(f"{r['rank']}{' winner' if winner else ''}", str(r["version"]),
-                      leaderboard.point_label(point or {}),
-                      "" if r["metric_value"] is None else f"{r['metric_value']:.4f}", r["status"],
-                      f"{r['trainable_params'] or 0:,}", f"{r['train_wall_s'] or 0:.1f}",
-                      f"{r['peak_memory_mb'] or 0:.0f}")
+        table.add_row(
+            f"{r['rank']}{' winner' if winner else ''}",
+            str(r["version"]),
+            leaderboard.point_label(point or {}),
+            "" if r["metric_value"] is None else f"{r['metric_value']:.4f}",
+            r["status"],
+            f"{r['trainable_params'] or 0:,}",
+            f"{r['train_wall_s'] or 0:.1f}",
+            f"{r['peak_memory_mb'] or 0:.0f}",
+        )
     out.print(table)
 
 
 @registry_app.command("promote")
-def registry_promote(name: Annotated[str, typer.Argument(help="Adapter name.")],
-                     version: Annotated[int, typer.Argument(help="The version to make champion.")],
-                     home: HomeOpt = None,
-                     notify: Annotated[str | None, typer.Option(
-                         help="URL of a running server (e.g. http://127.0.0.1:8000) to reload NAME with this version "
-                         "without a restart; needs LORAFOUNDRY_ADMIN_KEY.")] = None) -> None:
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    version: Annotated[int, typer.Argument(help="The version to make champion.")],
+    home: HomeOpt = None,
+    notify: Annotated[
+        str | None,
+        typer.Option(
+            help="URL of a running server (e.g. http://127.0.0.1:8000) to reload NAME with this version "
+            "without a restart; needs LORAFOUNDRY_ADMIN_KEY."
+        ),
+    ] = None,
+) -> None:
     """Make NAME@VERSION the champion (served under the plain name); the previous champion becomes a candidate."""
     from registry.store import RegistryError
     from serving.launch import ServerError
@@ -426,9 +509,23 @@ def registry_show(ref: RefArg, home: HomeOpt = None, as_json: JsonOpt = False) -
         sys.stdout.write(json.dumps(data) + "\n")
         return
     table = Table(title=f"{rec.name}@{rec.version} ({rec.status})", show_header=False)
-    for key in ("base_model", "base_model_hash", "method", "r", "lora_alpha", "target_modules", "dataset",
-                "dataset_fingerprint", "path", "adapter_sha256", "size_bytes", "trainable_params", "created_at",
-                "run_id", "code_version"):
+    for key in (
+        "base_model",
+        "base_model_hash",
+        "method",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "dataset",
+        "dataset_fingerprint",
+        "path",
+        "adapter_sha256",
+        "size_bytes",
+        "trainable_params",
+        "created_at",
+        "run_id",
+        "code_version",
+    ):
         table.add_row(key, str(data[key]))
     for m, v in rec.metrics.items():
         table.add_row(f"metric {m}", f"{v.get('base', float('nan')):.4f} → {v.get('adapter', float('nan')):.4f}")
@@ -438,15 +535,22 @@ def registry_show(ref: RefArg, home: HomeOpt = None, as_json: JsonOpt = False) -
 
 @registry_app.command("register")
 def registry_register(
-        adapter_dir: Annotated[Path, typer.Argument(help="A peft LoRA adapter dir (adapter_config.json + "
-                                                    "adapter_model.safetensors).")],
-        name: Annotated[str, typer.Option("--name", help="Name to register it under.")],
-        base_model: Annotated[str | None, typer.Option(help="Base model: a local model dir, a builtin: "
-                                                       "name (builtin:smollm2-135m-instruct, builtin:tiny) or a hub id "
-                                                       "(default: base_model_name_or_path in adapter_config.json).")
-                              ] = None,
-        dataset: Annotated[str | None, typer.Option(help="Dataset it was trained on (lineage).")] = None,
-        home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    adapter_dir: Annotated[
+        Path, typer.Argument(help="A peft LoRA adapter dir (adapter_config.json + adapter_model.safetensors).")
+    ],
+    name: Annotated[str, typer.Option("--name", help="Name to register it under.")],
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model: a local model dir, a builtin: "
+            "name (builtin:smollm2-135m-instruct, builtin:tiny) or a hub id "
+            "(default: base_model_name_or_path in adapter_config.json)."
+        ),
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset it was trained on (lineage).")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Bring in an adapter trained elsewhere, as a candidate (idempotent: the same files give the same version).
 
     The files are copied under <home>/adapters/imported/ (the server reads adapters only from <home>/adapters), and
@@ -465,17 +569,20 @@ def registry_register(
         cfg = check_adapter_dir(adapter_dir)
         base = base_model or cfg.get("base_model_name_or_path")
         if not base:
-            raise RegistryError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path. Fix: pass "
-                                "--base-model.")
+            raise RegistryError(
+                f"{adapter_dir}: adapter_config.json names no base_model_name_or_path. Fix: pass --base-model."
+            )
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
             raise RegistryError(f"name {name!r} is not valid. Fix: use letters, digits, '.', '_' or '-'.")
         try:
             base_hash = resolve_base_model(base, h).content_hash
         except Exception as e:  # not on this machine, or not loadable: register anyway, say what it means
             base_hash = None
-            err.print(f"[yellow]note[/yellow]: base model {base!r}: {e}\nRegistered without the base's hash, so no "
-                      "server will load it. Fix: register again with --base-model set to the local model dir.",
-                      highlight=False)
+            err.print(
+                f"[yellow]note[/yellow]: base model {base!r}: {e}\nRegistered without the base's hash, so no "
+                "server will load it. Fix: register again with --base-model set to the local model dir.",
+                highlight=False,
+            )
         src = Path(adapter_dir).resolve()
         root = (h / "adapters").resolve()
         dest, created = src, False
@@ -493,10 +600,20 @@ def registry_register(
                 except OSError:  # another register of the same files got there first
                     shutil.rmtree(tmp, ignore_errors=True)
         try:
-            rec = _registry(home).register(NewAdapter(
-                name=name, path=dest, base_model=base, base_model_hash=base_hash, method="lora", dataset=dataset,
-                training_config={"imported_from": str(src), **{k: cfg.get(k) for k in (
-                    "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")}}))
+            rec = _registry(home).register(
+                NewAdapter(
+                    name=name,
+                    path=dest,
+                    base_model=base,
+                    base_model_hash=base_hash,
+                    method="lora",
+                    dataset=dataset,
+                    training_config={
+                        "imported_from": str(src),
+                        **{k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")},
+                    },
+                )
+            )
         except BaseException:
             if created:
                 shutil.rmtree(dest, ignore_errors=True)
@@ -506,13 +623,13 @@ def registry_register(
     if as_json:
         sys.stdout.write(json.dumps(rec.model_dump(mode="json")) + "\n")
     else:
-        out.print(f"registered {rec.name}@{rec.version} ({rec.status}), sha256 {rec.adapter_sha256[:12]}, "
-                  f"files in {rec.path}")
+        out.print(
+            f"registered {rec.name}@{rec.version} ({rec.status}), sha256 {rec.adapter_sha256[:12]}, files in {rec.path}"
+        )
 
 
 @registry_app.command("archive")
-def registry_archive(ref: Annotated[str, typer.Argument(help="NAME@VERSION to retire.")],
-                     home: HomeOpt = None) -> None:
+def registry_archive(ref: Annotated[str, typer.Argument(help="NAME@VERSION to retire.")], home: HomeOpt = None) -> None:
     """Retire a version: status archived, never served again; its aliases are removed (history kept)."""
     from registry.store import RegistryError, parse_ref
 
@@ -527,9 +644,11 @@ def registry_archive(ref: Annotated[str, typer.Argument(help="NAME@VERSION to re
 
 
 @registry_app.command("alias")
-def registry_alias(ref: Annotated[str, typer.Argument(help="NAME@VERSION the alias should point at.")],
-                   alias: Annotated[str, typer.Argument(help="Alias, e.g. prod or staging.")],
-                   home: HomeOpt = None) -> None:
+def registry_alias(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION the alias should point at.")],
+    alias: Annotated[str, typer.Argument(help="Alias, e.g. prod or staging.")],
+    home: HomeOpt = None,
+) -> None:
     """Point NAME:ALIAS at a version (the move is kept in alias_history)."""
     from registry.store import RegistryError, parse_ref
 
@@ -544,8 +663,11 @@ def registry_alias(ref: Annotated[str, typer.Argument(help="NAME@VERSION the ali
 
 
 @registry_app.command("verify")
-def registry_verify(name: Annotated[str | None, typer.Argument(help="Only this name (or NAME@VERSION).")] = None,
-                    home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def registry_verify(
+    name: Annotated[str | None, typer.Argument(help="Only this name (or NAME@VERSION).")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Recompute every adapter's sha256; exit 1 if any files changed after registration."""
     from registry.store import RegistryError, parse_ref
 
@@ -582,8 +704,11 @@ def registry_card(ref: RefArg, home: HomeOpt = None) -> None:
 
 
 @registry_app.command("sql")
-def registry_sql(query: Annotated[str, typer.Argument(help="A read-only SQL statement.")], home: HomeOpt = None,
-                 as_json: JsonOpt = False) -> None:
+def registry_sql(
+    query: Annotated[str, typer.Argument(help="A read-only SQL statement.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Run a read-only SQL query on the registry (tables adapters, aliases, alias_history, events; views
     latest_adapters, champions, leaderboard)."""
     import duckdb
@@ -607,8 +732,9 @@ def registry_sql(query: Annotated[str, typer.Argument(help="A read-only SQL stat
 
 
 @registry_app.command("export")
-def registry_export(out_dir: Annotated[Path, typer.Argument(help="A new (or empty) dir.")],
-                    home: HomeOpt = None) -> None:
+def registry_export(
+    out_dir: Annotated[Path, typer.Argument(help="A new (or empty) dir.")], home: HomeOpt = None
+) -> None:
     """Write a portable copy: every table as parquet plus the adapter dirs."""
     from registry.portable import export_registry
     from registry.store import RegistryError
@@ -621,8 +747,9 @@ def registry_export(out_dir: Annotated[Path, typer.Argument(help="A new (or empt
 
 
 @registry_app.command("import")
-def registry_import(src: Annotated[Path, typer.Argument(help="A dir written by `registry export`.")],
-                    home: HomeOpt = None) -> None:
+def registry_import(
+    src: Annotated[Path, typer.Argument(help="A dir written by `registry export`.")], home: HomeOpt = None
+) -> None:
     """Bring an exported registry in (adapter dirs copied under <home>/adapters/imported, hashes checked)."""
     from registry.portable import import_registry
     from registry.store import RegistryError

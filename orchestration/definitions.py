@@ -26,10 +26,14 @@ def build_definitions(spec: PipelineSpec, home: Path | str | None = None) -> dg.
     assets = build_assets(spec)
     return dg.Definitions(
         assets=assets,
-        jobs=[dg.define_asset_job(
-            "all_adapters", selection=dg.AssetSelection.all(),
-            description="Clean every dataset, train, evaluate and register every adapter, then deploy.",
-            tags={"dagster/max_runtime": RUN_TIMEOUT_S})],  # enforced when run monitoring is on (make ui)
+        jobs=[
+            dg.define_asset_job(
+                "all_adapters",
+                selection=dg.AssetSelection.all(),
+                description="Clean every dataset, train, evaluate and register every adapter, then deploy.",
+                tags={"dagster/max_runtime": RUN_TIMEOUT_S},
+            )
+        ],  # enforced when run monitoring is on (make ui)
         sensors=[build_dataset_sensor(spec), build_promotion_sensor(), build_automation_sensor()],
         resources=resources_from_env(home),
     )

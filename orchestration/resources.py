@@ -47,11 +47,17 @@ class RegistryResource(dg.ConfigurableResource):
 class ServingResource(dg.ConfigurableResource):
     """How the orchestration reaches the vLLM server."""
 
-    url: str | None = Field(default=None, description="Base URL of the server the promotion sensor updates "
-                            "(LORAFOUNDRY_SERVING_URL); unset: the URL the serving/deployment asset recorded.")
-    admin_key: str | None = Field(default=None, description="Key for the server's runtime adapter endpoints "
-                                  "(LORAFOUNDRY_ADMIN_KEY); the deployment starts vLLM with it and the promotion "
-                                  "sensor sends it. Unset: those endpoints are closed.")
+    url: str | None = Field(
+        default=None,
+        description="Base URL of the server the promotion sensor updates "
+        "(LORAFOUNDRY_SERVING_URL); unset: the URL the serving/deployment asset recorded.",
+    )
+    admin_key: str | None = Field(
+        default=None,
+        description="Key for the server's runtime adapter endpoints "
+        "(LORAFOUNDRY_ADMIN_KEY); the deployment starts vLLM with it and the promotion "
+        "sensor sends it. Unset: those endpoints are closed.",
+    )
 
 
 def pipeline(spec: PipelineSpec, home: LoraFoundryHome, registry: RegistryResource, progress=None) -> Pipeline:

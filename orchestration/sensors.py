@@ -48,31 +48,40 @@ def downstream_of_dataset(spec: PipelineSpec, dataset: str) -> list[dg.AssetKey]
 
 
 def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
-    @dg.sensor(name="dataset_files_changed", minimum_interval_seconds=30,
-               target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.STOPPED,
-               description="When dataset files change (size or mtime), run clean -> train -> eval -> register "
-               "for the adapters that use them, then update the deployment, in one run per tick. The first tick "
-               "only records the files.")
+    @dg.sensor(
+        name="dataset_files_changed",
+        minimum_interval_seconds=30,
+        target=dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="When dataset files change (size or mtime), run clean -> train -> eval -> register "
+        "for the adapters that use them, then update the deployment, in one run per tick. The first tick "
+        "only records the files.",
+    )
     def dataset_files_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         seen = json.loads(context.cursor) if context.cursor else None
         now = {name: dataset_signature(spec.dataset_path(name)) for name in spec.datasets}
         if seen is None:
-            return dg.SensorResult(skip_reason="recorded the dataset files; changes from now on start runs",
-                                   cursor=json.dumps(now))
+            return dg.SensorResult(
+                skip_reason="recorded the dataset files; changes from now on start runs", cursor=json.dumps(now)
+            )
         changed = sorted(n for n in now if seen.get(n) != now[n])
         if not changed:
             return dg.SensorResult(cursor=json.dumps(now), skip_reason="no dataset file changed")
         # one run for everything that changed in this tick: one deployment at the end, not one per dataset
         keys = list(dict.fromkeys(k for n in changed for k in downstream_of_dataset(spec, n)))
-        request = dg.RunRequest(run_key=",".join(f"{n}:{now[n]}" for n in changed), asset_selection=keys,
-                                tags={"lorafoundry/datasets": ",".join(changed)})
+        request = dg.RunRequest(
+            run_key=",".join(f"{n}:{now[n]}" for n in changed),
+            asset_selection=keys,
+            tags={"lorafoundry/datasets": ",".join(changed)},
+        )
         return dg.SensorResult(run_requests=[request], cursor=json.dumps(now))
 
     return dataset_files_changed
 
 
-def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | None, url: str | None = None,
-                          admin_key: str | None = None) -> tuple[list[str], str | None]:
+def notify_new_promotions(
+    registry: AdapterRegistry, home: Path, after: str | None, url: str | None = None, admin_key: str | None = None
+) -> tuple[list[str], str | None]:
     """Bring the running server up to date with every name whose champion changed since ``after`` (an event
     timestamp): promoted, or rejected on re-evaluation. The plain name is reloaded in place with what a fresh
     deployment would serve (the champion, else the latest candidate), or unloaded when nothing is servable.
@@ -91,10 +100,13 @@ def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | No
 
     Returns (one line per name handled, the new cursor).
     """
-    sql = ("SELECT occurred_at::VARCHAR, name, version FROM events WHERE (action = 'promote' OR (action = "
-           "'reevaluate' AND detail->>'previous_status' = 'champion' AND detail->>'status' = 'rejected'))")
-    _, rows = registry.query(sql + (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1",
-                             [after] if after else [])
+    sql = (
+        "SELECT occurred_at::VARCHAR, name, version FROM events WHERE (action = 'promote' OR (action = "
+        "'reevaluate' AND detail->>'previous_status' = 'champion' AND detail->>'status' = 'rejected'))"
+    )
+    _, rows = registry.query(
+        sql + (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1", [after] if after else []
+    )
     if after is None:
         return [], rows[-1][0] if rows else "1970-01-01 00:00:00"
     if not rows:
@@ -128,16 +140,28 @@ def notify_new_promotions(registry: AdapterRegistry, home: Path, after: str | No
 
 
 def build_promotion_sensor() -> dg.SensorDefinition:
-    @dg.sensor(name="promotions_to_server", minimum_interval_seconds=15,
-               default_status=dg.DefaultSensorStatus.STOPPED,
-               description="When a name's champion changes (a promotion, or a champion rejected on "
-               "re-evaluation), reload that name on the running vLLM server in place (no restart), or unload it "
-               "when nothing is servable; needs the serving resource's admin key (LORAFOUNDRY_ADMIN_KEY). An "
-               "unreachable server is retried on the next tick.")
-    def promotions_to_server(context: dg.SensorEvaluationContext, lorafoundry: LoraFoundryHome,
-                             registry: RegistryResource, serving: ServingResource) -> dg.SkipReason:
-        lines, cursor = notify_new_promotions(registry.open(actor="sensor"), Path(lorafoundry.home),
-                                              context.cursor, url=serving.url, admin_key=serving.admin_key)
+    @dg.sensor(
+        name="promotions_to_server",
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="When a name's champion changes (a promotion, or a champion rejected on "
+        "re-evaluation), reload that name on the running vLLM server in place (no restart), or unload it "
+        "when nothing is servable; needs the serving resource's admin key (LORAFOUNDRY_ADMIN_KEY). An "
+        "unreachable server is retried on the next tick.",
+    )
+    def promotions_to_server(
+        context: dg.SensorEvaluationContext,
+        lorafoundry: LoraFoundryHome,
+        registry: RegistryResource,
+        serving: ServingResource,
+    ) -> dg.SkipReason:
+        lines, cursor = notify_new_promotions(
+            registry.open(actor="sensor"),
+            Path(lorafoundry.home),
+            context.cursor,
+            url=serving.url,
+            admin_key=serving.admin_key,
+        )
         for line in lines:
             context.log.info(line)
         if cursor:
@@ -150,7 +174,10 @@ def build_promotion_sensor() -> dg.SensorDefinition:
 def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
     """Evaluates the assets' automation conditions (orchestration.assets.FOLLOW_UPSTREAM)."""
     return dg.AutomationConditionSensorDefinition(
-        "follow_upstream", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.STOPPED,
+        "follow_upstream",
+        target=dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.STOPPED,
         minimum_interval_seconds=30,
         description="Declarative automation: when an asset is updated, materialize what depends on it once every "
-        "blocking check upstream has passed (a failed leakage check or quality gate stops the chain).")
+        "blocking check upstream has passed (a failed leakage check or quality gate stops the chain).",
+    )

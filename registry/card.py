@@ -9,14 +9,26 @@ import yaml
 
 from registry.store import AdapterRecord
 
-_METRIC_NAMES = {"exact_match": "Exact match", "contains": "Contains the reference", "chrf": "chrF",
-                 "eval_loss": "Eval loss", "perplexity": "Perplexity"}
+_METRIC_NAMES = {
+    "exact_match": "Exact match",
+    "contains": "Contains the reference",
+    "chrf": "chrF",
+    "eval_loss": "Eval loss",
+    "perplexity": "Perplexity",
+}
 
 
 def front_matter(rec: AdapterRecord) -> dict:
     """The card's metadata: what the Hub reads (base model, library, relation, datasets, model-index)."""
-    metrics = [{"type": m, "name": f"{_METRIC_NAMES.get(m, m)} (adapter; base {v['base']:.4f})",
-                "value": round(float(v["adapter"]), 4)} for m, v in rec.metrics.items() if "adapter" in v]
+    metrics = [
+        {
+            "type": m,
+            "name": f"{_METRIC_NAMES.get(m, m)} (adapter; base {v['base']:.4f})",
+            "value": round(float(v["adapter"]), 4),
+        }
+        for m, v in rec.metrics.items()
+        if "adapter" in v
+    ]
     dataset = rec.dataset or "unknown"
     return {
         "base_model": rec.base_model,
@@ -24,26 +36,48 @@ def front_matter(rec: AdapterRecord) -> dict:
         "base_model_relation": "adapter",
         "datasets": [dataset],
         "tags": ["lora", "peft", "lorafoundry", rec.method],
-        "model-index": [{
-            "name": f"{rec.name}@{rec.version}",
-            "results": [{
-                "task": {"type": "text-generation", "name": "Text generation"},
-                "dataset": {"name": dataset, "type": dataset, "split": "eval",
-                            "revision": rec.dataset_fingerprint or ""},
-                "metrics": metrics,
-            }],
-        }],
+        "model-index": [
+            {
+                "name": f"{rec.name}@{rec.version}",
+                "results": [
+                    {
+                        "task": {"type": "text-generation", "name": "Text generation"},
+                        "dataset": {
+                            "name": dataset,
+                            "type": dataset,
+                            "split": "eval",
+                            "revision": rec.dataset_fingerprint or "",
+                        },
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ],
     }
 
 
 def render(rec: AdapterRecord) -> str:
     """README.md text: YAML front matter, then a human summary."""
     meta = yaml.safe_dump(front_matter(rec), sort_keys=False, allow_unicode=True)
-    rows = "\n".join(f"| {m} | {v.get('base', float('nan')):.4f} | {v.get('adapter', float('nan')):.4f} |"
-                     for m, v in rec.metrics.items())
-    cfg = {k: rec.training_config.get(k) for k in ("method", "r", "lora_alpha", "target_modules", "lora_dropout",
-                                                    "learning_rate", "batch_size", "max_seq_len", "seed")
-           if k in rec.training_config}
+    rows = "\n".join(
+        f"| {m} | {v.get('base', float('nan')):.4f} | {v.get('adapter', float('nan')):.4f} |"
+        for m, v in rec.metrics.items()
+    )
+    cfg = {
+        k: rec.training_config.get(k)
+        for k in (
+            "method",
+            "r",
+            "lora_alpha",
+            "target_modules",
+            "lora_dropout",
+            "learning_rate",
+            "batch_size",
+            "max_seq_len",
+            "seed",
+        )
+        if k in rec.training_config
+    }
     return f"""---
 {meta}---
 

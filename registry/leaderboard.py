@@ -9,8 +9,22 @@ from typing import Any
 from registry.store import LOWER_IS_BETTER
 
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy in the runtime)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+_T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t95(df: int) -> float:
@@ -57,10 +71,20 @@ def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not values:
             continue
         mean, low, high = mean_ci(values)
-        out.append({"point": json.loads(key), "label": point_label(json.loads(key)), "seeds": len(values),
-                    "metric": members[0]["rank_metric"], "mean": mean, "ci_low": low, "ci_high": high,
-                    "values": values, "trainable_params": members[0]["trainable_params"],
-                    "versions": sorted(m["version"] for m in members)})
+        out.append(
+            {
+                "point": json.loads(key),
+                "label": point_label(json.loads(key)),
+                "seeds": len(values),
+                "metric": members[0]["rank_metric"],
+                "mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+                "values": values,
+                "trainable_params": members[0]["trainable_params"],
+                "versions": sorted(m["version"] for m in members),
+            }
+        )
     lower = bool(out) and out[0]["metric"] in LOWER_IS_BETTER
     out.sort(key=lambda g: g["mean"] if lower else -g["mean"])
     return out
@@ -69,12 +93,16 @@ def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The per-version leaderboard as a markdown table; the winner (rank 1) is marked."""
     metric = rows[0]["rank_metric"] if rows else "metric"
-    lines = [f"| rank | version | point | {metric} | status | trainable params | train wall s | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| rank | version | point | {metric} | status | trainable params | train wall s | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mark = " **winner**" if r["rank"] == 1 and r["status"] in ("candidate", "champion") else ""
         value = "" if r["metric_value"] is None else f"{r['metric_value']:.4f}"
         params, wall, peak = r["trainable_params"] or 0, r["train_wall_s"] or 0, r["peak_memory_mb"] or 0
-        lines.append(f"| {r['rank']}{mark} | v{r['version']} | {point_label(_point(r))} | {value} | {r['status']} | "
-                     f"{params:,} | {wall:.1f} | {peak:.0f} |")
+        lines.append(
+            f"| {r['rank']}{mark} | v{r['version']} | {point_label(_point(r))} | {value} | {r['status']} | "
+            f"{params:,} | {wall:.1f} | {peak:.0f} |"
+        )
     return "\n".join(lines)

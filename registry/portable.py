@@ -33,8 +33,11 @@ def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
     def op(con: duckdb.DuckDBPyConnection) -> None:
         sources.clear()  # a retried attempt starts over
         for table in TABLES:
-            sql = (f"SELECT * REPLACE ('adapters/' || name || '/v' || version AS path) FROM {table}"
-                   if table == "adapters" else f"SELECT * FROM {table}")
+            sql = (
+                f"SELECT * REPLACE ('adapters/' || name || '/v' || version AS path) FROM {table}"
+                if table == "adapters"
+                else f"SELECT * FROM {table}"
+            )
             con.execute(f"COPY ({sql}) TO '{tmp / (table + '.parquet')}' (FORMAT parquet)")
             counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         sources.extend(con.execute("SELECT name, version, path FROM adapters").fetchall())
@@ -66,15 +69,22 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
         raise RegistryError(f"{src} is not a lorafoundry export: no {', '.join(missing)}.parquet.")
     mem = duckdb.connect(":memory:")
     cols = [d[0] for d in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}' LIMIT 0").description]
-    rows = [dict(zip(cols, r, strict=True)) for r in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}'")
-            .fetchall()]
+    rows = [
+        dict(zip(cols, r, strict=True)) for r in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}'").fetchall()
+    ]
     problems = []
     for r in rows:  # nothing in the files is trusted: names, versions and paths are checked first
         source = (src / str(r["path"])).resolve()
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(r["name"])) or ".." in str(r["name"]) or \
-                not isinstance(r["version"], int) or not source.is_relative_to(src.resolve()):
-            raise RegistryError(f"import refused, nothing written: row {r['name']!r}@{r['version']!r} has an "
-                                f"invalid name, version or path ({r['path']!r}).")
+        if (
+            not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(r["name"]))
+            or ".." in str(r["name"])
+            or not isinstance(r["version"], int)
+            or not source.is_relative_to(src.resolve())
+        ):
+            raise RegistryError(
+                f"import refused, nothing written: row {r['name']!r}@{r['version']!r} has an "
+                f"invalid name, version or path ({r['path']!r})."
+            )
         try:
             sha, _ = adapter_sha256(source)
         except OSError as e:
@@ -103,8 +113,10 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
 
     def op(con: duckdb.DuckDBPyConnection) -> None:
         for r in new_rows:
-            if r["status"] == "champion" and con.execute(
-                    "SELECT 1 FROM adapters WHERE name = ? AND status = 'champion'", [r["name"]]).fetchone():
+            if (
+                r["status"] == "champion"
+                and con.execute("SELECT 1 FROM adapters WHERE name = ? AND status = 'champion'", [r["name"]]).fetchone()
+            ):
                 r["status"] = "candidate"  # this registry's champion stays; promote the import by hand if wanted
             con.execute(f"INSERT INTO adapters ({', '.join(r)}) VALUES ({', '.join('?' * len(r))})", list(r.values()))
         imported["adapters"] = len(new_rows)
@@ -117,11 +129,16 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
                     continue
                 if table == "alias_history" and rec["name"] not in {k[0] for k in keys}:
                     continue
-                if table == "aliases" and con.execute("SELECT 1 FROM aliases WHERE name = ? AND alias = ?",
-                                                      [rec["name"], rec["alias"]]).fetchone():
+                if (
+                    table == "aliases"
+                    and con.execute(
+                        "SELECT 1 FROM aliases WHERE name = ? AND alias = ?", [rec["name"], rec["alias"]]
+                    ).fetchone()
+                ):
                     continue  # this registry's own alias wins
-                con.execute(f"INSERT INTO {table} ({', '.join(rec)}) VALUES ({', '.join('?' * len(rec))})",
-                            list(rec.values()))
+                con.execute(
+                    f"INSERT INTO {table} ({', '.join(rec)}) VALUES ({', '.join('?' * len(rec))})", list(rec.values())
+                )
                 imported[table] += 1
 
     reg._with_retry(op)

@@ -181,8 +181,10 @@ class NewAdapter(BaseModel):
     run_id: str | None = None
     code_version: str | None = None
     promote: Literal["if_better", "always", "manual"] = Field(
-        "manual", description="Make a `candidate` the champion of its name: if it beats the current champion on "
-        "`rank_metric`, always, or only by an explicit promote.")
+        "manual",
+        description="Make a `candidate` the champion of its name: if it beats the current champion on "
+        "`rank_metric`, always, or only by an explicit promote.",
+    )
     rank_metric: str = Field("eval_loss", description="Metric the champion rule compares (adapter value).")
 
 
@@ -263,9 +265,10 @@ class AdapterRegistry:
                     con = duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as e:
                 if "lock" not in str(e).lower() or time.monotonic() >= deadline:
-                    raise RegistryError(f"registry {self.path} stayed locked by another process for "
-                                        f"{self.max_wait_s:.0f} s ({e}). Fix: retry when the other writer is done."
-                                        ) from e
+                    raise RegistryError(
+                        f"registry {self.path} stayed locked by another process for "
+                        f"{self.max_wait_s:.0f} s ({e}). Fix: retry when the other writer is done."
+                    ) from e
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
                 continue
@@ -315,40 +318,70 @@ class AdapterRegistry:
             # one round trip: the version with these bytes, if any, and the next free version of the name
             same, version = con.execute(
                 "SELECT max(version) FILTER (WHERE adapter_sha256 = ?), coalesce(max(version), 0) + 1 "
-                "FROM adapters WHERE name = ?", [sha, new.name]).fetchone()
+                "FROM adapters WHERE name = ?",
+                [sha, new.name],
+            ).fetchone()
             if same is not None:
                 return _reevaluate(con, self.actor, new, same)
             row = {
-                "name": new.name, "version": version, "status": new.status, "base_model": new.base_model,
-                "base_model_hash": new.base_model_hash, "method": new.method, "r": int(cfg["r"]),
-                "lora_alpha": int(cfg["lora_alpha"]), "target_modules": sorted(cfg["target_modules"]),
+                "name": new.name,
+                "version": version,
+                "status": new.status,
+                "base_model": new.base_model,
+                "base_model_hash": new.base_model_hash,
+                "method": new.method,
+                "r": int(cfg["r"]),
+                "lora_alpha": int(cfg["lora_alpha"]),
+                "target_modules": sorted(cfg["target_modules"]),
                 "training_config": json.dumps({**new.training_config, "rank_metric": new.rank_metric}),
                 "dataset": new.dataset,
-                "dataset_fingerprint": new.dataset_fingerprint, "path": str(Path(new.path).resolve()),
-                "adapter_sha256": sha, "size_bytes": size, "trainable_params": new.trainable_params,
-                "metrics": json.dumps(new.metrics), "created_at": now, "run_id": new.run_id,
+                "dataset_fingerprint": new.dataset_fingerprint,
+                "path": str(Path(new.path).resolve()),
+                "adapter_sha256": sha,
+                "size_bytes": size,
+                "trainable_params": new.trainable_params,
+                "metrics": json.dumps(new.metrics),
+                "created_at": now,
+                "run_id": new.run_id,
                 "code_version": new.code_version,
             }
-            con.execute(f"INSERT INTO adapters ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                        list(row.values()))
-            _event(con, self.actor, "register" if new.status != "rejected" else "reject", new.name, version,
-                   {"sha256": sha, "status": new.status})
+            con.execute(
+                f"INSERT INTO adapters ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+            )
+            _event(
+                con,
+                self.actor,
+                "register" if new.status != "rejected" else "reject",
+                new.name,
+                version,
+                {"sha256": sha, "status": new.status},
+            )
             if new.status == "candidate" and new.promote != "manual":
                 champion = _champion(con, new.name)
                 why = _beats(new.metrics, champion, new.rank_metric) if new.promote == "if_better" else "always"
                 if why:
                     _promote(con, self.actor, new.name, version, why)
                     row["status"] = "champion"
-            return AdapterRecord.model_validate({**row, "training_config": json.loads(row["training_config"]),
-                                                 "metrics": new.metrics})
+            return AdapterRecord.model_validate(
+                {**row, "training_config": json.loads(row["training_config"]), "metrics": new.metrics}
+            )
 
         return self._with_retry(op)
 
-    def list(self, name: str | None = None, status: str | None = None, latest_only: bool = False, *,
-             base_model: str | None = None, dataset: str | None = None,
-             min_metric: dict[str, float] | None = None, max_metric: dict[str, float] | None = None,
-             order_by: str | None = None, descending: bool = False, limit: int | None = None
-             ) -> list[AdapterRecord]:
+    def list(
+        self,
+        name: str | None = None,
+        status: str | None = None,
+        latest_only: bool = False,
+        *,
+        base_model: str | None = None,
+        dataset: str | None = None,
+        min_metric: dict[str, float] | None = None,
+        max_metric: dict[str, float] | None = None,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int | None = None,
+    ) -> list[AdapterRecord]:
         """Registered versions, filtered; oldest first unless ordered by a metric.
 
         Args:
@@ -360,8 +393,7 @@ class AdapterRegistry:
         """
         table = "latest_adapters" if latest_only else "adapters"
         where, args = [], []
-        for column, value in (("name", name), ("status", status), ("base_model", base_model),
-                              ("dataset", dataset)):
+        for column, value in (("name", name), ("status", status), ("base_model", base_model), ("dataset", dataset)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -380,8 +412,7 @@ class AdapterRegistry:
             sql += " ORDER BY name, version"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return self._with_retry(lambda con: [_record(r) for r in con.execute(sql, args).fetchall()],
-                                read_only=True)
+        return self._with_retry(lambda con: [_record(r) for r in con.execute(sql, args).fetchall()], read_only=True)
 
     def get(self, name: str, version: int | str | None = None) -> AdapterRecord:
         """One version of an adapter: by number, by alias (``"champion"``), or the latest when None.
@@ -395,18 +426,23 @@ class AdapterRegistry:
             if isinstance(ref, str) and not ref.isdigit():
                 row = con.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", [name, ref]).fetchone()
                 if row is None:
-                    raise RegistryError(f"adapter {name!r} has no alias {ref!r}. Fix: `lorafoundry registry show "
-                                        f"{name}` lists its aliases.")
+                    raise RegistryError(
+                        f"adapter {name!r} has no alias {ref!r}. Fix: `lorafoundry registry show "
+                        f"{name}` lists its aliases."
+                    )
                 v = row[0]
             elif ref is None:
                 v = con.execute("SELECT max(version) FROM adapters WHERE name = ?", [name]).fetchone()[0]
             else:
                 v = int(ref)
-            row = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?",
-                              [name, v]).fetchone()
+            row = con.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, v]
+            ).fetchone()
             if row is None:
-                raise RegistryError(f"no adapter {name!r}" + (f" version {v}" if v else "") + " in the registry. "
-                                    "Fix: `lorafoundry registry list` shows what is there.")
+                raise RegistryError(
+                    f"no adapter {name!r}" + (f" version {v}" if v else "") + " in the registry. "
+                    "Fix: `lorafoundry registry list` shows what is there."
+                )
             return _record(row)
 
         return self._with_retry(op, read_only=True)
@@ -424,20 +460,24 @@ class AdapterRegistry:
     def set_alias(self, name: str, alias: str, version: int | None) -> None:
         """Point ``name:alias`` at ``version`` (None removes the alias). `champion` moves only by promote."""
         if not ALIAS_RE.fullmatch(alias) or alias.isdigit():
-            raise RegistryError(f"alias {alias!r} is not valid. Fix: use letters, digits, '.', '_' or '-', not "
-                                "only digits (e.g. prod, staging).")
+            raise RegistryError(
+                f"alias {alias!r} is not valid. Fix: use letters, digits, '.', '_' or '-', not "
+                "only digits (e.g. prod, staging)."
+            )
         if alias == "champion":
             raise RegistryError("`champion` is set by promotion. Fix: `lorafoundry registry promote NAME VERSION`.")
 
         def op(con: duckdb.DuckDBPyConnection) -> None:
             if version is not None:
-                status = con.execute("SELECT status FROM adapters WHERE name = ? AND version = ?",
-                                     [name, version]).fetchone()
+                status = con.execute(
+                    "SELECT status FROM adapters WHERE name = ? AND version = ?", [name, version]
+                ).fetchone()
                 if status is None:
                     raise RegistryError(f"no adapter {name}@{version}.")
                 if status[0] not in SERVABLE_STATUSES:
-                    raise RegistryError(f"{name}@{version} is {status[0]}; an alias can only point at a candidate "
-                                        "or the champion.")
+                    raise RegistryError(
+                        f"{name}@{version} is {status[0]}; an alias can only point at a candidate or the champion."
+                    )
             _set_alias(con, self.actor, name, alias, version)
 
         self._with_retry(op)
@@ -449,12 +489,16 @@ class AdapterRegistry:
             if con.execute("SELECT 1 FROM adapters WHERE name = ? AND version = ?", [name, version]).fetchone() is None:
                 raise RegistryError(f"no adapter {name}@{version}.")
             con.execute("UPDATE adapters SET status = 'archived' WHERE name = ? AND version = ?", [name, version])
-            for (alias,) in con.execute("SELECT alias FROM aliases WHERE name = ? AND version = ?",
-                                        [name, version]).fetchall():
+            for (alias,) in con.execute(
+                "SELECT alias FROM aliases WHERE name = ? AND version = ?", [name, version]
+            ).fetchall():
                 _set_alias(con, self.actor, name, alias, None)
             _event(con, self.actor, "archive", name, version, {})
-            return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
-                                       "version = ?", [name, version]).fetchone())
+            return _record(
+                con.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, version]
+                ).fetchone()
+            )
 
         return self._with_retry(op)
 
@@ -481,8 +525,12 @@ class AdapterRegistry:
             if r.status == "champion" or (r.status == "candidate" and chosen.get(r.name, r).status != "champion"):
                 chosen[r.name] = r
         if verify:
-            bad = {(v.name, v.version): v.detail for r in chosen.values() for v in self.verify(r.name, r.version)
-                   if not v.ok}
+            bad = {
+                (v.name, v.version): v.detail
+                for r in chosen.values()
+                for v in self.verify(r.name, r.version)
+                if not v.ok
+            }
             for (name, version), detail in bad.items():
                 log.warning("not serving %s@%s: %s (run `lorafoundry registry verify`)", name, version, detail)
             return [r for r in chosen.values() if (r.name, r.version) not in bad]
@@ -504,8 +552,11 @@ class AdapterRegistry:
             if row[0] not in SERVABLE_STATUSES:
                 raise RegistryError(f"{name}@{version} is {row[0]} and cannot be promoted; only candidates can.")
             _promote(con, self.actor, name, version, reason)
-            return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND "
-                                       "version = ?", [name, version]).fetchone())
+            return _record(
+                con.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, version]
+                ).fetchone()
+            )
 
         return self._with_retry(op)
 
@@ -548,15 +599,20 @@ def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, ver
     until another version earns it). Archived stays archived."""
 
     def current() -> AdapterRecord:
-        return _record(con.execute(f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?",
-                                   [new.name, version]).fetchone())
+        return _record(
+            con.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [new.name, version]
+            ).fetchone()
+        )
 
     rec = current()
     # the base's hash and the files' place, when the first registration could not record them (an import
     # before the base was on this machine): registering again with the base present is the fix the CLI names
     if rec.base_model_hash is None and new.base_model_hash is not None:
-        con.execute("UPDATE adapters SET base_model_hash = ?, path = ? WHERE name = ? AND version = ?",
-                    [new.base_model_hash, str(Path(new.path).resolve()), new.name, version])
+        con.execute(
+            "UPDATE adapters SET base_model_hash = ?, path = ? WHERE name = ? AND version = ?",
+            [new.base_model_hash, str(Path(new.path).resolve()), new.name, version],
+        )
         _event(con, actor, "update", new.name, version, {"base_model_hash": new.base_model_hash})
         rec = current()
     # only a new evaluation (metrics) can change the gate outcome: registering files again with no metrics
@@ -566,8 +622,9 @@ def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, ver
     status_changes = evaluated and rec.status != "archived" and passes == (rec.status == "rejected")
     if not evaluated or (new.metrics == rec.metrics and not status_changes):
         return rec
-    con.execute("UPDATE adapters SET metrics = ? WHERE name = ? AND version = ?",
-                [json.dumps(new.metrics), new.name, version])
+    con.execute(
+        "UPDATE adapters SET metrics = ? WHERE name = ? AND version = ?", [json.dumps(new.metrics), new.name, version]
+    )
     status = rec.status
     if status_changes:
         status = "candidate" if passes else "rejected"
@@ -576,16 +633,14 @@ def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, ver
             _set_alias(con, actor, new.name, "champion", None)
     _event(con, actor, "reevaluate", new.name, version, {"previous_status": rec.status, "status": status})
     if status == "candidate" and status_changes and new.promote != "manual":
-        why = _beats(new.metrics, _champion(con, new.name), new.rank_metric) if new.promote == "if_better" \
-            else "always"
+        why = _beats(new.metrics, _champion(con, new.name), new.rank_metric) if new.promote == "if_better" else "always"
         if why:
             _promote(con, actor, new.name, version, why)
     return current()
 
 
 def _champion(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, dict] | None:
-    row = con.execute("SELECT version, metrics FROM adapters WHERE name = ? AND status = 'champion'",
-                      [name]).fetchone()
+    row = con.execute("SELECT version, metrics FROM adapters WHERE name = ? AND status = 'champion'", [name]).fetchone()
     return (row[0], json.loads(row[1] or "{}")) if row else None
 
 
@@ -622,8 +677,7 @@ def _set_alias(con: duckdb.DuckDBPyConnection, actor: str, name: str, alias: str
     now = datetime.now(UTC).replace(tzinfo=None)
     if version is not None:
         con.execute("INSERT INTO aliases VALUES (?, ?, ?, ?)", [name, alias, version, now])
-    con.execute("INSERT INTO alias_history VALUES (?, ?, ?, ?, ?, ?)", [now, actor, name, alias, version,
-                                                                         prev_version])
+    con.execute("INSERT INTO alias_history VALUES (?, ?, ?, ?, ?, ?)", [now, actor, name, alias, version, prev_version])
 
 
 def _metric_path(metric: str) -> str:
@@ -645,15 +699,19 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     return ref, None, None
 
 
-def _event(con: duckdb.DuckDBPyConnection, actor: str, action: str, name: str, version: int | None,
-           detail: dict) -> None:
-    con.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-                [datetime.now(UTC).replace(tzinfo=None), actor, action, name, version, json.dumps(detail)])
+def _event(
+    con: duckdb.DuckDBPyConnection, actor: str, action: str, name: str, version: int | None, detail: dict
+) -> None:
+    con.execute(
+        "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+        [datetime.now(UTC).replace(tzinfo=None), actor, action, name, version, json.dumps(detail)],
+    )
 
 
 def _current_version(con: duckdb.DuckDBPyConnection) -> int:
-    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = "
-                         "'schema_migrations'").fetchone()[0]
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+    ).fetchone()[0]
     if not exists:
         return 0
     return con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
@@ -662,16 +720,19 @@ def _current_version(con: duckdb.DuckDBPyConnection) -> int:
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     current = _current_version(con)
     if current > SCHEMA_VERSION:
-        raise RegistryError(f"registry {path} has schema version {current}, newer than this lorafoundry "
-                            f"understands ({SCHEMA_VERSION}). Fix: upgrade lorafoundry; do not write to this file "
-                            "with an older version.")
+        raise RegistryError(
+            f"registry {path} has schema version {current}, newer than this lorafoundry "
+            f"understands ({SCHEMA_VERSION}). Fix: upgrade lorafoundry; do not write to this file "
+            "with an older version."
+        )
     return current
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     """Apply pending migrations in order, each in its own transaction."""
-    con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR, "
-                "applied_at TIMESTAMP)")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)"
+    )
     current = _check_version(con, path)
     for number, name, fn in MIGRATIONS:
         if number <= current:
@@ -679,8 +740,9 @@ def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         con.execute("BEGIN TRANSACTION")
         try:
             fn(con)
-            con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                        [number, name, datetime.now(UTC).replace(tzinfo=None)])
+            con.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, ?)", [number, name, datetime.now(UTC).replace(tzinfo=None)]
+            )
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

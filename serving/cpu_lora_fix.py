@@ -83,8 +83,7 @@ def apply() -> bool:
     for name in _OPS:
         fn = getattr(lora_ops, name, None)
         if fn is None or not callable(fn):
-            logger.warning("lorafoundry LoRA fix: %s.%s missing (vllm %s); skipped",
-                           lora_ops.__name__, name, version)
+            logger.warning("lorafoundry LoRA fix: %s.%s missing (vllm %s); skipped", lora_ops.__name__, name, version)
             return False
         if getattr(fn, _MARK, False):
             logger.debug("lorafoundry LoRA fix already applied in this process")
@@ -96,22 +95,28 @@ def apply() -> bool:
             logger.warning("lorafoundry LoRA fix: cannot inspect %s (%s); skipped", name, e)
             return False
         if params[:4] != ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"]:
-            logger.warning("lorafoundry LoRA fix: unexpected signature of %s %s "
-                           "(vllm %s); skipped", name, params, version)
+            logger.warning(
+                "lorafoundry LoRA fix: unexpected signature of %s %s (vllm %s); skipped", name, params, version
+            )
             return False
         if "[lora_indices_tensor]" not in src or '"bi, boi -> bo"' not in src:
-            logger.warning("lorafoundry LoRA fix: %s no longer gathers "
-                           "weights[lora_indices_tensor] (vllm %s); skipped", name, version)
+            logger.warning(
+                "lorafoundry LoRA fix: %s no longer gathers weights[lora_indices_tensor] (vllm %s); skipped",
+                name,
+                version,
+            )
             return False
         if "clamp" in src or "masked_fill" in src or "== -1" in src or "< 0" in src:
-            logger.info("lorafoundry LoRA fix: vllm %s already handles -1 in %s; "
-                        "not needed", version, name)
+            logger.info("lorafoundry LoRA fix: vllm %s already handles -1 in %s; not needed", version, name)
             return False
         originals[name] = fn
 
     if not version.startswith(_TESTED_VERSIONS):
-        logger.warning("lorafoundry LoRA fix: vllm %s not tested (tested: %s); code "
-                       "shape matches, applying anyway", version, _TESTED_VERSIONS)
+        logger.warning(
+            "lorafoundry LoRA fix: vllm %s not tested (tested: %s); code shape matches, applying anyway",
+            version,
+            _TESTED_VERSIONS,
+        )
 
     patched = {name: _make_wrapper(fn) for name, fn in originals.items()}
     # sgmv_* look bgmv_* up in lora_ops' globals; PunicaWrapperCPU and the
@@ -135,9 +140,12 @@ def apply() -> bool:
             if new is not None:
                 setattr(mod, attr, new)
                 n += 1
-    ok = all(getattr(getattr(m, name), _MARK, False)
-             for m in (lora_ops, torch_ops_pkg) for name in _OPS)
-    logger.info("lorafoundry LoRA fix: patched %s (%d references) for vllm %s: "
-                "no-LoRA (-1) tokens now get no adapter delta on CPU", ", ".join(_OPS), n,
-                version)
+    ok = all(getattr(getattr(m, name), _MARK, False) for m in (lora_ops, torch_ops_pkg) for name in _OPS)
+    logger.info(
+        "lorafoundry LoRA fix: patched %s (%d references) for vllm %s: "
+        "no-LoRA (-1) tokens now get no adapter delta on CPU",
+        ", ".join(_OPS),
+        n,
+        version,
+    )
     return ok

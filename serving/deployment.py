@@ -117,8 +117,10 @@ def _wait_port_free(url: str, timeout_s: float = 30) -> None:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise ServerError(f"port {parsed.port} on {parsed.hostname} is in use by another process. Fix: "
-                                      "stop it, or set serving.port to a free port.") from None
+                    raise ServerError(
+                        f"port {parsed.port} on {parsed.hostname} is in use by another process. Fix: "
+                        "stop it, or set serving.port to a free port."
+                    ) from None
         time.sleep(0.5)
 
 
@@ -131,8 +133,9 @@ def same_command(a: list[str], b: list[str]) -> bool:
     return a[0] == b[0] or (same_dir and os.path.realpath(a[0]) == os.path.realpath(b[0]))
 
 
-def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: list[str], timeout_s: float,
-           on_wait=None) -> tuple[dict, bool]:
+def deploy(
+    home: Path, cmd: list[str], env: dict[str, str], url: str, models: list[str], timeout_s: float, on_wait=None
+) -> tuple[dict, bool]:
     """Make the home's deployment run ``cmd``. Returns (state, changed).
 
     Args:
@@ -151,8 +154,14 @@ def deploy(home: Path, cmd: list[str], env: dict[str, str], url: str, models: li
     _wait_port_free(url)
     server = VLLMServer(cmd, env, Path(home) / "logs" / "vllm-deployment.log", url).start()
     server.wait_ready(timeout_s, on_wait=on_wait)
-    state = {"pid": server.proc.pid, "url": url, "cmd": cmd, "models": models, "started_at": time.time(),
-             "base_hash": env.get("LORAFOUNDRY_BASE_HASH")}  # which adapters it can take (promotion sensor)
+    state = {
+        "pid": server.proc.pid,
+        "url": url,
+        "cmd": cmd,
+        "models": models,
+        "started_at": time.time(),
+        "base_hash": env.get("LORAFOUNDRY_BASE_HASH"),
+    }  # which adapters it can take (promotion sensor)
     path = state_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

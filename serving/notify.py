@@ -11,8 +11,9 @@ import httpx
 from serving.launch import ServerError, auth_headers
 
 
-def notify_promotion(url: str, name: str, adapter_path: str, admin_key: str | None = None,
-                     timeout_s: float = 120) -> None:
+def notify_promotion(
+    url: str, name: str, adapter_path: str, admin_key: str | None = None, timeout_s: float = 120
+) -> None:
     """Reload ``name`` on the server at ``url`` from ``adapter_path`` (vLLM's load_lora_adapter, in place).
 
     Args:
@@ -21,8 +22,14 @@ def notify_promotion(url: str, name: str, adapter_path: str, admin_key: str | No
         adapter_path: the new champion's adapter dir (inside the server's adapter root).
         admin_key: the server's admin key; default ``LORAFOUNDRY_ADMIN_KEY``.
     """
-    _admin_post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter_path, "load_inplace": True},
-                f"reload {name!r}", admin_key, timeout_s)
+    _admin_post(
+        url,
+        "/v1/load_lora_adapter",
+        {"lora_name": name, "lora_path": adapter_path, "load_inplace": True},
+        f"reload {name!r}",
+        admin_key,
+        timeout_s,
+    )
 
 
 def notify_unload(url: str, name: str, admin_key: str | None = None, timeout_s: float = 60) -> None:
@@ -38,8 +45,9 @@ def _admin_post(url: str, path: str, body: dict, what: str, admin_key: str | Non
     if not key:
         raise ServerError("no admin key: set LORAFOUNDRY_ADMIN_KEY to the key the server was started with.")
     try:
-        r = httpx.post(f"{url.rstrip('/')}{path}", json=body, timeout=timeout_s,
-                       headers=auth_headers() | {"X-Admin-Key": key})
+        r = httpx.post(
+            f"{url.rstrip('/')}{path}", json=body, timeout=timeout_s, headers=auth_headers() | {"X-Admin-Key": key}
+        )
     except httpx.HTTPError as e:
         raise ServerUnavailable(f"could not reach {url} to {what}: {e}") from e
     if r.status_code != 200:

@@ -53,8 +53,7 @@ def materialized(session_home, served_spec):
     from serving import deployment
 
     try:
-        result = dg.materialize(build_assets(served_spec),
-                                resources=resources_from_env(session_home))
+        result = dg.materialize(build_assets(served_spec), resources=resources_from_env(session_home))
         assert result.success
         yield result
     finally:
@@ -83,11 +82,22 @@ def random_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("random-base")
     tokenizer = builtin.build_tokenizer(list(builtin.corpus_documents(2000, seed=1)), vocab_size=1024)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

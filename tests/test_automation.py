@@ -56,15 +56,24 @@ def test_automation_follows_upstream_only_after_blocking_checks_pass(tmp_path, r
         assert first.total_requested == 0  # nothing happens on the first evaluation
 
         def clean() -> dict[str, bool]:
-            r = dg.materialize(build_assets(spec, deployment=False), selection=["dataset/d/clean"],
-                               instance=instance, resources=resources_from_env(home), raise_on_error=False)
+            r = dg.materialize(
+                build_assets(spec, deployment=False),
+                selection=["dataset/d/clean"],
+                instance=instance,
+                resources=resources_from_env(home),
+                raise_on_error=False,
+            )
             return {e.asset_check_key.name: e.passed for e in r.get_asset_check_evaluations()}
 
         assert all(clean().values())
         passed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         assert requested(passed) == chain  # one run: train, then eval and register
-        run = dg.materialize(build_assets(spec, deployment=False), selection=[k.to_user_string() for k in chain],
-                             instance=instance, resources=resources_from_env(home))  # what the sensor launches
+        run = dg.materialize(
+            build_assets(spec, deployment=False),
+            selection=[k.to_user_string() for k in chain],
+            instance=instance,
+            resources=resources_from_env(home),
+        )  # what the sensor launches
         assert run.success
         idle = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=passed.cursor)
         assert idle.total_requested == 0  # the sensor's next tick: everything is up to date
@@ -92,12 +101,17 @@ def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path, mo
     from registry.store import AdapterRegistry, NewAdapter
 
     reg = AdapterRegistry(tmp_path / "registry.duckdb")
-    v = [reg.register(NewAdapter(name="a", path=make_adapter_dir(tmp_path / f"d{i}", seed=i), base_model="b",
-                                 promote="manual")) for i in range(4)]
+    v = [
+        reg.register(
+            NewAdapter(name="a", path=make_adapter_dir(tmp_path / f"d{i}", seed=i), base_model="b", promote="manual")
+        )
+        for i in range(4)
+    ]
     lines, empty = notify_new_promotions(reg, tmp_path, None)  # no promotion yet: the very first one will count
     reg.promote("a", v[3].version)
     assert notify_new_promotions(reg, tmp_path, empty)[0] == [
-        f"a@{v[3].version}: promoted; no running deployment serves a"]
+        f"a@{v[3].version}: promoted; no running deployment serves a"
+    ]
     reg.promote("a", v[0].version)
     lines, cursor = notify_new_promotions(reg, tmp_path, None)
     assert lines == [] and cursor  # the first tick records history, sends nothing
@@ -151,8 +165,16 @@ def test_promotion_sensor_reloads_or_unloads_when_a_champion_is_rejected(tmp_pat
         metrics = {"eval_loss": {"base": 2.0, "adapter": 1.0}}
 
         def add(name: str, seed: int, status: str = "candidate"):
-            return reg.register(NewAdapter(name=name, path=make_adapter_dir(tmp_path / f"{name}{seed}", seed=seed),
-                                           base_model="b", metrics=metrics, status=status, promote="manual"))
+            return reg.register(
+                NewAdapter(
+                    name=name,
+                    path=make_adapter_dir(tmp_path / f"{name}{seed}", seed=seed),
+                    base_model="b",
+                    metrics=metrics,
+                    status=status,
+                    promote="manual",
+                )
+            )
 
         a1, a2, b1 = add("a", 1), add("a", 2), add("b", 3)
         reg.promote("a", a2.version)
@@ -161,7 +183,9 @@ def test_promotion_sensor_reloads_or_unloads_when_a_champion_is_rejected(tmp_pat
         add("a", 2, status="rejected")  # a's champion fails a re-evaluation: a1 is what a deployment would serve
         add("b", 3, status="rejected")  # b's only version fails: nothing left to serve
         lines, _ = notify_new_promotions(reg, tmp_path, cursor, url=url)
-        assert seen == [("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": a1.path, "load_inplace": True}),
-                        ("/v1/unload_lora_adapter", {"lora_name": "b"})], lines
+        assert seen == [
+            ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": a1.path, "load_inplace": True}),
+            ("/v1/unload_lora_adapter", {"lora_name": "b"}),
+        ], lines
     finally:
         server.shutdown()

@@ -31,14 +31,15 @@ def quarantine(report) -> list[dict]:
 def test_counts_reasons_and_invariant(tmp_path):
     rows = [chat(f"question {i}", f"answer {i}") for i in range(50)]
     rows += [
-        rows[0], rows[1],                                       # exact duplicates
-        chat("  question 2 ", "answer 2"),                      # duplicate after whitespace normalization
-        chat("empty answer", "   "),                             # empty text
-        "{not json",                                            # invalid JSON
-        "[1, 2]",                                               # not an object
+        rows[0],
+        rows[1],  # exact duplicates
+        chat("  question 2 ", "answer 2"),  # duplicate after whitespace normalization
+        chat("empty answer", "   "),  # empty text
+        "{not json",  # invalid JSON
+        "[1, 2]",  # not an object
         {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
         {"messages": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}]},
-        {"other": 1},                                           # missing fields
+        {"other": 1},  # missing fields
     ]
     src = write_jsonl(tmp_path / "d.jsonl", rows)
     r = clean_dataset("d", DatasetSpec(path=str(src)), src, tmp_path / "out")
@@ -46,8 +47,15 @@ def test_counts_reasons_and_invariant(tmp_path):
     assert r.rows_in == len(rows)
     assert r.rows_in == r.rows_train + r.rows_eval + r.rows_quarantined
     assert r.rows_train + r.rows_eval == 50
-    assert r.by_reason == {"duplicate": 3, "empty_response": 1, "invalid_json": 1, "not_an_object": 1,
-                           "unknown_role": 1, "no_final_assistant_turn": 1, "missing_fields": 1}
+    assert r.by_reason == {
+        "duplicate": 3,
+        "empty_response": 1,
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "unknown_role": 1,
+        "no_final_assistant_turn": 1,
+        "missing_fields": 1,
+    }
     q = quarantine(r)
     assert len(q) == r.rows_quarantined
     assert all(row["source"].startswith(str(src) + ":") and row["reason"] for row in q)
@@ -56,12 +64,15 @@ def test_counts_reasons_and_invariant(tmp_path):
     assert not {t["id"] for t in train} & {e["id"] for e in evals}
 
 
-@pytest.mark.parametrize("fmt, row", [
-    ("alpaca", {"instruction": "Say hi", "input": "to Bob", "output": "hi Bob", "system": "be nice"}),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]}),
-    ("prompt_completion", {"prompt": "Say hi", "completion": "hi"}),
-    ("messages", chat("Say hi", "hi")),
-])
+@pytest.mark.parametrize(
+    "fmt, row",
+    [
+        ("alpaca", {"instruction": "Say hi", "input": "to Bob", "output": "hi Bob", "system": "be nice"}),
+        ("sharegpt", {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]}),
+        ("prompt_completion", {"prompt": "Say hi", "completion": "hi"}),
+        ("messages", chat("Say hi", "hi")),
+    ],
+)
 def test_formats_detected_and_normalized(tmp_path, fmt, row):
     src = write_jsonl(tmp_path / "d.jsonl", [row])
     r = clean_dataset("d", DatasetSpec(path=str(src), eval_fraction=0.01), src, tmp_path / "out")

@@ -13,17 +13,34 @@ from orchestration.resources import resources_from_env
 
 
 def small_spec(tmp_path: Path, base: Path):
-    rows = [{"messages": [{"role": "user", "content": f"question number {i} about item {i * 7}"},
-                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(60)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question number {i} about item {i * 7}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        }
+        for i in range(60)
+    ]
     rows.append({"messages": [{"role": "user", "content": "mail a@b.io"}, {"role": "assistant", "content": ""}]})
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return validate_spec({"base_model": str(base), "datasets": {"d": {"path": "d.jsonl", "eval_fraction": 0.2}},
-                          "adapters": {"a": {"dataset": "d", "max_steps": 1, "batch_size": 2}}}, tmp_path)
+    return validate_spec(
+        {
+            "base_model": str(base),
+            "datasets": {"d": {"path": "d.jsonl", "eval_fraction": 0.2}},
+            "adapters": {"a": {"dataset": "d", "max_steps": 1, "batch_size": 2}},
+        },
+        tmp_path,
+    )
 
 
 def run(spec, home: Path, selection: list[str]) -> dg.ExecuteInProcessResult:
-    return dg.materialize(build_assets(spec, deployment=False), selection=selection, raise_on_error=False,
-                          resources=resources_from_env(home))
+    return dg.materialize(
+        build_assets(spec, deployment=False),
+        selection=selection,
+        raise_on_error=False,
+        resources=resources_from_env(home),
+    )
 
 
 def test_clean_asset_metadata_and_passing_checks(tmp_path, random_base):
@@ -65,8 +82,15 @@ def test_cli_clean_prints_the_report(tmp_path, random_base):
 
     small_spec(tmp_path, random_base)  # writes d.jsonl
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump({"base_model": str(random_base), "datasets": {"d": {"path": "d.jsonl"}},
-                                         "adapters": {"a": {"dataset": "d"}}}))
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(random_base),
+                "datasets": {"d": {"path": "d.jsonl"}},
+                "adapters": {"a": {"dataset": "d"}},
+            }
+        )
+    )
     runner = CliRunner()
     res = runner.invoke(app, ["clean", str(spec_file), "--home", str(tmp_path / "h"), "--dataset", "d"])
     assert res.exit_code == 0, res.output
@@ -84,8 +108,10 @@ def test_rows_over_max_tokens_are_quarantined_not_truncated(tmp_path, random_bas
     from lora_assets.spec import DatasetSpec
 
     tok = AutoTokenizer.from_pretrained(random_base)
-    rows = [{"prompt": "short question", "completion": "short answer"},
-            {"prompt": "a long question " + "with many words " * 40, "completion": "answer"}]
+    rows = [
+        {"prompt": "short question", "completion": "short answer"},
+        {"prompt": "a long question " + "with many words " * 40, "completion": "answer"},
+    ]
     src = tmp_path / "d.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     r = clean_dataset("d", DatasetSpec(path="d.jsonl", max_tokens=40, eval_fraction=0.01), src, tmp_path / "o", tok)
@@ -94,6 +120,7 @@ def test_rows_over_max_tokens_are_quarantined_not_truncated(tmp_path, random_bas
     assert kept["messages"][0]["content"] == "short question"
     text = tok.apply_chat_template(kept["messages"], tokenize=False)
     assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 40
-    long_text = tok.apply_chat_template([{"role": "user", "content": rows[1]["prompt"]},
-                                         {"role": "assistant", "content": "answer"}], tokenize=False)
+    long_text = tok.apply_chat_template(
+        [{"role": "user", "content": rows[1]["prompt"]}, {"role": "assistant", "content": "answer"}], tokenize=False
+    )
     assert len(tok(long_text, add_special_tokens=False)["input_ids"]) > 40

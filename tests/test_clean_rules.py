@@ -19,8 +19,13 @@ def chat(q: str, a: str) -> dict:
 
 def good_rows(n: int, prefix: str = "q") -> list[dict]:
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    return [chat(f"{prefix}{i}: " + " ".join(words[(i + k) % 12] for k in range(8)) + f" number {i}?",
-                 f"answer {i} " + words[i % 12]) for i in range(n)]
+    return [
+        chat(
+            f"{prefix}{i}: " + " ".join(words[(i + k) % 12] for k in range(8)) + f" number {i}?",
+            f"answer {i} " + words[i % 12],
+        )
+        for i in range(n)
+    ]
 
 
 def run(tmp_path: Path, name: str, lines: list, **spec) -> object:
@@ -42,7 +47,7 @@ def quarantined(report) -> dict[int, str]:
 
 # Each bad row, after 40 good ones, and the reason it must get. 30 kinds.
 BAD_ROWS = [
-    (b"\xff\xfe not utf-8 {\"messages\": []}", "invalid_utf8"),
+    (b'\xff\xfe not utf-8 {"messages": []}', "invalid_utf8"),
     ("", "blank_line"),
     ("   ", "blank_line"),
     ("\u00a0\u3000", "blank_line"),  # Unicode spaces only
@@ -58,27 +63,45 @@ BAD_ROWS = [
     ({"messages": [{"role": None, "content": "q"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
     ({"messages": [None, {"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
     ({"messages": ["q", {"role": "assistant", "content": "x"}]}, "wrong_type"),
-    ({"messages": [{"content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]},
-     "wrong_type"),  # a message without a role (before, it passed and kept a null role)
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "x"}]},
-     "wrong_type"),
+    (
+        {"messages": [{"content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]},
+        "wrong_type",
+    ),  # a message without a role (before, it passed and kept a null role)
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "x"}]},
+        "wrong_type",
+    ),
     ({"messages": []}, "empty_conversation"),
     ({"messages": [{"role": "wizard", "content": "q"}, {"role": "assistant", "content": "x"}]}, "unknown_role"),
     ({"messages": [{"role": "user", "content": "  \t "}, {"role": "assistant", "content": "x"}]}, "empty_prompt"),
-    ({"messages": [{"role": "user", "content": "\u200b\u00a0"}, {"role": "assistant", "content": "x"}]},
-     "empty_prompt"),
+    (
+        {"messages": [{"role": "user", "content": "\u200b\u00a0"}, {"role": "assistant", "content": "x"}]},
+        "empty_prompt",
+    ),
     ({"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": ""}]}, "empty_response"),
-    ({"messages": [{"role": "user", "content": "q2?"}, {"role": "assistant", "content": "\x00\x07"}]},
-     "empty_response"),
+    (
+        {"messages": [{"role": "user", "content": "q2?"}, {"role": "assistant", "content": "\x00\x07"}]},
+        "empty_response",
+    ),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]}, "no_user_turn"),
-    ({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "q"}]},
-     "no_final_assistant_turn"),
+    (
+        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "q"}]},
+        "no_final_assistant_turn",
+    ),
     ({"messages": [{"role": "user", "content": "q"}]}, "no_final_assistant_turn"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                   {"role": "assistant", "content": "x"}]}, "consecutive_same_role"),
-    ("DUP0", "duplicate"),          # replaced below by an exact copy of good row 0
-    ("DUP1", "duplicate"),          # a copy of good row 1 with extra spaces and CRLF: equal after normalization
-    ("NEAR", "near_duplicate"),     # good row 2 with one word changed at the end
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "consecutive_same_role",
+    ),
+    ("DUP0", "duplicate"),  # replaced below by an exact copy of good row 0
+    ("DUP1", "duplicate"),  # a copy of good row 1 with extra spaces and CRLF: equal after normalization
+    ("NEAR", "near_duplicate"),  # good row 2 with one word changed at the end
 ]
 
 
@@ -116,11 +139,18 @@ def test_every_bad_row_kind_lands_in_quarantine_with_its_reason(tmp_path):
 
 
 def test_normalization(tmp_path):
-    r = run(tmp_path, "norm", [chat("Cafe\u0301\r\nline two  \n\n\n\nend\x07", "  x\u00a0y  ")], eval_fraction=0.01,
-            pii="off")
+    r = run(
+        tmp_path,
+        "norm",
+        [chat("Cafe\u0301\r\nline two  \n\n\n\nend\x07", "  x\u00a0y  ")],
+        eval_fraction=0.01,
+        pii="off",
+    )
     (row,) = read_split(r, "train") + read_split(r, "eval")
-    assert row["messages"] == [{"role": "user", "content": "Café\nline two\n\nend"},
-                               {"role": "assistant", "content": "x y"}]
+    assert row["messages"] == [
+        {"role": "user", "content": "Café\nline two\n\nend"},
+        {"role": "assistant", "content": "x y"},
+    ]
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -146,8 +176,18 @@ def test_file_types(tmp_path, kind):
 
 def test_glob_of_files_with_different_formats(tmp_path):
     write(tmp_path / "a.jsonl", [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}])
-    write(tmp_path / "b.jsonl", [{"conversations": [{"from": "system", "value": "be brief"},
-                                                    {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    write(
+        tmp_path / "b.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "be brief"},
+                    {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "yo"},
+                ]
+            }
+        ],
+    )
     write(tmp_path / "c.jsonl", [{"text": "plain text document"}])
     write(tmp_path / "d.jsonl", [{"instruction": "i", "output": "o", "history": [["h1", "a1"], ["h2", "a2"]]}])
     r = clean_dataset("g", DatasetSpec(path="*.jsonl", eval_fraction=0.01), str(tmp_path / "*.jsonl"), tmp_path / "o")
@@ -169,24 +209,34 @@ def test_crlf_files_blank_lines_and_numbering_across_files(tmp_path):
     r = clean_dataset("c", DatasetSpec(path="x", eval_fraction=0.01), str(tmp_path / "*.jsonl"), tmp_path / "o")
     assert r.rows_in == 7 and [f.rows for f in r.files] == [5, 2]
     got = {x["source"].split("/")[-1]: x["reason"] for x in read_split(r, "quarantine")}
-    assert got == {"a.jsonl:2": "blank_line", "a.jsonl:3": "blank_line", "a.jsonl:4": "invalid_json",
-                   "b.jsonl:1": "blank_line"}
-    kept = {x["source"].split("/")[-1]: x["messages"][1]["content"] for x in read_split(r, "train")
-            + read_split(r, "eval")}
+    assert got == {
+        "a.jsonl:2": "blank_line",
+        "a.jsonl:3": "blank_line",
+        "a.jsonl:4": "invalid_json",
+        "b.jsonl:1": "blank_line",
+    }
+    kept = {
+        x["source"].split("/")[-1]: x["messages"][1]["content"] for x in read_split(r, "train") + read_split(r, "eval")
+    }
     assert kept == {"a.jsonl:1": "c0", "a.jsonl:5": "c1", "b.jsonl:2": "c2"}
 
 
 def test_messages_content_as_text_parts(tmp_path):
-    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text",
-                                                                                           "text": "there"}]},
-                        {"role": "assistant", "content": "hi"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": "hi"},
+        ]
+    }
     r = run(tmp_path, "parts", [row], eval_fraction=0.01)
     assert read_split(r, "train")[0]["messages"][0]["content"] == "Hello there"
 
 
 def test_pii_modes(tmp_path):
-    rows = [chat("mail me at jane.doe@example.com or call +1 415-555-0132", "my server is 192.168.10.20"),
-            chat("clean question", "clean answer")]
+    rows = [
+        chat("mail me at jane.doe@example.com or call +1 415-555-0132", "my server is 192.168.10.20"),
+        chat("clean question", "clean answer"),
+    ]
     redacted = run(tmp_path, "pii_redact", rows, eval_fraction=0.01)
     texts = json.dumps(read_split(redacted, "train"))
     assert "<EMAIL>" in texts and "<PHONE>" in texts and "<IPV4>" in texts and "example.com" not in texts
@@ -264,12 +314,20 @@ def test_unreadable_or_empty_files_fail_clearly(tmp_path):
 def test_near_duplicates_in_any_script(tmp_path):
     """Words are runs of Unicode letters and digits: Cyrillic or Greek text gets near-duplicate detection too (with
     ASCII-only words it had no shingles at all), and a distinct text in the same script is kept."""
-    ru = ("быстрая лиса прыгает через ленивую собаку и бежит дальше в тёмный лес где растут высокие старые сосны "
-          "а за лесом течёт широкая река по которой плывут лодки рыбаков с утра до самого позднего вечера каждый "
-          "день кроме воскресенья когда все отдыхают дома с семьёй и пьют горячий чай")
+    ru = (
+        "быстрая лиса прыгает через ленивую собаку и бежит дальше в тёмный лес где растут высокие старые сосны "
+        "а за лесом течёт широкая река по которой плывут лодки рыбаков с утра до самого позднего вечера каждый "
+        "день кроме воскресенья когда все отдыхают дома с семьёй и пьют горячий чай"
+    )
     el = "η γρήγορη αλεπού πηδά πάνω από τον τεμπέλη σκύλο και τρέχει μακριά στο σκοτεινό δάσος με τα ψηλά πεύκα"
-    rows = [*good_rows(40), chat("Что это?", ru), chat("Что это?", ru + " сегодня"), chat("Τι είναι;", el),
-            chat("Τι είναι;", el.replace("πεύκα", "έλατα")), chat("Что там?", "совсем другой текст о погоде " * 3)]
+    rows = [
+        *good_rows(40),
+        chat("Что это?", ru),
+        chat("Что это?", ru + " сегодня"),
+        chat("Τι είναι;", el),
+        chat("Τι είναι;", el.replace("πεύκα", "έλατα")),
+        chat("Что там?", "совсем другой текст о погоде " * 3),
+    ]
     got = quarantined(run(tmp_path, "scripts", rows, pii="off"))
     assert got == {42: "near_duplicate", 44: "near_duplicate"}
 

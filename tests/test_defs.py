@@ -41,8 +41,9 @@ def test_code_version_follows_the_spec():
     from orchestration.definitions import DEMO_SPEC, build_definitions
 
     spec = load_spec(DEMO_SPEC)
-    changed = spec.model_copy(update={"adapters": {**spec.adapters, "categories": spec.adapters["categories"]
-                                                   .model_copy(update={"r": 8})}})
+    changed = spec.model_copy(
+        update={"adapters": {**spec.adapters, "categories": spec.adapters["categories"].model_copy(update={"r": 8})}}
+    )
 
     def versions(s):
         g = build_definitions(s, "/tmp/unused").resolve_asset_graph()
@@ -62,10 +63,13 @@ def test_dataset_sensor_requests_the_chain_of_a_changed_file(tmp_path):
     data.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
     other = tmp_path / "o.jsonl"
     other.write_text(data.read_text())
-    spec = validate_spec({"base_model": "builtin:tiny",
-                          "datasets": {"d": {"path": str(data)}, "o": {"path": str(other)}},
-                          "adapters": {"a": {"dataset": "d"}, "s": {"dataset": "d", "sweep": {"r": [4, 8]}},
-                                       "b": {"dataset": "o"}}})
+    spec = validate_spec(
+        {
+            "base_model": "builtin:tiny",
+            "datasets": {"d": {"path": str(data)}, "o": {"path": str(other)}},
+            "adapters": {"a": {"dataset": "d"}, "s": {"dataset": "d", "sweep": {"r": [4, 8]}}, "b": {"dataset": "o"}},
+        }
+    )
     sensor = build_dataset_sensor(spec)
     first = sensor(dg.build_sensor_context(cursor=None))
     assert not first.run_requests and first.cursor
@@ -75,8 +79,12 @@ def test_dataset_sensor_requests_the_chain_of_a_changed_file(tmp_path):
     changed = sensor(dg.build_sensor_context(cursor=first.cursor))
     (req,) = changed.run_requests
     keys = {"/".join(k.path) for k in req.asset_selection}
-    assert keys == {"dataset/d/clean", "serving/deployment", "adapter/s/leaderboard",
-                    *(f"adapter/{j}/{st}" for j in ("a", "s.p0", "s.p1") for st in ("train", "eval", "register"))}
+    assert keys == {
+        "dataset/d/clean",
+        "serving/deployment",
+        "adapter/s/leaderboard",
+        *(f"adapter/{j}/{st}" for j in ("a", "s.p0", "s.p1") for st in ("train", "eval", "register")),
+    }
     for f in (data, other):  # both change in one tick: one run, one deployment
         f.write_text(f.read_text() + json.dumps({"prompt": "q3", "completion": "a3"}) + "\n")
     (both,) = sensor(dg.build_sensor_context(cursor=changed.cursor)).run_requests
@@ -88,6 +96,12 @@ def test_dataset_sensor_requests_the_chain_of_a_changed_file(tmp_path):
 def test_workspace_yaml_validates_with_dagster_cli(tmp_path):
     env = {**os.environ, "LORAFOUNDRY_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path)}
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    res = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate",
-                          "-w", "workspace.yaml"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr

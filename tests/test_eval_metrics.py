@@ -8,14 +8,17 @@ from lora_assets.evaluate import check_gate, chrf, metric_table
 from lora_assets.spec import GateSpec
 
 
-@pytest.mark.parametrize(("hyp", "ref", "expected"), [
-    # values from sacrebleu 2.x: CHRF().sentence_score(hyp, [ref]).score
-    ("positive", "negative", 24.365079365079364),
-    ("the cat sat", "the cat sat on", 79.34458487087205),
-    ("vehicle", "a vehicle", 83.07482317905449),
-    ("", "x", 0.0),
-    ("same words", "same  words", 100.0),
-])
+@pytest.mark.parametrize(
+    ("hyp", "ref", "expected"),
+    [
+        # values from sacrebleu 2.x: CHRF().sentence_score(hyp, [ref]).score
+        ("positive", "negative", 24.365079365079364),
+        ("the cat sat", "the cat sat on", 79.34458487087205),
+        ("vehicle", "a vehicle", 83.07482317905449),
+        ("", "x", 0.0),
+        ("same words", "same  words", 100.0),
+    ],
+)
 def test_chrf_matches_sacrebleu(hyp, ref, expected):
     assert chrf(hyp, ref) == pytest.approx(expected, abs=1e-9)
 
@@ -44,14 +47,17 @@ def test_gates_read_the_right_direction():
     assert check_gate(None, metrics) is None
 
 
-@pytest.mark.parametrize(("output", "reference", "expected"), [
-    ("These are all fruits.", "fruit", True),   # a chatty answer that exact match scores 0
-    ("fruit", "Fruit.", True),
-    ("I love grapefruit", "fruit", False),      # only from a word start
-    ("The review is Positive!", "positive", True),
-    ("negative", "positive", False),
-    ("anything", "   ", False),                 # an empty reference never matches
-])
+@pytest.mark.parametrize(
+    ("output", "reference", "expected"),
+    [
+        ("These are all fruits.", "fruit", True),  # a chatty answer that exact match scores 0
+        ("fruit", "Fruit.", True),
+        ("I love grapefruit", "fruit", False),  # only from a word start
+        ("The review is Positive!", "positive", True),
+        ("negative", "positive", False),
+        ("anything", "   ", False),  # an empty reference never matches
+    ],
+)
 def test_contains_answer(output, reference, expected):
     from lora_assets.evaluate import contains_answer
 

@@ -43,19 +43,32 @@ def sweep_run(materialized, session_home, tmp_path_factory):
     home = tmp_path_factory.mktemp("sweep-home")
     os.symlink(session_home / "models", home / "models")
     ds = {"path": str(ROOT / "examples" / "data" / "categories.jsonl"), "eval_fraction": 0.1, "max_tokens": 256}
-    spec = validate_spec({
-        "base_model": "builtin:tiny", "datasets": {"categories": ds},
-        "adapters": {
-            "sweepy": {"dataset": "categories", "learning_rate": 2e-3, "max_steps": 30, "max_eval_rows": 24,
-                       "gate": {"metric": "eval_loss", "min_gain": 0.5}, "sweep": {"r": [2, 8]}},
-            "hopeless": {"dataset": "categories", "learning_rate": 1e-6, "max_steps": 2, "max_eval_rows": 24,
-                         "gate": {"metric": "exact_match", "min_value": 0.99}},
-        },
-        "serving": {"port": free_port()},
-    })
+    spec = validate_spec(
+        {
+            "base_model": "builtin:tiny",
+            "datasets": {"categories": ds},
+            "adapters": {
+                "sweepy": {
+                    "dataset": "categories",
+                    "learning_rate": 2e-3,
+                    "max_steps": 30,
+                    "max_eval_rows": 24,
+                    "gate": {"metric": "eval_loss", "min_gain": 0.5},
+                    "sweep": {"r": [2, 8]},
+                },
+                "hopeless": {
+                    "dataset": "categories",
+                    "learning_rate": 1e-6,
+                    "max_steps": 2,
+                    "max_eval_rows": 24,
+                    "gate": {"metric": "exact_match", "min_value": 0.99},
+                },
+            },
+            "serving": {"port": free_port()},
+        }
+    )
     try:
-        result = dg.materialize(build_assets(spec), resources=resources_from_env(home),
-                                raise_on_error=False)
+        result = dg.materialize(build_assets(spec), resources=resources_from_env(home), raise_on_error=False)
         yield spec, home, result
     finally:
         deployment.stop(home)
@@ -92,8 +105,9 @@ def test_sweep_points_register_under_one_name_with_a_champion(sweep_run):
     board = reg.leaderboard("sweepy")
     assert board[0]["version"] == best.version and board[0]["rank"] == 1
     assert all(r["train_wall_s"] > 0 and r["trainable_params"] > 0 for r in board)
-    (event,) = [e for e in result.get_asset_materialization_events()
-                if e.asset_key.path == ["adapter", "sweepy", "leaderboard"]]
+    (event,) = [
+        e for e in result.get_asset_materialization_events() if e.asset_key.path == ["adapter", "sweepy", "leaderboard"]
+    ]
     meta = event.materialization.metadata
     assert meta["winner_version"].value == best.version and "**winner**" in meta["leaderboard"].value
 
@@ -114,8 +128,9 @@ def test_eval_metrics_have_cis_and_reproduce(sweep_run):
     assert cached.key == first["key"] and cached.wall_s == first["wall_s"]
     (Path(adir) / EVAL_FILE).unlink()
     again = pipe.evaluate("sweepy.p1")  # computed again from scratch: the same numbers and answers
-    assert again.metrics == first["metrics"] and [s["adapter"] for s in again.samples] == \
-        [s["adapter"] for s in first["samples"]]
+    assert again.metrics == first["metrics"] and [s["adapter"] for s in again.samples] == [
+        s["adapter"] for s in first["samples"]
+    ]
 
 
 def test_cli_leaderboard_marks_the_winner(sweep_run):

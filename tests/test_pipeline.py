@@ -23,8 +23,11 @@ def test_materialize_whole_graph(materialized, demo_spec):
 
 def test_cleaning_counts(materialized, session_home, demo_spec):
     for name in demo_spec.datasets:
-        report = json.loads((Path(json.loads((session_home / "datasets" / name / "current.json").read_text())
-                                  ["dir"]) / "report.json").read_text())
+        report = json.loads(
+            (
+                Path(json.loads((session_home / "datasets" / name / "current.json").read_text())["dir"]) / "report.json"
+            ).read_text()
+        )
         assert report["rows_in"] == report["rows_train"] + report["rows_eval"] + report["rows_quarantined"]
         # the generator mixes in exact duplicates and one empty answer on purpose
         reasons = report["by_reason"]
@@ -63,8 +66,11 @@ def test_rematerializing_reuses_identical_work(materialized, session_home, demo_
     from orchestration.assets import build_assets
     from orchestration.resources import resources_from_env
 
-    result = dg.materialize(build_assets(demo_spec), resources=resources_from_env(session_home),
-                            selection=[f"adapter/{next(iter(demo_spec.adapters))}/train"])
+    result = dg.materialize(
+        build_assets(demo_spec),
+        resources=resources_from_env(session_home),
+        selection=[f"adapter/{next(iter(demo_spec.adapters))}/train"],
+    )
     (event,) = result.get_asset_materialization_events()
     assert event.materialization.metadata["reused_existing_run"].value is True
 
@@ -93,8 +99,9 @@ def test_train_asset_shows_loss_plot_and_resources(materialized, demo_spec):
     from PIL import Image
 
     for name in demo_spec.adapters:
-        (event,) = [e for e in materialized.get_asset_materialization_events()
-                    if e.asset_key.path == ["adapter", name, "train"]]
+        (event,) = [
+            e for e in materialized.get_asset_materialization_events() if e.asset_key.path == ["adapter", name, "train"]
+        ]
         meta = {k: v.value for k, v in event.materialization.metadata.items()}
         md = meta["loss_curve"]
         assert md.startswith("![training loss](data:image/png;base64,")

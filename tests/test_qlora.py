@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_qlora_adapter_beats_the_base(materialized, session_home, demo_spec):
-    spec = demo_spec.model_copy(update={"adapters": {
-        "sentiment-qlora": demo_spec.adapters["sentiment"].model_copy(update={"method": "qlora"})}})
+    spec = demo_spec.model_copy(
+        update={"adapters": {"sentiment-qlora": demo_spec.adapters["sentiment"].model_copy(update={"method": "qlora"})}}
+    )
     pipe = Pipeline(spec, session_home)
     result = pipe.train("sentiment-qlora")
     assert result.method == "qlora" and "set in the spec" in result.method_reason

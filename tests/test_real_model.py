@@ -32,14 +32,28 @@ def real_home(tmp_path_factory):
 def real_spec():
     from lora_assets.spec import validate_spec
 
-    return validate_spec({
-        "base_model": REAL,
-        "datasets": {"categories": {"path": str(ROOT / "examples/data/smollm2/categories.jsonl"),
-                                    "eval_fraction": 0.125, "max_tokens": 256}},
-        "adapters": {"categories": {"dataset": "categories", "learning_rate": 1e-3, "batch_size": 4, "max_steps": 6,
-                                    "max_eval_rows": 4}},
-        "serving": {"port": free_port(), "max_model_len": 512},
-    })
+    return validate_spec(
+        {
+            "base_model": REAL,
+            "datasets": {
+                "categories": {
+                    "path": str(ROOT / "examples/data/smollm2/categories.jsonl"),
+                    "eval_fraction": 0.125,
+                    "max_tokens": 256,
+                }
+            },
+            "adapters": {
+                "categories": {
+                    "dataset": "categories",
+                    "learning_rate": 1e-3,
+                    "batch_size": 4,
+                    "max_steps": 6,
+                    "max_eval_rows": 4,
+                }
+            },
+            "serving": {"port": free_port(), "max_model_len": 512},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +103,12 @@ def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
     spec_file.write_text(json.dumps(real_spec.model_dump(mode="json")))  # JSON is YAML
     port = real_spec.serving.port
     cli = Path(sys.executable).parent / "lorafoundry"
-    proc = subprocess.Popen([str(cli), "serve", str(spec_file), "--home", str(real_home)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(cli), "serve", str(spec_file), "--home", str(real_home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline, lines = time.monotonic() + 400, []
         while time.monotonic() < deadline:
@@ -102,11 +120,18 @@ def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         assert {m.id for m in client.models.list()} == {real_spec.served_base_name, "categories"}
         ask = [{"role": "user", "content": "What is the capital of France?"}]
-        base = client.chat.completions.create(model=real_spec.served_base_name, messages=ask, max_tokens=16,
-                                              temperature=0).choices[0].message.content
+        base = (
+            client.chat.completions.create(model=real_spec.served_base_name, messages=ask, max_tokens=16, temperature=0)
+            .choices[0]
+            .message.content
+        )
         assert "Paris" in base
-        adapter = client.chat.completions.create(model="categories", max_tokens=8, temperature=0, messages=[
-            {"role": "user", "content": "Which category do these words share: apple, mango and pear?"}])
+        adapter = client.chat.completions.create(
+            model="categories",
+            max_tokens=8,
+            temperature=0,
+            messages=[{"role": "user", "content": "Which category do these words share: apple, mango and pear?"}],
+        )
         assert adapter.choices[0].message.content.strip()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -19,18 +19,29 @@ def make_adapter_dir(path: Path, r: int = 4, seed: int = 0) -> Path:
     import torch
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["v_proj", "q_proj"],
-        "base_model_name_or_path": "base"}))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": 2 * r,
+                "target_modules": ["v_proj", "q_proj"],
+                "base_model_name_or_path": "base",
+            }
+        )
+    )
     g = torch.Generator().manual_seed(seed)
-    save_file({"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(r, 8, generator=g)},
-              str(path / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(r, 8, generator=g)},
+        str(path / "adapter_model.safetensors"),
+    )
     return path
 
 
 def new(path: Path, name: str = "a", **kw) -> NewAdapter:
-    return NewAdapter(name=name, path=path, base_model="builtin:tiny",
-                      metrics={"exact_match": {"base": 0.0, "adapter": 0.5}}, **kw)
+    return NewAdapter(
+        name=name, path=path, base_model="builtin:tiny", metrics={"exact_match": {"base": 0.0, "adapter": 0.5}}, **kw
+    )
 
 
 def test_register_assigns_versions_and_is_idempotent(tmp_path):
@@ -87,8 +98,11 @@ def _register_many(args):
     path, dirs = args
     reg = AdapterRegistry(path, max_wait_s=300)
     # alternate between two names so that both see concurrent version assignment
-    return [(name, reg.register(new(Path(d), name=name)).version)
-            for i, d in enumerate(dirs) for name in [("x", "y")[i % 2]]]
+    return [
+        (name, reg.register(new(Path(d), name=name)).version)
+        for i, d in enumerate(dirs)
+        for name in [("x", "y")[i % 2]]
+    ]
 
 
 def test_eight_processes_register_200_adapters_without_gaps(tmp_path):
@@ -97,7 +111,7 @@ def test_eight_processes_register_200_adapters_without_gaps(tmp_path):
     AdapterRegistry(path).schema_version()  # nothing needed up front: the first writer creates and migrates
     ctx = mp.get_context("spawn")
     with ctx.Pool(8) as pool:  # any exception in a worker would be re-raised here
-        results = pool.map(_register_many, [(path, dirs[i * 25:(i + 1) * 25]) for i in range(8)])
+        results = pool.map(_register_many, [(path, dirs[i * 25 : (i + 1) * 25]) for i in range(8)])
     got = [nv for r in results for nv in r]
     assert len(got) == 200
     for name in ("x", "y"):
@@ -114,8 +128,20 @@ def test_cli_registry_list_json(tmp_path):
     res = CliRunner().invoke(app, ["registry", "list", "--json", "--home", str(tmp_path)])
     assert res.exit_code == 0, res.output
     (row,) = [json.loads(line) for line in res.stdout.splitlines()]
-    for key in ("name", "version", "status", "base_model", "method", "r", "lora_alpha", "target_modules", "path",
-                "adapter_sha256", "dataset_fingerprint", "metrics"):
+    for key in (
+        "name",
+        "version",
+        "status",
+        "base_model",
+        "method",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "path",
+        "adapter_sha256",
+        "dataset_fingerprint",
+        "metrics",
+    ):
         assert key in row
     human = CliRunner().invoke(app, ["registry", "list", "--home", str(tmp_path)])
     assert human.exit_code == 0 and "candidate" in human.stdout
@@ -130,8 +156,17 @@ def test_champion_rule_promotes_only_better_versions(tmp_path):
     dirs = [make_adapter_dir(tmp_path / f"d{i}", seed=i) for i in range(5)]
 
     def add(i: int, loss: float, **kw):
-        return reg.register(NewAdapter(name="a", path=dirs[i], base_model="builtin:tiny", metrics=_metrics(loss),
-                                       promote=kw.pop("promote", "if_better"), rank_metric="eval_loss", **kw))
+        return reg.register(
+            NewAdapter(
+                name="a",
+                path=dirs[i],
+                base_model="builtin:tiny",
+                metrics=_metrics(loss),
+                promote=kw.pop("promote", "if_better"),
+                rank_metric="eval_loss",
+                **kw,
+            )
+        )
 
     assert add(0, 2.0).status == "champion"  # first version that passed its gate
     assert add(1, 3.0).status == "candidate"  # worse: stays a candidate
@@ -145,8 +180,9 @@ def test_champion_rule_promotes_only_better_versions(tmp_path):
     assert reg.champion("a").version == 5 and reg.get("a", 3).status == "candidate"
     with pytest.raises(RegistryError, match="rejected and cannot be promoted"):
         reg.promote("a", 4)
-    _, events = reg.query("SELECT action, version, detail->>'previous_champion' FROM events "
-                          "WHERE action = 'promote' ORDER BY occurred_at")
+    _, events = reg.query(
+        "SELECT action, version, detail->>'previous_champion' FROM events WHERE action = 'promote' ORDER BY occurred_at"
+    )
     assert [(a, v, p) for a, v, p in events] == [("promote", 1, None), ("promote", 3, "1"), ("promote", 5, "3")]
     board = reg.leaderboard("a")
     assert [r["version"] for r in board] == [5, 3, 1, 2, 4]  # by eval_loss, the rejected one last
@@ -162,8 +198,17 @@ def test_same_bytes_re_evaluated_take_the_new_gate_outcome(tmp_path):
     d = make_adapter_dir(tmp_path / "d")
 
     def again(status: str, loss: float):
-        return reg.register(NewAdapter(name="a", path=d, base_model="b", metrics=_metrics(loss), status=status,
-                                       promote="if_better", rank_metric="eval_loss"))
+        return reg.register(
+            NewAdapter(
+                name="a",
+                path=d,
+                base_model="b",
+                metrics=_metrics(loss),
+                status=status,
+                promote="if_better",
+                rank_metric="eval_loss",
+            )
+        )
 
     assert again("rejected", 2.0).status == "rejected"
     assert again("rejected", 2.0).status == "rejected"  # nothing changed: nothing written
@@ -191,20 +236,38 @@ def test_registering_again_with_the_base_present_records_its_hash(tmp_path):
     home_copy = make_adapter_dir(tmp_path / "adapters" / "imported" / "x")  # same bytes, inside the home
     again = reg.register(NewAdapter(name="x", path=home_copy, base_model="b", base_model_hash="h" * 64))
     assert (again.version, again.base_model_hash, again.path) == (1, "h" * 64, str(home_copy.resolve()))
-    assert reg.register(NewAdapter(name="x", path=d, base_model="b", base_model_hash="z" * 64)).base_model_hash \
-        == "h" * 64  # a recorded hash is never replaced
+    assert (
+        reg.register(NewAdapter(name="x", path=d, base_model="b", base_model_hash="z" * 64)).base_model_hash == "h" * 64
+    )  # a recorded hash is never replaced
 
 
 def test_champion_rule_higher_is_better_and_always(tmp_path):
     reg = AdapterRegistry(tmp_path / "r.duckdb")
     d = [make_adapter_dir(tmp_path / f"d{i}", seed=i) for i in range(3)]
     em = [0.8, 0.6, 0.9]
-    recs = [reg.register(NewAdapter(name="b", path=d[i], base_model="x", rank_metric="exact_match",
-                                    promote="if_better", metrics={"exact_match": {"base": 0, "adapter": em[i]}}))
-            for i in range(3)]
+    recs = [
+        reg.register(
+            NewAdapter(
+                name="b",
+                path=d[i],
+                base_model="x",
+                rank_metric="exact_match",
+                promote="if_better",
+                metrics={"exact_match": {"base": 0, "adapter": em[i]}},
+            )
+        )
+        for i in range(3)
+    ]
     assert [r.status for r in recs] == ["champion", "candidate", "champion"]
-    always = reg.register(NewAdapter(name="b", path=make_adapter_dir(tmp_path / "d9", seed=9), base_model="x",
-                                     promote="always", metrics={"exact_match": {"base": 0, "adapter": 0.1}}))
+    always = reg.register(
+        NewAdapter(
+            name="b",
+            path=make_adapter_dir(tmp_path / "d9", seed=9),
+            base_model="x",
+            promote="always",
+            metrics={"exact_match": {"base": 0, "adapter": 0.1}},
+        )
+    )
     assert always.status == "champion"
 
 
@@ -228,14 +291,20 @@ def test_leaderboard_across_seeds():
     from registry.leaderboard import across_seeds, mean_ci
 
     def row(v, r, seed, loss):
-        return {"version": v, "sweep_point": json.dumps({"r": r, "seed": seed}), "metric_value": loss,
-                "rank_metric": "eval_loss", "trainable_params": r * 100, "status": "candidate"}
+        return {
+            "version": v,
+            "sweep_point": json.dumps({"r": r, "seed": seed}),
+            "metric_value": loss,
+            "rank_metric": "eval_loss",
+            "trainable_params": r * 100,
+            "status": "candidate",
+        }
 
     rows = [row(1, 4, 0, 1.0), row(2, 4, 1, 1.2), row(3, 4, 2, 1.1), row(4, 16, 0, 0.5), row(5, 16, 1, 0.7)]
     groups = across_seeds(rows)
     assert [g["label"] for g in groups] == ["r=16", "r=4"] and [g["seeds"] for g in groups] == [2, 3]
     mean, low, high = mean_ci([1.0, 1.2, 1.1])
-    assert abs(mean - 1.1) < 1e-9 and abs((high - mean) - 4.303 * 0.1 / 3 ** 0.5) < 1e-9 and low < mean < high
+    assert abs(mean - 1.1) < 1e-9 and abs((high - mean) - 4.303 * 0.1 / 3**0.5) < 1e-9 and low < mean < high
     assert groups[1]["mean"] == mean
 
 
@@ -281,8 +350,15 @@ def test_verify_catches_one_flipped_byte_and_serving_skips_it(tmp_path):
 def test_list_filters_and_metric_order(tmp_path):
     reg = AdapterRegistry(tmp_path / "r.duckdb")
     for i, (em, ds) in enumerate([(0.2, "d1"), (0.9, "d1"), (0.5, "d2")]):
-        reg.register(NewAdapter(name=f"n{i}", path=make_adapter_dir(tmp_path / f"a{i}", seed=i), base_model="b",
-                                dataset=ds, metrics={"exact_match": {"base": 0.0, "adapter": em}}))
+        reg.register(
+            NewAdapter(
+                name=f"n{i}",
+                path=make_adapter_dir(tmp_path / f"a{i}", seed=i),
+                base_model="b",
+                dataset=ds,
+                metrics={"exact_match": {"base": 0.0, "adapter": em}},
+            )
+        )
     assert [r.name for r in reg.list(order_by="exact_match", descending=True)] == ["n1", "n2", "n0"]
     assert [r.name for r in reg.list(min_metric={"exact_match": 0.5})] == ["n1", "n2"]
     assert [r.name for r in reg.list(dataset="d1", max_metric={"exact_match": 0.5})] == ["n0"]
@@ -322,7 +398,8 @@ def test_cli_round_trips(tmp_path):
     assert [json.loads(line)["ok"] for line in ok("verify", "--json").splitlines()] == [True, True]
 
     trained = AdapterRegistry(tmp_path / "home" / "registry.duckdb").register(
-        new(make_adapter_dir(tmp_path / "t", seed=5), name="trained", dataset="demo"))
+        new(make_adapter_dir(tmp_path / "t", seed=5), name="trained", dataset="demo")
+    )
     card_path = Path(ok("card", "trained@1").split("wrote ", 1)[1].strip())
     assert card_path == Path(trained.path) / "README.md"
     text = card_path.read_text()
@@ -338,15 +415,21 @@ def test_cli_round_trips(tmp_path):
     assert json.loads(ok("show", "ext@1", "--json"))["status"] == "archived"
     out_dir = tmp_path / "export"
     ok("export", str(out_dir))
-    assert {p.name for p in out_dir.glob("*.parquet")} == {"adapters.parquet", "aliases.parquet",
-                                                         "alias_history.parquet", "events.parquet"}
+    assert {p.name for p in out_dir.glob("*.parquet")} == {
+        "adapters.parquet",
+        "aliases.parquet",
+        "alias_history.parquet",
+        "events.parquet",
+    }
     other = ["--home", str(tmp_path / "other")]
     res = run.invoke(app, ["registry", "import", str(out_dir), *other])
     assert res.exit_code == 0, res.output
     moved = [json.loads(line) for line in run.invoke(app, ["registry", "list", "--json", *other]).stdout.splitlines()]
-    assert [(r["name"], r["version"], r["status"], r["adapter_sha256"]) for r in moved] == \
-        [("ext", 1, "archived", first["adapter_sha256"]), ("ext", 2, "champion", shown["adapter_sha256"]),
-         ("trained", 1, "candidate", trained.adapter_sha256)]
+    assert [(r["name"], r["version"], r["status"], r["adapter_sha256"]) for r in moved] == [
+        ("ext", 1, "archived", first["adapter_sha256"]),
+        ("ext", 2, "champion", shown["adapter_sha256"]),
+        ("trained", 1, "candidate", trained.adapter_sha256),
+    ]
     assert all(Path(r["path"]).is_relative_to(tmp_path / "other") for r in moved)
     again = run.invoke(app, ["registry", "import", str(out_dir), *other])  # same rows: nothing new
     assert again.exit_code == 0 and "adapters 0" in again.stdout
@@ -360,10 +443,25 @@ def test_docs_registry_queries_run_as_written(tmp_path):
 
     reg = AdapterRegistry(tmp_path / "r.duckdb")
     for i in range(3):
-        reg.register(NewAdapter(name="a", path=make_adapter_dir(tmp_path / f"d{i}", seed=i), base_model="b",
-                                dataset="ds", promote="if_better", rank_metric="exact_match",
-                                metrics={"exact_match": {"base": 0.0, "adapter": 0.3 * i, "gain": 0.3 * i,
-                                                         "gain_ci_low": 0.1 * i, "gain_ci_high": 0.4 * i}}))
+        reg.register(
+            NewAdapter(
+                name="a",
+                path=make_adapter_dir(tmp_path / f"d{i}", seed=i),
+                base_model="b",
+                dataset="ds",
+                promote="if_better",
+                rank_metric="exact_match",
+                metrics={
+                    "exact_match": {
+                        "base": 0.0,
+                        "adapter": 0.3 * i,
+                        "gain": 0.3 * i,
+                        "gain_ci_low": 0.1 * i,
+                        "gain_ci_high": 0.4 * i,
+                    }
+                },
+            )
+        )
     reg.set_alias("a", "prod", 1)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "registry.md").read_text()
     blocks = re.findall(r"```sql\n(.*?)```", doc, flags=re.S)
@@ -383,8 +481,21 @@ def test_cli_register_brings_files_home_and_records_the_base(tmp_path, random_ba
 
     home = tmp_path / "home"
     ext = make_adapter_dir(tmp_path / "elsewhere")
-    res = CliRunner().invoke(app, ["registry", "register", str(ext), "--name", "ext", "--base-model",
-                                   str(random_base), "--home", str(home), "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "registry",
+            "register",
+            str(ext),
+            "--name",
+            "ext",
+            "--base-model",
+            str(random_base),
+            "--home",
+            str(home),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rec = json.loads(res.stdout)
     base_hash = resolve_base_model(str(random_base), home).content_hash
@@ -393,8 +504,20 @@ def test_cli_register_brings_files_home_and_records_the_base(tmp_path, random_ba
     resolver = AdapterResolver(home / "registry.duckdb", base_hash, home / "adapters", max_rank=16)
     assert not isinstance(resolver.resolve("ext@1"), Refusal)
 
-    res = CliRunner().invoke(app, ["registry", "register", str(make_adapter_dir(tmp_path / "x", seed=3)),
-                                   "--name", "nobase", "--base-model", "some-org/not-here", "--home", str(home)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "registry",
+            "register",
+            str(make_adapter_dir(tmp_path / "x", seed=3)),
+            "--name",
+            "nobase",
+            "--base-model",
+            "some-org/not-here",
+            "--home",
+            str(home),
+        ],
+    )
     assert res.exit_code == 0 and "no server will load it" in res.output
     assert isinstance(resolver.resolve("nobase@1"), Refusal)
 
@@ -428,16 +551,18 @@ def test_resolver_answers_are_shared_for_their_time(tmp_path):
 
     reg = AdapterRegistry(tmp_path / "r.duckdb")
     root = tmp_path / "adapters"
-    rec = reg.register(NewAdapter(name="a", path=make_adapter_dir(root / "a1"), base_model="b",
-                                  base_model_hash="h" * 64))
+    rec = reg.register(
+        NewAdapter(name="a", path=make_adapter_dir(root / "a1"), base_model="b", base_model_hash="h" * 64)
+    )
     guard, plugin = (AdapterResolver(tmp_path / "r.duckdb", "h" * 64, root, 16, ttl_s=60) for _ in range(2))
     assert guard.resolve("a@1").adapter_sha256 == rec.adapter_sha256
     reg.archive("a", 1)
     assert not isinstance(plugin.resolve("a@1"), Refusal)  # the guard's answer, seconds old
     fresh = AdapterResolver(tmp_path / "r.duckdb", "h" * 64, root, 16, ttl_s=0)
     assert fresh.resolve("a@1").status == 403
-    reg.register(NewAdapter(name="a", path=make_adapter_dir(root / "a2", seed=2), base_model="b",
-                            base_model_hash="h" * 64))
+    reg.register(
+        NewAdapter(name="a", path=make_adapter_dir(root / "a2", seed=2), base_model="b", base_model_hash="h" * 64)
+    )
     assert not isinstance(fresh.resolve("a@2"), Refusal)  # hashed once; later checks see unchanged files
     weights = root / "a2" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())

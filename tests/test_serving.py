@@ -21,8 +21,11 @@ PROMPTS = [f"<|user|>\n{q}<|end|>\n<|assistant|>\n" for q in QUESTIONS[:2]] + QU
 
 
 def complete(url: str, model: str, prompt: str) -> str:
-    r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 24,
-                                                  "temperature": 0}, timeout=120)
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0},
+        timeout=120,
+    )
     r.raise_for_status()
     return r.json()["choices"][0]["text"]
 
@@ -40,8 +43,9 @@ def test_chat_completion_per_adapter(vllm_server, demo_spec):
     client = OpenAI(base_url=f"{vllm_server['url']}/v1", api_key="unused")
     answers = {}
     for name in [*demo_spec.adapters, demo_spec.served_base_name]:
-        resp = client.chat.completions.create(model=name, max_tokens=16, temperature=0,
-                                              messages=[{"role": "user", "content": QUESTIONS[1]}])
+        resp = client.chat.completions.create(
+            model=name, max_tokens=16, temperature=0, messages=[{"role": "user", "content": QUESTIONS[1]}]
+        )
         answers[name] = resp.choices[0].message.content
         assert resp.model == name
     assert answers["sentiment"].strip() == "positive"
@@ -69,8 +73,9 @@ def test_deployment_is_kept_when_nothing_changed(vllm_server, session_home, serv
     from orchestration.assets import build_assets
     from orchestration.resources import resources_from_env
 
-    result = dg.materialize(build_assets(served_spec), selection=["serving/deployment"],
-                            resources=resources_from_env(session_home))
+    result = dg.materialize(
+        build_assets(served_spec), selection=["serving/deployment"], resources=resources_from_env(session_home)
+    )
     (event,) = result.get_asset_materialization_events()
     meta = event.materialization.metadata
     assert meta["restarted"].value is False and meta["pid"].value == vllm_server["pid"]
@@ -92,8 +97,11 @@ def test_serve_command_starts_and_stops_on_sigterm(materialized, session_home, d
     cli = Path(sys.executable).parent / "lorafoundry"
     proc = subprocess.Popen(
         [str(cli), "serve", str(DEMO_SPEC), "--home", str(session_home), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+    )
     try:
         deadline = time.monotonic() + 300
         lines = []
@@ -104,8 +112,9 @@ def test_serve_command_starts_and_stops_on_sigterm(materialized, session_home, d
                 break
         assert proc.poll() is None, "".join(lines)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-        reply = client.chat.completions.create(model="sentiment", max_tokens=8, temperature=0,
-                                               messages=[{"role": "user", "content": QUESTIONS[1]}])
+        reply = client.chat.completions.create(
+            model="sentiment", max_tokens=8, temperature=0, messages=[{"role": "user", "content": QUESTIONS[1]}]
+        )
         assert reply.choices[0].message.content.strip() == "positive"
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -163,9 +172,17 @@ def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, ses
 
     def register(tag: str, status="candidate", base_hash=None, **changes):
         d = _copy_adapter(current.path, root / tag, **changes)
-        return reg.register(NewAdapter(name="categories", path=d, base_model=current.base_model, status=status,
-                                       base_model_hash=base_hash or current.base_model_hash, promote="manual",
-                                       metrics=current.metrics))
+        return reg.register(
+            NewAdapter(
+                name="categories",
+                path=d,
+                base_model=current.base_model,
+                status=status,
+                base_model_hash=base_hash or current.base_model_hash,
+                promote="manual",
+                metrics=current.metrics,
+            )
+        )
 
     fresh = register("fresh")
     rejected = register("rejected", status="rejected")
@@ -196,8 +213,11 @@ def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, ses
             f"categories@{changed.version}": (409, "AdapterIntegrityError"),
         }
         for model, (status, kind) in expected.items():
-            r = _post(url, "/v1/chat/completions", {"model": model, "max_tokens": 4,
-                                                    "messages": [{"role": "user", "content": "hi"}]})
+            r = _post(
+                url,
+                "/v1/chat/completions",
+                {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert (r.status_code, r.json()["error"]["type"]) == (status, kind), (model, r.text)
         complete(url, demo_spec.served_base_name, prompt)  # still serving: raises unless it answers 200
     finally:
@@ -218,9 +238,19 @@ def test_aliases_follow_moves_and_archived_versions_stop_answering(vllm_server, 
     cat, sen = reg.get("categories:champion"), reg.get("sentiment:champion")
     root = session_home / "adapters" / "test-copies"
     # two "categories" versions that answer differently: its own weights, and the sentiment weights
-    a, b = (reg.register(NewAdapter(name="categories", path=_copy_adapter(src.path, root / tag), promote="manual",
-                                    base_model=cat.base_model, base_model_hash=cat.base_model_hash,
-                                    metrics=cat.metrics)) for tag, src in (("alias-a", cat), ("alias-b", sen)))
+    a, b = (
+        reg.register(
+            NewAdapter(
+                name="categories",
+                path=_copy_adapter(src.path, root / tag),
+                promote="manual",
+                base_model=cat.base_model,
+                base_model_hash=cat.base_model_hash,
+                metrics=cat.metrics,
+            )
+        )
+        for tag, src in (("alias-a", cat), ("alias-b", sen))
+    )
     prompt = PROMPTS[1]
     as_a, as_b = complete(url, "categories", prompt), complete(url, "sentiment", prompt)
     assert as_a != as_b
@@ -265,8 +295,16 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
     old = reg.champion("sentiment")
     # a new "sentiment" version that behaves differently: the categories weights
     other = _copy_adapter(reg.get("categories:champion").path, session_home / "adapters" / "test-copies" / "swap")
-    new = reg.register(NewAdapter(name="sentiment", path=other, base_model=old.base_model, promote="manual",
-                                  base_model_hash=old.base_model_hash, metrics=old.metrics))
+    new = reg.register(
+        NewAdapter(
+            name="sentiment",
+            path=other,
+            base_model=old.base_model,
+            promote="manual",
+            base_model_hash=old.base_model_hash,
+            metrics=old.metrics,
+        )
+    )
     prompt = PROMPTS[1]
     before = complete(url, "sentiment", prompt)
     expected_new = complete(url, "categories", prompt)
@@ -285,8 +323,16 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
         from orchestration.sensors import notify_new_promotions
 
         _, cursor = notify_new_promotions(reg, session_home, None)  # everything so far is handled
-        demoted = reg.register(NewAdapter(name="sentiment", path=other, base_model=old.base_model, status="rejected",
-                                          base_model_hash=old.base_model_hash, metrics=old.metrics))
+        demoted = reg.register(
+            NewAdapter(
+                name="sentiment",
+                path=other,
+                base_model=old.base_model,
+                status="rejected",
+                base_model_hash=old.base_model_hash,
+                metrics=old.metrics,
+            )
+        )
         assert (demoted.version, demoted.status) == (new.version, "rejected")
         lines, _ = notify_new_promotions(reg, session_home, cursor)
         assert lines == [f"sentiment@{old.version}: the server at {url} now serves it as sentiment"], lines
@@ -312,8 +358,11 @@ def test_sixteen_clients_for_a_minute_get_their_solo_answers(vllm_server, sessio
 
     url = vllm_server["url"]
     reg = AdapterRegistry(session_home / "registry.duckdb")
-    models = [demo_spec.served_base_name, *demo_spec.adapters,
-              *(f"{n}@{reg.champion(n).version}" for n in demo_spec.adapters)]  # 4 adapter names + base
+    models = [
+        demo_spec.served_base_name,
+        *demo_spec.adapters,
+        *(f"{n}@{reg.champion(n).version}" for n in demo_spec.adapters),
+    ]  # 4 adapter names + base
     jobs = [(m, p) for m in models for p in PROMPTS]
     solo = {job: complete(url, *job) for job in jobs}
     deadline = time.monotonic() + 60
@@ -324,8 +373,11 @@ def test_sixteen_clients_for_a_minute_get_their_solo_answers(vllm_server, sessio
         rng = random.Random(seed)
         while time.monotonic() < deadline:
             model, prompt = rng.choice(jobs)
-            r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 24,
-                                                          "temperature": 0}, timeout=120)
+            r = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0},
+                timeout=120,
+            )
             counts["requests"] += 1
             if r.status_code >= 500:
                 failures.append(f"{model}: {r.status_code} {r.text[:200]}")
@@ -351,10 +403,25 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
     from tests.conftest import DEMO_SPEC, free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", str(DEMO_SPEC), "--home",
-                             str(session_home), "--port", str(port), "--api-key", "client-secret"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ | {"COLUMNS": "200"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestration.cli",
+            "serve",
+            str(DEMO_SPEC),
+            "--home",
+            str(session_home),
+            "--port",
+            str(port),
+            "--api-key",
+            "client-secret",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ | {"COLUMNS": "200"},
+    )
     try:
         lines = []
         deadline = time.monotonic() + 300
@@ -370,8 +437,11 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
         assert httpx.get(models, timeout=30).status_code == 401
         assert httpx.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
         assert httpx.get(models, headers={"Authorization": "Bearer client-secret"}, timeout=30).status_code == 200
-        probe = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
-                           json={"model": "categories@1", "prompt": "hi", "max_tokens": 2})
+        probe = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            timeout=30,
+            json={"model": "categories@1", "prompt": "hi", "max_tokens": 2},
+        )
         assert probe.status_code == 401 and "registry" not in probe.text  # no lookup before the key is checked
         (vllm,) = psutil.Process(proc.pid).children()
         os.kill(vllm.pid, signal.SIGKILL)
@@ -380,8 +450,11 @@ def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path
         assert proc.returncode == 1
         assert "vLLM exited unexpectedly with code -9" in rest, rest
         time.sleep(1)
-        left = [p for p in psutil.process_iter(["pid", "status"])
-                if _pgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE]
+        left = [
+            p
+            for p in psutil.process_iter(["pid", "status"])
+            if _pgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
         assert not left, f"vLLM processes left behind: {left}"
     finally:  # only this test's processes: the session's own server is also a child of this process
         if proc.poll() is None:

@@ -27,8 +27,10 @@ def problems(raw: dict) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize(("spec_file", "base"), [("examples/demo.yaml", "builtin:smollm2-135m-instruct"),
-                                                  ("examples/tiny.yaml", "builtin:tiny")])
+@pytest.mark.parametrize(
+    ("spec_file", "base"),
+    [("examples/demo.yaml", "builtin:smollm2-135m-instruct"), ("examples/tiny.yaml", "builtin:tiny")],
+)
 def test_example_specs_are_valid(spec_file, base):
     spec = load_spec(ROOT / spec_file)
     assert spec.base_model == base
@@ -44,19 +46,25 @@ def test_defaults_follow_lora_practice():
     assert AdapterSpec(dataset="d", r=8, lora_alpha=8).alpha == 8
 
 
-@pytest.mark.parametrize("patch, field, fragment", [
-    ({"adapters": {"a": {"dataset": "d", "r": -1}}}, "adapters.a.r", "-1"),
-    ({"adapters": {"a": {"dataset": "d", "lora_alpha": 0}}}, "adapters.a.lora_alpha", "0"),
-    ({"adapters": {"a": {"dataset": "d", "lora_dropout": 1.5}}}, "adapters.a.lora_dropout", "1.5"),
-    ({"adapters": {"a": {"dataset": "nope"}}}, "adapters.a.dataset", "'nope'"),
-    ({"adapters": {"a": {"dataset": "d", "rank": 8}}}, "adapters.a.rank", "unknown key"),
-    ({"datasets": {"d": {"path": "missing.jsonl"}}}, "datasets.d.path", "missing.jsonl"),
-    ({"datasets": {"d": {"path": "examples/data/sentiment.jsonl", "eval_fraction": 2}}},
-     "datasets.d.eval_fraction", "2"),
-    ({"serving": {"port": 0}}, "serving.port", "0"),
-    ({"base_model": "builtin:huge"}, "base_model", "builtin:huge"),
-    ({"colour": "blue"}, "colour", "unknown key"),
-])
+@pytest.mark.parametrize(
+    "patch, field, fragment",
+    [
+        ({"adapters": {"a": {"dataset": "d", "r": -1}}}, "adapters.a.r", "-1"),
+        ({"adapters": {"a": {"dataset": "d", "lora_alpha": 0}}}, "adapters.a.lora_alpha", "0"),
+        ({"adapters": {"a": {"dataset": "d", "lora_dropout": 1.5}}}, "adapters.a.lora_dropout", "1.5"),
+        ({"adapters": {"a": {"dataset": "nope"}}}, "adapters.a.dataset", "'nope'"),
+        ({"adapters": {"a": {"dataset": "d", "rank": 8}}}, "adapters.a.rank", "unknown key"),
+        ({"datasets": {"d": {"path": "missing.jsonl"}}}, "datasets.d.path", "missing.jsonl"),
+        (
+            {"datasets": {"d": {"path": "examples/data/sentiment.jsonl", "eval_fraction": 2}}},
+            "datasets.d.eval_fraction",
+            "2",
+        ),
+        ({"serving": {"port": 0}}, "serving.port", "0"),
+        ({"base_model": "builtin:huge"}, "base_model", "builtin:huge"),
+        ({"colour": "blue"}, "colour", "unknown key"),
+    ],
+)
 def test_bad_spec_names_field_and_value(patch, field, fragment):
     found = problems({**good_raw(), **patch})
     assert any(p.startswith(field + ":") and fragment in p for p in found), found

@@ -24,10 +24,17 @@ def test_preflight_names_the_field_the_value_and_the_fix(tmp_path, random_base):
 
 def test_pipeline_preflight_collects_every_adapter(tmp_path, random_base):
     (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
-    spec = validate_spec({"base_model": str(random_base), "datasets": {"d": {"path": "d.jsonl"}},
-                          "adapters": {"a": {"dataset": "d", "target_modules": ["c_attn"]},
-                                       "b": {"dataset": "d", "sweep": {"target_modules": [["q_proj"], ["wq"]]}}}},
-                         tmp_path)
+    spec = validate_spec(
+        {
+            "base_model": str(random_base),
+            "datasets": {"d": {"path": "d.jsonl"}},
+            "adapters": {
+                "a": {"dataset": "d", "target_modules": ["c_attn"]},
+                "b": {"dataset": "d", "sweep": {"target_modules": [["q_proj"], ["wq"]]}},
+            },
+        },
+        tmp_path,
+    )
     try:
         Pipeline(spec, tmp_path / "home").preflight()
         raise AssertionError("expected a SpecError")
@@ -55,8 +62,13 @@ def test_packed_batch_gives_the_padded_loss(tmp_path, random_base):
 
     tok = AutoTokenizer.from_pretrained(random_base)
     model = AutoModelForCausalLM.from_pretrained(random_base, dtype=torch.float32).eval()
-    chats = [[{"role": "user", "content": f"question {i} " + "word " * (i % 5)},
-              {"role": "assistant", "content": f"answer {i}"}] for i in range(6)]
+    chats = [
+        [
+            {"role": "user", "content": f"question {i} " + "word " * (i % 5)},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+        for i in range(6)
+    ]
     feats = [tokenize_example(tok, c, 128) for c in chats]
     packer = PackingCollator(tok.pad_token_id, max_len=64, attention_width=float("inf"))  # always pack
     packed = packer([dict(f) for f in feats])
@@ -88,8 +100,9 @@ def test_train_split_is_tokenized_once_and_cached(tmp_path, random_base):
     first, hit1 = tokenized_train_split(tok, base, clean, 64, tmp_path / "tokenized")
     second, hit2 = tokenized_train_split(tok, base, clean, 64, tmp_path / "tokenized")
     assert (hit1, hit2) == (False, True) and first == second and len(first) == clean.rows_train
-    assert first[0] == tokenize_example(tok, __import__("lora_assets.clean", fromlist=["read_split"])
-                                        .read_split(clean, "train")[0]["messages"], 64)
+    assert first[0] == tokenize_example(
+        tok, __import__("lora_assets.clean", fromlist=["read_split"]).read_split(clean, "train")[0]["messages"], 64
+    )
     _, other = tokenized_train_split(tok, base, clean, 32, tmp_path / "tokenized")
     assert other is False  # another max_seq_len is another key
 
@@ -112,8 +125,13 @@ def test_packing_width_weighs_attention_against_padding():
     from lora_assets.train import PackingCollator, attention_width
 
     feats = [{"input_ids": [7] * n, "labels": [7] * n} for n in (45, 50, 47, 52, 44, 49, 51, 48)]
-    smollm2 = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-               "intermediate_size": 1536}
+    smollm2 = {
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+    }
     assert attention_width(smollm2) == 1536
     assert PackingCollator(0, 512, attention_width(smollm2))(feats)["input_ids"].shape == (8, 52)
     assert PackingCollator(0, 512, float("inf"))(feats)["input_ids"].shape == (1, 386)

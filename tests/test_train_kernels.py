@@ -14,11 +14,21 @@ def _tiny_lora_model(vocab: int = 300, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+        )
+    )
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                             init_lora_weights=False))  # non-zero B: every LoRA weight gets a grad
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    )  # non-zero B: every LoRA weight gets a grad
     return model
 
 
@@ -27,7 +37,7 @@ def _features(vocab: int = 300) -> list[dict]:
     feats = []
     for n in (7, 12, 5, 20):
         ids = torch.randint(0, vocab, (n,), generator=g).tolist()
-        labels = [-100] * (n // 2) + ids[n // 2:]  # a prompt, then a labelled answer
+        labels = [-100] * (n // 2) + ids[n // 2 :]  # a prompt, then a labelled answer
         feats.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * n})
     return feats
 
@@ -38,9 +48,11 @@ def _batch(vocab: int = 300, packed: bool = True) -> dict:
         return PackingCollator(pad_id=0, max_len=32, attention_width=float("inf"))(feats)
     width = max(len(f["input_ids"]) for f in feats)
     pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
-    return {"input_ids": torch.tensor(pad([f["input_ids"] for f in feats], 0)),
-            "labels": torch.tensor(pad([f["labels"] for f in feats], -100)),
-            "attention_mask": torch.tensor(pad([f["attention_mask"] for f in feats], 0))}
+    return {
+        "input_ids": torch.tensor(pad([f["input_ids"] for f in feats], 0)),
+        "labels": torch.tensor(pad([f["labels"] for f in feats], -100)),
+        "attention_mask": torch.tensor(pad([f["attention_mask"] for f in feats], 0)),
+    }
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -88,9 +100,18 @@ def test_trainer_step_uses_the_supervised_loss(tmp_path):
     collate = PackingCollator(pad_id=0, max_len=64)
     with torch.no_grad():
         want = float(model(**collate([dict(f) for f in feats])).loss)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(feats), max_steps=1,
-                             learning_rate=0.0, report_to="none", use_cpu=True, save_strategy="no",
-                             remove_unused_columns=False, disable_tqdm=True, logging_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(feats),
+        max_steps=1,
+        learning_rate=0.0,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     trainer = make_trainer(model=model, args=args, train_dataset=feats, data_collator=collate)
     out = trainer.train()
     # The Trainer's one batch holds the same four examples (shuffled), packed the same way: the same loss.
@@ -114,9 +135,12 @@ def test_bits_dropout_replaces_every_lora_dropout():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                                        num_hidden_layers=2, num_attention_heads=2)),
-                           LoraConfig(r=2, lora_dropout=0.1, target_modules="all-linear"))
+    model = get_peft_model(
+        LlamaForCausalLM(
+            LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+        ),
+        LoraConfig(r=2, lora_dropout=0.1, target_modules="all-linear"),
+    )
     assert use_bits_dropout(model) == 2 * 7
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
 

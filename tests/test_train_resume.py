@@ -29,8 +29,9 @@ def make_data(tmp_path: Path, base: Path):
     rows = [{"prompt": f"item {i}: what comes after {i}?", "completion": f"{i + 1}"} for i in range(400)]
     src = tmp_path / "d.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return clean_dataset("d", DatasetSpec(path="d.jsonl"), src, tmp_path / "datasets",
-                         AutoTokenizer.from_pretrained(base))
+    return clean_dataset(
+        "d", DatasetSpec(path="d.jsonl"), src, tmp_path / "datasets", AutoTokenizer.from_pretrained(base)
+    )
 
 
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, random_base):
@@ -41,9 +42,11 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, r
     ckpts = killed_root / "a" / (run_key(RESUME_SPEC, base, clean) + ".tmp") / "checkpoints"
 
     worker = Path(__file__).with_name("train_worker.py")
-    proc = subprocess.Popen([sys.executable, str(worker), str(random_base), str(tmp_path / "datasets"),
-                             str(killed_root)], stdout=subprocess.DEVNULL,
-                            stderr=(tmp_path / "worker.log").open("w"))
+    proc = subprocess.Popen(
+        [sys.executable, str(worker), str(random_base), str(tmp_path / "datasets"), str(killed_root)],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "worker.log").open("w"),
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -51,8 +54,9 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, r
             if ckpt is not None and int(ckpt.name.split("-")[1]) >= 10:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, ("the worker ended before it could be killed:\n"
-                                     + (tmp_path / "worker.log").read_text()[-3000:])
+        assert proc.poll() is None, (
+            "the worker ended before it could be killed:\n" + (tmp_path / "worker.log").read_text()[-3000:]
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:

@@ -32,18 +32,38 @@ def dagster_dev(vllm_server, served_spec, session_home, tmp_path_factory):
     work = tmp_path_factory.mktemp("dagster-dev")
     demo = (ROOT / "examples" / "tiny.yaml").read_text()
     spec_file = work / "demo.yaml"
-    spec_file.write_text(demo.replace("path: data/", f"path: {ROOT / 'examples' / 'data'}/")
-                         .replace("port: 8000", f"port: {served_spec.serving.port}"))
+    spec_file.write_text(
+        demo.replace("path: data/", f"path: {ROOT / 'examples' / 'data'}/").replace(
+            "port: 8000", f"port: {served_spec.serving.port}"
+        )
+    )
     dagster_home = work / "dagster_home"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     port = free_port()
-    env = os.environ | {"LORAFOUNDRY_SPEC": str(spec_file), "LORAFOUNDRY_HOME": str(session_home),
-                        "DAGSTER_HOME": str(dagster_home)}
+    env = os.environ | {
+        "LORAFOUNDRY_SPEC": str(spec_file),
+        "LORAFOUNDRY_HOME": str(session_home),
+        "DAGSTER_HOME": str(dagster_home),
+    }
     log = (work / "dagster-dev.log").open("wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h",
-                             "127.0.0.1", "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -96,9 +116,18 @@ def _check_product(session_home: Path, served_spec) -> None:
     client = OpenAI(base_url=f"{state['url']}/v1", api_key="unused")
     ids = {m.id for m in client.models.list()}
     assert set(served_spec.adapters) <= ids
-    reply = client.chat.completions.create(model="sentiment", max_tokens=8, temperature=0, messages=[
-        {"role": "user", "content": "Review: the soup was delicious and the staff was kind.\n"
-                                    "Is this review positive or negative?"}])
+    reply = client.chat.completions.create(
+        model="sentiment",
+        max_tokens=8,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": "Review: the soup was delicious and the staff was kind.\n"
+                "Is this review positive or negative?",
+            }
+        ],
+    )
     assert reply.choices[0].message.content.strip() == "positive"
 
 
@@ -107,9 +136,23 @@ class WebDriver:
 
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                                         "--disable-dev-shm-usage", "--window-size=1600,1000"]}}}}
+        caps = {
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {
+                        "binary": CHROMIUM,
+                        "args": [
+                            "--headless=new",
+                            "--no-sandbox",
+                            "--disable-gpu",
+                            "--disable-dev-shm-usage",
+                            "--window-size=1600,1000",
+                        ],
+                    },
+                }
+            }
+        }
         r = httpx.post(f"{self.base}/session", json=caps, timeout=120)
         r.raise_for_status()
         self.session = f"{self.base}/session/{r.json()['value']['sessionId']}"
@@ -149,14 +192,16 @@ class WebDriver:
         httpx.delete(self.session, timeout=60)
 
 
-@pytest.mark.skipif(not (CHROMEDRIVER and CHROMIUM), reason="needs Debian's chromium and chromium-driver "
-                    "(`make test` installs them)")
+@pytest.mark.skipif(
+    not (CHROMEDRIVER and CHROMIUM), reason="needs Debian's chromium and chromium-driver (`make test` installs them)"
+)
 def test_materialize_everything_from_the_browser(dagster_dev, session_home, served_spec):
     url, work = dagster_dev
     known = {r["runId"] for r in _runs(url)}
     port = free_port()
-    driver_proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+    driver_proc = subprocess.Popen(
+        [CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         for _ in range(60):
             try:
