@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import glob as globlib
 import itertools
+import math
 import re
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lora_assets.base_model import BUILTIN_MODELS
 
@@ -25,9 +28,29 @@ _NAME_RE = re.compile(NAME_PATTERN)
 
 Metric = Literal["exact_match", "contains", "chrf", "eval_loss", "perplexity"]
 
+#: vLLM's largest --max-lora-rank (the last of serving.launch.VLLM_LORA_RANKS): a larger r could never be served.
+MAX_LORA_RANK = 512
+#: The largest lora_alpha, as an integer (16 * MAX_LORA_RANK) and as a multiple of r (`16r`).
+MAX_LORA_ALPHA = 16 * MAX_LORA_RANK
+MAX_ALPHA_MULTIPLE = 16
+#: The longest token count any length field takes (2**20): far beyond the context of any model served here.
+MAX_TOKENS = 1_048_576
+#: Steps, rows: counts that large are typos (or `1e26`), never a run that could finish.
+MAX_STEPS = 10_000_000
+MAX_ROWS = 100_000_000
+#: Grid points one sweep may expand to; each is a full training run.
+MAX_SWEEP_POINTS = 1024
+#: Values that all aliases (`*name`) in one spec file may expand to together: a kilobyte of nested anchors
+#: otherwise expands to billions of values, and reading the file alone takes all memory.
+MAX_ALIAS_VALUES = 1000
+#: Deepest nesting a spec file may have (a real spec is about five levels deep); deeper, YAML's reader recurses
+#: past Python's stack.
+MAX_YAML_DEPTH = 32
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity and NaN are never a setting: `learning_rate: .inf` would train with lr=inf.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
@@ -45,6 +68,7 @@ class DatasetSpec(_Strict):
     max_tokens: int = Field(
         512,
         gt=0,
+        le=MAX_TOKENS,
         description="Rows longer than this many tokens (chat template applied) are quarantined, never truncated.",
     )
     pii: Literal["redact", "quarantine", "off"] = Field(
@@ -62,6 +86,7 @@ class DatasetSpec(_Strict):
     min_train_rows: int = Field(
         1,
         gt=0,
+        le=MAX_ROWS,
         description="The blocking check on the clean asset fails (and training does not start) when "
         "fewer train rows remain.",
     )
@@ -73,10 +98,12 @@ class GateSpec(_Strict):
     metric: Metric = Field(description="The eval metric the gate reads.")
     min_gain: float | None = Field(
         None,
+        ge=-1e6,
+        le=1e6,
         description="Adapter must beat the base by at least this much (for eval_loss: lower by at least this much).",
     )
     min_value: float | None = Field(
-        None, description="Adapter's metric must reach this value (for eval_loss: at most this value)."
+        None, ge=-1e6, le=1e6, description="Adapter's metric must reach this value (for eval_loss: at most this value)."
     )
 
     @model_validator(mode="after")
@@ -95,11 +122,17 @@ class AdapterSpec(_Strict):
         description="`lora` (bf16 base), `qlora` (4-bit NF4 base, double quant), or `auto`: QLoRA only "
         "when the bf16 weights and training state do not fit the memory budget.",
     )
-    r: int = Field(16, description="LoRA rank.")
+    r: int = Field(
+        16,
+        ge=1,
+        le=MAX_LORA_RANK,
+        examples=[8, 16, 64],
+        description=f"LoRA rank, 1 to {MAX_LORA_RANK} (vLLM's largest --max-lora-rank).",
+    )
     lora_alpha: int | str | None = Field(
         None,
-        description="LoRA scaling numerator: an integer, or a multiple of r written `r`, `2r`, `4r` (handy in "
-        "sweeps over r); default 2r.",
+        description=f"LoRA scaling numerator: an integer up to {MAX_LORA_ALPHA}, or a multiple of r written `r`, "
+        f"`2r`, ... `{MAX_ALPHA_MULTIPLE}r` (handy in sweeps over r); default 2r.",
     )
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
@@ -107,12 +140,14 @@ class AdapterSpec(_Strict):
         "(for Llama: q, k, v, o, gate, up, down).",
     )
     lora_dropout: float = Field(0.05, description="Dropout on the LoRA input, in [0, 1).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1, examples=[2e-4, 1e-3], description="Peak learning rate (AdamW), above 0 and at most 1."
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the epoch spent warming up.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="Learning-rate schedule.")
-    batch_size: int = Field(8, gt=0, description="Examples per optimizer step (per device).")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per step.")
-    max_seq_len: int = Field(512, gt=0, description="Training sequence length cap in tokens.")
+    batch_size: int = Field(8, gt=0, le=4096, description="Examples per optimizer step (per device).")
+    gradient_accumulation_steps: int = Field(1, gt=0, le=1024, description="Micro-batches accumulated per step.")
+    max_seq_len: int = Field(512, gt=0, le=MAX_TOKENS, description="Training sequence length cap in tokens.")
     packing: bool = Field(
         True,
         description="Pack each batch's examples into as few rows of max_seq_len as fit, "
@@ -121,17 +156,19 @@ class AdapterSpec(_Strict):
     max_steps: int | None = Field(
         None,
         gt=0,
+        le=MAX_STEPS,
         description="Smoke runs only: stop after this many steps "
         "(recorded in the manifest). Omit for the full single epoch.",
     )
-    seed: int = Field(0, description="Seed for LoRA init and data order.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for LoRA init and data order (0 to 2**32 - 1).")
     checkpoint_every: int | None = Field(
         None,
         gt=0,
+        le=MAX_STEPS,
         description="Save a resumable checkpoint every this many optimizer steps; default about a "
         "tenth of the epoch. A run killed and started again resumes from the last complete one.",
     )
-    max_eval_rows: int = Field(200, gt=0, description="Evaluate on at most this many held-out rows.")
+    max_eval_rows: int = Field(200, gt=0, le=MAX_ROWS, description="Evaluate on at most this many held-out rows.")
     gate: GateSpec | None = Field(
         None,
         description="Optional quality gate, enforced by a blocking asset check; an "
@@ -162,24 +199,23 @@ class AdapterSpec(_Strict):
                     )
         return data
 
-    @field_validator("r")
-    @classmethod
-    def _r_positive(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("r must be a positive integer. Fix: use a rank such as 8, 16 or 64")
-        return v
-
     @field_validator("lora_alpha")
     @classmethod
     def _alpha_positive(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, str):
-            if not re.fullmatch(r"[1-9][0-9]*r|r", v.strip()):
+            if not re.fullmatch(r"[1-9][0-9]{0,5}r|r", v.strip()):
                 raise ValueError(
-                    f"lora_alpha {v!r} is neither an integer nor a multiple of r. Fix: write e.g. 32, `r` or `2r`"
+                    f"lora_alpha {_short(v)} is neither an integer nor a multiple of r. Fix: write e.g. 32, `r` or `2r`"
+                )
+            if int(v.strip()[:-1] or 1) > MAX_ALPHA_MULTIPLE:
+                raise ValueError(
+                    f"lora_alpha {v.strip()!r} is more than {MAX_ALPHA_MULTIPLE} times r. Fix: use `r`, `2r` or `4r`"
                 )
             return v.strip()
         if v is not None and v <= 0:
             raise ValueError("lora_alpha must be positive. Fix: omit it (default 2r) or set a positive integer")
+        if v is not None and v > MAX_LORA_ALPHA:
+            raise ValueError(f"lora_alpha is above {MAX_LORA_ALPHA:,}. Fix: omit it (default 2r) or use e.g. 32")
         return v
 
     @field_validator("lora_dropout")
@@ -208,6 +244,17 @@ class AdapterSpec(_Strict):
         empty = sorted(k for k, vals in v.items() if not vals)
         if empty:
             raise ValueError(f"sweep values for {empty} are empty lists: give at least one value")
+        points = math.prod(len(vals) for vals in v.values())
+        if points > MAX_SWEEP_POINTS:
+            raise ValueError(
+                f"the sweep is a grid of {points:,} points, each a training run; at most {MAX_SWEEP_POINTS:,} are "
+                "allowed. Fix: sweep fewer values"
+            )
+        problems = [
+            p for key in sorted(v) for i, value in enumerate(v[key]) for p in _sweep_value_problems(key, i, value)
+        ]
+        if problems:
+            raise PydanticCustomError("sweep_values", "bad sweep values", {"problems": problems})
         return v
 
     @property
@@ -243,11 +290,11 @@ class ServingSpec(_Strict):
 
     host: str = Field("127.0.0.1", description="Address vLLM binds to.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of the OpenAI-compatible endpoint.")
-    max_loras: int = Field(4, gt=0, description="Adapters that can share one batch (vLLM --max-loras).")
+    max_loras: int = Field(4, gt=0, le=256, description="Adapters that can share one batch (vLLM --max-loras).")
     tensor_parallel_size: int = Field(
-        1, gt=0, description="GPUs one server shards the model over (vLLM --tensor-parallel-size); 1 on CPU."
+        1, gt=0, le=64, description="GPUs one server shards the model over (vLLM --tensor-parallel-size); 1 on CPU."
     )
-    max_model_len: int = Field(512, gt=0, description="Longest prompt + completion in tokens.")
+    max_model_len: int = Field(512, gt=0, le=MAX_TOKENS, description="Longest prompt + completion in tokens.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="Weight dtype vLLM serves (and evaluation uses); `auto`: bfloat16 where the hardware "
@@ -256,8 +303,8 @@ class ServingSpec(_Strict):
     base_model_name: str | None = Field(
         None, description="Served model name of the base; default derived from `base_model`."
     )
-    kv_cache_gib: int = Field(1, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    startup_timeout_s: int = Field(300, gt=0, description="How long to wait for the server to answer.")
+    kv_cache_gib: int = Field(1, gt=0, le=4096, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    startup_timeout_s: int = Field(300, gt=0, le=86_400, description="How long to wait for the server to answer.")
 
 
 class PipelineSpec(_Strict):
@@ -298,29 +345,89 @@ class SpecError(ValueError):
 
 
 def _loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
+    return ".".join(_key(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
 
 
-def _describe(err: dict, model: type[BaseModel]) -> str:
+def _key(part: Any) -> str:
+    """One part of a field path: a key as written, cut short (keys are names, not documents)."""
+    text = str(part)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+#: Error types of a number out of its field's bounds or not a number of its kind: their messages get the bounds.
+_NUMBER_ERRORS = {
+    "int_type",
+    "int_parsing",
+    "int_parsing_size",
+    "int_from_float",
+    "float_type",
+    "float_parsing",
+    "finite_number",
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+}
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 2, 4, 4, 60, 40, 60
+
+
+def _short(value: Any) -> str:
+    """repr() of a value from a spec, cut short: a list of a million items, or a megabyte string, prints in a line."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _describe(err: dict, model: type[BaseModel], path: str | None = None) -> list[str]:
+    """The problems one pydantic error stands for, each "field.path: message (got value). Fix: ..."."""
     loc = tuple(p for p in err["loc"] if not isinstance(p, str) or "[" not in p)
-    path = _loc(loc)
-    value = err.get("input")
+    path = path or _loc(loc)
+    value = _short(err.get("input"))
+    if err["type"] == "sweep_values":
+        return [f"{path}.{problem}" for problem in err["ctx"]["problems"]]
     if err["type"] == "extra_forbidden":
         parent = _fields_at(model, loc[:-1])
         allowed = f"; allowed keys here: {', '.join(parent)}" if parent else ""
-        return f"{path}: unknown key {loc[-1]!r} (value {value!r}){allowed}. Fix: remove it or correct its spelling."
+        return [
+            f"{path}: unknown key {_short(loc[-1])} (value {value}){allowed}. Fix: remove it or correct its spelling."
+        ]
     if err["type"] == "missing":
-        return f"{path}: required key is missing. Fix: add `{loc[-1]}`."
+        return [f"{path}: required key is missing. Fix: add `{loc[-1]}`."]
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {msg} (got {value!r})."
+    fix = _number_fix(model, loc) if err["type"] in _NUMBER_ERRORS and loc else ""
+    return [f"{path}: {msg} (got {value}).{fix}"]
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model found by walking ``loc`` (dict keys are skipped)."""
-    current: Any = model
+def _number_fix(model: type[BaseModel], loc: tuple) -> str:
+    """The fix a number error gets from its field's bounds, e.g. " Fix: use a whole number from 1 to 512, e.g. 8,
+    16 or 64."; empty for a field without bounds."""
+    field = _model_at(model, loc[:-1]).model_fields.get(str(loc[-1]))
+    if field is None:
+        return ""
+    bounds = {key: getattr(m, key) for m in field.metadata for key in ("gt", "ge", "lt", "le") if hasattr(m, key)}
+    if not bounds:
+        return ""
+    args = get_args(field.annotation) or (field.annotation,)
+    kind = "whole number" if int in args and float not in args else "number"
+    if "ge" in bounds and "le" in bounds:
+        span = f"from {_number(bounds['ge'])} to {_number(bounds['le'])}"
+    else:
+        words = {"gt": "above", "ge": "at least", "lt": "below", "le": "at most"}
+        span = " and ".join(f"{words[key]} {_number(bound)}" for key, bound in bounds.items())
+    examples = [_number(x) for x in field.examples or []]
+    such_as = f", e.g. {', '.join(examples[:-1])} or {examples[-1]}" if len(examples) > 1 else ""
+    return f" Fix: use a {kind} {span}{such_as}."
+
+
+def _number(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The model found by walking ``loc`` from ``model`` (dict keys and list indexes are skipped)."""
+    current = model
     for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
         field = current.model_fields.get(str(part))
         if field is None:
             continue  # a dict key such as a dataset name
@@ -332,8 +439,20 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             for inner in getattr(candidate, "__args__", ()):
                 if isinstance(inner, type) and issubclass(inner, BaseModel):
                     current = inner
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return [n for n in current.model_fields if n != "spec_dir"]
+    return current
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model found by walking ``loc`` (dict keys are skipped)."""
+    return [n for n in _model_at(model, loc).model_fields if n != "spec_dir"]
+
+
+def _sweep_value_problems(key: str, index: int, value: Any) -> list[str]:
+    """Problems of one sweep value, checked as the setting it stands for, each named `<key>.<index>`."""
+    try:
+        AdapterSpec.model_validate({"dataset": "_", key: value})
+    except ValidationError as e:
+        return [p for err in e.errors() for p in _describe(err, AdapterSpec, path=f"{key}.{index}")]
     return []
 
 
@@ -350,7 +469,7 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
         for name in names:
             if not _NAME_RE.match(str(name)):
                 problems.append(
-                    f"{section}.{name}: name {name!r} is not allowed. Fix: use 1-64 characters from "
+                    f"{section}.{_key(name)}: name {_short(name)} is not allowed. Fix: use 1-64 characters from "
                     "letters, digits, '.', '_', '-', starting with a letter or digit."
                 )
     for name, ds in datasets.items():
@@ -360,18 +479,18 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
             is_glob = any(ch in ds["path"] for ch in "*?[")
             if is_glob and not any(Path(f).is_file() for f in globlib.glob(str(p), recursive=True)):
                 problems.append(
-                    f"datasets.{name}.path: the glob {ds['path']!r} matches no file (looked in "
+                    f"datasets.{_key(name)}.path: the glob {_short(ds['path'])} matches no file (looked in "
                     f"{p.parent}). Fix: correct the pattern, relative to the spec file."
                 )
             elif not is_glob and not p.is_file():
                 problems.append(
-                    f"datasets.{name}.path: file {ds['path']!r} does not exist (looked at {p}). "
+                    f"datasets.{_key(name)}.path: file {_short(ds['path'])} does not exist (looked at {p}). "
                     "Fix: give a path relative to the spec file or an absolute path."
                 )
     for name, ad in adapters.items():
         if isinstance(ad, dict) and isinstance(ad.get("dataset"), str) and ad["dataset"] not in datasets:
             problems.append(
-                f"adapters.{name}.dataset: {ad['dataset']!r} is not a declared dataset. Fix: use one "
+                f"adapters.{_key(name)}.dataset: {_short(ad['dataset'])} is not a declared dataset. Fix: use one "
                 f"of {sorted(datasets)} or declare it under `datasets`."
             )
     base = raw.get("base_model")
@@ -379,7 +498,7 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
         if base.startswith("builtin:") and base.split(":", 1)[1] not in BUILTIN_MODELS:
             names = ", ".join(f"`builtin:{n}`" for n in BUILTIN_MODELS)
             problems.append(
-                f"base_model: {base!r} is not a built-in model. Fix: use one of {names}, a local "
+                f"base_model: {_short(base)} is not a built-in model. Fix: use one of {names}, a local "
                 "model dir, or a hub id in your local HF cache."
             )
         elif not base.startswith("builtin:"):
@@ -387,7 +506,7 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
             looks_local = base.startswith((".", "/", "~")) or local.exists()
             if looks_local and not (local / "config.json").exists():
                 problems.append(
-                    f"base_model: {base!r} is not a Hugging Face model dir (no config.json in "
+                    f"base_model: {_short(base)} is not a Hugging Face model dir (no config.json in "
                     f"{local}). Fix: point it at a dir written by save_pretrained."
                 )
     return problems
@@ -404,11 +523,154 @@ def validate_spec(raw: Any, spec_dir: Path = Path("."), source: str = "spec") ->
     try:
         spec = PipelineSpec.model_validate({**raw, "spec_dir": spec_dir})
     except ValidationError as e:
-        problems = [_describe(err, PipelineSpec) for err in e.errors()] + problems
+        problems = [p for err in e.errors() for p in _describe(err, PipelineSpec)] + problems
     if problems:
         raise SpecError(problems, source)
     assert spec is not None
     return spec
+
+
+class _RefusedYAML(Exception):
+    """A spec file refused while it is read, before any Python value is built; the message is the problem."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses, while composing and so before expanding anything, aliases that would
+    expand the file past ``MAX_ALIAS_VALUES`` values (a YAML anchor bomb), aliases inside the collection they
+    name, nesting deeper than ``MAX_YAML_DEPTH``, and integers too long to convert."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._path: list[str] = []  # keys and indexes from the top to the node being composed
+        self._open_anchors: set[str] = set()  # anchors of collections still being composed
+        self._sizes: dict[int, int] = {}  # id(node) -> values it expands to
+        self._alias_values = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if parent is not None:
+            label = "(key)" if index is None else str(index)  # None: composing a key, not a value
+            self._path.append(_key(index.value) if isinstance(index, yaml.ScalarNode) else label)
+        if len(self._path) > MAX_YAML_DEPTH:
+            raise _RefusedYAML(
+                f"{self._where()}: nested more than {MAX_YAML_DEPTH} levels deep (line "
+                f"{self.peek_event().start_mark.line + 1}). Fix: a spec is a few levels deep; remove the extra nesting."
+            )
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self.anchors:
+            self._charge_alias(event)
+        opens = isinstance(event, yaml.CollectionStartEvent) and event.anchor is not None
+        if opens:
+            self._open_anchors.add(event.anchor)
+        node = super().compose_node(parent, index)
+        if opens:
+            self._open_anchors.discard(event.anchor)
+        if parent is not None:
+            self._path.pop()
+        return node
+
+    def _where(self) -> str:
+        return ".".join(self._path) or "(top level)"
+
+    def _charge_alias(self, event: yaml.AliasEvent) -> None:
+        """Count the values an alias expands to; refuse it when all aliases so far pass the bound."""
+        where = f"{self._where()}: alias *{_key(event.anchor)} (line {event.start_mark.line + 1})"
+        if event.anchor in self._open_anchors:
+            raise _RefusedYAML(
+                f"{where} sits inside the value it names, a value that never ends. Fix: remove the alias."
+            )
+        size = _expanded_size(self.anchors[event.anchor], self._sizes)
+        self._alias_values += size
+        if self._alias_values > MAX_ALIAS_VALUES:
+            shown = f"{size:,}" if size < 10**12 else "more than 10**12"
+            raise _RefusedYAML(
+                f"{where} expands to {shown} values, and all aliases in the file to more than "
+                f"{MAX_ALIAS_VALUES:,}: refused without expanding it (a YAML anchor bomb). "
+                "Fix: write the values out, or alias only small values."
+            )
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to convert integers of more than 4,300 digits
+            raise _RefusedYAML(
+                f"(file): line {node.start_mark.line + 1}: an integer of {len(node.value):,} characters. "
+                "Fix: write a number of a sensible size."
+            ) from None
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values (scalars and collections) ``node`` stands for once every alias in it is expanded."""
+    if id(node) not in sizes:
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _duplicate_keys(node: yaml.Node, path: str = "", seen: set[int] | None = None) -> list[str]:
+    """A problem for each key repeated in one mapping (YAML would keep the last one without a word)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an aliased node: checked where its anchor is
+        return []
+    seen.add(id(node))
+    problems = []
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}.{i}" if path else str(i), item) for i, item in enumerate(node.value)]
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = _key(key.value) if isinstance(key, yaml.ScalarNode) else "(key)"
+            child = f"{path}.{name}" if path else name
+            children.append((child, value))
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be followed by keys that override the merged ones
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first_line:
+                problems.append(
+                    f"{child}: key {_short(key.value)} appears twice in one mapping, on lines "
+                    f"{first_line[key.tag, key.value]} and {line}; YAML would silently keep the last. "
+                    "Fix: delete one of them."
+                )
+            else:
+                first_line[key.tag, key.value] = line
+    for child, value in children:
+        problems += _duplicate_keys(value, child, seen)
+    return problems
+
+
+def parse_spec_yaml(text: str, source: str = "spec") -> Any:
+    """``yaml.safe_load``, hardened for spec files: refuses anchor bombs, recursive aliases, deep nesting and
+    over-long integers before expanding anything, and duplicate keys, each named with its line.
+
+    Args:
+        text: the YAML text of one spec file.
+        source: how errors name the file.
+
+    Raises:
+        SpecError: listing every duplicate key, or the one alias, depth or YAML syntax problem found.
+    """
+    loader = _SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems = _duplicate_keys(node)
+        if problems:
+            raise SpecError(problems, source)
+        return loader.construct_document(node)
+    except _RefusedYAML as e:
+        raise SpecError([str(e)], source) from None
+    except yaml.YAMLError as e:
+        raise SpecError([f"(file): not valid YAML: {e}"], source) from e
+    finally:
+        loader.dispose()
 
 
 def load_spec(path: str | Path) -> PipelineSpec:
@@ -419,8 +681,5 @@ def load_spec(path: str | Path) -> PipelineSpec:
             [f"spec file {str(path)!r} does not exist. Fix: pass the path of a YAML spec, e.g. examples/demo.yaml."],
             str(path),
         )
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SpecError([f"(file): not valid YAML: {e}"], str(path)) from e
+    raw = parse_spec_yaml(path.read_text(encoding="utf-8"), str(path))
     return validate_spec(raw, path.resolve().parent, str(path))
