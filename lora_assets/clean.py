@@ -5,9 +5,14 @@ reason and source reference ``file:line``), and ``report.json`` keeps the counts
 ``rows_in == rows_train + rows_eval + rows_quarantined``.
 
 Rules, in the order they are applied (a row gets the first reason that fits):
-invalid_utf8, blank_line, invalid_json, not_an_object, missing_fields, wrong_type, empty_conversation,
+invalid_utf8, blank_line, invalid_csv, invalid_json, not_an_object, missing_fields, wrong_type, empty_conversation,
 unknown_role, empty_prompt, empty_response, no_user_turn, no_final_assistant_turn, consecutive_same_role,
 pii (with ``pii: quarantine``), too_long, duplicate, near_duplicate.
+
+Input: JSON Lines, a JSON array, CSV and Parquet. A UTF-8 byte-order mark is dropped; UTF-16 and UTF-32 text with
+a byte-order mark is decoded (without one, the error says what it looks like). CSV is parsed record by record, so a
+record that does not parse (a quote left open) is quarantined as ``invalid_csv`` and the rest is kept. In a glob, a
+wildcard never enters a symlinked directory.
 
 Text is normalized before any comparison: Unicode NFC, CRLF to LF, control characters removed, Unicode spaces
 to plain spaces, trailing spaces on each line removed, runs of blank lines collapsed, ends trimmed. Indentation
@@ -20,12 +25,16 @@ train is moved to train (no leakage).
 
 from __future__ import annotations
 
-import glob as globlib
+import codecs
+import csv
+import errno
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,11 +44,12 @@ from pydantic import BaseModel, ConfigDict
 
 from lora_assets.spec import DatasetSpec
 
-CLEANER_VERSION = 3
+CLEANER_VERSION = 4
 
 REASONS = [
     "invalid_utf8",
     "blank_line",
+    "invalid_csv",
     "invalid_json",
     "not_an_object",
     "missing_fields",
@@ -90,10 +100,15 @@ _FORMATS: dict[str, tuple[str, str]] = {
         "AND trim(j->>'$.input') <> '' AND json_type(j->'$.instruction') = 'VARCHAR' "
         "THEN to_json(concat(j->>'$.instruction', chr(10), chr(10), j->>'$.input')) ELSE j->'$.instruction' END}, "
         f"{{'role': {_ROLE.format('assistant')}, 'content': j->'$.output'}}])",
+        # only strings are text: a number, object or list in a text field is wrong_type, never turned into text
         "CASE WHEN (j->'$.instruction') IS NULL OR (j->'$.output') IS NULL THEN 'missing_fields' "
-        "WHEN coalesce(json_type(j->'$.input'), 'NULL') NOT IN ('NULL', 'VARCHAR') "
+        "WHEN json_type(j->'$.instruction') <> 'VARCHAR' OR json_type(j->'$.output') <> 'VARCHAR' "
+        "OR coalesce(json_type(j->'$.input'), 'NULL') NOT IN ('NULL', 'VARCHAR') "
         "OR coalesce(json_type(j->'$.history'), 'NULL') NOT IN ('NULL', 'ARRAY') "
-        "OR coalesce(json_type(j->'$.system'), 'NULL') NOT IN ('NULL', 'VARCHAR') THEN 'wrong_type' END",
+        "OR coalesce(json_type(j->'$.system'), 'NULL') NOT IN ('NULL', 'VARCHAR') THEN 'wrong_type' "
+        "WHEN json_type(j->'$.history') = 'ARRAY' AND NOT coalesce(list_bool_and(list_transform("
+        "json_extract(j, '$.history[*]'), lambda h: json_type(h) = 'ARRAY' AND json_array_length(h) = 2 "
+        "AND json_type(h->'$[0]') = 'VARCHAR' AND json_type(h->'$[1]') = 'VARCHAR')), true) THEN 'wrong_type' END",
     ),
     "prompt_completion": (
         f"[{{'role': {_ROLE.format('user')}, 'content': j->'$.prompt'}}, "
@@ -142,6 +157,7 @@ class SourceFile(BaseModel):
     format: str
     format_reason: str
     rows: int
+    encoding: str = "UTF-8"
 
 
 class CleanReport(BaseModel):
@@ -171,11 +187,99 @@ class CleanError(ValueError):
 
 
 def resolve_sources(pattern: str | Path) -> list[Path]:
-    """The files a dataset path names: the file itself, or every match of a glob (sorted)."""
+    """The files a dataset path names: the file itself, or every match of a glob (sorted).
+
+    A wildcard never enters a symlinked directory (``up -> ..`` would take ``**`` out of the tree, and round a
+    loop); a symlinked file, or a symlinked directory written out in the pattern, is followed.
+    """
     p = str(pattern)
-    if any(ch in p for ch in "*?["):
-        return sorted(Path(f) for f in globlib.glob(p, recursive=True) if Path(f).is_file())
+    if _has_magic(p):
+        return sorted(set(_glob_files(p)[0]))
     return [Path(p)] if Path(p).is_file() else []
+
+
+def _has_magic(part: str) -> bool:
+    return any(ch in part for ch in "*?[")
+
+
+def _glob_files(pattern: str) -> tuple[list[Path], list[Path]]:
+    """Files matching a glob (``**``: zero or more directories), and the symlinked directories not entered."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if _has_magic(part))
+    root = Path(*parts[:first]) if first else Path()
+    files: list[Path] = []
+    skipped: list[Path] = []
+
+    def entries(d: Path, name_pattern: str) -> list[os.DirEntry]:
+        try:
+            with os.scandir(d) as it:  # names starting with '.' only when the pattern asks for them, as glob
+                return [
+                    e
+                    for e in it
+                    if (name_pattern.startswith(".") or not e.name.startswith("."))
+                    and fnmatch.fnmatchcase(e.name, name_pattern)
+                ]
+        except OSError:  # unreadable or vanished: no match, as glob
+            return []
+
+    def subdir(e: os.DirEntry) -> bool:
+        if e.is_symlink() and e.is_dir():
+            skipped.append(Path(e.path))
+            return False
+        return e.is_dir(follow_symlinks=False)
+
+    def walk(d: Path, rest: tuple[str, ...]) -> None:
+        head, tail = rest[0], rest[1:]
+        if head == "**":
+            dirs = [d]
+            for here in dirs:  # every real directory below d, breadth first
+                dirs += [Path(e.path) for e in entries(here, "*") if subdir(e)]
+            for here in dirs:
+                if tail:
+                    walk(here, tail)
+                else:
+                    files.extend(Path(e.path) for e in entries(here, "*") if e.is_file())
+        elif not _has_magic(head):  # a name written out in the pattern is followed, symlink or not
+            if tail and (d / head).is_dir():
+                walk(d / head, tail)
+            elif not tail and (d / head).is_file():
+                files.append(d / head)
+        else:
+            for e in entries(d, head):
+                if tail and subdir(e):
+                    walk(Path(e.path), tail)
+                elif not tail and e.is_file():
+                    files.append(Path(e.path))
+
+    if root == Path() or root.is_dir():
+        walk(root, parts[first:])
+    return files, skipped
+
+
+def _describe_missing(source: str | Path) -> str:
+    """What a dataset path that gave no file is, in words (for the error)."""
+    p = Path(source)
+    if _has_magic(str(source)):
+        files, skipped = _glob_files(str(source))
+        note = (
+            f" (the symlinked directories {sorted(set(map(str, skipped)))[:3]} were not entered: a wildcard does not "
+            "follow a symlinked directory; name it in the pattern to read it)"
+            if skipped
+            else ""
+        )
+        return f"matches no file{note}"
+    if p.is_symlink():
+        try:
+            p.stat()
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "is a symlink loop (it resolves back to itself)"
+            return f"is a symlink to {os.readlink(p)!r}, which does not exist"
+    if p.is_dir():
+        return f"is a directory, not a file (to read the files in it, use a glob such as '{p / '*.jsonl'}')"
+    if p.exists():
+        return "is not a regular file (a device, FIFO or socket)"
+    return "does not exist"
 
 
 def _sha256_files(files: list[Path]) -> str:
@@ -191,10 +295,47 @@ def _sha256_files(files: list[Path]) -> str:
 # -- reading ---------------------------------------------------------------------------------------------------
 
 
-def _load_jsonl(
-    con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path, source_name: str | None = None
-) -> None:
-    name = source_name or str(path)
+#: Byte-order marks, UTF-32's first (UTF-32LE's starts with UTF-16LE's): (mark, encoding name, Python codec).
+_BOMS = [
+    (codecs.BOM_UTF32_LE, "UTF-32LE", "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "UTF-32BE", "utf-32-be"),
+    (codecs.BOM_UTF8, "UTF-8 with BOM", "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "UTF-16LE", "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "UTF-16BE", "utf-16-be"),
+]
+
+
+def _as_utf8(path: Path, copy: Path) -> tuple[Path, str]:
+    """The file to read as UTF-8, and the encoding its byte-order mark declares (UTF-8 without one).
+
+    UTF-16 and UTF-32 text is decoded into a UTF-8 ``copy``; a UTF-8 mark stays, for the readers to drop.
+    """
+    with path.open("rb") as f:
+        head = f.read(4)
+    bom, label, codec = next((b for b in _BOMS if head.startswith(b[0])), (b"", "UTF-8", "utf-8"))
+    if codec in ("utf-8", "utf-8-sig"):
+        return path, label
+    try:
+        text = path.read_bytes()[len(bom) :].decode(codec)
+    except UnicodeDecodeError as e:
+        raise CleanError(
+            f"{path}: starts with a {label} byte-order mark but is not valid {label} ({e.reason} at byte "
+            f"{e.start + len(bom)}). Fix: convert it to UTF-8 (e.g. `iconv -f {label} -t UTF-8`)."
+        ) from e
+    copy.write_text(text, encoding="utf-8", newline="")
+    return copy, f"{label}, decoded to UTF-8"
+
+
+def _looks_like_utf16(path: Path) -> bool:
+    """UTF-16 or UTF-32 text without a byte-order mark: NUL bytes in a quarter of its start (UTF-8 text has none)."""
+    if path.suffix.lower() == ".parquet":
+        return False
+    with path.open("rb") as f:
+        head = f.read(4096)
+    return len(head) > 0 and head.count(0) * 4 >= len(head)
+
+
+def _load_jsonl(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path, name: str) -> None:
     try:
         _insert_lines(con, idx, name, path)  # DuckDB checks the encoding as it reads
         return
@@ -224,7 +365,8 @@ def _load_jsonl(
 def _insert_lines(con: duckdb.DuckDBPyConnection, idx: int, name: str, source: Path) -> None:
     # One row per line, numbered from 1; rid continues the previous files' numbering. The CR of a CRLF line and
     # the blank-line test only touch the lines that need them (trimming every line copies it: 2 s on 1 M rows;
-    # a JSON object line starts with '{', anything else may be spaces, Unicode ones included).
+    # a JSON object line starts with '{', anything else may be spaces, Unicode ones included). A UTF-8
+    # byte-order mark is not part of row 1.
     con.execute(
         f"""
         INSERT INTO rows
@@ -232,7 +374,8 @@ def _insert_lines(con: duckdb.DuckDBPyConnection, idx: int, name: str, source: P
                CASE WHEN line = '' OR (NOT starts_with(line, '{{') AND trim(line) = '') THEN 'blank_line' END
         FROM (SELECT line_no, CASE WHEN ends_with(l, chr(13)) THEN rtrim(l, chr(13)) ELSE l END AS line FROM (
             SELECT unnest(range(1, len(lines) + 1)) AS line_no, unnest(lines) AS l
-            FROM (SELECT string_split(content, chr(10)) AS lines FROM read_text(?))))""",
+            FROM (SELECT string_split(CASE WHEN starts_with(content, chr(65279)) THEN substr(content, 2)
+                                           ELSE content END, chr(10)) AS lines FROM read_text(?))))""",
         [name, str(source)],
     )
     # the newline that ends the last line does not start another row
@@ -243,55 +386,149 @@ def _insert_lines(con: duckdb.DuckDBPyConnection, idx: int, name: str, source: P
     )
 
 
-def _load_table(con: duckdb.DuckDBPyConnection, idx: int, path: Path, reader: str, options: str = "") -> None:
-    # One JSON object per row; row numbers count data rows from 1. CSV cells stay text (all_varchar).
-    options = f", {options}" if options else ""
+def _insert_records(
+    con: duckdb.DuckDBPyConnection, idx: int, name: str, lines: list[str], reasons: list[str | None]
+) -> None:
+    """Rows numbered from 1: each one's text, and its quarantine reason when reading already gave it one."""
+    con.execute(
+        f"""
+        INSERT INTO rows
+        SELECT (SELECT coalesce(max(rid), 0) FROM rows) + n, {idx}, ?, n, line, reason FROM (
+            SELECT unnest(range(1, len(l) + 1)) AS n, unnest(l) AS line, unnest(r) AS reason
+            FROM (SELECT ?::VARCHAR[] AS l, ?::VARCHAR[] AS r))""",
+        [name, lines, reasons],
+    )
+
+
+def _load_table(con: duckdb.DuckDBPyConnection, idx: int, path: Path, reader: str) -> None:
+    # One JSON object per row; row numbers count data rows from 1.
     con.execute(
         f"""
         INSERT INTO rows
         SELECT (SELECT coalesce(max(rid), 0) FROM rows) + n, {idx}, ?, n, j, NULL FROM (
-            SELECT row_number() OVER () AS n, to_json(t)::VARCHAR AS j FROM {reader}(?{options}) t)""",
+            SELECT row_number() OVER () AS n, to_json(t)::VARCHAR AS j FROM {reader}(?) t)""",
         [str(path), str(path)],
     )
 
 
-def _load_json_array(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path) -> None:
+def _text_lines(data: bytes) -> tuple[list[str], set[int]]:
+    """A text file's lines (no CR of a CRLF, no UTF-8 byte-order mark, no row after the final newline), and the
+    indexes of the lines that are not UTF-8 (decoded with U+FFFD)."""
+    try:
+        lines, bad = data.decode("utf-8").split("\n"), set()
+    except UnicodeDecodeError:
+        lines, bad = [], set()
+        for i, raw in enumerate(data.split(b"\n")):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                lines.append(raw.decode("utf-8", errors="replace"))
+                bad.add(i)
+    if lines and lines[-1] == "":
+        lines.pop()
+    if lines and lines[0].startswith("\ufeff"):
+        lines[0] = lines[0][1:]
+    return [line[:-1] if line.endswith("\r") else line for line in lines], bad
+
+
+def _csv_records(lines: list[str], delimiter: str) -> Iterator[tuple[int, int, list[str] | None]]:
+    """(first line, end line, cells) of each CSV record, RFC 4180 (``"`` quotes, ``""`` inside; a quoted cell may
+    span lines). A record that does not parse (cells None) is just its first line, and parsing starts again on
+    the next one: one quote left open costs one row, not the rest of the file."""
+    start = 0
+    while start < len(lines):
+        reader = csv.reader((lines[i] + "\n" for i in range(start, len(lines))), delimiter=delimiter, strict=True)
+        done = 0  # lines this reader has consumed
+        try:
+            for cells in reader:
+                yield start + done, start + reader.line_num, cells
+                done = reader.line_num
+            return
+        except csv.Error:
+            yield start + done, start + done + 1, None
+            start += done + 1
+
+
+def _load_csv(con: duckdb.DuckDBPyConnection, idx: int, path: Path, name: str) -> None:
+    """CSV records as JSON objects of text cells keyed by the header, numbered from 1 (the header is not a row).
+
+    Parsed here, not by DuckDB's reader: its dialect sniffer gives up on a whole file where one quote is left open.
+    A record that does not parse, or has another number of cells than the header, is quarantined as
+    ``invalid_csv``. The delimiter is whichever of ``,`` ``;`` tab ``|`` the header line holds most of.
+    """
+    lines, bad_utf8 = _text_lines(path.read_bytes())
+    if not lines:
+        return
+    limit = csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))  # cells up to 64 MiB, like a JSON line
+    try:
+        records = _csv_records(lines, max(",;\t|", key=lines[0].count))
+        _, _, header = next(records)
+        if header is None or not any(h.strip() for h in header):
+            raise CleanError(
+                f"{name}: the first line is not a CSV header ({lines[0][:200]!r}). Fix: start the file with a "
+                "header line of column names, e.g. prompt,completion."
+            )
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise CleanError(f"{name}: the header names {repeated} more than once. Fix: give each column its own name.")
+        rows: list[str] = []
+        reasons: list[str | None] = []
+        to_json = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps makes one per call
+        for first, end, cells in records:
+            raw = "\n".join(lines[first:end])
+            reason = None
+            if not bad_utf8.isdisjoint(range(first, end)):
+                reason = "invalid_utf8"
+            elif not raw.strip():
+                reason = "blank_line"
+            elif cells is None or len(cells) != len(header):
+                reason = "invalid_csv"
+            rows.append(raw if reason else to_json(dict(zip(header, cells, strict=True))))
+            reasons.append(reason)
+    finally:
+        csv.field_size_limit(limit)
+    _insert_records(con, idx, name, rows, reasons)
+
+
+def _load_json_array(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path, name: str) -> None:
     # A JSON array must parse as a whole (Python's json is strict where DuckDB's reader is lenient with a
     # truncated tail); its elements then go through the JSON Lines path, numbered from 1.
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes())  # a UTF-8 byte-order mark is allowed
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CleanError(
-            f"{path}: cannot be read as .json ({e}). Fix: make it one valid JSON array, or convert "
+            f"{name}: cannot be read as .json ({e}). Fix: make it one valid JSON array, or convert "
             "it to JSON Lines (.jsonl), where a bad line is quarantined instead."
         ) from e
     if not isinstance(data, list):
         raise CleanError(
-            f"{path}: a .json file must hold a JSON array of rows, not a {type(data).__name__}. Fix: "
+            f"{name}: a .json file must hold a JSON array of rows, not a {type(data).__name__}. Fix: "
             "wrap the rows in [ ], or use .jsonl."
         )
     lines = tmpdir / f"{idx}.array.jsonl"
     with lines.open("w", encoding="utf-8") as f:
         for element in data:
             f.write(json.dumps(element, ensure_ascii=False) + "\n")
-    _load_jsonl(con, idx, lines, tmpdir, source_name=str(path))
+    _load_jsonl(con, idx, lines, tmpdir, name)
 
 
-def _load_file(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path) -> None:
+def _load_file(con: duckdb.DuckDBPyConnection, idx: int, path: Path, tmpdir: Path) -> str:
+    """Read one file into table `rows`; return its encoding."""
     ext = path.suffix.lower()
+    if ext not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
+        raise CleanError(f"{path}: unsupported file type {ext!r}. Fix: use .jsonl, .json (an array), .csv or .parquet.")
     try:
-        if ext in (".jsonl", ".ndjson"):
-            _load_jsonl(con, idx, path, tmpdir)
-        elif ext == ".json":
-            _load_json_array(con, idx, path, tmpdir)
-        elif ext == ".csv":
-            _load_table(con, idx, path, "read_csv", "all_varchar = true")
-        elif ext == ".parquet":
+        if ext == ".parquet":
             _load_table(con, idx, path, "read_parquet")
+            return "UTF-8"
+        text, encoding = _as_utf8(path, tmpdir / f"{idx}.utf8{ext}")
+        if ext == ".csv":
+            _load_csv(con, idx, text, str(path))
+        elif ext == ".json":
+            _load_json_array(con, idx, text, tmpdir, str(path))
         else:
-            raise CleanError(
-                f"{path}: unsupported file type {ext!r}. Fix: use .jsonl, .json (an array), .csv or .parquet."
-            )
+            _load_jsonl(con, idx, text, tmpdir, str(path))
+        return encoding
     except duckdb.Error as e:
         raise CleanError(
             f"{path}: cannot be read as {ext} ({str(e).splitlines()[0]}). Fix: check the file is valid {ext}."
@@ -337,7 +574,7 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
     files = resolve_sources(source)
     if not files:
         raise CleanError(
-            f"dataset {name!r}: {str(source)!r} does not exist or matches no file. Fix: correct "
+            f"dataset {name!r}: {str(source)!r} {_describe_missing(source)}. Fix: correct "
             f"datasets.{name}.path in the spec."
         )
     source_sha = _sha256_files(files)
@@ -371,9 +608,8 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
                 "CREATE TABLE rows (rid BIGINT, file_idx INTEGER, file VARCHAR, line_no BIGINT, "
                 "line VARCHAR, pre_reason VARCHAR)"
             )
-            for idx, f in enumerate(files):
-                _load_file(con, idx, f, Path(scratch))
-            sources, fmt_summary, why_summary = _parse_and_shape(con, files, spec.format)
+            encodings = [_load_file(con, idx, f, Path(scratch)) for idx, f in enumerate(files)]
+            sources, fmt_summary, why_summary = _parse_and_shape(con, files, encodings, spec.format)
             pii = _messages(con, spec.pii)
             if tokenizer is not None:
                 _mark_too_long(con, tokenizer, spec.max_tokens)
@@ -430,7 +666,7 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
 
 
 def _parse_and_shape(
-    con: duckdb.DuckDBPyConnection, files: list[Path], declared: str
+    con: duckdb.DuckDBPyConnection, files: list[Path], encodings: list[str], declared: str
 ) -> tuple[list[SourceFile], str, str]:
     """Parse JSON, detect each file's format, and build each row's raw message list (table `shaped`)."""
     con.execute("""
@@ -448,10 +684,15 @@ def _parse_and_shape(
             valid = con.execute("SELECT count(*) FROM parsed WHERE file_idx = ? AND reason IS NULL", [idx]).fetchone()[
                 0
             ]
-            if valid == 0:
-                raise CleanError(f"{f}: no row is a JSON object ({n} rows). Fix: check the file's format.")
-            raise CleanError(f"{f}: {why}. Fix: set `format` in the spec or convert the file.")
-        sources.append(SourceFile(path=str(f), format=fmt, format_reason=why, rows=n))
+            if _looks_like_utf16(f):
+                fix = (
+                    "convert it to UTF-8 (e.g. `iconv -f UTF-16LE -t UTF-8`): it holds NUL bytes, as UTF-16 or "
+                    "UTF-32 text without a byte-order mark does"
+                )
+            else:
+                fix = "check the file's format" if valid == 0 else "set `format` in the spec or convert the file"
+            raise CleanError(f"{f}: {'no row is a JSON object' if valid == 0 else why} ({n} rows). Fix: {fix}.")
+        sources.append(SourceFile(path=str(f), format=fmt, format_reason=why, rows=n, encoding=encodings[idx]))
         to_msgs, shape = _FORMATS[fmt]
         con.execute(f"""
             INSERT INTO shaped
@@ -470,6 +711,8 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
     # Everything per message runs inside list_transform over each row's message list: no explode and
     # re-aggregate. First the role, its type, and the content's text; then the text normalized, in a stage of
     # its own (a macro repeats its argument: given the JSON extraction itself, that would re-run it per use).
+    # A content is text when it is a string, or, in the messages format only (OpenAI's), a list of text parts;
+    # anything else (a number, an object, a list in another format) is wrong_type, never coerced to text.
     con.execute("""
         CREATE TABLE norm AS
         SELECT rid, list_transform(ms1, lambda m: {'role': m.role, 'role_ok': m.role_ok,
@@ -485,9 +728,9 @@ def _messages(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
                         WHEN 'ARRAY' THEN array_to_string(list_transform(json_extract(m.content, '$[*]'),
                             lambda p: CASE json_type(p) WHEN 'VARCHAR' THEN p->>'$' WHEN 'OBJECT' THEN
                                  CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END), '') END,
-                   'parts_ok': json_type(m.content) <> 'ARRAY' OR NOT list_bool_or(list_transform(
-                       json_extract(m.content, '$[*]'), lambda p: NOT (json_type(p) = 'VARCHAR' OR
-                       (json_type(p) = 'OBJECT' AND coalesce(json_type(p->'$.text'), '') = 'VARCHAR'))))}) AS ms0
+                   'parts_ok': json_type(m.content) <> 'ARRAY' OR (fmt = 'messages' AND NOT list_bool_or(
+                       list_transform(json_extract(m.content, '$[*]'), lambda p: NOT (json_type(p) = 'VARCHAR' OR
+                       (json_type(p) = 'OBJECT' AND coalesce(json_type(p->'$.text'), '') = 'VARCHAR')))))}) AS ms0
         FROM shaped WHERE reason IS NULL AND msgs IS NOT NULL))""")
     # Then, per PII kind: count in the text as the previous kind left it, and redact. A plain regexp_matches
     # guards the costlier extract/replace, since few messages contain PII.
