@@ -583,7 +583,7 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
         json.dumps(
             {
                 "source_sha256": source_sha,
-                "spec": spec.model_dump(exclude={"path", "min_train_rows"}),
+                "spec": spec.model_dump(exclude={"path", "min_train_rows", "min_eval_rows"}),
                 "cleaner": CLEANER_VERSION,
                 "tokenizer": str(tok_id),
                 "vocab": len(tokenizer) if tokenizer is not None else None,
@@ -1079,3 +1079,22 @@ def check_min_train_rows(report: CleanReport, minimum: int) -> CheckOutcome:
     """At least ``minimum`` train rows remain."""
     n = len(read_split(report, "train"))
     return CheckOutcome(passed=n >= minimum, detail=f"{n} train rows (minimum {minimum})")
+
+
+def check_min_eval_rows(report: CleanReport, minimum: int) -> CheckOutcome:
+    """At least ``minimum`` eval rows remain: evaluation needs them after training, so say it before training."""
+    n = len(read_split(report, "eval"))
+    if n >= minimum:
+        return CheckOutcome(passed=True, detail=f"{n} eval rows (minimum {minimum})")
+    field = f"datasets.{report.dataset}"
+    moved = (
+        f", {report.leakage_moved_to_train} moved to train because their prompt also occurs there"
+        if report.leakage_moved_to_train
+        else ""
+    )
+    return CheckOutcome(
+        passed=False,
+        detail=f"dataset {report.dataset!r} has {'no' if n == 0 else n} eval rows, fewer than "
+        f"{field}.min_eval_rows = {minimum} ({report.rows_train} train rows{moved}). Fix: raise "
+        f"{field}.eval_fraction or add data (or lower {field}.min_eval_rows).",
+    )

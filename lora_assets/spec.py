@@ -90,6 +90,13 @@ class DatasetSpec(_Strict):
         description="The blocking check on the clean asset fails (and training does not start) when "
         "fewer train rows remain.",
     )
+    min_eval_rows: int = Field(
+        1,
+        gt=0,
+        le=MAX_ROWS,
+        description="The blocking check on the clean asset fails (and training does not start) when "
+        "fewer eval rows remain: evaluation after training needs at least one.",
+    )
 
 
 class GateSpec(_Strict):

@@ -14,6 +14,7 @@ from lora_assets.clean import (
     CLEANER_VERSION,
     CheckOutcome,
     CleanReport,
+    check_min_eval_rows,
     check_min_train_rows,
     check_no_duplicates,
     check_no_leakage,
@@ -125,6 +126,7 @@ def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefini
     """Blocking checks on the written splits: a failure keeps training from starting in the same run."""
     key = dg.AssetKey(["dataset", ds_name, "clean"])
     minimum = spec.datasets[ds_name].min_train_rows
+    eval_minimum = spec.datasets[ds_name].min_eval_rows
 
     def result(outcome: CheckOutcome) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(
@@ -163,7 +165,17 @@ def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefini
     def min_train(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
         return result(check_min_train_rows(report_of(lorafoundry), minimum))
 
-    return [no_leakage, no_duplicates, min_train]
+    @dg.asset_check(
+        asset=key,
+        name="min_eval_rows",
+        blocking=True,
+        description=f"At least {eval_minimum} eval rows (datasets.{ds_name}.min_eval_rows): evaluation needs them, "
+        "so an empty held-out split stops the run before training, not after it.",
+    )
+    def min_eval(lorafoundry: LoraFoundryHome) -> dg.AssetCheckResult:
+        return result(check_min_eval_rows(report_of(lorafoundry), eval_minimum))
+
+    return [no_leakage, no_duplicates, min_train, min_eval]
 
 
 def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:

@@ -1,5 +1,5 @@
 """Hostile or unlucky inputs to cleaning: byte-order marks, UTF-16, a broken CSV quote, paths that are not files,
-symlinks out of a glob's tree, and non-string alpaca fields."""
+symlinks out of a glob's tree, non-string alpaca fields, and a held-out split too small to evaluate on."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import csv
 import json
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from lora_assets.clean import CleanError, clean_dataset, read_split
-from lora_assets.spec import DatasetSpec
+from lora_assets.clean import CleanError, check_min_eval_rows, clean_dataset, read_split
+from lora_assets.spec import DatasetSpec, validate_spec
 
 
 def pairs(n: int, prefix: str = "p") -> list[dict]:
@@ -174,3 +175,46 @@ def test_text_parts_only_in_the_messages_format(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text(jsonl([*pairs(3), {"prompt": "q?", "completion": [{"type": "text", "text": "a"}]}]))
     assert quarantined(clean(src, tmp_path, eval_fraction=0.01)) == {4: "wrong_type"}
+
+
+def test_empty_eval_split_fails_its_check_naming_the_field_and_the_fix(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text(jsonl(pairs(3)))
+    r = clean(src, tmp_path, eval_fraction=0.01)
+    assert r.rows_eval == 0 and r.rows_train == 3
+    outcome = check_min_eval_rows(r, DatasetSpec(path="x").min_eval_rows)
+    assert not outcome.passed
+    assert outcome.detail == (
+        "dataset 'd' has no eval rows, fewer than datasets.d.min_eval_rows = 1 (3 train rows). "
+        "Fix: raise datasets.d.eval_fraction or add data (or lower datasets.d.min_eval_rows)."
+    )
+    (tmp_path / "big.jsonl").write_text(jsonl(pairs(200)))
+    big = clean(tmp_path / "big.jsonl", tmp_path)
+    assert check_min_eval_rows(big, 5).passed and not check_min_eval_rows(big, big.rows_eval + 1).passed
+
+
+def test_empty_eval_split_blocks_training_in_the_same_run(tmp_path, random_base):
+    from orchestration.assets import build_assets
+    from orchestration.resources import resources_from_env
+
+    (tmp_path / "d.jsonl").write_text(jsonl(pairs(3)))
+    spec = validate_spec(
+        {
+            "base_model": str(random_base),
+            "datasets": {"d": {"path": "d.jsonl", "eval_fraction": 0.01}},
+            "adapters": {"a": {"dataset": "d", "max_steps": 1, "batch_size": 2}},
+        },
+        tmp_path,
+    )
+    result = dg.materialize(
+        build_assets(spec, deployment=False),
+        selection=["dataset/d/clean", "adapter/a/train"],
+        raise_on_error=False,
+        resources=resources_from_env(tmp_path / "home"),
+    )
+    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    assert checks["min_eval_rows"].passed is False
+    assert "datasets.d.eval_fraction" in checks["min_eval_rows"].description
+    assert checks["min_train_rows"].passed is True
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"dataset/d/clean"}  # training never started
