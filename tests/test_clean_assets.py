@@ -54,7 +54,12 @@ def test_clean_asset_metadata_and_passing_checks(tmp_path, random_base):
         assert key in meta
     assert "empty_response" in meta["quarantined_by_reason"].value
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"no_train_eval_leakage": True, "no_duplicates_left": True, "min_train_rows": True}
+    assert checks == {
+        "no_train_eval_leakage": True,
+        "no_duplicates_left": True,
+        "min_train_rows": True,
+        "min_eval_rows": True,
+    }
 
 
 def test_leakage_check_blocks_training(tmp_path, random_base):
