@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -349,9 +350,7 @@ def registry_list(
     limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
 ) -> None:
     """List registered adapter versions, filtered and ordered."""
-    from registry.store import RegistryError
-
-    try:
+    with _registry_errors():
         records = _registry(home).list(
             name=name,
             status=status,
@@ -363,8 +362,6 @@ def registry_list(
             descending=desc,
             limit=limit,
         )
-    except RegistryError as e:
-        _fail(e)
     if as_json:
         for r in records:
             sys.stdout.write(json.dumps(r.model_dump(mode="json")) + "\n")
@@ -402,7 +399,8 @@ def registry_leaderboard(
     """Versions of NAME ranked by their gate metric (eval_loss without a gate), best first; the winner marked."""
     from registry import leaderboard
 
-    rows = _registry(home).leaderboard(name)
+    with _registry_errors():
+        rows = _registry(home).leaderboard(name)
     if not rows:
         err.print(f"no adapter {name!r} in the registry. Fix: `lorafoundry registry list` shows the names.")
         raise typer.Exit(1)
@@ -463,14 +461,11 @@ def registry_promote(
     ] = None,
 ) -> None:
     """Make NAME@VERSION the champion (served under the plain name); the previous champion becomes a candidate."""
-    from registry.store import RegistryError
     from serving.launch import ServerError
     from serving.notify import notify_promotion
 
-    try:
+    with _registry_errors():
         rec = _registry(home).promote(name, version)
-    except RegistryError as e:
-        _fail(e)
     out.print(f"{rec.name}@{rec.version} is now {rec.status}")
     if notify:
         try:
@@ -488,22 +483,32 @@ def _registry(home: Path | None, actor: str = "cli"):
     return AdapterRegistry(default_registry_path(_home(home)), actor=actor)
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception | str) -> None:
     err.print(f"[red]error[/red] {e}", highlight=False)
     raise typer.Exit(1) from None
+
+
+@contextmanager
+def _registry_errors() -> Iterator[None]:
+    """The one place registry commands turn errors into exit codes: a registry error (bad input, not found, busy,
+    corrupt file), an unreadable file or a DuckDB error is a message on stderr and exit 1, never a traceback."""
+    import duckdb
+
+    from registry.store import RegistryError
+
+    try:
+        yield
+    except (RegistryError, OSError, duckdb.Error) as e:
+        _fail(e)
 
 
 @registry_app.command("show")
 def registry_show(ref: RefArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """One version with its metrics, training config, lineage and the name's aliases."""
-    from registry.store import RegistryError
-
-    try:
+    with _registry_errors():
         reg = _registry(home)
         rec = reg.get(ref)
         aliases = reg.aliases(rec.name)
-    except RegistryError as e:
-        _fail(e)
     data = rec.model_dump(mode="json") | {"aliases": aliases}
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
@@ -557,23 +562,20 @@ def registry_register(
     the base model's content hash is recorded when the base is on this machine (a local dir, a builtin: model, or the
     Hugging Face cache), which is what lets the server load it.
     """
-    import shutil
-    import tempfile
-
     from lora_assets.base_model import resolve_base_model
-    from registry.store import NewAdapter, RegistryError, adapter_sha256, check_adapter_dir
+    from registry.portable import register_copy
+    from registry.store import NewAdapter, RegistryError, check_adapter_dir, check_name
 
     _offline()
     h = _home(home)
-    try:
+    with _registry_errors():
+        check_name(name)
         cfg = check_adapter_dir(adapter_dir)
         base = base_model or cfg.get("base_model_name_or_path")
         if not base:
             raise RegistryError(
                 f"{adapter_dir}: adapter_config.json names no base_model_name_or_path. Fix: pass --base-model."
             )
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise RegistryError(f"name {name!r} is not valid. Fix: use letters, digits, '.', '_' or '-'.")
         try:
             base_hash = resolve_base_model(base, h).content_hash
         except Exception as e:  # not on this machine, or not loadable: register anyway, say what it means
@@ -584,42 +586,22 @@ def registry_register(
                 highlight=False,
             )
         src = Path(adapter_dir).resolve()
-        root = (h / "adapters").resolve()
-        dest, created = src, False
-        if not src.is_relative_to(root):  # the adapter's own files (not checkpoints or other dirs), under the home
-            dest = root / "imported" / name / adapter_sha256(src)[0][:16]
-            if not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
-                for f in src.iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
-                try:
-                    tmp.rename(dest)
-                    created = True
-                except OSError:  # another register of the same files got there first
-                    shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            rec = _registry(home).register(
-                NewAdapter(
-                    name=name,
-                    path=dest,
-                    base_model=base,
-                    base_model_hash=base_hash,
-                    method="lora",
-                    dataset=dataset,
-                    training_config={
-                        "imported_from": str(src),
-                        **{k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")},
-                    },
-                )
-            )
-        except BaseException:
-            if created:
-                shutil.rmtree(dest, ignore_errors=True)
-            raise
-    except (RegistryError, OSError) as e:
-        _fail(e)
+        rec = register_copy(
+            _registry(home),
+            NewAdapter(
+                name=name,
+                path=src,
+                base_model=base,
+                base_model_hash=base_hash,
+                method="lora",
+                dataset=dataset,
+                training_config={
+                    "imported_from": str(src),
+                    **{k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")},
+                },
+            ),
+            h / "adapters",
+        )
     if as_json:
         sys.stdout.write(json.dumps(rec.model_dump(mode="json")) + "\n")
     else:
@@ -631,15 +613,13 @@ def registry_register(
 @registry_app.command("archive")
 def registry_archive(ref: Annotated[str, typer.Argument(help="NAME@VERSION to retire.")], home: HomeOpt = None) -> None:
     """Retire a version: status archived, never served again; its aliases are removed (history kept)."""
-    from registry.store import RegistryError, parse_ref
+    from registry.store import RegistryInputError, parse_ref
 
-    try:
+    with _registry_errors():
         name, version, _ = parse_ref(ref)
         if version is None:
-            raise RegistryError(f"{ref!r}: name the version, e.g. {name}@2.")
+            raise RegistryInputError(f"{ref!r}: name the version, e.g. {name}@2.")
         rec = _registry(home).archive(name, version)
-    except RegistryError as e:
-        _fail(e)
     out.print(f"{rec.name}@{rec.version} is now {rec.status}")
 
 
@@ -650,15 +630,13 @@ def registry_alias(
     home: HomeOpt = None,
 ) -> None:
     """Point NAME:ALIAS at a version (the move is kept in alias_history)."""
-    from registry.store import RegistryError, parse_ref
+    from registry.store import RegistryInputError, parse_ref
 
-    try:
+    with _registry_errors():
         name, version, _ = parse_ref(ref)
         if version is None:
-            raise RegistryError(f"{ref!r}: name the version, e.g. {name}@2.")
+            raise RegistryInputError(f"{ref!r}: name the version, e.g. {name}@2.")
         _registry(home).set_alias(name, alias, version)
-    except RegistryError as e:
-        _fail(e)
     out.print(f"{name}:{alias} → v{version}")
 
 
@@ -668,14 +646,18 @@ def registry_verify(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Recompute every adapter's sha256; exit 1 if any files changed after registration."""
-    from registry.store import RegistryError, parse_ref
+    """Recompute every adapter's sha256; exit 1 if any files changed after registration. Also removes what
+    registers killed mid-copy left under <home>/adapters/imported (only when no register is at work)."""
+    from registry.portable import remove_orphans
+    from registry.store import parse_ref
 
-    try:
+    with _registry_errors():
         n, v, _ = parse_ref(name) if name else (None, None, None)
-        results = _registry(home).verify(n, v)
-    except RegistryError as e:
-        _fail(e)
+        reg = _registry(home)
+        removed = remove_orphans(reg, _home(home) / "adapters")
+        results = reg.verify(n, v)
+    for d in removed:
+        err.print(f"removed {d} (left by an interrupted register or import)", highlight=False)
     if as_json:
         for r in results:
             sys.stdout.write(r.model_dump_json() + "\n")
@@ -694,12 +676,9 @@ def registry_verify(
 def registry_card(ref: RefArg, home: HomeOpt = None) -> None:
     """Write a Hugging Face model card (README.md with YAML front matter) into the adapter dir."""
     from registry.card import write_card
-    from registry.store import RegistryError
 
-    try:
+    with _registry_errors():
         path = write_card(_registry(home).get(ref))
-    except RegistryError as e:
-        _fail(e)
     out.print(f"wrote {path}")
 
 
@@ -710,15 +689,9 @@ def registry_sql(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a read-only SQL query on the registry (tables adapters, aliases, alias_history, events; views
-    latest_adapters, champions, leaderboard)."""
-    import duckdb
-
-    from registry.store import RegistryError
-
-    try:
+    latest_adapters, champions, leaderboard). It can read nothing else: no files, no other databases, no settings."""
+    with _registry_errors():
         cols, rows = _registry(home).query(query)
-    except (RegistryError, duckdb.Error) as e:
-        _fail(e)
     if as_json:
         for r in rows:
             sys.stdout.write(json.dumps(dict(zip(cols, r, strict=True)), default=str) + "\n")
@@ -737,12 +710,9 @@ def registry_export(
 ) -> None:
     """Write a portable copy: every table as parquet plus the adapter dirs."""
     from registry.portable import export_registry
-    from registry.store import RegistryError
 
-    try:
+    with _registry_errors():
         counts = export_registry(_registry(home), out_dir)
-    except RegistryError as e:
-        _fail(e)
     out.print(f"exported to {out_dir}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 
@@ -752,12 +722,9 @@ def registry_import(
 ) -> None:
     """Bring an exported registry in (adapter dirs copied under <home>/adapters/imported, hashes checked)."""
     from registry.portable import import_registry
-    from registry.store import RegistryError
 
-    try:
+    with _registry_errors():
         counts = import_registry(_registry(home, actor="import"), src, _home(home) / "adapters")
-    except RegistryError as e:
-        _fail(e)
     out.print(f"imported from {src}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 

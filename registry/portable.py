@@ -1,4 +1,6 @@
-"""Export a registry (rows as parquet plus the adapter dirs) and import it on another machine."""
+"""Moving adapters in and out of a registry: export (rows as parquet plus the adapter dirs) and import on another
+machine; registering an adapter dir from anywhere by copying its files into the home; removing what a killed
+register or import left half-copied there."""
 
 from __future__ import annotations
 
@@ -9,7 +11,16 @@ from pathlib import Path
 
 import duckdb
 
-from registry.store import AdapterRegistry, RegistryError, adapter_sha256
+from registry.store import (
+    AdapterRecord,
+    AdapterRegistry,
+    NewAdapter,
+    RegistryBusyError,
+    RegistryError,
+    adapter_sha256,
+    check_name,
+    file_lock,
+)
 
 TABLES = ("adapters", "aliases", "alias_history", "events")
 
@@ -43,9 +54,9 @@ def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
         sources.extend(con.execute("SELECT name, version, path FROM adapters").fetchall())
 
     try:
-        reg._with_retry(op, read_only=True)
+        reg._read(op)
         for name, version, path in sources:
-            shutil.copytree(path, tmp / "adapters" / name / f"v{version}")
+            shutil.copytree(reg.adapter_path(path), tmp / "adapters" / name / f"v{version}")
         if out.exists():  # empty (checked above), maybe someone's working dir: keep it, move the entries in
             for entry in tmp.iterdir():
                 entry.rename(out / entry.name)
@@ -76,7 +87,7 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
     for r in rows:  # nothing in the files is trusted: names, versions and paths are checked first
         source = (src / str(r["path"])).resolve()
         if (
-            not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(r["name"]))
+            not _valid_name(str(r["name"]))
             or ".." in str(r["name"])
             or not isinstance(r["version"], int)
             or not source.is_relative_to(src.resolve())
@@ -102,12 +113,6 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
             problems.append(f"{r['name']}@{r['version']} exists here with another sha256")
     if problems:
         raise RegistryError("import refused, nothing written: " + "; ".join(problems))
-    for r in new_rows:
-        dest = Path(adapters_root) / "imported" / r["name"] / f"v{r['version']}"
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(src / r["path"], dest)
-        r["path"] = str(dest.resolve())
     imported = {t: 0 for t in TABLES}
     keys = {(r["name"], r["version"]) for r in new_rows}
 
@@ -141,5 +146,106 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
                 )
                 imported[table] += 1
 
-    reg._with_retry(op)
+    remove_orphans(reg, adapters_root)
+    with _importing(reg, adapters_root) as held:  # the copies are not orphans until the rows are in
+        if not held:
+            raise RegistryBusyError(f"{adapters_root}/imported stayed locked for {reg.max_wait_s:.0f} s. Fix: retry.")
+        for r in new_rows:
+            dest = Path(adapters_root) / "imported" / r["name"] / f"v{r['version']}"
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(src / r["path"], dest)
+            r["path"] = reg.stored_path(dest)
+        reg._write(op)
     return imported
+
+
+#: What registering and importing create under ``<adapters root>/imported/<name>/``: a copy in progress, a
+#: registered copy named by its sha256 prefix, an imported version.
+_IMPORTED_DIR_RE = re.compile(r"\.import-.*|[0-9a-f]{16}|v[0-9]+")
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except RegistryError:
+        return False
+    return True
+
+
+def _importing(reg: AdapterRegistry, adapters_root: Path):
+    """Held (shared) by every register and import while it copies files under ``imported/`` until its rows are
+    in; while anyone holds it, nothing there is removed as an orphan."""
+    return file_lock(Path(adapters_root) / "imported" / ".lock", reg.max_wait_s, shared=True)
+
+
+def register_copy(reg: AdapterRegistry, new: NewAdapter, adapters_root: Path) -> AdapterRecord:
+    """Register an adapter dir from anywhere: its own files (not checkpoints or other dirs) are first copied to
+    ``adapters_root/imported/<name>/<sha256[:16]>`` (a server reads adapters only from under its root); a dir
+    already under the root is registered where it is. Leftovers of registers killed mid-copy are removed first.
+
+    Args:
+        reg: the registry.
+        new: what to register; ``new.path`` is the dir to copy.
+        adapters_root: the home's adapters dir.
+    """
+    check_name(new.name)  # it names a dir
+    root = Path(adapters_root).resolve()
+    src = Path(new.path).resolve()
+    if src.is_relative_to(root):
+        return reg.register(new)
+    remove_orphans(reg, root)
+    with _importing(reg, root) as held:
+        if not held:
+            raise RegistryBusyError(f"{root / 'imported'} stayed locked for {reg.max_wait_s:.0f} s. Fix: retry.")
+        dest = root / "imported" / new.name / adapter_sha256(src)[0][:16]
+        created = False
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
+            try:
+                for f in src.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+                tmp.rename(dest)
+                created = True
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not dest.exists():  # not another register of the same files getting there first
+                    raise
+        try:
+            return reg.register(new.model_copy(update={"path": dest}))
+        except BaseException:
+            if created:
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
+
+
+def remove_orphans(reg: AdapterRegistry, adapters_root: Path) -> list[Path]:
+    """Remove what registers and imports killed mid-way left under ``adapters_root/imported``: copies in progress
+    and copies no registered version points at. Only when no register or import is at work (the lock they hold
+    while copying is free), which is what proves a dir an orphan; otherwise nothing is removed this time.
+    Returns the dirs removed."""
+    imported = Path(adapters_root).resolve() / "imported"
+    if not imported.is_dir():
+        return []
+    with file_lock(imported / ".lock", 0.0) as held:
+        if not held:
+            return []
+        ours = [d for d in imported.glob("*/*") if d.is_dir() and _IMPORTED_DIR_RE.fullmatch(d.name)]
+        if not ours:
+            return []
+        listed = {Path(r.path).resolve() for r in reg.list()}  # the snapshot: cheap, and enough to spare most
+        maybe = [d for d in ours if d.resolve() not in listed]
+        if not maybe:
+            return []
+        in_use = reg.paths_in_use()  # the file itself: a version whose writer died before publishing counts
+        orphans = [d for d in maybe if d.resolve() not in in_use]
+        for d in orphans:
+            shutil.rmtree(d, ignore_errors=True)
+        for parent in {d.parent for d in orphans}:
+            try:
+                parent.rmdir()  # empty now
+            except OSError:
+                pass
+        return orphans
