@@ -1,4 +1,4 @@
-"""What the running vLLM server may load, decided from the registry; and the ASGI middleware that enforces it.
+"""What the running vLLM server answers, and with which weights, decided from the registry: deny by default.
 
 vLLM imports :class:`LoraFoundryGuard` through ``--middleware serving.guard.LoraFoundryGuard`` and lorafoundry's
 plugin registers a LoRA resolver built on :class:`AdapterResolver`. Both read their settings from the environment
@@ -7,19 +7,21 @@ that ``lorafoundry serve`` / the deployment asset give vLLM:
 - ``LORAFOUNDRY_REGISTRY``: the registry file (opened read-only, briefly, per lookup);
 - ``LORAFOUNDRY_BASE_HASH``: content hash of the served base model; adapters for another base are refused;
 - ``LORAFOUNDRY_ADAPTER_ROOT``: no adapter outside this dir is ever read;
+- ``LORAFOUNDRY_STAGE_DIR``: the verified store vLLM reads adapters from (serving/integrity.py);
 - ``LORAFOUNDRY_MAX_LORA_RANK``: vLLM's ``--max-lora-rank``;
-- ``LORAFOUNDRY_STATIC_MODELS``: comma-separated names served from the start (base and ``--lora-modules``);
-- ``LORAFOUNDRY_BASE_NAME``: the base's served name (the `parent` of resolved adapters in ``/v1/models``);
-- ``LORAFOUNDRY_ADMIN_KEY``: the key ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` and ``/adapters``
-  require in the ``X-Admin-Key`` header (distinct from the client ``--api-key``): no header 401, a wrong key (or no
-  key configured) 403.
+- ``LORAFOUNDRY_BASE_NAME``: the base's served name;
+- ``LORAFOUNDRY_STATIC_MODELS``: comma-separated ``name@VERSION`` of the adapters loaded at start under ``name``;
+- ``LORAFOUNDRY_ADMIN_KEY``: the key the admin routes require in ``X-Admin-Key``;
+- ``VLLM_API_KEY``: the client key (``Authorization: Bearer``), required on every route but ``GET /health``.
 
-A request for a model the server was not started with (``name``, ``name@VERSION`` or ``name:ALIAS``) is checked
-here (registry entry, status, base model, rank, path, sha256) and refused with an OpenAI-shaped 4xx that says why.
-When the checks pass the request goes on to vLLM for the immutable ``name@VERSION`` it resolved to (so the answer's
-``model`` says which version answered, as OpenAI does for its aliases), and vLLM's resolver loads that version on
-first use. Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2): after that, a moved alias
-answers with its new version and an archived version is refused, although vLLM still holds its weights.
+Routes: only those in :data:`ROUTES` reach vLLM; any other method and path (vLLM's ``/v1/messages``,
+``/invocations``, ``/tokenize``, ``/pooling``, ``/scale_elastic_ep``, its docs, websockets…) answers 404. A model
+route's body is read here: every model name except the base's (``name``, ``name@VERSION``, ``name:ALIAS``) is
+checked against the registry (entry, status, base model, rank, path, sha256) and refused with an OpenAI-shaped 4xx
+that says why; when the checks pass, the request goes on for the version the name means now (``name@VERSION``, so
+the answer's ``model`` says which version answered; a name loaded at start keeps its name while it still means the
+version loaded). Admin loads are accepted only for what the registry serves under that name, and vLLM is given
+the verified copy. Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2).
 """
 
 from __future__ import annotations
@@ -34,52 +36,78 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.store import ADAPTER_FILES, AdapterRecord, AdapterRegistry, RegistryError, adapter_sha256
+from registry.store import (
+    AdapterNotFoundError,
+    AdapterRecord,
+    AdapterRegistry,
+    RegistryError,
+    RegistryInputError,
+    adapter_sha256,
+)
+from serving.integrity import IntegrityError, stage
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+(@[0-9]+|:[A-Za-z0-9._-]+)?")
-# vLLM's adapter-loading endpoints; with runtime LoRA updating on it also serves POST/DELETE /adapters[/{name}]
-ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-ADMIN_PREFIX = "/adapters"
-MODEL_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses")
 
+#: Every route the server answers, and who may call it: `open` (anyone), `client` (the client key when one is
+#: set), `model` (client key, and the body's model is checked), `admin` (client key and the admin key).
+ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/health"): "open",
+    ("GET", "/v1/models"): "client",
+    ("POST", "/v1/chat/completions"): "model",
+    ("POST", "/v1/completions"): "model",
+    ("POST", "/v1/load_lora_adapter"): "admin",
+    ("POST", "/v1/unload_lora_adapter"): "admin",
+}
+#: Largest `n` / `best_of` a request may ask for (each choice is a full generation).
+MAX_CHOICES = 16
+#: Largest request body the guard reads (a prompt of the longest context is far below it).
+MAX_BODY_BYTES = 4 << 20
 
 #: Resolver answers shared across the process: (settings..., ref) -> (monotonic time, answer).
 _ANSWERS: dict[tuple, tuple[float, AdapterRecord | Refusal]] = {}
 _ANSWERS_LOCK = threading.Lock()
-#: Adapter dir -> (size and mtime of its files, their sha256).
-_HASHED: dict[Path, tuple[tuple, str]] = {}
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a model reference cannot be served: an HTTP status, an OpenAI error type and a message."""
+    """Why a request is refused: an HTTP status, an OpenAI error type, a message and the offending parameter."""
 
     status: int
     type: str
     message: str
+    param: str | None = "model"
 
     def body(self) -> bytes:
         return json.dumps(
-            {"error": {"message": self.message, "type": self.type, "param": "model", "code": self.status}}
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
         ).encode()
 
 
 class AdapterResolver:
-    """Resolve a model reference to a registered adapter that this server may load.
+    """Resolve a model reference to a registered adapter that this server may load, and stage its verified copy.
 
     Args:
         registry: the registry file.
         base_hash: content hash of the served base model.
         adapter_root: every adapter path must be inside this dir.
         max_rank: the server's ``--max-lora-rank``.
+        ttl_s: how long an answer is reused.
+        stage_root: the verified store (default ``<registry dir>/serving/verified``).
     """
 
     def __init__(
-        self, registry: Path, base_hash: str, adapter_root: Path, max_rank: int, ttl_s: float | None = None
+        self,
+        registry: Path,
+        base_hash: str,
+        adapter_root: Path,
+        max_rank: int,
+        ttl_s: float | None = None,
+        stage_root: Path | None = None,
     ) -> None:
         self.registry = AdapterRegistry(registry, max_wait_s=10, actor="vllm")
         self.base_hash, self.max_rank = base_hash, max_rank
         self.adapter_root = Path(adapter_root).resolve()
+        self.stage_root = Path(stage_root) if stage_root else Path(registry).parent / "serving" / "verified"
         self.ttl_s = float(os.environ.get("LORAFOUNDRY_RESOLVE_TTL_S", "2")) if ttl_s is None else ttl_s
 
     @classmethod
@@ -87,22 +115,25 @@ class AdapterResolver:
         path = os.environ.get("LORAFOUNDRY_REGISTRY")
         if not path:
             return None
+        stage_root = os.environ.get("LORAFOUNDRY_STAGE_DIR")
         return cls(
             Path(path),
             os.environ.get("LORAFOUNDRY_BASE_HASH", ""),
             Path(os.environ.get("LORAFOUNDRY_ADAPTER_ROOT", Path(path).parent / "adapters")),
             int(os.environ.get("LORAFOUNDRY_MAX_LORA_RANK", "16")),
+            stage_root=Path(stage_root) if stage_root else None,
         )
 
-    def resolve(self, ref: str) -> AdapterRecord | Refusal:
+    def resolve(self, ref: str, fresh: bool = False) -> AdapterRecord | Refusal:
         """The record to load for ``ref``, or the reason it is refused; answers are kept ``ttl_s`` seconds and
         shared by every resolver of the process with the same settings (the guard and vLLM's resolver plugin
-        ask about the same name one after the other: one registry read and one sha256 serve both)."""
+        ask about the same name one after the other: one registry read and one sha256 serve both). ``fresh``:
+        ask the registry now (an admin load right after a promotion), and keep that answer for the others."""
         key = (str(self.registry.path), self.base_hash, str(self.adapter_root), self.max_rank, ref)
         now = time.monotonic()
         with _ANSWERS_LOCK:
             hit = _ANSWERS.get(key)
-        if hit is not None and now - hit[0] < self.ttl_s:
+        if hit is not None and now - hit[0] < self.ttl_s and not fresh:
             return hit[1]
         outcome = self._resolve(ref)
         with _ANSWERS_LOCK:
@@ -111,12 +142,17 @@ class AdapterResolver:
             _ANSWERS[key] = (now, outcome)
         return outcome
 
+    def resolve_staged(self, ref: str) -> Path | Refusal:
+        """The verified copy vLLM reads for ``ref`` (see :meth:`resolve`)."""
+        outcome = self.resolve(ref)
+        return outcome if isinstance(outcome, Refusal) else self.stage_root / outcome.adapter_sha256
+
     def _resolve(self, ref: str) -> AdapterRecord | Refusal:
         if not NAME_RE.fullmatch(ref) or ".." in ref:
             return Refusal(
                 400,
                 "InvalidModelName",
-                f"model {ref!r} is not a valid name: use letters, digits, "
+                f"model {ref[:100]!r} is not a valid name: use letters, digits, "
                 "'.', '_', '-', optionally with @VERSION or :ALIAS (e.g. sentiment@2, sentiment:prod).",
             )
         name = re.split(r"[@:]", ref, maxsplit=1)[0]
@@ -131,9 +167,12 @@ class AdapterResolver:
                         "NotFoundError",
                         f"model {ref!r} does not exist: no servable adapter of that name in the registry.",
                     )
-        except RegistryError as e:
-            status = 404 if "no adapter" in str(e) or "no alias" in str(e) else 503
-            return Refusal(status, "NotFoundError" if status == 404 else "RegistryUnavailable", str(e))
+        except AdapterNotFoundError as e:
+            return Refusal(404, "NotFoundError", str(e))
+        except RegistryInputError as e:
+            return Refusal(400, "InvalidModelName", str(e))
+        except RegistryError as e:  # busy past the wait, or a damaged file: the server's fault, not the client's
+            return Refusal(503, "RegistryUnavailable", str(e))
         if rec.status not in ("candidate", "champion"):
             return Refusal(
                 403,
@@ -164,36 +203,33 @@ class AdapterResolver:
                 f"{rec.name}@{rec.version} lives outside the adapter root "
                 f"{self.adapter_root}; the server reads nothing else.",
             )
+        changed = Refusal(
+            409,
+            "AdapterIntegrityError",
+            f"{rec.name}@{rec.version}: files changed after registration (sha256 mismatch); refused. "
+            "Fix: `lorafoundry registry verify`.",
+        )
         try:
-            sha = _files_sha256(path)
+            # every lookup hashes the registered files in full (no size/mtime shortcut): a changed copy is refused
+            # under every name; what vLLM reads is the verified copy, staged (and checked again) below
+            if adapter_sha256(path)[0] != rec.adapter_sha256:
+                return changed
+            stage(path, rec.adapter_sha256, self.stage_root)
+        except IntegrityError:
+            return changed
         except OSError as e:
             return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable ({e}).")
-        if sha != rec.adapter_sha256:
-            return Refusal(
-                409,
-                "AdapterIntegrityError",
-                f"{rec.name}@{rec.version}: files changed after "
-                "registration (sha256 mismatch); refused. Fix: `lorafoundry registry verify`.",
-            )
         return rec
 
 
-def _files_sha256(path: Path) -> str:
-    """The adapter's sha256, recomputed only when a file's size or modification time changed since the last
-    time (the guard re-checks a name every few seconds; hashing large adapters each time would be the cost)."""
-    stamp = tuple((f, (path / f).stat().st_size, (path / f).stat().st_mtime_ns) for f in ADAPTER_FILES)
-    with _ANSWERS_LOCK:
-        known = _HASHED.get(path)
-    if known is not None and known[0] == stamp:
-        return known[1]
-    sha, _ = adapter_sha256(path)
-    with _ANSWERS_LOCK:
-        _HASHED[path] = (stamp, sha)
-    return sha
-
-
-def _static_models() -> set[str]:
-    return {m for m in os.environ.get("LORAFOUNDRY_STATIC_MODELS", "").split(",") if m}
+def _static_models() -> dict[str, int]:
+    """Adapter name -> version loaded under that name at start (``LORAFOUNDRY_STATIC_MODELS``)."""
+    held = {}
+    for item in os.environ.get("LORAFOUNDRY_STATIC_MODELS", "").split(","):
+        name, _, version = item.partition("@")
+        if name and version.isascii() and version.isdigit():
+            held[name] = int(version)
+    return held
 
 
 async def _send_json(send, status: int, body: bytes) -> None:
@@ -208,98 +244,74 @@ async def _send_json(send, status: int, body: bytes) -> None:
 
 
 class LoraFoundryGuard:
-    """ASGI middleware: the admin key on the adapter-loading endpoints, and registry checks on model names."""
+    """ASGI middleware in front of vLLM: the route allowlist, both keys, and registry checks on model names."""
 
     def __init__(self, app) -> None:
         self.app = app
         self.admin_key = os.environ.get("LORAFOUNDRY_ADMIN_KEY", "")
-        # vLLM's own API-key check runs after this middleware: check the client key first, so that a client
-        # without it learns nothing about the registry and causes no lookups
+        # vLLM's own API-key check runs after this middleware, and only under /v1: check the client key here on
+        # every route, so that a client without it learns nothing about the registry and causes no lookups
         self.api_key = os.environ.get("VLLM_API_KEY", "")
         self.resolver = AdapterResolver.from_env()
-        self.static = _static_models()
+        self.base_name = os.environ.get("LORAFOUNDRY_BASE_NAME", "")
+        self.held = _static_models()  # adapter name -> the version vLLM holds under that name
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        admin = path in ADMIN_PATHS or path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
-        if not admin and scope.get("method") != "POST":
+        if scope["type"] != "http":  # websockets: no route is offered
+            await receive()
+            return await send({"type": "websocket.close", "code": 1008})
+        path, method = scope.get("path", ""), scope.get("method", "")
+        kind = ROUTES.get((method, path))
+        if kind is None:
+            return await self._refuse(
+                send,
+                Refusal(
+                    404,
+                    "NotFoundError",
+                    f"{method} {path[:200]} is not a route of this server. It answers: "
+                    + ", ".join(f"{m} {p}" for m, p in ROUTES),
+                    None,
+                ),
+            )
+        if kind == "open":
             return await self.app(scope, receive, send)
-        if self.api_key and path in MODEL_PATHS:
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(auth, b"Bearer " + self.api_key.encode()):
-                return await _send_json(
-                    send,
-                    401,
-                    Refusal(401, "AuthenticationError", "missing or wrong API key (Authorization: Bearer …).").body(),
-                )
-        if admin:
-            headers = dict(scope.get("headers") or [])
-            given = headers.get(b"x-admin-key", b"")
-            if not given:
-                return await _send_json(
-                    send,
-                    401,
-                    Refusal(
-                        401, "AuthenticationError", "this endpoint needs the admin key in the X-Admin-Key header."
-                    ).body(),
-                )
-            if not self.admin_key or not hmac.compare_digest(given, self.admin_key.encode()):
-                return await _send_json(
-                    send,
-                    403,
-                    Refusal(
-                        403,
-                        "PermissionDeniedError",
-                        "wrong admin key (or no admin key configured: LORAFOUNDRY_ADMIN_KEY).",
-                    ).body(),
-                )
-        elif path not in MODEL_PATHS or self.resolver is None:
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and not hmac.compare_digest(
+            headers.get(b"authorization", b""), b"Bearer " + self.api_key.encode()
+        ):
+            return await self._refuse(
+                send, Refusal(401, "AuthenticationError", "missing or wrong API key (Authorization: Bearer …).", None)
+            )
+        if kind == "admin":
+            refusal = self._check_admin_key(headers)
+            if refusal:
+                return await self._refuse(send, refusal)
+        if kind == "client" or self.resolver is None:
             return await self.app(scope, receive, send)
-        # read the body to see the model (or the adapter path), then replay it to vLLM
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+
+        body = await _read_body(receive)
+        if body is None:
+            return await self._refuse(
+                send, Refusal(413, "RequestTooLarge", f"request body above {MAX_BODY_BYTES} bytes.", None)
+            )
         try:
             payload = json.loads(body)
         except ValueError:
-            payload = {}
-        payload = payload if isinstance(payload, dict) else {}
-        lora_path = payload.get("lora_path", payload.get("src"))
-        if (
-            admin
-            and isinstance(lora_path, str)
-            and self.resolver is not None
-            and not Path(lora_path).resolve().is_relative_to(self.resolver.adapter_root)
-        ):
-            return await _send_json(
-                send,
-                403,
-                Refusal(
-                    403,
-                    "PathNotAllowed",
-                    f"lora_path {lora_path!r} is outside the adapter root {self.resolver.adapter_root}.",
-                ).body(),
-            )
-        model = payload.get("model")
-        if path in MODEL_PATHS and isinstance(model, str) and model not in self.static:
-            outcome = await asyncio.to_thread(self.resolver.resolve, model)  # off the event loop
-            if isinstance(outcome, Refusal):
-                return await _send_json(send, outcome.status, outcome.body())
-            concrete = f"{outcome.name}@{outcome.version}"
-            if model != concrete:  # an alias or a plain name: ask vLLM for the version it means now
-                body = json.dumps({**payload, "model": concrete}).encode()
-                scope = {
-                    **scope,
-                    "headers": [
-                        (k, str(len(body)).encode() if k == b"content-length" else v)
-                        for k, v in scope.get("headers") or []
-                    ],
-                }
+            payload = None
+        if not isinstance(payload, dict):
+            return await self._refuse(send, Refusal(400, "BadRequestError", "the body must be a JSON object.", None))
+        outcome = await (self._admin(path, payload) if kind == "admin" else self._model(payload))
+        if isinstance(outcome, Refusal):
+            return await self._refuse(send, outcome)
+        # vLLM gets exactly what was checked: the parsed and re-serialized body (no duplicate keys, no other parser)
+        body = json.dumps(outcome).encode()
+        scope = {
+            **scope,
+            "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
+            + [(b"content-length", str(len(body)).encode())],
+        }
         replayed = False
 
         async def replay():
@@ -310,3 +322,83 @@ class LoraFoundryGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send, refusal: Refusal) -> None:
+        await _send_json(send, refusal.status, refusal.body())
+
+    def _check_admin_key(self, headers: dict) -> Refusal | None:
+        given = headers.get(b"x-admin-key", b"")
+        if not given:
+            return Refusal(401, "AuthenticationError", "this endpoint needs the admin key in the X-Admin-Key header.")
+        if not self.admin_key or not hmac.compare_digest(given, self.admin_key.encode()):
+            return Refusal(
+                403, "PermissionDeniedError", "wrong admin key (or no admin key configured: LORAFOUNDRY_ADMIN_KEY)."
+            )
+        return None
+
+    async def _model(self, payload: dict) -> dict | Refusal:
+        """Check a generation request: `n`/`best_of` bounds, and the model it names (see the module doc)."""
+        for field in ("n", "best_of"):
+            value = payload.get(field)
+            if value is not None and (type(value) is not int or not 1 <= value <= MAX_CHOICES):
+                return Refusal(
+                    400,
+                    "BadRequestError",
+                    f"{field}={str(value)[:40]} is out of range: this server allows 1..{MAX_CHOICES} choices per "
+                    "request. Fix: send several requests.",
+                    field,
+                )
+        model = payload.get("model")
+        if model is None or model == self.base_name:
+            return payload
+        if not isinstance(model, str):
+            return Refusal(400, "InvalidModelName", "model must be a string.")
+        rec = await asyncio.to_thread(self.resolver.resolve, model)
+        if isinstance(rec, Refusal):
+            return rec
+        if self.held.get(model) == rec.version:  # loaded under this name, and it still means that version
+            return payload
+        return {**payload, "model": f"{rec.name}@{rec.version}"}
+
+    async def _admin(self, path: str, payload: dict) -> dict | Refusal:
+        """Admin loads take only what the registry serves under that name, from the verified store."""
+        name = payload.get("lora_name")
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            return Refusal(400, "InvalidModelName", f"lora_name {str(name)[:100]!r} is not a valid name.", "lora_name")
+        if path == "/v1/unload_lora_adapter":
+            self.held.pop(name, None)
+            return payload
+        if name == self.base_name:
+            return Refusal(400, "InvalidModelName", f"{name!r} is the base model, not an adapter.", "lora_name")
+        rec = await asyncio.to_thread(self.resolver.resolve, name, True)
+        if isinstance(rec, Refusal):
+            return rec
+        given = payload.get("lora_path")
+        if given is not None and (not isinstance(given, str) or Path(given).resolve() != Path(rec.path).resolve()):
+            return Refusal(
+                403,
+                "PathNotAllowed",
+                f"lora_path {str(given)[:200]!r} is not what the registry serves as {name!r}: that is "
+                f"{rec.name}@{rec.version} at {rec.path}. Fix: promote the version first (`lorafoundry registry "
+                "promote`), or load it as NAME@VERSION.",
+                "lora_path",
+            )
+        plain = "@" not in name and ":" not in name
+        lora_name = name if plain else f"{rec.name}@{rec.version}"
+        if plain:
+            self.held[name] = rec.version
+        return {**payload, "lora_name": lora_name, "lora_path": str(self.resolver.stage_root / rec.adapter_sha256)}
+
+
+async def _read_body(receive) -> bytes | None:
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)

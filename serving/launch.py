@@ -18,11 +18,12 @@ from pathlib import Path
 import httpx
 
 from lora_assets.hardware import resolve_dtype
-from lora_assets.spec import PipelineSpec, ServingSpec
+from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
 from registry.store import AdapterRecord
+from serving.integrity import IntegrityError, stage
 
 #: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, MAX_LORA_RANK)  # the spec caps r at the largest
 
 
 class ServerError(RuntimeError):
@@ -209,6 +210,11 @@ class VLLMServer:
         self.stop()
 
 
+def stage_dir(home: Path) -> Path:
+    """The verified store of a home: content-addressed, read-only copies of the adapters its servers load."""
+    return Path(home) / "serving" / "verified"
+
+
 def plan_server(
     spec: PipelineSpec, home: Path, port: int | None = None, registry_path: Path | str | None = None
 ) -> tuple[list[str], dict[str, str], str, list[str]]:
@@ -226,7 +232,16 @@ def plan_server(
         for r in pipe.registry.list()
         if r.base_model_hash == pipe.base.content_hash and r.status in ("candidate", "champion")
     ]
-    adapters = [r for r in pipe.registry.servable(verify=True) if r.base_model_hash == pipe.base.content_hash]
+    stage_root = stage_dir(pipe.home)
+    adapters = []
+    for r in pipe.registry.servable(verify=True):
+        if r.base_model_hash != pipe.base.content_hash:
+            continue
+        try:  # vLLM reads only verified copies (serving/integrity.py); a version whose files changed is left out
+            staged = stage(Path(r.path), r.adapter_sha256, stage_root)
+        except (IntegrityError, OSError):
+            continue
+        adapters.append(r.model_copy(update={"path": str(staged)}))
     port = port or spec.serving.port
     cmd = build_vllm_command(
         pipe.base.path,
@@ -245,7 +260,8 @@ def plan_server(
         "LORAFOUNDRY_BASE_HASH": pipe.base.content_hash,
         "LORAFOUNDRY_ADAPTER_ROOT": str(pipe.adapters_dir),
         "LORAFOUNDRY_MAX_LORA_RANK": str(max_lora_rank([r.r for r in same_base] or [16])),
-        "LORAFOUNDRY_STATIC_MODELS": ",".join(names),
+        "LORAFOUNDRY_STAGE_DIR": str(stage_root),
+        "LORAFOUNDRY_STATIC_MODELS": ",".join(f"{a.name}@{a.version}" for a in adapters),
         "LORAFOUNDRY_BASE_NAME": spec.served_base_name,
     }
     if os.environ.get("LORAFOUNDRY_API_KEY"):

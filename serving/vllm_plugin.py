@@ -2,7 +2,8 @@
 
 vLLM calls :func:`register` in every one of its processes (API server, engine core, each worker), which is
 where fixes to the model runner must be applied: on CPU the workers are spawned, so patching the launching
-process alone does nothing. In the API server it also registers the registry-backed LoRA resolver.
+process alone does nothing. In the API server it also registers the registry-backed LoRA resolver, and in the
+worker it puts the integrity check on every adapter load.
 """
 
 from __future__ import annotations
@@ -11,12 +12,59 @@ import os
 
 
 def register() -> None:
-    """Apply the CPU multi-LoRA batch-invariance fix, and register the registry LoRA resolver when the server
-    was started by lorafoundry (``LORAFOUNDRY_REGISTRY`` set)."""
+    """Apply the CPU multi-LoRA batch-invariance fix; when the server was started by lorafoundry
+    (``LORAFOUNDRY_REGISTRY`` set) check every adapter load and register the registry LoRA resolver."""
     from serving import cpu_lora_fix
 
     cpu_lora_fix.apply()
+    _check_adapter_loads()
     _register_resolver()
+
+
+def _check_adapter_loads() -> None:
+    """Wrap vLLM's worker-side adapter loader: every load (at start, on first use, after an eviction from vLLM's
+    LoRA cache) reads a private copy of a staged adapter whose bytes hash to the staged dir's name
+    (serving.integrity.verified_copy); anything else raises, and the adapter is not loaded."""
+    stage_root = os.environ.get("LORAFOUNDRY_STAGE_DIR")
+    if not stage_root:
+        return
+    import functools
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import msgspec
+    from vllm.logger import init_logger
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    from serving.integrity import IntegrityError, verified_copy
+
+    log = init_logger("vllm.lorafoundry_integrity")  # under "vllm" so it reaches the server log
+
+    original = WorkerLoRAManager._load_adapter
+    if getattr(original, "_lorafoundry_checked", False):
+        return
+
+    @functools.wraps(original)
+    def load_verified(self, lora_request):
+        tmp = Path(tempfile.mkdtemp(prefix="lorafoundry-load-"))
+        try:
+            try:
+                copy = verified_copy(lora_request.lora_path, Path(stage_root), tmp / "adapter")
+            except IntegrityError as e:
+                log.error("lorafoundry: refused to load adapter %r: %s", lora_request.lora_name, e)
+                raise
+            log.info(
+                "lorafoundry: loading adapter %r from a verified copy (sha256 %s)",
+                lora_request.lora_name,
+                Path(lora_request.lora_path).name,
+            )
+            return original(self, msgspec.structs.replace(lora_request, lora_path=str(copy)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    load_verified._lorafoundry_checked = True
+    WorkerLoRAManager._load_adapter = load_verified
 
 
 def _register_resolver() -> None:
@@ -29,18 +77,18 @@ def _register_resolver() -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     class RegistryLoRAResolver(LoRAResolver):
-        """Loads `name`, `name@VERSION` or `name:ALIAS` from the registry after the guard's checks pass."""
+        """Loads `name@VERSION` (what the guard rewrites every adapter reference to) from the verified store."""
 
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             import asyncio
 
             from serving.guard import Refusal
 
-            rec = await asyncio.to_thread(core.resolve, lora_name)
-            if isinstance(rec, Refusal):
+            staged = await asyncio.to_thread(core.resolve_staged, lora_name)
+            if isinstance(staged, Refusal):
                 return None
             # vLLM passes the base's path; /v1/models should show the served base name as the parent
             parent = os.environ.get("LORAFOUNDRY_BASE_NAME") or base_model_name
-            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=rec.path, base_model_name=parent)
+            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(staged), base_model_name=parent)
 
     LoRAResolverRegistry.register_resolver("lorafoundry", RegistryLoRAResolver())

