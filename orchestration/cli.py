@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lora_assets.spec import PipelineSpec, SpecError, load_spec
@@ -52,7 +53,7 @@ def _load(spec_path: Path) -> PipelineSpec:
     try:
         return load_spec(spec_path)
     except SpecError as e:
-        err.print(f"[red]invalid spec[/red] {e}", highlight=False, markup=True)
+        err.print(f"[red]invalid spec[/red] {escape(str(e))}", highlight=False)  # a spec's text is not markup
         raise typer.Exit(2) from None
 
 
@@ -80,7 +81,7 @@ def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True) -> None
     try:
         Pipeline(spec, home).preflight()
     except SpecError as e:
-        err.print(f"[red]invalid spec[/red] {e}", highlight=False)
+        err.print(f"[red]invalid spec[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
 
     dagster_home = home / "dagster_home"
@@ -484,7 +485,7 @@ def _registry(home: Path | None, actor: str = "cli"):
 
 
 def _fail(e: Exception | str) -> None:
-    err.print(f"[red]error[/red] {e}", highlight=False)
+    err.print(f"[red]error[/red] {escape(str(e))}", highlight=False)
     raise typer.Exit(1) from None
 
 
