@@ -1,0 +1,208 @@
+"""Serving on the real model: plain vLLM (LoRA off, LoRA on) against `lorafoundry serve`, one client, one run.
+
+    lorafoundry run examples/demo.yaml --no-deploy --home /tmp/demo-home      # once: the two demo adapters
+    python bench/serve_compare.py --home /tmp/demo-home
+
+Three servers, started one after the other on the same base model dir and the same registered adapters:
+1. plain vLLM, LoRA off: `python -m vllm.entrypoints.openai.api_server --model BASE` with `VLLM_PLUGINS=none`
+   (lorafoundry's vLLM plugin is not loaded);
+2. plain vLLM, LoRA on: the same plus `--enable-lora --lora-modules NAME=PATH ...` (no plugin, no guard);
+3. `lorafoundry serve`: the command and environment `lorafoundry serve` uses (plugin, registry resolver, guard).
+
+The client is the `openai` package (AsyncOpenAI), not ours: closed-loop clients, each sending chat completions of
+exactly --tokens tokens (`ignore_eos`), greedy, prompts taken from the demo's data, keep-alive connections. Loads:
+`base` (every request to the base), `mixed` (half to the base, half to the adapters in equal shares) and
+`adapters` (the adapters in equal shares). Each load runs --reps times for --seconds, interleaved with the other
+loads on the same server, at each client count of --clients (default 8 and 32). With --sweep, base-only
+throughput at 4..64 clients is measured first on the plain LoRA-off server, to see where it stops growing.
+Tokens/s counts completion tokens over the window's wall time (in-flight requests are waited for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LOADS = ("base", "mixed", "adapters")
+
+
+def load_models(load: str, base: str, adapters: list[str]) -> list[str]:
+    """The round-robin model list of a load: base only, half base / half adapters, adapters only."""
+    if load == "base":
+        return [base]
+    if load == "adapters":
+        return list(adapters)
+    return [m for a in adapters for m in (base, a)]
+
+
+def prompts(spec_dir: Path) -> list[list[dict]]:
+    """Chat prompts from the demo's two datasets (user turns only), alternating."""
+    rows = []
+    for name in ("categories", "sentiment"):
+        for line in (spec_dir / "data" / "smollm2" / f"{name}.jsonl").read_text().splitlines()[:8]:
+            r = json.loads(line)
+            text = r["messages"][0]["content"] if "messages" in r else r["instruction"]
+            rows.append([{"role": "user", "content": text}])
+    return rows[::2] + rows[1::2]
+
+
+async def run_load(url: str, models: list[str], clients: int, seconds: float, tokens: int, msgs) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=os.environ.get("LORAFOUNDRY_API_KEY", "none"), timeout=600)
+    latencies: list[float] = []
+    done_tokens = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done_tokens
+        k = i
+        while time.monotonic() < deadline:
+            model, m = models[k % len(models)], msgs[k % len(msgs)]
+            k += 1
+            t0 = time.perf_counter()
+            r = await client.chat.completions.create(
+                model=model,
+                messages=m,
+                max_tokens=tokens,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            latencies.append(time.perf_counter() - t0)
+            done_tokens += r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    latencies.sort()
+    return {"tok_s": done_tokens / wall, "p50": statistics.median(latencies), "requests": len(latencies)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", type=Path, default=ROOT / "examples" / "demo.yaml")
+    ap.add_argument("--home", type=Path, default=Path("/tmp/demo-home"))
+    ap.add_argument("--seconds", type=float, default=15, help="length of one load window")
+    ap.add_argument("--reps", type=int, default=3, help="windows per (load, concurrency), interleaved")
+    ap.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
+    ap.add_argument("--port", type=int, default=8771)
+    ap.add_argument("--clients", default="8,32", help="comma-separated concurrent client counts")
+    ap.add_argument("--sweep", action="store_true", help="first measure base-only throughput at 4..64 clients")
+    ap.add_argument("--out", type=Path, help="write the raw results here as JSON")
+    args = ap.parse_args()
+
+    import httpx
+
+    from lora_assets.pipeline import Pipeline
+    from lora_assets.spec import load_spec
+    from serving.launch import VLLMServer, build_vllm_command, plan_server, server_env
+
+    spec = load_spec(args.spec)
+    pipe = Pipeline(spec, args.home)
+    adapters = [r for r in pipe.registry.servable(verify=True) if r.base_model_hash == pipe.base.content_hash]
+    if not adapters:
+        sys.exit(
+            f"no servable adapters on {spec.base_model} in {args.home}: run `lorafoundry run {args.spec} "
+            f"--no-deploy --home {args.home}` first."
+        )
+    base = spec.served_base_name
+    names = [a.name for a in adapters]
+    msgs = prompts(args.spec.parent)
+    url = f"http://{spec.serving.host}:{args.port}"
+    plain_env = server_env(spec.serving) | {"VLLM_PLUGINS": "none"}
+    lf_cmd, lf_env, _, _ = plan_server(spec, args.home, args.port)
+    servers = {
+        "plain vLLM, LoRA off": (
+            build_vllm_command(pipe.base.path, base, [], spec.serving, port=args.port),
+            plain_env,
+            ("base",),
+        ),
+        "plain vLLM, LoRA on": (
+            build_vllm_command(pipe.base.path, base, adapters, spec.serving, port=args.port),
+            plain_env,
+            LOADS,
+        ),
+        "lorafoundry serve": (lf_cmd, lf_env, LOADS),
+    }
+    print(
+        f"base {spec.base_model} ({pipe.base.path.name}), adapters {names}, {os.cpu_count()} cores, "
+        f"{args.tokens}-token greedy chat completions (ignore_eos), {args.seconds:.0f} s windows x {args.reps}",
+        flush=True,
+    )
+
+    results: dict[str, dict] = {}
+    counts = [int(c) for c in args.clients.split(",")]
+    for label, (cmd, env, loads) in servers.items():
+        log = args.home / "logs" / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
+        t0 = time.perf_counter()
+        with VLLMServer(cmd, env, log, url).start() as server:
+            server.wait_ready(600)
+            up = time.perf_counter() - t0
+            for m in {base, *names} if len(loads) > 1 else {base}:  # load every adapter once before timing
+                httpx.post(
+                    f"{url}/v1/chat/completions",
+                    json={"model": m, "messages": msgs[0], "max_tokens": 4},
+                    timeout=300,
+                    headers={"Authorization": f"Bearer {os.environ.get('LORAFOUNDRY_API_KEY', 'none')}"},
+                ).raise_for_status()
+            print(f"\n{label}: up in {up:.0f} s ({log.name})", flush=True)
+            if args.sweep and label == "plain vLLM, LoRA off":  # where does throughput stop growing?
+                for c in (4, 8, 16, 32, 64):
+                    r = asyncio.run(run_load(url, [base], c, args.seconds, args.tokens, msgs))
+                    print(
+                        f"  sweep base-only, {c:2d} clients: {r['tok_s']:6.1f} tok/s, p50 {r['p50']:.2f} s", flush=True
+                    )
+            for clients in counts:
+                for rep in range(args.reps):
+                    for load in loads:
+                        r = asyncio.run(
+                            run_load(url, load_models(load, base, names), clients, args.seconds, args.tokens, msgs)
+                        )
+                        results.setdefault(label, {}).setdefault(f"{load}@{clients}", []).append(r)
+                        print(
+                            f"  {load:8s} {clients:2d} clients, rep {rep + 1}: {r['tok_s']:6.1f} tok/s, "
+                            f"p50 {r['p50']:.2f} s, {r['requests']} requests",
+                            flush=True,
+                        )
+
+    def med(label: str, key: str) -> float:
+        return statistics.median(r["tok_s"] for r in results[label][key])
+
+    print(f"\nmedian tok/s over {args.reps} windows [min-max]")
+    for label, by_key in results.items():
+        for key, rs in by_key.items():
+            ts = [r["tok_s"] for r in rs]
+            print(
+                f"  {label:22s} {key:12s} {statistics.median(ts):7.1f} [{min(ts):.1f}-{max(ts):.1f}]  "
+                f"p50 latency {statistics.median(r['p50'] for r in rs):.2f} s"
+            )
+    lf, off, on = "lorafoundry serve", "plain vLLM, LoRA off", "plain vLLM, LoRA on"
+    for c in counts:
+        print(f"\n{c} clients:")
+        for label in (on, lf):
+            print(
+                f"  {label:22s} mixed / its base-only: {med(label, f'mixed@{c}') / med(label, f'base@{c}'):.2f}x "
+                f"(goal >= 0.85); adapters / base-only: "
+                f"{med(label, f'adapters@{c}') / med(label, f'base@{c}'):.2f}x"
+            )
+        print(
+            f"  lorafoundry base-only / plain vLLM LoRA off: {med(lf, f'base@{c}') / med(off, f'base@{c}'):.2f}x "
+            "(goal >= 0.9)"
+        )
+        print(f"  plain LoRA on base-only / plain LoRA off:    {med(on, f'base@{c}') / med(off, f'base@{c}'):.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps({"clients": counts, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
