@@ -233,8 +233,8 @@ def serve(
         str | None,
         typer.Option(
             envvar="LORAFOUNDRY_API_KEY",
-            help="Require this client key (Authorization: Bearer) on /v1; passed to "
-            "vLLM through its environment, never on the command line.",
+            help="Require this client key (Authorization: Bearer) on every route but /health; passed "
+            "to vLLM through its environment, never on the command line.",
         ),
     ] = None,
 ) -> None:
