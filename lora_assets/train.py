@@ -14,10 +14,13 @@ import math
 import os
 import platform
 import shutil
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
@@ -39,32 +42,34 @@ class MethodChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str
-    reason: str
-    estimate_bytes: int
-    budget_bytes: int
+    method: str = Field(description="`lora` or `qlora`: the spec's method, or what `auto` resolved to.")
+    reason: str = Field(description="Why: set in the spec, or the memory estimate against the budget.")
+    estimate_bytes: int = Field(description="Estimated training memory at bf16 (see choose_method).")
+    budget_bytes: int = Field(description="Free accelerator memory, or available RAM on a CPU machine.")
 
 
 class TrainResult(BaseModel):
-    """What training wrote and measured."""
+    """What training wrote and measured (also stored as ``result`` in ``training_manifest.json``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    adapter_dir: str
-    method: str
-    method_reason: str
-    reused: bool
-    train_loss: float
-    steps: int
-    examples: int
-    tokens: int
-    tokens_per_s: float
-    wall_s: float
-    trainable_params: int
-    total_params: int
-    loss_curve: list[tuple[int, float]]
-    peak_memory_bytes: int = 0
-    peak_memory_kind: str = ""
+    adapter_dir: str = Field(description="The published peft adapter dir, ``<adapters>/<job key>/<run key>``.")
+    method: str = Field(description="`lora` or `qlora`, as resolved by choose_method.")
+    method_reason: str = Field(description="Why that method (see MethodChoice.reason).")
+    reused: bool = Field(description="True when a finished run of the same run key was returned, not retrained.")
+    train_loss: float = Field(description="The Trainer's mean training loss over the steps this process ran.")
+    steps: int = Field(description="Optimizer steps at the end of training (including any before a resume).")
+    examples: int = Field(description="Train examples with at least one assistant token (the rest carry no loss).")
+    tokens: int = Field(description="Real tokens in those examples, before packing or padding.")
+    tokens_per_s: float = Field(description="Real tokens trained per second of wall time in this process.")
+    wall_s: float = Field(description="Seconds spent in the Trainer's fit in this process.")
+    trainable_params: int = Field(description="Parameters LoRA trains.")
+    total_params: int = Field(description="All parameters of the wrapped model, as peft counts them.")
+    loss_curve: list[tuple[int, float]] = Field(description="(step, training loss) at every logged step.")
+    peak_memory_bytes: int = Field(0, description="Peak memory during training; see peak_memory_kind.")
+    peak_memory_kind: str = Field(
+        "", description="What peak_memory_bytes measures: CUDA's peak allocation, or the process's sampled RSS."
+    )
 
 
 def memory_budget_bytes() -> int:
@@ -364,14 +369,22 @@ def tokenized_train_split(
     examples = [e for e in examples if any(t != -100 for t in e["labels"])]  # nothing to learn from
     offsets = np.cumsum([0] + [len(e["input_ids"]) for e in examples])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(
-        tmp,
-        ids=np.array([t for e in examples for t in e["input_ids"]], dtype=np.int32),
-        labels=np.array([t for e in examples for t in e["labels"]], dtype=np.int32),
-        offsets=offsets,
-    )
-    tmp.replace(path)
+    # A temp name of its own, like lora_assets.files.write_json_atomic: sweep points on the same data may
+    # tokenize at once, and a shared temp file would interleave their writes.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                ids=np.array([t for e in examples for t in e["input_ids"]], dtype=np.int32),
+                labels=np.array([t for e in examples for t in e["labels"]], dtype=np.int32),
+                offsets=offsets,
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; keep what np.savez on a path would give
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return examples, False
 
 
@@ -515,7 +528,7 @@ def default_checkpoint_every(steps_per_epoch: int) -> int:
 
 
 def train_adapter(
-    name: str,
+    job_key: str,
     spec: AdapterSpec,
     base: BaseModelRef,
     clean: CleanReport,
@@ -525,80 +538,147 @@ def train_adapter(
 ) -> TrainResult:
     """Train one adapter for exactly one epoch over the dataset's train split.
 
+    Phases: reuse a finished run of the same run key; check the settings (nothing loaded or tokenized yet);
+    tokenize the train split; load the base and wrap it with LoRA; fit (resuming an interrupted run); write the
+    adapter, loss plot and manifest beside the final dir and rename it into place.
+
     Args:
-        name: adapter name (the served model name).
+        job_key: the adapter job's key: the adapter name, or ``<name>.p<i>`` for a sweep point (see
+            :func:`lora_assets.pipeline.adapter_jobs`); names the output dir, log lines and the manifest.
         spec: the adapter's settings.
         base: the resolved base model.
         clean: the cleaning report of the adapter's dataset (gives the train split and fingerprint).
-        adapters_root: the home's ``adapters`` dir; output goes to ``<root>/<name>/<run key>``.
+        adapters_root: the home's ``adapters`` dir; output goes to ``<root>/<job_key>/<run key>``.
         log_every: log the loss every this many steps.
         progress: optional callable(str) that receives the log lines (Dagster's logger in assets).
     """
-    out_dir = Path(adapters_root) / name / run_key(spec, base, clean)
-    manifest_path = out_dir / "training_manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        return TrainResult(**{**manifest["result"], "reused": True})
+    out_dir = Path(adapters_root) / job_key / run_key(spec, base, clean)
+    reused = _finished_run(out_dir)
+    if reused is not None:
+        return reused
+    problems = preflight(f"adapters.{job_key}", spec, base)
+    if problems:
+        raise ValueError("; ".join(problems))
+    choice = choose_method(spec, base)
 
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
-    choice = choose_method(spec, base)
     torch.manual_seed(spec.seed)
+    say = progress or log.info
+    data = _tokenized_data(spec, base, clean, Path(adapters_root).parent / "tokenized")
+    warnings = _announce_warnings(job_key, spec, len(data.examples), progress)
+    model, trainable, total = _lora_model(spec, base, choice.method)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    fit = _fit(job_key, spec, base, model, data, tmp, log_every, say)
+
+    (tmp / LOSS_PLOT).write_bytes(loss_curve_png(fit.curve, f"{job_key}: training loss (one epoch)"))
+    result = _train_result(out_dir, choice, data, fit, int(trainable), int(total))
+    manifest = _manifest(job_key, spec, base, clean, choice, data, fit, warnings, result)
+    (tmp / "training_manifest.json").write_text(json.dumps(manifest, indent=2))  # published by the rename below
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # the adapter dir appears complete or not at all
+    return result
+
+
+def _finished_run(out_dir: Path) -> TrainResult | None:
+    """The result of a run that already published ``out_dir`` (same run key), marked reused; else None."""
+    manifest_path = out_dir / "training_manifest.json"
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    return TrainResult(**{**manifest["result"], "reused": True})
+
+
+@dataclass
+class _TrainData:
+    """The tokenized train split and the tokenizer that made it."""
+
+    tokenizer: Any
+    examples: list[dict]
+    tokens: int  # real tokens in the split (before packing or padding)
+    cache_hit: bool  # whether the split came from the tokenized cache
+
+
+def _tokenized_data(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, cache_dir: Path) -> _TrainData:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples, cache_hit = tokenized_train_split(
-        tokenizer, base, clean, spec.max_seq_len, Path(adapters_root).parent / "tokenized"
-    )
+    examples, cache_hit = tokenized_train_split(tokenizer, base, clean, spec.max_seq_len, cache_dir)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     for e in examples:
         e["length"] = len(e["input_ids"])  # for the length-grouped sampler (the collators ignore it)
+    return _TrainData(tokenizer=tokenizer, examples=examples, tokens=n_tokens, cache_hit=cache_hit)
 
-    problems = preflight(f"adapters.{name}", spec, base)
-    if problems:
-        raise ValueError("; ".join(problems))
-    warnings = training_warnings(spec, len(examples))
+
+def _announce_warnings(job_key: str, spec: AdapterSpec, n_examples: int, progress) -> list[str]:
+    """Log :func:`training_warnings` (and send them to ``progress``); returns them for the manifest."""
+    warnings = training_warnings(spec, n_examples)
     for w in warnings:
-        log.warning("%s: %s", name, w)
+        log.warning("%s: %s", job_key, w)
         if progress:
-            progress(f"{name}: warning: {w}")
-    model = _load_base_for_training(base, choice.method)
+            progress(f"{job_key}: warning: {w}")
+    return warnings
+
+
+def _lora_model(spec: AdapterSpec, base: BaseModelRef, method: str):
+    """The base loaded for ``method`` and wrapped with fresh LoRA weights; returns (model, trainable, total)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_base_for_training(base, method)
     _release_freed_memory()
     # No KV cache in training: with one, transformers also skips the packed-sequence mask (see PackingCollator)
     model.config.use_cache = False
-    modules = spec.resolved_target_modules()
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=spec.r,
-            lora_alpha=spec.alpha,
-            target_modules=modules,
-            lora_dropout=spec.lora_dropout,
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
+    lora = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=spec.resolved_target_modules(),
+        lora_dropout=spec.lora_dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
+    model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     if not torch.cuda.is_available():
         use_bits_dropout(model)  # same dropout, ~3x cheaper masks on CPU (see lora_assets.train_kernels)
+    return model, trainable, total
 
-    steps_per_epoch = math.ceil(len(examples) / (spec.batch_size * spec.gradient_accumulation_steps))
-    say = progress or log.info
 
-    # The run dir survives a crash: a rerun of the same run key resumes from its last complete checkpoint.
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+@dataclass
+class _FitOutcome:
+    """What one fit measured, for the result and the manifest."""
+
+    train_loss: float
+    steps: int  # the Trainer's global step at the end (counts steps done before a resume)
+    steps_per_epoch: int
+    start_step: int  # the checkpoint step this process resumed from, 0 for a fresh run
+    save_every: int
+    wall_s: float
+    curve: list[tuple[int, float]]
+    peak_memory: tuple[int, str]
+    padding_fraction: float | None
+
+
+def _resume_point(tmp: Path, job_key: str, say) -> Path | None:
+    """The checkpoint to resume from in the run dir ``tmp``, which survives a crash; clears what cannot be used."""
     resume_from = latest_complete_checkpoint(tmp / "checkpoints")
     if resume_from is None:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        for d in (tmp / "checkpoints").glob("checkpoint-*"):  # cut off mid-save: never resume from those
-            if not _is_complete(d):
-                shutil.rmtree(d, ignore_errors=True)
-        say(f"{name}: resuming from {resume_from.name} of an interrupted run")
-    save_every = spec.checkpoint_every or default_checkpoint_every(steps_per_epoch)
-    args = TrainingArguments(
+        return None
+    for d in (tmp / "checkpoints").glob("checkpoint-*"):  # cut off mid-save: never resume from those
+        if not _is_complete(d):
+            shutil.rmtree(d, ignore_errors=True)
+    say(f"{job_key}: resuming from {resume_from.name} of an interrupted run")
+    return resume_from
+
+
+def _training_arguments(spec: AdapterSpec, tmp: Path, save_every: int, steps_per_epoch: int, log_every: int):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(tmp / "checkpoints"),
         save_strategy="steps",
         save_steps=save_every,
@@ -622,60 +702,100 @@ def train_adapter(
         length_column_name="length",
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=True,  # our own bar, see below
+        disable_tqdm=True,  # our own bar, see make_progress_callback
     )
+
+
+def _fit(
+    job_key: str, spec: AdapterSpec, base: BaseModelRef, model, data: _TrainData, tmp: Path, log_every: int, say
+) -> _FitOutcome:
+    """One epoch with the Trainer in the run dir ``tmp`` (resuming its last complete checkpoint), then the
+    adapter weights saved into ``tmp`` and the checkpoints removed."""
+    from transformers import PrinterCallback
+
+    steps_per_epoch = math.ceil(len(data.examples) / (spec.batch_size * spec.gradient_accumulation_steps))
+    resume_from = _resume_point(tmp, job_key, say)
+    save_every = spec.checkpoint_every or default_checkpoint_every(steps_per_epoch)
+    args = _training_arguments(spec, tmp, save_every, steps_per_epoch, log_every)
     collator = (
-        PackingCollator(tokenizer.pad_token_id, spec.max_seq_len, attention_width(base.config))
+        PackingCollator(data.tokenizer.pad_token_id, spec.max_seq_len, attention_width(base.config))
         if spec.packing
-        else PaddedCollator(tokenizer)
+        else PaddedCollator(data.tokenizer)
     )
-    progress_cb = make_progress_callback(name, collator, say, log_every)
+    progress_cb = make_progress_callback(job_key, collator, say, log_every)
     trainer = make_trainer(
-        model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[progress_cb]
+        model=model, args=args, train_dataset=data.examples, data_collator=collator, callbacks=[progress_cb]
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress callback says it better
     t0 = time.time()
-    start_step = _checkpoint_step(resume_from) if resume_from else 0
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.time() - t0
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    return _FitOutcome(
+        train_loss=float(out.training_loss),
+        steps=trainer.state.global_step,
+        steps_per_epoch=steps_per_epoch,
+        start_step=_checkpoint_step(resume_from) if resume_from else 0,
+        save_every=save_every,
+        wall_s=wall,
+        curve=[(h["step"], round(h["loss"], 5)) for h in trainer.state.log_history if "loss" in h],
+        peak_memory=progress_cb.peak_memory(),
+        padding_fraction=(round(1 - collator.real_tokens / collator.row_tokens, 4) if collator.row_tokens else None),
+    )
 
-    curve = [(h["step"], round(h["loss"], 5)) for h in trainer.state.log_history if "loss" in h]
-    (tmp / LOSS_PLOT).write_bytes(loss_curve_png(curve, f"{name}: training loss (one epoch)"))
-    peak_bytes, peak_kind = progress_cb.peak_memory()
+
+def _train_result(
+    out_dir: Path, choice: MethodChoice, data: _TrainData, fit: _FitOutcome, trainable: int, total: int
+) -> TrainResult:
     # Tokens this process trained on: a resumed run only did the steps after its checkpoint, and a smoke run
     # (max_steps) only part of the epoch.
-    seen_tokens = n_tokens * max(0, min(trainer.state.global_step, steps_per_epoch) - start_step) / steps_per_epoch
-    result = TrainResult(
+    done = max(0, min(fit.steps, fit.steps_per_epoch) - fit.start_step)
+    seen_tokens = data.tokens * done / fit.steps_per_epoch
+    return TrainResult(
         adapter_dir=str(out_dir),
         method=choice.method,
         method_reason=choice.reason,
         reused=False,
-        train_loss=float(out.training_loss),
-        steps=trainer.state.global_step,
-        examples=len(examples),
-        tokens=n_tokens,
-        tokens_per_s=round(seen_tokens / wall, 1),
-        wall_s=round(wall, 2),
-        trainable_params=int(trainable),
-        total_params=int(total),
-        loss_curve=curve,
-        peak_memory_bytes=peak_bytes,
-        peak_memory_kind=peak_kind,
+        train_loss=fit.train_loss,
+        steps=fit.steps,
+        examples=len(data.examples),
+        tokens=data.tokens,
+        tokens_per_s=round(seen_tokens / fit.wall_s, 1),
+        wall_s=round(fit.wall_s, 2),
+        trainable_params=trainable,
+        total_params=total,
+        loss_curve=fit.curve,
+        peak_memory_bytes=fit.peak_memory[0],
+        peak_memory_kind=fit.peak_memory[1],
     )
-    manifest = {
-        "adapter_name": name,
-        "config": spec.model_dump(mode="json") | {"lora_alpha": spec.alpha, "target_modules": modules},
+
+
+def _manifest(
+    job_key: str,
+    spec: AdapterSpec,
+    base: BaseModelRef,
+    clean: CleanReport,
+    choice: MethodChoice,
+    data: _TrainData,
+    fit: _FitOutcome,
+    warnings: list[str],
+    result: TrainResult,
+) -> dict:
+    """``training_manifest.json``: what was trained, on what, with which libraries, and the result."""
+    return {
+        "adapter_name": job_key,
+        "config": spec.model_dump(mode="json")
+        | {"lora_alpha": spec.alpha, "target_modules": spec.resolved_target_modules()},
         "epochs": 1,
         "max_steps": spec.max_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "checkpoint_every": save_every,
-        "resumed_from_step": start_step or None,
+        "steps_per_epoch": fit.steps_per_epoch,
+        "checkpoint_every": fit.save_every,
+        "resumed_from_step": fit.start_step or None,
         "warnings": warnings,
-        "tokenized_cache": "hit" if cache_hit else "miss",
+        "tokenized_cache": "hit" if data.cache_hit else "miss",
         "packing": spec.packing,
-        "padding_fraction": (round(1 - collator.real_tokens / collator.row_tokens, 4) if collator.row_tokens else None),
+        "padding_fraction": fit.padding_fraction,
         "method": choice.model_dump(),
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},
@@ -683,7 +803,3 @@ def train_adapter(
         "seed": spec.seed,
         "result": result.model_dump(mode="json"),
     }
-    (tmp / "training_manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # the adapter dir appears complete or not at all
-    return result
