@@ -17,12 +17,14 @@ import math
 import re
 import time
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
+from lora_assets.files import write_json_atomic
 from lora_assets.hardware import resolve_dtype, torch_dtype
 from lora_assets.spec import AdapterSpec, GateSpec
 from lora_assets.train import tokenize_example
@@ -32,30 +34,38 @@ EVAL_FILE = "eval_results.json"
 
 
 class GateResult(BaseModel):
+    """The outcome of an adapter's quality gate."""
+
     model_config = ConfigDict(extra="forbid")
 
-    metric: str
-    passed: bool
-    detail: str
+    metric: str = Field(description="The metric the gate reads.")
+    passed: bool = Field(description="Whether the adapter met the gate; a failed one is registered `rejected`.")
+    detail: str = Field(description="`pass: ` or `fail: `, the value or gain, and what was required.")
 
 
 class EvalResult(BaseModel):
-    """Base vs adapter metrics, samples and the gate outcome.
-
-    ``metrics`` maps each metric to ``{"base", "adapter", "gain", "gain_ci_low", "gain_ci_high"}``; gains are
-    oriented so that positive means the adapter is better.
-    """
+    """Base vs adapter metrics, samples and the gate outcome (stored as ``eval_results.json``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    metrics: dict[str, dict[str, float]]
-    rows: int
-    generation: dict
-    samples: list[dict]
-    gate: GateResult | None
-    wall_s: float
-    precision_agreement: dict | None = None
-    key: str = ""  # what the numbers depend on (see _eval_key): equal keys give equal results
+    metrics: dict[str, dict[str, float]] = Field(
+        description="For each metric (exact_match, contains, chrf, eval_loss, perplexity): ``base``, ``adapter``, "
+        "``gain``, ``gain_ci_low`` and ``gain_ci_high`` (95% paired bootstrap); gains are oriented so that positive "
+        "means the adapter is better."
+    )
+    rows: int = Field(description="Eval rows scored (the eval split, capped at max_eval_rows).")
+    generation: dict = Field(description="How answers were generated and scored: decoding, dtype, seed, ...")
+    samples: list[dict] = Field(description="The first 10 rows: prompt, reference, the base's and adapter's answers.")
+    gate: GateResult | None = Field(description="The gate's outcome; None when the adapter has no gate.")
+    wall_s: float = Field(description="Seconds the evaluation took (for a reused result, the run that computed it).")
+    precision_agreement: dict | None = Field(
+        None,
+        description="QLoRA only: how many greedy answers on the 4-bit training base equal those on the served "
+        "base; None for LoRA.",
+    )
+    key: str = Field(
+        "", description="What the numbers depend on (see _eval_key): equal keys give equal results, so reuse."
+    )
 
 
 #: Bump when a change to this module changes any number or answer an evaluation produces.
@@ -310,42 +320,133 @@ def evaluate_adapter(
         seed: seeds torch and the bootstrap.
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = _eval_key(adapter_dir, spec, base, clean, dtype, max_new_tokens, seed)
-    cached = Path(adapter_dir) / EVAL_FILE
-    if cached.exists():  # same adapter, data and settings: the same numbers; only the gate may have changed
-        previous = EvalResult.model_validate(json.loads(cached.read_text()))
-        if previous.key == key:
-            return previous.model_copy(update={"gate": check_gate(spec.gate, previous.metrics)})
+    adapter_dir = Path(adapter_dir)
+    previous = _previous_result(adapter_dir, key, spec.gate)
+    if previous is not None:
+        return previous
     t0 = time.time()
     torch.manual_seed(seed)
-    rows = read_split(clean, "eval")[: spec.max_eval_rows]
+    rows = _eval_rows(clean, spec.max_eval_rows)
+    tokenizer = _eval_tokenizer(base)
+    model = _adapter_model(base, adapter_dir, dtype)
+    runs = _run_base_and_adapter(model, tokenizer, rows, spec.max_seq_len, max_new_tokens)
+    metrics = metric_table(_answer_scores(runs), (runs.base_sums, runs.adapter_sums, runs.counts), seed=seed)
+    del model  # free the serving-dtype model before a 4-bit one is loaded: the two never share memory
+    _release_model_memory()
+    agreement = (
+        _precision_agreement(base, adapter_dir, tokenizer, runs.prompts, runs.adapter_outputs, max_new_tokens)
+        if _trained_method(adapter_dir) == "qlora"
+        else None
+    )
+    result = EvalResult(
+        metrics=metrics,
+        rows=len(rows),
+        samples=_samples(rows, runs),
+        gate=check_gate(spec.gate, metrics),
+        generation=_generation_settings(dtype, max_new_tokens, seed),
+        wall_s=round(time.time() - t0, 2),
+        precision_agreement=agreement,
+        key=key,
+    )
+    write_json_atomic(adapter_dir / EVAL_FILE, result.model_dump(mode="json"), indent=2)
+    return result
+
+
+def _generation_settings(dtype: str, max_new_tokens: int, seed: int) -> dict:
+    return {
+        "decoding": "greedy",
+        "do_sample": False,
+        "max_new_tokens": max_new_tokens,
+        "dtype": resolve_dtype(dtype),
+        "seed": seed,
+        "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+        "chrf": "char 6-grams, beta 2",
+    }
+
+
+def _previous_result(adapter_dir: Path, key: str, gate: GateSpec | None) -> EvalResult | None:
+    """The stored result when its key matches (same adapter, data and settings give the same numbers), with the
+    gate applied again: only the gate may have changed."""
+    cached = adapter_dir / EVAL_FILE
+    if not cached.exists():
+        return None
+    previous = EvalResult.model_validate(json.loads(cached.read_text()))
+    if previous.key != key:
+        return None
+    return previous.model_copy(update={"gate": check_gate(gate, previous.metrics)})
+
+
+def _eval_rows(clean: CleanReport, max_rows: int) -> list[dict]:
+    rows = read_split(clean, "eval")[:max_rows]
     if not rows:
         raise ValueError(
             f"dataset {clean.dataset!r} has no eval rows. Fix: raise datasets.{clean.dataset}."
             "eval_fraction or add data."
         )
+    return rows
+
+
+def _eval_tokenizer(base: BaseModelRef):
+    """The base's tokenizer, padding on the left so that batched generation continues every prompt in place."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adapter_model(base: BaseModelRef, adapter_dir: Path, dtype: str):
+    """The base at ``dtype`` with the adapter loaded, in eval mode (``disable_adapter()`` gives the base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch_dtype(dtype))
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
+    return model
 
-    examples = [tokenize_example(tokenizer, r["messages"], spec.max_seq_len) for r in rows]
+
+@dataclass
+class _EvalRuns:
+    """Per eval row: the prompt, the reference answer, and base and adapter losses and greedy answers."""
+
+    prompts: list[str]
+    references: list[str]
+    base_sums: list[float]  # summed loss over the row's assistant tokens
+    adapter_sums: list[float]
+    counts: list[int]  # assistant tokens in the row
+    base_outputs: list[str]
+    adapter_outputs: list[str]
+
+
+def _run_base_and_adapter(model, tokenizer, rows: list[dict], max_seq_len: int, max_new_tokens: int) -> _EvalRuns:
+    examples = [tokenize_example(tokenizer, r["messages"], max_seq_len) for r in rows]
     prompts = [
         tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
     ]
-    refs = [r["messages"][-1]["content"] for r in rows]
-
     with model.disable_adapter():
         base_sums, counts = _row_losses(model, examples, tokenizer.pad_token_id)
         base_out = _generate(model, tokenizer, prompts, max_new_tokens)
     ad_sums, _ = _row_losses(model, examples, tokenizer.pad_token_id)
     ad_out = _generate(model, tokenizer, prompts, max_new_tokens)
+    return _EvalRuns(
+        prompts=prompts,
+        references=[r["messages"][-1]["content"] for r in rows],
+        base_sums=base_sums,
+        adapter_sums=ad_sums,
+        counts=counts,
+        base_outputs=base_out,
+        adapter_outputs=ad_out,
+    )
+
+
+def _answer_scores(runs: _EvalRuns) -> dict[str, tuple[list[float], list[float]]]:
+    """Per-row exact match, contains and chrF of the base's and the adapter's answers (see metric_table)."""
+    refs = runs.references
 
     def em(outs: list[str]) -> list[float]:
         return [float(normalize_answer(o) == normalize_answer(r)) for o, r in zip(outs, refs, strict=True)]
@@ -356,50 +457,33 @@ def evaluate_adapter(
     def chrfs(outs: list[str]) -> list[float]:
         return [chrf(o, r) for o, r in zip(outs, refs, strict=True)]
 
-    metrics = metric_table(
-        {
-            "exact_match": (em(base_out), em(ad_out)),
-            "contains": (contains(base_out), contains(ad_out)),
-            "chrf": (chrfs(base_out), chrfs(ad_out)),
-        },
-        (base_sums, ad_sums, counts),
-        seed=seed,
-    )
-    samples = [
+    base_out, ad_out = runs.base_outputs, runs.adapter_outputs
+    return {
+        "exact_match": (em(base_out), em(ad_out)),
+        "contains": (contains(base_out), contains(ad_out)),
+        "chrf": (chrfs(base_out), chrfs(ad_out)),
+    }
+
+
+def _samples(rows: list[dict], runs: _EvalRuns, n: int = 10) -> list[dict]:
+    return [
         {"prompt": r["messages"][-2]["content"], "reference": ref, "base": b, "adapter": a}
-        for r, ref, b, a in list(zip(rows, refs, base_out, ad_out, strict=True))[:10]
+        for r, ref, b, a in list(zip(rows, runs.references, runs.base_outputs, runs.adapter_outputs, strict=True))[:n]
     ]
-    manifest_path = Path(adapter_dir) / "training_manifest.json"
-    method = json.loads(manifest_path.read_text())["method"]["method"] if manifest_path.exists() else "lora"
-    del model  # free the serving-dtype model before a 4-bit one is loaded: the two never share memory
+
+
+def _trained_method(adapter_dir: Path) -> str:
+    """`lora` or `qlora`, from the training manifest (`lora` for an adapter trained elsewhere)."""
+    manifest_path = adapter_dir / "training_manifest.json"
+    return json.loads(manifest_path.read_text())["method"]["method"] if manifest_path.exists() else "lora"
+
+
+def _release_model_memory() -> None:
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    agreement = (
-        _precision_agreement(base, Path(adapter_dir), tokenizer, prompts, ad_out, max_new_tokens)
-        if method == "qlora"
-        else None
-    )
-    result = EvalResult(
-        metrics=metrics,
-        rows=len(rows),
-        samples=samples,
-        gate=check_gate(spec.gate, metrics),
-        generation={
-            "decoding": "greedy",
-            "do_sample": False,
-            "max_new_tokens": max_new_tokens,
-            "dtype": resolve_dtype(dtype),
-            "seed": seed,
-            "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-            "chrf": "char 6-grams, beta 2",
-        },
-        wall_s=round(time.time() - t0, 2),
-        precision_agreement=agreement,
-        key=key,
-    )
-    (Path(adapter_dir) / EVAL_FILE).write_text(result.model_dump_json(indent=2))
-    return result
 
 
 def load_eval(adapter_dir: Path) -> EvalResult:
