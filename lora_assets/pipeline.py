@@ -25,6 +25,7 @@ from pathlib import Path
 from lora_assets.base_model import BaseModelRef, resolve_base_model
 from lora_assets.clean import CleanReport, clean_dataset, current_clean
 from lora_assets.evaluate import EvalResult, evaluate_adapter, load_eval
+from lora_assets.files import write_json_atomic
 from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
 from lora_assets.train import TrainResult, preflight, train_adapter
 from registry.store import AdapterRecord, AdapterRegistry, NewAdapter
@@ -130,7 +131,7 @@ class Pipeline:
         job = self.jobs[key]
         clean = current_clean(self.datasets_dir, job.spec.dataset)
         result = train_adapter(key, job.spec, self.base, clean, self.adapters_dir, progress=self.progress)
-        _write_json(self.adapters_dir / key / "current.json", {"dir": result.adapter_dir})
+        write_json_atomic(self.adapters_dir / key / "current.json", {"dir": result.adapter_dir})
         return result
 
     def adapter_dir(self, key: str) -> Path:
@@ -186,10 +187,3 @@ class Pipeline:
 def rank_metric(spec: AdapterSpec) -> str:
     """The metric versions of an adapter are ranked by: its gate's, else eval loss."""
     return spec.gate.metric if spec.gate else "eval_loss"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
