@@ -280,7 +280,8 @@ def test_minhash_finds_near_duplicates_and_spares_distinct_rows():
 def test_chunked_minhash_equals_the_one_pass_definition():
     """The cache-sized, multi-threaded MinHash gives exactly the signatures of the plain definition (64 passes
     over all shingles), across many work units; the fused trigram path equals trigrams-then-MinHash."""
-    from lora_assets.clean import _permutations, word_trigram_hashes, word_trigram_signatures
+    from lora_assets.clean import word_trigram_hashes, word_trigram_signatures
+    from lora_assets.clean.near_dup import _permutations
 
     rng = np.random.default_rng(3)
     lens = rng.integers(1, 60, size=12_000)  # ~350 k entries: several work units, rows of 1 and 2 words too

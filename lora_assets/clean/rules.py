@@ -1,0 +1,225 @@
+"""The per-row rules on DuckDB: normalize each message's text, count and redact PII, give each row the first
+quarantine reason that fits (table ``result``), then the length and exact-duplicate rules.
+
+Text is normalized before any comparison: Unicode NFC, CRLF to LF, control characters removed, Unicode spaces
+to plain spaces, trailing spaces on each line removed, runs of blank lines collapsed, ends trimmed. Indentation
+inside a line is kept (code answers depend on it).
+
+The SQL here is built only from the constants in this module (rules, patterns, placeholders), never from the
+data or the spec's free text.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+#: Every quarantine reason, in the order they are applied (a row gets the first that fits).
+REASONS = [
+    "invalid_utf8",
+    "blank_line",
+    "invalid_csv",
+    "invalid_json",
+    "not_an_object",
+    "missing_fields",
+    "wrong_type",
+    "empty_conversation",
+    "unknown_role",
+    "empty_prompt",
+    "empty_response",
+    "no_user_turn",
+    "no_final_assistant_turn",
+    "consecutive_same_role",
+    "pii",
+    "too_long",
+    "duplicate",
+    "near_duplicate",
+]
+
+PII_PATTERNS = {  # RE2 syntax (DuckDB); applied in this order
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "ipv4": r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b",
+    "phone": r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)|[0-9]{2,4})[ .-][0-9]{3,4}[ .-][0-9]{3,4}\b",
+}
+PII_PLACEHOLDERS = {"email": "<EMAIL>", "ipv4": "<IPV4>", "phone": "<PHONE>"}
+
+_NORMALIZE_MACRO = r"""
+CREATE OR REPLACE MACRO norm_text_full(s) AS trim(
+    regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(
+        nfc_normalize(s),
+        '\r\n?', chr(10), 'g'),
+        '[\x{00}-\x{08}\x{0B}\x{0C}\x{0E}-\x{1F}\x{7F}\x{200B}-\x{200D}\x{FEFF}]', '', 'g'),
+        '[\x{00A0}\x{2000}-\x{200A}\x{202F}\x{205F}\x{3000}]', ' ', 'g'),
+        '[ \t]+\n', chr(10), 'g'),
+        '\n{3,}', chr(10) || chr(10), 'g'),
+    ' ' || chr(9) || chr(10));
+-- trim() with a character set is slow: call it only when an end needs it
+CREATE OR REPLACE MACRO trim_ends(s) AS CASE
+    WHEN starts_with(s, ' ') OR starts_with(s, chr(9)) OR starts_with(s, chr(10)) OR ends_with(s, ' ')
+         OR ends_with(s, chr(9)) OR ends_with(s, chr(10)) THEN trim(s, ' ' || chr(9) || chr(10)) ELSE s END;
+-- Most text needs only NFC (and trim_ends): one regex search decides whether the full pass is needed.
+CREATE OR REPLACE MACRO needs_full_norm(s) AS regexp_matches(s,
+    '[\x{00}-\x{08}\x{0B}-\x{1F}\x{7F}\x{00A0}\x{2000}-\x{200D}\x{202F}\x{205F}\x{3000}\x{FEFF}]|[ \t]\n|\n\n\n')
+"""
+
+# Each message, in stages of their own (a macro repeats its argument: given the JSON extraction itself, that
+# would re-run it per use). Everything runs inside list_transform over each row's message list: no explode and
+# re-aggregate. A content is text when it is a string, or, in the messages format only (OpenAI's), a list of
+# text parts; anything else (a number, an object, a list in another format) is wrong_type, never coerced to text.
+_NORMALIZE_MESSAGES = """
+CREATE TABLE norm AS
+WITH typed AS (  -- the role, whether it is a string, the content's text, whether its parts are all text
+    SELECT rid, list_transform(msgs, lambda m: {
+               'role': CASE lower(trim(m.role->>'$')) WHEN 'human' THEN 'user' WHEN 'gpt' THEN 'assistant'
+                            ELSE lower(trim(m.role->>'$')) END,
+               'role_ok': coalesce(json_type(m.role) = 'VARCHAR', false),  -- NULL: a null or missing role
+               'content': CASE json_type(m.content) WHEN 'VARCHAR' THEN m.content->>'$'
+                    WHEN 'ARRAY' THEN array_to_string(list_transform(json_extract(m.content, '$[*]'),
+                        lambda p: CASE json_type(p) WHEN 'VARCHAR' THEN p->>'$' WHEN 'OBJECT' THEN
+                             CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END), '') END,
+               'parts_ok': json_type(m.content) <> 'ARRAY' OR (fmt = 'messages' AND NOT list_bool_or(
+                   list_transform(json_extract(m.content, '$[*]'), lambda p: NOT (json_type(p) = 'VARCHAR' OR
+                   (json_type(p) = 'OBJECT' AND coalesce(json_type(p->'$.text'), '') = 'VARCHAR')))))}) AS ms
+    FROM shaped WHERE reason IS NULL AND msgs IS NOT NULL),
+normalized AS (
+    SELECT rid, list_transform(ms, lambda m: {'role': m.role, 'role_ok': m.role_ok, 'content':
+               CASE WHEN needs_full_norm(m.content) THEN norm_text_full(m.content) ELSE nfc_normalize(m.content)
+               END, 'parts_ok': m.parts_ok}) AS ms
+    FROM typed)
+SELECT rid, list_transform(ms, lambda m: {'role': m.role, 'role_ok': m.role_ok,
+                                          'content': trim_ends(m.content), 'parts_ok': m.parts_ok}) AS ms
+FROM normalized
+"""
+
+#: Rules over each normalized message ``m`` (role, role_ok, content, parts_ok): a row breaks one when any of its
+#: messages does. Applied in this order, after the reasons reading and shaping gave.
+_MESSAGE_RULES = [
+    ("wrong_type", "NOT m.role_ok OR m.content IS NULL OR NOT m.parts_ok"),
+    ("unknown_role", "m.role_ok AND m.role NOT IN ('system', 'user', 'assistant')"),
+    ("empty_prompt", "m.role = 'user' AND m.content = ''"),
+    ("empty_response", "m.role = 'assistant' AND m.content = ''"),
+]
+#: Then rules over the conversation ``p.messages`` as it will be written (PII redacted, empty system turns dropped).
+_CONVERSATION_RULES = [
+    ("no_user_turn", "NOT p.has_user AND s.fmt <> 'text'"),
+    ("no_final_assistant_turn", "p.messages[-1].role <> 'assistant'"),
+    (
+        "consecutive_same_role",
+        "list_bool_or(list_transform(range(1, len(p.messages)), "
+        "lambda i: p.messages[i].role = p.messages[i + 1].role))",
+    ),
+]
+
+
+def apply_rules(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]:
+    """Validate and normalize each message, count or redact PII, and build table `result` (one row per input row,
+    with its first quarantine reason). Returns the PII redactions per kind (only with ``pii_mode == "redact"``)."""
+    con.execute(_NORMALIZE_MACRO)
+    con.execute(_NORMALIZE_MESSAGES)
+    con.execute(_per_row_sql(pii_mode))
+    con.execute("DROP TABLE norm")
+    con.execute(_result_sql(pii_mode))
+    con.execute("DROP TABLE shaped; DROP TABLE per_row; DROP TABLE parsed")
+    if pii_mode != "redact":
+        return {}
+    row = con.execute(
+        f"SELECT {', '.join(f'sum(n_{k})' for k in PII_PATTERNS)} FROM result WHERE reason IS NULL"
+    ).fetchone()
+    return {k: int(v or 0) for k, v in zip(PII_PATTERNS, row, strict=True) if v}
+
+
+def _pii_stages(pii_mode: str) -> list[tuple[str, str]]:
+    """Named query stages over table `norm`: the texts, then per PII kind in order, its count ``n_<kind>`` in the
+    text as the previous kind left it, and (``redact``) the text with it replaced.
+
+    One search per text for any kind (an '@', or one alternation of the other patterns) picks the rows that can
+    hold PII at all (``maybe``); only those run the per-kind searches, counts and replacements, and a plain
+    regexp_matches guards the costlier extract/replace, since few messages contain PII.
+    """
+    others = "|".join(f"(?:{pat})" for kind, pat in PII_PATTERNS.items() if kind != "email")
+    maybe = (
+        f"{pii_mode != 'off'} AND list_bool_or(list_transform(texts, lambda t: contains(t, '@') OR "
+        f"regexp_matches(t, '{others}')))"
+    )
+    stages = [
+        ("texts", "SELECT rid, ms, list_transform(ms, lambda m: m.content) AS texts FROM norm"),
+        ("pii_candidates", f"SELECT *, {maybe} AS maybe FROM texts"),
+    ]
+    for kind, pat in PII_PATTERNS.items():
+        guard = "contains(t, '@') AND " if kind == "email" else ""  # a substring test is far cheaper than RE2
+        hit = f"{guard}regexp_matches(t, '{pat}')"
+        count = (
+            "CASE WHEN maybe THEN coalesce(list_sum(list_transform(texts, lambda t: CASE WHEN "
+            f"{hit} THEN len(regexp_extract_all(t, '{pat}')) ELSE 0 END)), 0) ELSE 0 END"
+        )
+        redacted = (
+            f"CASE WHEN maybe THEN list_transform(texts, lambda t: CASE WHEN {hit} THEN regexp_replace(t, "
+            f"'{pat}', '{PII_PLACEHOLDERS[kind]}', 'g') ELSE t END) ELSE texts END"
+            if pii_mode == "redact"
+            else "texts"
+        )
+        stages.append(
+            (f"pii_{kind}", f"SELECT * REPLACE ({redacted} AS texts), {count} AS n_{kind} FROM {stages[-1][0]}")
+        )
+    return stages
+
+
+def _per_row_sql(pii_mode: str) -> str:
+    """Table `per_row`: each row's messages as written, a flag per message rule, and its PII counts."""
+    stages = _pii_stages(pii_mode)
+    ctes = ",\n".join(f"{name} AS ({sql})" for name, sql in stages)
+    flags = "".join(
+        f"list_bool_or(list_transform(ms, lambda m: {cond})) AS {reason},\n" for reason, cond in _MESSAGE_RULES
+    )
+    counts = ", ".join(f"n_{k}" for k in PII_PATTERNS)
+    return f"""
+        CREATE TABLE per_row AS
+        WITH {ctes}
+        SELECT rid,
+               list_transform(list_filter(list_zip(ms, texts), lambda x: NOT (x[1].role = 'system' AND
+                   x[1].content = '')), lambda x: {{'role': x[1].role, 'content': x[2]}}) AS messages,
+               {flags}
+               list_bool_or(list_transform(ms, lambda m: m.role = 'user')) AS has_user,
+               {counts}, {" + ".join(f"n_{k}" for k in PII_PATTERNS)} AS n_pii
+        FROM {stages[-1][0]}"""
+
+
+def _result_sql(pii_mode: str) -> str:
+    """Table `result`: every input row with its messages, its first quarantine reason, and its hashes."""
+    rules = [("empty_conversation", "p.rid IS NULL OR len(p.messages) = 0")]
+    rules += [(reason, f"p.{reason}") for reason, _ in _MESSAGE_RULES] + _CONVERSATION_RULES
+    if pii_mode == "quarantine":
+        rules.append(("pii", "p.n_pii > 0"))
+    whens = "\n".join(f"WHEN {cond} THEN '{reason}'" for reason, cond in rules)
+    return f"""
+        CREATE TABLE result AS
+        SELECT s.rid, r.file, r.line_no, s.fmt, p.messages,  -- the raw line stays in `rows` (quarantine only)
+               coalesce(s.reason, CASE {whens} END) AS reason,
+               md5(to_json(p.messages)) AS content_hash,
+               -- only compared within this run (leakage): DuckDB's 64-bit hash, a third of md5's cost
+               CASE WHEN len(p.messages) > 1  -- plain-text rows have no prompt to leak
+                    THEN hash(list_slice(p.messages, 1, len(p.messages) - 1)) END AS prompt_hash,
+               {", ".join(f"coalesce(p.n_{k}, 0) AS n_{k}" for k in PII_PATTERNS)},
+               NULL::VARCHAR AS split
+        FROM shaped s JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid)"""
+
+
+def mark_too_long(con: duckdb.DuckDBPyConnection, tokenizer, max_tokens: int) -> None:
+    """Set reason ``too_long`` on each kept row whose chat-templated text is over ``max_tokens`` tokens."""
+    rows = con.execute("SELECT rid, messages FROM result WHERE reason IS NULL ORDER BY rid").fetchall()
+    if not rows:
+        return
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for _, m in rows]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    too_long = [rid for (rid, _), n in zip(rows, lengths, strict=True) if n > max_tokens]
+    if too_long:
+        con.execute("UPDATE result SET reason = 'too_long' WHERE rid IN (SELECT unnest(?::BIGINT[]))", [too_long])
+
+
+def mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
+    """Set reason ``duplicate`` on each kept row whose normalized content repeats an earlier kept row's."""
+    con.execute("""
+        UPDATE result SET reason = 'duplicate' FROM (
+            SELECT rid, row_number() OVER (PARTITION BY content_hash ORDER BY rid) AS n
+            FROM result WHERE reason IS NULL) d
+        WHERE result.rid = d.rid AND d.n > 1""")
