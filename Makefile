@@ -31,7 +31,9 @@ install: $(STAMP)
 demo: install
 	LORAFOUNDRY_HOME=$(HOME_DIR) $(VENV)/bin/lorafoundry demo
 
-test: install browser
+# Tests run in a random order (pytest-randomly; the seed is printed: `-p randomly -p "randomly_seed=N"` replays it),
+# after the lint.
+test: install browser lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # The browser test drives Debian's headless Chromium through chromedriver; install them when missing.
@@ -59,6 +61,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Re-resolve the lock from pyproject.toml's ranges in a scratch venv (needs the package registries).
 lock:
