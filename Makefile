@@ -31,7 +31,8 @@ install: $(STAMP)
 demo: install
 	LORAFOUNDRY_HOME=$(HOME_DIR) $(VENV)/bin/lorafoundry demo
 
-# Tests run in a random order (pytest-randomly; the seed is printed: `-p randomly -p "randomly_seed=N"` replays it),
+# Tests run in a random order (pytest-randomly prints its seed; `--randomly-seed=N` replays an order, `-p no:randomly`
+# turns it off),
 # after the lint.
 test: install browser lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
