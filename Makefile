@@ -31,9 +31,8 @@ install: $(STAMP)
 demo: install
 	LORAFOUNDRY_HOME=$(HOME_DIR) $(VENV)/bin/lorafoundry demo
 
-# Tests run in a random order (pytest-randomly prints its seed; `--randomly-seed=N` replays an order, `-p no:randomly`
-# turns it off),
-# after the lint.
+# The lint first, then the tests in a random order (pytest-randomly prints its seed; `--randomly-seed=N` replays
+# an order, `-p no:randomly` turns it off).
 test: install browser lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
