@@ -1,5 +1,6 @@
 """Hostile or unlucky inputs to cleaning: byte-order marks, UTF-16, a broken CSV quote, paths that are not files,
-symlinks out of a glob's tree, non-string alpaca fields, and a held-out split too small to evaluate on."""
+symlinks out of a glob's tree, quotes in paths, non-string alpaca fields, and a held-out split too small to evaluate
+on."""
 
 from __future__ import annotations
 
@@ -218,3 +219,25 @@ def test_empty_eval_split_blocks_training_in_the_same_run(tmp_path, random_base)
     assert checks["min_train_rows"].passed is True
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {"dataset/d/clean"}  # training never started
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_quotes_in_paths_are_data_not_sql(tmp_path, ext):
+    """Source and output paths reach DuckDB as bound parameters: a quote in a folder or file name (``it's``) is
+    read and written like any other name (pasted into the SQL text, it ended the string literal)."""
+    home = tmp_path / "it's here"
+    home.mkdir()
+    src = home / f"o'brien.{ext}"
+    if ext == "parquet":
+        import duckdb
+
+        duckdb.execute(
+            "COPY (SELECT 'question ' || i AS prompt, 'answer ' || i AS completion FROM range(20) t(i)) "
+            "TO ? (FORMAT parquet)",
+            [str(src)],
+        )
+    else:
+        src.write_text(jsonl(pairs(20)), encoding="utf-8")
+    r = clean(src, home)
+    assert (r.rows_train + r.rows_eval, r.rows_quarantined) == (20, 0)
+    assert all(row["source"].startswith(f"{src}:") for row in read_split(r, "train") + read_split(r, "eval"))
