@@ -255,7 +255,7 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def make_progress_callback(name: str, collator, say, log_every: int):
+def make_progress_callback(job_key: str, collator, say, log_every: int):
     """A Trainer callback that drives a tqdm bar (loss, tokens/s; only on a terminal), sends a log line every
     ``log_every`` steps to ``say`` (Dagster's logger in assets), and tracks peak memory: the accelerator's
     peak allocation, or on CPU the process's peak resident set sampled every step."""
@@ -281,7 +281,7 @@ def make_progress_callback(name: str, collator, say, log_every: int):
             self.bar = tqdm(
                 total=state.max_steps,
                 initial=state.global_step,
-                desc=name,
+                desc=job_key,
                 unit="step",
                 disable=not os.isatty(2),
                 dynamic_ncols=True,
@@ -297,7 +297,7 @@ def make_progress_callback(name: str, collator, say, log_every: int):
             if logs and "loss" in logs:
                 self.loss = logs["loss"]
                 say(
-                    f"{name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"{job_key}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
                     f"{self.tokens_per_s():.0f} tok/s"
                 )
 

@@ -105,6 +105,25 @@ def test_train_split_is_tokenized_once_and_cached(tmp_path, random_base):
     )
     _, other = tokenized_train_split(tok, base, clean, 32, tmp_path / "tokenized")
     assert other is False  # another max_seq_len is another key
+    assert not [p for p in (tmp_path / "tokenized").iterdir() if ".tmp" in p.name]  # no temp file left behind
+
+
+def test_train_adapter_checks_its_settings_before_tokenizing(tmp_path, random_base):
+    import pytest
+    from transformers import AutoTokenizer
+
+    from lora_assets.clean import clean_dataset
+    from lora_assets.spec import DatasetSpec
+    from lora_assets.train import train_adapter
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "p?", "completion": "c"}) + "\n")
+    tok = AutoTokenizer.from_pretrained(random_base)
+    clean = clean_dataset("d", DatasetSpec(path="d.jsonl"), tmp_path / "d.jsonl", tmp_path / "datasets", tok)
+    base = resolve_base_model(str(random_base), tmp_path)
+    bad = AdapterSpec(dataset="d", target_modules=["query_key_value"])
+    with pytest.raises(ValueError, match=r"adapters\.a\.p0\.target_modules: \['query_key_value'\]"):
+        train_adapter("a.p0", bad, base, clean, tmp_path / "home" / "adapters")
+    assert not (tmp_path / "home").exists()  # nothing tokenized, no run dir
 
 
 def test_packing_fills_rows_first_fit_decreasing():
