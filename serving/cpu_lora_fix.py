@@ -132,67 +132,16 @@ def apply() -> bool:
         return False
 
     version = getattr(vllm, "__version__", "?")
-    originals = {}
-    for name in _OPS:
-        fn = getattr(lora_ops, name, None)
-        if fn is None or not callable(fn):
-            logger.warning("lorafoundry LoRA fix: %s.%s missing (vllm %s); skipped", lora_ops.__name__, name, version)
-            return False
-        if getattr(fn, _MARK, False):
-            logger.debug("lorafoundry LoRA fix already applied in this process")
-            return True
-        try:
-            src = inspect.getsource(fn)
-            params = list(inspect.signature(fn).parameters)
-        except (OSError, TypeError, ValueError) as e:
-            logger.warning("lorafoundry LoRA fix: cannot inspect %s (%s); skipped", name, e)
-            return False
-        if params[:4] != ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"]:
-            logger.warning(
-                "lorafoundry LoRA fix: unexpected signature of %s %s (vllm %s); skipped", name, params, version
-            )
-            return False
-        if "[lora_indices_tensor]" not in src or '"bi, boi -> bo"' not in src:
-            logger.warning(
-                "lorafoundry LoRA fix: %s no longer gathers weights[lora_indices_tensor] (vllm %s); skipped",
-                name,
-                version,
-            )
-            return False
-        if "clamp" in src or "masked_fill" in src or "== -1" in src or "< 0" in src:
-            logger.info("lorafoundry LoRA fix: vllm %s already handles -1 in %s; not needed", version, name)
-            return False
-        originals[name] = fn
-
+    originals = _originals(lora_ops, version, logger)
+    if isinstance(originals, bool):
+        return originals
     if not version.startswith(_TESTED_VERSIONS):
         logger.warning(
             "lorafoundry LoRA fix: vllm %s not tested (tested: %s); code shape matches, applying anyway",
             version,
             _TESTED_VERSIONS,
         )
-
-    patched = {name: _grouped(name, fn) for name, fn in originals.items()}
-    # sgmv_* look bgmv_* up in lora_ops' globals; PunicaWrapperCPU and the
-    # torch_ops package hold their own references (from-imports): replace every
-    # reference to the original function objects in already-imported vllm
-    # modules, then import punica_cpu (if not yet imported) and patch it too.
-    try:
-        import vllm.lora.punica_wrapper.punica_cpu  # noqa: F401
-    except Exception as e:
-        logger.debug("punica_cpu not importable: %s", e)
-    n = 0
-    by_id = {id(fn): patched[name] for name, fn in originals.items()}
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not (mod_name == "vllm" or mod_name.startswith("vllm.")):
-            continue
-        d = getattr(mod, "__dict__", None)
-        if not d:
-            continue
-        for attr, val in list(d.items()):
-            new = by_id.get(id(val))
-            if new is not None:
-                setattr(mod, attr, new)
-                n += 1
+    n = _replace_references({id(fn): _grouped(name, fn) for name, fn in originals.items()}, logger)
     ok = all(getattr(getattr(m, name), _MARK, False) for m in (lora_ops, torch_ops_pkg) for name in _OPS)
     logger.info(
         "lorafoundry LoRA fix: replaced %s (%d references) for vllm %s: "
@@ -202,3 +151,67 @@ def apply() -> bool:
         version,
     )
     return ok
+
+
+def _originals(lora_ops, version: str, logger) -> dict | bool:
+    """vLLM's three ops by name when each still has the shape the replacement was written for; else what
+    :func:`apply` returns: True when they are already replaced in this process, False when they should not be."""
+    originals = {}
+    for name in _OPS:
+        fn = getattr(lora_ops, name, None)
+        if fn is None or not callable(fn):
+            logger.warning("lorafoundry LoRA fix: %s.%s missing (vllm %s); skipped", lora_ops.__name__, name, version)
+            return False
+        if getattr(fn, _MARK, False):
+            logger.debug("lorafoundry LoRA fix already applied in this process")
+            return True
+        if not _has_the_bug(name, fn, version, logger):
+            return False
+        originals[name] = fn
+    return originals
+
+
+def _has_the_bug(name: str, fn, version: str, logger) -> bool:
+    """Whether ``fn``'s signature and source are those of the per-token gather that ignores -1 (logged if not)."""
+    try:
+        src = inspect.getsource(fn)
+        params = list(inspect.signature(fn).parameters)
+    except (OSError, TypeError, ValueError) as e:
+        logger.warning("lorafoundry LoRA fix: cannot inspect %s (%s); skipped", name, e)
+        return False
+    if params[:4] != ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"]:
+        logger.warning("lorafoundry LoRA fix: unexpected signature of %s %s (vllm %s); skipped", name, params, version)
+        return False
+    if "[lora_indices_tensor]" not in src or '"bi, boi -> bo"' not in src:
+        logger.warning(
+            "lorafoundry LoRA fix: %s no longer gathers weights[lora_indices_tensor] (vllm %s); skipped",
+            name,
+            version,
+        )
+        return False
+    if "clamp" in src or "masked_fill" in src or "== -1" in src or "< 0" in src:
+        logger.info("lorafoundry LoRA fix: vllm %s already handles -1 in %s; not needed", version, name)
+        return False
+    return True
+
+
+def _replace_references(by_id: dict, logger) -> int:
+    """Point every reference to an original op (keys: ``id`` of the original) at its replacement; return how many.
+
+    sgmv_* look bgmv_* up in lora_ops' globals; PunicaWrapperCPU and the torch_ops package hold their own
+    references (from-imports): replace every reference in already-imported vllm modules, after importing
+    punica_cpu (if not yet imported) so that it is patched too."""
+    try:
+        import vllm.lora.punica_wrapper.punica_cpu  # noqa: F401
+    except Exception as e:
+        logger.debug("punica_cpu not importable: %s", e)
+    n = 0
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "vllm" or mod_name.startswith("vllm.")):
+            continue
+        for attr, val in list((getattr(mod, "__dict__", None) or {}).items()):
+            new = by_id.get(id(val))
+            if new is not None:
+                setattr(mod, attr, new)
+                n += 1
+    return n

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from lora_assets.files import write_json_atomic
 from serving.launch import VLLMServer, auth_headers
 
 
@@ -162,9 +163,5 @@ def deploy(
         "started_at": time.time(),
         "base_hash": env.get("LORAFOUNDRY_BASE_HASH"),
     }  # which adapters it can take (promotion sensor)
-    path = state_path(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)
+    write_json_atomic(state_path(home), state, indent=2)
     return state, True
