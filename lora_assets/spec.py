@@ -19,12 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from lora_assets.base_model import BUILTIN_MODELS
+from registry.rules import is_valid_name  # the name rule is the registry's: adapters are registered by name
 
 #: The seven linear projections of a Llama-style decoder layer: what `target_modules: all-linear` means there.
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_NAME_RE = re.compile(NAME_PATTERN)
 
 Metric = Literal["exact_match", "contains", "chrf", "eval_loss", "perplexity"]
 
@@ -474,7 +473,7 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
         problems.append("adapters: no adapter declared. Fix: add at least one, e.g. `mine: {dataset: mydata}`.")
     for section, names in (("datasets", datasets), ("adapters", adapters)):
         for name in names:
-            if not _NAME_RE.match(str(name)):
+            if not is_valid_name(str(name)):
                 problems.append(
                     f"{section}.{_key(name)}: name {_short(name)} is not allowed. Fix: use 1-64 characters from "
                     "letters, digits, '.', '_', '-', starting with a letter or digit."

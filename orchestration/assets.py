@@ -29,7 +29,7 @@ from lora_assets.spec import PipelineSpec
 from lora_assets.train import LOSS_PLOT, RUN_KEY_EXCLUDE, TRAINER_VERSION
 from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource, pipeline
 from registry import leaderboard
-from registry.store import LOWER_IS_BETTER
+from registry.store import LOWER_IS_BETTER, SERVABLE_STATUSES
 from serving.deployment import deploy
 from serving.launch import plan_server
 
@@ -328,7 +328,7 @@ def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.Ass
     )
     def leaderboard_asset(context: dg.AssetExecutionContext, registry: RegistryResource) -> dg.MaterializeResult:
         rows = registry.open().leaderboard(name)
-        best = next((r for r in rows if r["status"] in ("candidate", "champion")), None)
+        best = next((r for r in rows if r["status"] in SERVABLE_STATUSES), None)
         meta = {"leaderboard": dg.MetadataValue.md(leaderboard.markdown(rows)), "versions": len(rows)}
         if best is not None:
             meta |= {

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, ParamSpec
 
 import typer
 from rich.console import Console
@@ -18,6 +17,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from lora_assets.spec import PipelineSpec, SpecError, load_spec
+from orchestration import render
+from registry.errors import (
+    AdapterNotFoundError,
+    RegistryBusyError,
+    RegistryConflictError,
+    RegistryCorruptError,
+    RegistryError,
+    RegistryFileError,
+    RegistryInputError,
+    RegistrySchemaError,
+)
+
+P = ParamSpec("P")
 
 app = typer.Typer(
     help="lorafoundry: a YAML spec -> cleaned datasets -> one-epoch LoRA adapters -> a DuckDB "
@@ -124,6 +136,15 @@ def _summary_table(spec: PipelineSpec, home: Path) -> Table:
     return table
 
 
+def _datasets(spec: PipelineSpec, wanted: list[str] | None) -> list[str]:
+    """The datasets a command works on: ``wanted`` (exit 2 naming any the spec lacks), else all of the spec's."""
+    unknown = sorted(set(wanted or []) - set(spec.datasets))
+    if unknown:
+        err.print(f"[red]unknown dataset(s) {unknown}[/red]; the spec declares {sorted(spec.datasets)}")
+        raise typer.Exit(2)
+    return wanted or list(spec.datasets)
+
+
 @app.command()
 def clean(
     spec: SpecArg,
@@ -137,36 +158,17 @@ def clean(
 
     _offline()
     s = _load(spec)
-    unknown = sorted(set(dataset or []) - set(s.datasets))
-    if unknown:
-        err.print(f"[red]unknown dataset(s) {unknown}[/red]; the spec declares {sorted(s.datasets)}")
-        raise typer.Exit(2)
     pipe = Pipeline(s, _home(home))
-    for name in dataset or list(s.datasets):
+    for name in _datasets(s, dataset):
         try:
             report = pipe.clean(name)
         except CleanError as e:
             err.print(f"[red]cleaning {name} failed[/red]: {e}", highlight=False)
             raise typer.Exit(1) from None
         if as_json:
-            sys.stdout.write(report.model_dump_json() + "\n")
+            render.json_lines([report], compact=True)
             continue
-        table = Table(title=f"dataset {name} ({report.detected_format}) → {report.output_dir}")
-        table.add_column("count")
-        table.add_column("rows", justify="right")
-        for label, value in (
-            ("in", report.rows_in),
-            ("train", report.rows_train),
-            ("eval", report.rows_eval),
-            ("quarantined", report.rows_quarantined),
-            ("moved eval → train (leakage)", report.leakage_moved_to_train),
-        ):
-            table.add_row(label, str(value))
-        for reason, n in report.by_reason.items():
-            table.add_row(f"  quarantined: {reason}", str(n))
-        for kind, n in report.pii_redactions.items():
-            table.add_row(f"  redacted: {kind}", str(n))
-        out.print(table)
+        out.print(render.clean_report_table(name, report))
         out.print(f"format: {report.format_reason}; fingerprint {report.fingerprint}", highlight=False)
 
 
@@ -252,6 +254,13 @@ def serve(
     except ServerError as e:
         err.print(f"[red]vLLM failed to start[/red]\n{e}", markup=True, highlight=False)
         raise typer.Exit(1) from None
+    out.print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible); Ctrl-C stops")
+    _serve_until_signal(server)
+    out.print("stopped")
+
+
+def _serve_until_signal(server) -> None:
+    """Wait for SIGINT, SIGTERM or SIGHUP, then stop ``server``; exit 1 with its log's tail if it dies first."""
     stopping = {"sig": None}
 
     def on_signal(signum, frame):  # installed explicitly: we may have been started with these ignored
@@ -259,7 +268,6 @@ def serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    out.print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible); Ctrl-C stops")
     while stopping["sig"] is None:
         code = server.proc.poll()
         if code is not None:
@@ -268,7 +276,6 @@ def serve(
             raise typer.Exit(1)
         time.sleep(0.5)
     server.stop()
-    out.print("stopped")
 
 
 @app.command()
@@ -277,10 +284,6 @@ def demo(
     port: Annotated[int | None, typer.Option(help="Port for the demo server (default: the spec's).")] = None,
 ) -> None:
     """Run the embedded demo end to end: train, deploy, ask each adapter and the base one question, stop."""
-    from openai import OpenAI
-
-    from lora_assets.evaluate import load_eval
-    from lora_assets.pipeline import Pipeline
     from orchestration.definitions import DEMO_SPEC
     from serving import deployment
 
@@ -296,26 +299,37 @@ def demo(
         if state is None:
             err.print("[red]the deployment is not answering[/red]; see " + str(h / "logs"))
             raise typer.Exit(1)
-        client = OpenAI(base_url=f"{state['url']}/v1", api_key="not-needed")
-        answers = Table(title=f"one held-out question per adapter, asked at {state['url']}/v1")
-        for col in ("adapter", "question", "reference", "adapter answer", f"base ({s.served_base_name}) answer"):
-            answers.add_column(col, overflow="fold")
-        pipe = Pipeline(s, h)
-        for name in state["models"][1:]:
-            sample = load_eval(pipe.adapter_dir(name)).samples[0]
-            msgs = [{"role": "user", "content": sample["prompt"]}]
-            got = {
-                m: client.chat.completions.create(model=m, messages=msgs, max_tokens=32, temperature=0)
-                .choices[0]
-                .message.content
-                for m in (name, s.served_base_name)
-            }
-            answers.add_row(name, sample["prompt"], sample["reference"], got[name], got[s.served_base_name])
-        out.print(answers)
+        out.print(_ask_each_adapter(s, h, state))
         out.print(_summary_table(s, h))
     finally:
         deployment.stop(h)
     out.print(f"demo done in {time.time() - t0:.0f} s (server stopped); state in {h}")
+
+
+def _ask_each_adapter(spec: PipelineSpec, home: Path, state: dict) -> Table:
+    """Ask each served adapter and the base one held-out question of the adapter's eval set; the answers as a
+    table."""
+    from openai import OpenAI
+
+    from lora_assets.evaluate import load_eval
+    from lora_assets.pipeline import Pipeline
+
+    client = OpenAI(base_url=f"{state['url']}/v1", api_key="not-needed")
+    answers = Table(title=f"one held-out question per adapter, asked at {state['url']}/v1")
+    for col in ("adapter", "question", "reference", "adapter answer", f"base ({spec.served_base_name}) answer"):
+        answers.add_column(col, overflow="fold")
+    pipe = Pipeline(spec, home)
+    for name in state["models"][1:]:
+        sample = load_eval(pipe.adapter_dir(name)).samples[0]
+        msgs = [{"role": "user", "content": sample["prompt"]}]
+        got = {
+            m: client.chat.completions.create(model=m, messages=msgs, max_tokens=32, temperature=0)
+            .choices[0]
+            .message.content
+            for m in (name, spec.served_base_name)
+        }
+        answers.add_row(name, sample["prompt"], sample["reference"], got[name], got[spec.served_base_name])
+    return answers
 
 
 def _bounds(values: list[str] | None, option: str) -> dict[str, float]:
@@ -332,7 +346,78 @@ def _bounds(values: list[str] | None, option: str) -> dict[str, float]:
     return bounds
 
 
-@registry_app.command("list")
+# -- registry commands: errors become exit codes in one place ------------------------------------------------------
+
+#: The exit code of each error a registry command reports, by type: an error takes the entry of the nearest class in
+#: its MRO (never its message), so a registry error added later gets its parent's code until it has its own; a DuckDB
+#: error counts as an OSError (see :func:`_exit_code`). Anything else is a bug and keeps its traceback. Every entry
+#: is 1 today: the docs and scripts rely on "every registry error is one message on stderr and exit 1".
+EXIT_CODES: dict[type[BaseException], int] = {
+    RegistryError: 1,
+    RegistryInputError: 1,
+    AdapterNotFoundError: 1,
+    RegistryConflictError: 1,
+    RegistryBusyError: 1,
+    RegistryFileError: 1,
+    RegistryCorruptError: 1,
+    RegistrySchemaError: 1,
+    OSError: 1,
+}
+
+
+def _exit_code(error: BaseException) -> int | None:
+    """The exit code of ``error`` from :data:`EXIT_CODES`, or None for an error the CLI does not report."""
+    import duckdb  # loaded already by the registry that raised; the CLI itself starts without it
+
+    if isinstance(error, duckdb.Error):
+        error_type: type[BaseException] = OSError  # the registry's file, read by DuckDB, failed
+    else:
+        error_type = type(error)
+    return next((EXIT_CODES[c] for c in error_type.__mro__ if c in EXIT_CODES), None)
+
+
+def _fail(e: Exception | str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error[/red] {escape(str(e))}", highlight=False)
+    raise typer.Exit(code) from None
+
+
+def registry_command(name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """Declare the `registry NAME` command; the errors it raises become a message and an exit code by
+    :data:`EXIT_CODES`, never a traceback."""
+
+    def declare(fn: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(fn)
+        def command(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                fn(*args, **kwargs)
+            except Exception as e:
+                code = _exit_code(e)
+                if code is None:
+                    raise
+                _fail(e, code)
+
+        return registry_app.command(name)(command)
+
+    return declare
+
+
+def _registry(home: Path | None, actor: str = "cli"):
+    """The registry of ``home`` (or the file named by LORAFOUNDRY_REGISTRY)."""
+    from lora_assets.pipeline import default_registry_path
+    from registry.store import AdapterRegistry
+
+    return AdapterRegistry(default_registry_path(_home(home)), actor=actor)
+
+
+def _show(items: list, as_json: bool, table: Callable[[], Table], compact: bool = False) -> None:
+    """Print ``items`` as JSON lines, or as the table ``table()`` builds."""
+    if as_json:
+        render.json_lines(items, compact=compact)
+    else:
+        out.print(table())
+
+
+@registry_command("list")
 def registry_list(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
@@ -351,43 +436,21 @@ def registry_list(
     limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
 ) -> None:
     """List registered adapter versions, filtered and ordered."""
-    with _registry_errors():
-        records = _registry(home).list(
-            name=name,
-            status=status,
-            base_model=base_model,
-            dataset=dataset,
-            min_metric=_bounds(min_metric, "--min"),
-            max_metric=_bounds(max_metric, "--max"),
-            order_by=order_by,
-            descending=desc,
-            limit=limit,
-        )
-    if as_json:
-        for r in records:
-            sys.stdout.write(json.dumps(r.model_dump(mode="json")) + "\n")
-        return
-    table = Table(title=f"{len(records)} adapter version(s)")
-    for col in ("name", "version", "status", "method", "r", "alpha", "exact_match", "eval_loss", "sha256", "created"):
-        table.add_column(col)
-    for r in records:
-        em, loss = r.metrics.get("exact_match", {}), r.metrics.get("eval_loss", {})
-        table.add_row(
-            r.name,
-            str(r.version),
-            r.status,
-            r.method,
-            str(r.r),
-            str(r.lora_alpha),
-            f"{em.get('base', float('nan')):.3f} → {em.get('adapter', float('nan')):.3f}",
-            f"{loss.get('base', float('nan')):.3f} → {loss.get('adapter', float('nan')):.3f}",
-            r.adapter_sha256[:12],
-            r.created_at.strftime("%Y-%m-%d %H:%M"),
-        )
-    out.print(table)
+    records = _registry(home).list(
+        name=name,
+        status=status,
+        base_model=base_model,
+        dataset=dataset,
+        min_metric=_bounds(min_metric, "--min"),
+        max_metric=_bounds(max_metric, "--max"),
+        order_by=order_by,
+        descending=desc,
+        limit=limit,
+    )
+    _show(records, as_json, lambda: render.records_table(records))
 
 
-@registry_app.command("leaderboard")
+@registry_command("leaderboard")
 def registry_leaderboard(
     name: Annotated[str, typer.Argument(help="Adapter (or sweep) name.")],
     home: HomeOpt = None,
@@ -400,55 +463,19 @@ def registry_leaderboard(
     """Versions of NAME ranked by their gate metric (eval_loss without a gate), best first; the winner marked."""
     from registry import leaderboard
 
-    with _registry_errors():
-        rows = _registry(home).leaderboard(name)
+    rows = _registry(home).leaderboard(name)
     if not rows:
-        err.print(f"no adapter {name!r} in the registry. Fix: `lorafoundry registry list` shows the names.")
-        raise typer.Exit(1)
+        raise AdapterNotFoundError(
+            f"no adapter {name!r} in the registry. Fix: `lorafoundry registry list` shows the names."
+        )
     if across_seeds:
         groups = leaderboard.across_seeds(rows)
-        if as_json:
-            for g in groups:
-                sys.stdout.write(json.dumps(g, default=str) + "\n")
-            return
-        table = Table(title=f"{name}: {groups[0]['metric']} per sweep point across seeds (mean, 95% t CI)")
-        for col in ("rank", "point", "seeds", "mean", "95% CI", "trainable params"):
-            table.add_column(col)
-        for i, g in enumerate(groups, 1):
-            table.add_row(
-                str(i),
-                g["label"],
-                str(g["seeds"]),
-                f"{g['mean']:.4f}",
-                f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]",
-                f"{g['trainable_params'] or 0:,}",
-            )
-        out.print(table)
-        return
-    if as_json:
-        for r in rows:
-            sys.stdout.write(json.dumps(r, default=str) + "\n")
-        return
-    table = Table(title=f"{name}: versions ranked by {rows[0]['rank_metric']}")
-    for col in ("rank", "version", "point", rows[0]["rank_metric"], "status", "trainable params", "train s", "peak MB"):
-        table.add_column(col)
-    for r in rows:
-        winner = r["rank"] == 1 and r["status"] in ("candidate", "champion")
-        point = json.loads(r["sweep_point"]) if isinstance(r["sweep_point"], str) else r["sweep_point"]
-        table.add_row(
-            f"{r['rank']}{' winner' if winner else ''}",
-            str(r["version"]),
-            leaderboard.point_label(point or {}),
-            "" if r["metric_value"] is None else f"{r['metric_value']:.4f}",
-            r["status"],
-            f"{r['trainable_params'] or 0:,}",
-            f"{r['train_wall_s'] or 0:.1f}",
-            f"{r['peak_memory_mb'] or 0:.0f}",
-        )
-    out.print(table)
+        _show(groups, as_json, lambda: render.seeds_table(name, groups))
+    else:
+        _show(rows, as_json, lambda: render.leaderboard_table(name, rows))
 
 
-@registry_app.command("promote")
+@registry_command("promote")
 def registry_promote(
     name: Annotated[str, typer.Argument(help="Adapter name.")],
     version: Annotated[int, typer.Argument(help="The version to make champion.")],
@@ -465,8 +492,7 @@ def registry_promote(
     from serving.launch import ServerError
     from serving.notify import notify_promotion
 
-    with _registry_errors():
-        rec = _registry(home).promote(name, version)
+    rec = _registry(home).promote(name, version)
     out.print(f"{rec.name}@{rec.version} is now {rec.status}")
     if notify:
         try:
@@ -476,70 +502,31 @@ def registry_promote(
         out.print(f"{notify} now serves {rec.name} as version {rec.version}")
 
 
-def _registry(home: Path | None, actor: str = "cli"):
-    """The registry of ``home`` (or the file named by LORAFOUNDRY_REGISTRY)."""
-    from lora_assets.pipeline import default_registry_path
-    from registry.store import AdapterRegistry
-
-    return AdapterRegistry(default_registry_path(_home(home)), actor=actor)
-
-
-def _fail(e: Exception | str) -> None:
-    err.print(f"[red]error[/red] {escape(str(e))}", highlight=False)
-    raise typer.Exit(1) from None
-
-
-@contextmanager
-def _registry_errors() -> Iterator[None]:
-    """The one place registry commands turn errors into exit codes: a registry error (bad input, not found, busy,
-    corrupt file), an unreadable file or a DuckDB error is a message on stderr and exit 1, never a traceback."""
-    import duckdb
-
-    from registry.store import RegistryError
-
-    try:
-        yield
-    except (RegistryError, OSError, duckdb.Error) as e:
-        _fail(e)
-
-
-@registry_app.command("show")
+@registry_command("show")
 def registry_show(ref: RefArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """One version with its metrics, training config, lineage and the name's aliases."""
-    with _registry_errors():
-        reg = _registry(home)
-        rec = reg.get(ref)
-        aliases = reg.aliases(rec.name)
-    data = rec.model_dump(mode="json") | {"aliases": aliases}
-    if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
-        return
-    table = Table(title=f"{rec.name}@{rec.version} ({rec.status})", show_header=False)
-    for key in (
-        "base_model",
-        "base_model_hash",
-        "method",
-        "r",
-        "lora_alpha",
-        "target_modules",
-        "dataset",
-        "dataset_fingerprint",
-        "path",
-        "adapter_sha256",
-        "size_bytes",
-        "trainable_params",
-        "created_at",
-        "run_id",
-        "code_version",
-    ):
-        table.add_row(key, str(data[key]))
-    for m, v in rec.metrics.items():
-        table.add_row(f"metric {m}", f"{v.get('base', float('nan')):.4f} → {v.get('adapter', float('nan')):.4f}")
-    table.add_row("aliases", ", ".join(f"{a} → v{v}" for a, v in aliases.items()) or "-")
-    out.print(table)
+    reg = _registry(home)
+    rec = reg.get(ref)
+    aliases = reg.aliases(rec.name)
+    _show([rec.model_dump(mode="json") | {"aliases": aliases}], as_json, lambda: render.record_table(rec, aliases))
 
 
-@registry_app.command("register")
+def _base_hash(base_model: str, home: Path) -> str | None:
+    """The content hash of ``base_model`` when it is on this machine; else None, with a note on what that means."""
+    from lora_assets.base_model import resolve_base_model
+
+    try:
+        return resolve_base_model(base_model, home).content_hash
+    except Exception as e:  # not on this machine, or not loadable: register anyway, say what it means
+        err.print(
+            f"[yellow]note[/yellow]: base model {base_model!r}: {e}\nRegistered without the base's hash, so no "
+            "server will load it. Fix: register again with --base-model set to the local model dir.",
+            highlight=False,
+        )
+        return None
+
+
+@registry_command("register")
 def registry_register(
     adapter_dir: Annotated[
         Path, typer.Argument(help="A peft LoRA adapter dir (adapter_config.json + adapter_model.safetensors).")
@@ -563,85 +550,45 @@ def registry_register(
     the base model's content hash is recorded when the base is on this machine (a local dir, a builtin: model, or the
     Hugging Face cache), which is what lets the server load it.
     """
-    from lora_assets.base_model import resolve_base_model
-    from registry.portable import register_copy
-    from registry.store import NewAdapter, RegistryError, check_adapter_dir, check_name
+    from registry.portable import external_adapter, register_copy
 
     _offline()
     h = _home(home)
-    with _registry_errors():
-        check_name(name)
-        cfg = check_adapter_dir(adapter_dir)
-        base = base_model or cfg.get("base_model_name_or_path")
-        if not base:
-            raise RegistryError(
-                f"{adapter_dir}: adapter_config.json names no base_model_name_or_path. Fix: pass --base-model."
-            )
-        try:
-            base_hash = resolve_base_model(base, h).content_hash
-        except Exception as e:  # not on this machine, or not loadable: register anyway, say what it means
-            base_hash = None
-            err.print(
-                f"[yellow]note[/yellow]: base model {base!r}: {e}\nRegistered without the base's hash, so no "
-                "server will load it. Fix: register again with --base-model set to the local model dir.",
-                highlight=False,
-            )
-        src = Path(adapter_dir).resolve()
-        rec = register_copy(
-            _registry(home),
-            NewAdapter(
-                name=name,
-                path=src,
-                base_model=base,
-                base_model_hash=base_hash,
-                method="lora",
-                dataset=dataset,
-                training_config={
-                    "imported_from": str(src),
-                    **{k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")},
-                },
-            ),
-            h / "adapters",
-        )
+    new = external_adapter(adapter_dir, name, base_model=base_model, dataset=dataset)
+    new = new.model_copy(update={"base_model_hash": _base_hash(new.base_model, h)})
+    rec = register_copy(_registry(home), new, h / "adapters")
     if as_json:
-        sys.stdout.write(json.dumps(rec.model_dump(mode="json")) + "\n")
+        render.json_lines([rec])
     else:
         out.print(
             f"registered {rec.name}@{rec.version} ({rec.status}), sha256 {rec.adapter_sha256[:12]}, files in {rec.path}"
         )
 
 
-@registry_app.command("archive")
+@registry_command("archive")
 def registry_archive(ref: Annotated[str, typer.Argument(help="NAME@VERSION to retire.")], home: HomeOpt = None) -> None:
     """Retire a version: status archived, never served again; its aliases are removed (history kept)."""
-    from registry.store import RegistryInputError, parse_ref
+    from registry.rules import parse_versioned_ref
 
-    with _registry_errors():
-        name, version, _ = parse_ref(ref)
-        if version is None:
-            raise RegistryInputError(f"{ref!r}: name the version, e.g. {name}@2.")
-        rec = _registry(home).archive(name, version)
+    rec = _registry(home).archive(*parse_versioned_ref(ref))
     out.print(f"{rec.name}@{rec.version} is now {rec.status}")
 
 
-@registry_app.command("alias")
+@registry_command("alias")
 def registry_alias(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION the alias should point at.")],
     alias: Annotated[str, typer.Argument(help="Alias, e.g. prod or staging.")],
     home: HomeOpt = None,
 ) -> None:
     """Point NAME:ALIAS at a version (the move is kept in alias_history)."""
-    from registry.store import RegistryInputError, parse_ref
+    from registry.rules import parse_versioned_ref
 
-    with _registry_errors():
-        name, version, _ = parse_ref(ref)
-        if version is None:
-            raise RegistryInputError(f"{ref!r}: name the version, e.g. {name}@2.")
-        _registry(home).set_alias(name, alias, version)
+    name, version = parse_versioned_ref(ref)
+    _registry(home).set_alias(name, alias, version)
     out.print(f"{name}:{alias} → v{version}")
 
 
-@registry_app.command("verify")
+@registry_command("verify")
 def registry_verify(
     name: Annotated[str | None, typer.Argument(help="Only this name (or NAME@VERSION).")] = None,
     home: HomeOpt = None,
@@ -650,40 +597,29 @@ def registry_verify(
     """Recompute every adapter's sha256; exit 1 if any files changed after registration. Also removes what
     registers killed mid-copy left under <home>/adapters/imported (only when no register is at work)."""
     from registry.portable import remove_orphans
-    from registry.store import parse_ref
+    from registry.rules import parse_ref
 
-    with _registry_errors():
-        n, v, _ = parse_ref(name) if name else (None, None, None)
-        reg = _registry(home)
-        removed = remove_orphans(reg, _home(home) / "adapters")
-        results = reg.verify(n, v)
+    n, v, _ = parse_ref(name) if name else (None, None, None)
+    reg = _registry(home)
+    removed = remove_orphans(reg, _home(home) / "adapters")
+    results = reg.verify(n, v)
     for d in removed:
         err.print(f"removed {d} (left by an interrupted register or import)", highlight=False)
-    if as_json:
-        for r in results:
-            sys.stdout.write(r.model_dump_json() + "\n")
-    else:
-        table = Table(title=f"verified {len(results)} version(s)")
-        for col in ("name", "version", "ok", "detail"):
-            table.add_column(col)
-        for r in results:
-            table.add_row(r.name, str(r.version), "ok" if r.ok else "[red]CHANGED[/red]", r.detail)
-        out.print(table)
+    _show(results, as_json, lambda: render.verify_table(results), compact=True)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
 
 
-@registry_app.command("card")
+@registry_command("card")
 def registry_card(ref: RefArg, home: HomeOpt = None) -> None:
     """Write a Hugging Face model card (README.md with YAML front matter) into the adapter dir."""
     from registry.card import write_card
 
-    with _registry_errors():
-        path = write_card(_registry(home).get(ref))
+    path = write_card(_registry(home).get(ref))
     out.print(f"wrote {path}")
 
 
-@registry_app.command("sql")
+@registry_command("sql")
 def registry_sql(
     query: Annotated[str, typer.Argument(help="A read-only SQL statement.")],
     home: HomeOpt = None,
@@ -691,41 +627,29 @@ def registry_sql(
 ) -> None:
     """Run a read-only SQL query on the registry (tables adapters, aliases, alias_history, events; views
     latest_adapters, champions, leaderboard). It can read nothing else: no files, no other databases, no settings."""
-    with _registry_errors():
-        cols, rows = _registry(home).query(query)
-    if as_json:
-        for r in rows:
-            sys.stdout.write(json.dumps(dict(zip(cols, r, strict=True)), default=str) + "\n")
-        return
-    table = Table(title=f"{len(rows)} row(s)")
-    for c in cols:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*("" if v is None else str(v) for v in r))
-    out.print(table)
+    cols, rows = _registry(home).query(query)
+    _show([dict(zip(cols, r, strict=True)) for r in rows], as_json, lambda: render.rows_table(cols, rows))
 
 
-@registry_app.command("export")
+@registry_command("export")
 def registry_export(
     out_dir: Annotated[Path, typer.Argument(help="A new (or empty) dir.")], home: HomeOpt = None
 ) -> None:
     """Write a portable copy: every table as parquet plus the adapter dirs."""
     from registry.portable import export_registry
 
-    with _registry_errors():
-        counts = export_registry(_registry(home), out_dir)
+    counts = export_registry(_registry(home), out_dir)
     out.print(f"exported to {out_dir}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 
-@registry_app.command("import")
+@registry_command("import")
 def registry_import(
     src: Annotated[Path, typer.Argument(help="A dir written by `registry export`.")], home: HomeOpt = None
 ) -> None:
     """Bring an exported registry in (adapter dirs copied under <home>/adapters/imported, hashes checked)."""
     from registry.portable import import_registry
 
-    with _registry_errors():
-        counts = import_registry(_registry(home, actor="import"), src, _home(home) / "adapters")
+    counts = import_registry(_registry(home, actor="import"), src, _home(home) / "adapters")
     out.print(f"imported from {src}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 

@@ -100,13 +100,7 @@ def notify_new_promotions(
 
     Returns (one line per name handled, the new cursor).
     """
-    sql = (
-        "SELECT occurred_at::VARCHAR, name, version FROM events WHERE (action = 'promote' OR (action = "
-        "'reevaluate' AND detail->>'previous_status' = 'champion' AND detail->>'status' = 'rejected'))"
-    )
-    _, rows = registry.query(
-        sql + (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1", [after] if after else []
-    )
+    rows = registry.champion_changes(after)
     if after is None:
         return [], rows[-1][0] if rows else "1970-01-01 00:00:00"
     if not rows:

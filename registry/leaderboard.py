@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from registry.store import LOWER_IS_BETTER
+from registry.rules import LOWER_IS_BETTER, SERVABLE_STATUSES
 
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy in the runtime)
 _T95 = {
@@ -98,7 +98,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mark = " **winner**" if r["rank"] == 1 and r["status"] in ("candidate", "champion") else ""
+        mark = " **winner**" if r["rank"] == 1 and r["status"] in SERVABLE_STATUSES else ""
         value = "" if r["metric_value"] is None else f"{r['metric_value']:.4f}"
         params, wall, peak = r["trainable_params"] or 0, r["train_wall_s"] or 0, r["peak_memory_mb"] or 0
         lines.append(

@@ -1,28 +1,41 @@
 """Moving adapters in and out of a registry: export (rows as parquet plus the adapter dirs) and import on another
 machine; registering an adapter dir from anywhere by copying its files into the home; removing what a killed
-register or import left half-copied there."""
+register or import left half-copied there.
+
+Registering and importing bring files home by one code path (:func:`_copy_home`) into one layout,
+``<adapters root>/imported/<name>/<sha256[:16]>``: content-addressed, so the same files are one dir however often
+and by whichever path they arrive. Imports before this layout wrote ``imported/<name>/v<N>``; such dirs stay
+readable where a row points at them and are removed as orphans where none does.
+"""
 
 from __future__ import annotations
 
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
+from registry.errors import RegistryBusyError, RegistryConflictError, RegistryInputError
+from registry.rules import is_valid_name
 from registry.store import (
+    TABLES,
     AdapterRecord,
     AdapterRegistry,
     NewAdapter,
-    RegistryBusyError,
-    RegistryError,
     adapter_sha256,
+    check_adapter_dir,
     check_name,
     file_lock,
 )
 
-TABLES = ("adapters", "aliases", "alias_history", "events")
+#: What registering and importing create under ``<adapters root>/imported/<name>/``: a copy in progress, a copy
+#: named by its sha256 prefix, and (from imports before the one layout) an imported version.
+_IMPORTED_DIR_RE = re.compile(r"\.import-.*|[0-9a-f]{16}|v[0-9]+")
 
 
 def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
@@ -35,28 +48,13 @@ def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
     """
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
-        raise RegistryError(f"{out} is not empty. Fix: export into a new dir.")
+        raise RegistryInputError(f"{out} is not empty. Fix: export into a new dir.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    counts: dict[str, int] = {}
-    sources: list[tuple[str, int, str]] = []
-
-    def op(con: duckdb.DuckDBPyConnection) -> None:
-        sources.clear()  # a retried attempt starts over
-        for table in TABLES:
-            sql = (
-                f"SELECT * REPLACE ('adapters/' || name || '/v' || version AS path) FROM {table}"
-                if table == "adapters"
-                else f"SELECT * FROM {table}"
-            )
-            con.execute(f"COPY ({sql}) TO '{tmp / (table + '.parquet')}' (FORMAT parquet)")
-            counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        sources.extend(con.execute("SELECT name, version, path FROM adapters").fetchall())
-
     try:
-        reg._read(op)
-        for name, version, path in sources:
-            shutil.copytree(reg.adapter_path(path), tmp / "adapters" / name / f"v{version}")
+        counts, sources = reg.export_tables(tmp)
+        for name, version, adapter_dir in sources:
+            shutil.copytree(adapter_dir, tmp / "adapters" / name / f"v{version}")
         if out.exists():  # empty (checked above), maybe someone's working dir: keep it, move the entries in
             for entry in tmp.iterdir():
                 entry.rename(out / entry.name)
@@ -70,29 +68,59 @@ def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
 
 
 def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dict[str, int]:
-    """Bring an exported registry in: adapter dirs are copied under ``adapters_root/imported/<name>/v<N>`` and
-    checked against their sha256; rows keep their versions. A version already present with the same sha256 is
+    """Bring an exported registry in: adapter dirs are copied under ``adapters_root/imported/<name>/<sha256[:16]>``
+    and checked against their sha256; rows keep their versions. A version already present with the same sha256 is
     skipped; one present with another sha256 is a conflict, and conflicts stop the import before anything is
     written. Returns rows imported per table."""
     src = Path(src)
+    rows, related = _read_export(src)
+    new_rows = _new_versions(reg, src, rows)
+    root = Path(adapters_root).resolve()
+    remove_orphans(reg, root)
+    with _importing(reg, root):  # the copies are not orphans until the rows are in
+        created: list[Path] = []
+        try:
+            for r in new_rows:
+                dest, made = _copy_home(src / r["path"], root, r["name"], r["adapter_sha256"])
+                created += [dest] if made else []
+                r["path"] = reg.stored_path(dest)
+            return reg.import_rows(new_rows, related)
+        except BaseException:
+            for dest in created:
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
+
+
+def _read_export(src: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The rows of an export dir: its adapters, and per other table its rows (as {column: value})."""
     missing = [t for t in TABLES if not (src / f"{t}.parquet").exists()]
     if missing:
-        raise RegistryError(f"{src} is not a lorafoundry export: no {', '.join(missing)}.parquet.")
+        raise RegistryInputError(f"{src} is not a lorafoundry export: no {', '.join(missing)}.parquet.")
     mem = duckdb.connect(":memory:")
-    cols = [d[0] for d in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}' LIMIT 0").description]
-    rows = [
-        dict(zip(cols, r, strict=True)) for r in mem.execute(f"SELECT * FROM '{src / 'adapters.parquet'}'").fetchall()
-    ]
+    try:
+        tables = {}
+        for table in TABLES:
+            cur = mem.execute("SELECT * FROM read_parquet(?)", [str(src / f"{table}.parquet")])
+            cols = [d[0] for d in cur.description]
+            tables[table] = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        mem.close()
+    return tables.pop("adapters"), tables
+
+
+def _new_versions(reg: AdapterRegistry, src: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The exported versions this registry lacks, after checking every row: a name outside the name rule, a version
+    that is not a number or a path outside ``src`` refuses the import; exported files that are missing or do not
+    match their sha256, or a version present here with another sha256, are conflicts, all reported at once."""
     problems = []
     for r in rows:  # nothing in the files is trusted: names, versions and paths are checked first
         source = (src / str(r["path"])).resolve()
         if (
-            not _valid_name(str(r["name"]))
-            or ".." in str(r["name"])
+            not is_valid_name(str(r["name"]))
             or not isinstance(r["version"], int)
             or not source.is_relative_to(src.resolve())
         ):
-            raise RegistryError(
+            raise RegistryInputError(
                 f"import refused, nothing written: row {r['name']!r}@{r['version']!r} has an "
                 f"invalid name, version or path ({r['path']!r})."
             )
@@ -112,71 +140,41 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
         elif have != r["adapter_sha256"]:
             problems.append(f"{r['name']}@{r['version']} exists here with another sha256")
     if problems:
-        raise RegistryError("import refused, nothing written: " + "; ".join(problems))
-    imported = {t: 0 for t in TABLES}
-    keys = {(r["name"], r["version"]) for r in new_rows}
-
-    def op(con: duckdb.DuckDBPyConnection) -> None:
-        for r in new_rows:
-            if (
-                r["status"] == "champion"
-                and con.execute("SELECT 1 FROM adapters WHERE name = ? AND status = 'champion'", [r["name"]]).fetchone()
-            ):
-                r["status"] = "candidate"  # this registry's champion stays; promote the import by hand if wanted
-            con.execute(f"INSERT INTO adapters ({', '.join(r)}) VALUES ({', '.join('?' * len(r))})", list(r.values()))
-        imported["adapters"] = len(new_rows)
-        for table in ("aliases", "alias_history", "events"):
-            data = mem.execute(f"SELECT * FROM '{src / (table + '.parquet')}'").fetchall()
-            names = [d[0] for d in mem.description]
-            for row in data:
-                rec = dict(zip(names, row, strict=True))
-                if (rec["name"], rec["version"]) not in keys and table != "alias_history":
-                    continue
-                if table == "alias_history" and rec["name"] not in {k[0] for k in keys}:
-                    continue
-                if (
-                    table == "aliases"
-                    and con.execute(
-                        "SELECT 1 FROM aliases WHERE name = ? AND alias = ?", [rec["name"], rec["alias"]]
-                    ).fetchone()
-                ):
-                    continue  # this registry's own alias wins
-                con.execute(
-                    f"INSERT INTO {table} ({', '.join(rec)}) VALUES ({', '.join('?' * len(rec))})", list(rec.values())
-                )
-                imported[table] += 1
-
-    remove_orphans(reg, adapters_root)
-    with _importing(reg, adapters_root) as held:  # the copies are not orphans until the rows are in
-        if not held:
-            raise RegistryBusyError(f"{adapters_root}/imported stayed locked for {reg.max_wait_s:.0f} s. Fix: retry.")
-        for r in new_rows:
-            dest = Path(adapters_root) / "imported" / r["name"] / f"v{r['version']}"
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(src / r["path"], dest)
-            r["path"] = reg.stored_path(dest)
-        reg._write(op)
-    return imported
+        raise RegistryConflictError("import refused, nothing written: " + "; ".join(problems))
+    return new_rows
 
 
-#: What registering and importing create under ``<adapters root>/imported/<name>/``: a copy in progress, a
-#: registered copy named by its sha256 prefix, an imported version.
-_IMPORTED_DIR_RE = re.compile(r"\.import-.*|[0-9a-f]{16}|v[0-9]+")
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        check_name(name)
-    except RegistryError:
-        return False
-    return True
-
-
-def _importing(reg: AdapterRegistry, adapters_root: Path):
+@contextmanager
+def _importing(reg: AdapterRegistry, root: Path) -> Iterator[None]:
     """Held (shared) by every register and import while it copies files under ``imported/`` until its rows are
     in; while anyone holds it, nothing there is removed as an orphan."""
-    return file_lock(Path(adapters_root) / "imported" / ".lock", reg.max_wait_s, shared=True)
+    with file_lock(root / "imported" / ".lock", reg.max_wait_s, shared=True) as held:
+        if not held:
+            raise RegistryBusyError(f"{root / 'imported'} stayed locked for {reg.max_wait_s:.0f} s. Fix: retry.")
+        yield
+
+
+def _copy_home(src: Path, root: Path, name: str, sha: str) -> tuple[Path, bool]:
+    """Copy the files of the adapter dir ``src`` (its own files, not checkpoints or other dirs) to
+    ``root/imported/<name>/<sha[:16]>``, through a ``.import-`` dir renamed into place; the caller holds
+    :func:`_importing`. Returns the dir and whether this call created it (False: the same files were there, or
+    another register of them got there first)."""
+    dest = root / "imported" / check_name(name) / sha[:16]
+    if dest.exists():
+        return dest, False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        tmp.rename(dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.exists():  # not another register of the same files getting there first
+            raise
+        return dest, False
+    return dest, True
 
 
 def register_copy(reg: AdapterRegistry, new: NewAdapter, adapters_root: Path) -> AdapterRecord:
@@ -195,30 +193,52 @@ def register_copy(reg: AdapterRegistry, new: NewAdapter, adapters_root: Path) ->
     if src.is_relative_to(root):
         return reg.register(new)
     remove_orphans(reg, root)
-    with _importing(reg, root) as held:
-        if not held:
-            raise RegistryBusyError(f"{root / 'imported'} stayed locked for {reg.max_wait_s:.0f} s. Fix: retry.")
-        dest = root / "imported" / new.name / adapter_sha256(src)[0][:16]
-        created = False
-        if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
-            try:
-                for f in src.iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
-                tmp.rename(dest)
-                created = True
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not dest.exists():  # not another register of the same files getting there first
-                    raise
+    with _importing(reg, root):
+        dest, created = _copy_home(src, root, new.name, adapter_sha256(src)[0])
         try:
             return reg.register(new.model_copy(update={"path": dest}))
         except BaseException:
             if created:
                 shutil.rmtree(dest, ignore_errors=True)
             raise
+
+
+def external_adapter(
+    adapter_dir: Path, name: str, base_model: str | None = None, dataset: str | None = None
+) -> NewAdapter:
+    """What to register for an adapter dir trained elsewhere (``registry register``): its name checked, the dir
+    checked as a peft LoRA dir, the base model from ``base_model`` or else adapter_config.json, and lineage (where
+    it came from, its LoRA settings). The base's hash is not known here: the caller adds it when the base is on
+    this machine (:func:`register_copy` then brings the files home).
+
+    Args:
+        adapter_dir: a peft LoRA dir (adapter_config.json + adapter_model.safetensors).
+        name: the name to register it under.
+        base_model: the base model; default: ``base_model_name_or_path`` in adapter_config.json.
+        dataset: the dataset it was trained on (lineage).
+    """
+    check_name(name)
+    cfg = check_adapter_dir(adapter_dir)
+    base = base_model or cfg.get("base_model_name_or_path")
+    if not base:
+        raise RegistryInputError(
+            f"{adapter_dir}: adapter_config.json names no base_model_name_or_path. Fix: pass --base-model."
+        )
+    src = Path(adapter_dir).resolve()
+    settings = {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")}
+    return NewAdapter(
+        name=name,
+        path=src,
+        base_model=base,
+        method="lora",
+        dataset=dataset,
+        training_config={"imported_from": str(src), **settings},
+    )
+
+
+def _ours(d: Path) -> bool:
+    """Whether ``d`` (a dir ``imported/<name>/<entry>``) is one that registering or importing creates."""
+    return d.is_dir() and is_valid_name(d.parent.name) and _IMPORTED_DIR_RE.fullmatch(d.name) is not None
 
 
 def remove_orphans(reg: AdapterRegistry, adapters_root: Path) -> list[Path]:
@@ -232,7 +252,7 @@ def remove_orphans(reg: AdapterRegistry, adapters_root: Path) -> list[Path]:
     with file_lock(imported / ".lock", 0.0) as held:
         if not held:
             return []
-        ours = [d for d in imported.glob("*/*") if d.is_dir() and _IMPORTED_DIR_RE.fullmatch(d.name)]
+        ours = [d for d in imported.glob("*/*") if _ours(d)]
         if not ours:
             return []
         listed = {Path(r.path).resolve() for r in reg.list()}  # the snapshot: cheap, and enough to spare most

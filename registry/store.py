@@ -29,18 +29,75 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar
 
 import duckdb
 from pydantic import BaseModel, ConfigDict, Field
 
-from lora_assets.spec import NAME_PATTERN
+# the errors and rules live in their own modules; they are re-exported here, where callers have always found them
+from registry.errors import (
+    AdapterNotFoundError,
+    RegistryBusyError,
+    RegistryConflictError,
+    RegistryCorruptError,
+    RegistryError,
+    RegistryFileError,
+    RegistryInputError,
+    RegistrySchemaError,
+)
+from registry.rules import (
+    LOWER_IS_BETTER,
+    NAME_RE,
+    SERVABLE_STATUSES,
+    STATUSES,
+    VERSION_RE,
+    Status,
+    check_alias,
+    check_name,
+    check_status,
+    parse_ref,
+    parse_versioned_ref,
+)
+
+__all__ = [
+    "ADAPTER_FILES",
+    "LOWER_IS_BETTER",
+    "MIGRATIONS",
+    "NAME_RE",
+    "SCHEMA_VERSION",
+    "SERVABLE_STATUSES",
+    "STATUSES",
+    "TABLES",
+    "VERSION_RE",
+    "AdapterNotFoundError",
+    "AdapterRecord",
+    "AdapterRegistry",
+    "NewAdapter",
+    "RegistryBusyError",
+    "RegistryConflictError",
+    "RegistryCorruptError",
+    "RegistryError",
+    "RegistryFileError",
+    "RegistryInputError",
+    "RegistrySchemaError",
+    "Status",
+    "VerifyResult",
+    "adapter_sha256",
+    "check_adapter_dir",
+    "check_alias",
+    "check_name",
+    "check_status",
+    "file_lock",
+    "parse_ref",
+    "parse_versioned_ref",
+    "stored_path",
+]
 
 log = logging.getLogger(__name__)
 
-Status = Literal["candidate", "champion", "rejected", "archived"]
-SERVABLE_STATUSES = ("candidate", "champion")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: The registry's tables: what `registry export` writes and `registry import` reads, one parquet file each.
+TABLES = ("adapters", "aliases", "alias_history", "events")
 
 T = TypeVar("T")
 
@@ -85,12 +142,12 @@ def _m001_initial(con: duckdb.DuckDBPyConnection) -> None:
         QUALIFY row_number() OVER (PARTITION BY name ORDER BY version DESC) = 1""")
 
 
-def _m002_champions_leaderboard(con: duckdb.DuckDBPyConnection) -> None:
-    # rank_metric: the metric a version is ranked by (its gate's, else eval_loss), kept in training_config
-    con.execute("""
-        CREATE VIEW champions AS
-        SELECT * FROM adapters WHERE status = 'champion'""")
-    con.execute("""
+def leaderboard_view_sql() -> str:
+    """The `leaderboard` view: every version ranked within its name by its rank metric (the metric a version is
+    ranked by: its gate's, else eval_loss, kept in training_config), best first by :data:`LOWER_IS_BETTER`,
+    rejected and archived versions last."""
+    lower = ", ".join(f"'{m}'" for m in sorted(LOWER_IS_BETTER))
+    return f"""
         CREATE VIEW leaderboard AS
         WITH ranked AS (
             SELECT name, version, status, method, r, lora_alpha, target_modules, trainable_params,
@@ -105,11 +162,18 @@ def _m002_champions_leaderboard(con: duckdb.DuckDBPyConnection) -> None:
                row_number() OVER (
                    PARTITION BY name
                    ORDER BY CASE WHEN status IN ('rejected', 'archived') THEN 1 ELSE 0 END,
-                            CASE WHEN rank_metric IN ('eval_loss', 'perplexity')
+                            CASE WHEN rank_metric IN ({lower})
                                  THEN CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE)
                                  ELSE -CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE)
                             END, version) AS rank
-        FROM ranked""")
+        FROM ranked"""
+
+
+def _m002_champions_leaderboard(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("""
+        CREATE VIEW champions AS
+        SELECT * FROM adapters WHERE status = 'champion'""")
+    con.execute(leaderboard_view_sql())
 
 
 def _m003_aliases(con: duckdb.DuckDBPyConnection) -> None:
@@ -156,28 +220,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] =
     (3, "aliases with history", _m003_aliases),
     (4, "adapter paths relative to the registry's dir", _m004_relative_paths),
 ]
-LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-class RegistryError(RuntimeError):
-    """A registry operation that cannot succeed (newer schema, bad adapter dir); the base of the types below."""
-
-
-class RegistryInputError(RegistryError):
-    """A name, alias, version, status or SQL statement that the registry refuses."""
-
-
-class AdapterNotFoundError(RegistryError):
-    """No such adapter name, version or alias."""
-
-
-class RegistryBusyError(RegistryError):
-    """The registry stayed locked by another writer or program for longer than the wait allowed."""
-
-
-class RegistryCorruptError(RegistryError):
-    """The registry file is not a valid or complete DuckDB database."""
 
 
 class AdapterRecord(BaseModel):
@@ -185,26 +228,38 @@ class AdapterRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    version: int
-    status: Status
-    base_model: str
-    base_model_hash: str | None = None
-    method: str
-    r: int
-    lora_alpha: int
-    target_modules: list[str]
-    training_config: dict[str, Any] = Field(default_factory=dict)
-    dataset: str | None = None
-    dataset_fingerprint: str | None = None
-    path: str
-    adapter_sha256: str
-    size_bytes: int
-    trainable_params: int | None = None
-    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
-    created_at: datetime
-    run_id: str | None = None
-    code_version: str | None = None
+    name: str = Field(description="Adapter name (the name rule, `registry.rules.NAME_RULE`); served under it.")
+    version: int = Field(description="1, 2, ... per name, assigned at registration; never reused.")
+    status: Status = Field(
+        description="candidate (servable), champion (servable, what the plain name serves; at most one per name), "
+        "rejected (failed its gate) or archived (retired); never served when rejected or archived."
+    )
+    base_model: str = Field(description="The base model as given: a local dir, a builtin: name or a hub id.")
+    base_model_hash: str | None = Field(
+        None, description="Content hash of the base's weights; a server loads only versions trained on its base."
+    )
+    method: str = Field(description="How it was trained: lora, qlora, dora, ...")
+    r: int = Field(description="LoRA rank, from adapter_config.json.")
+    lora_alpha: int = Field(description="LoRA alpha, from adapter_config.json.")
+    target_modules: list[str] = Field(description="Modules the adapter wraps, sorted, from adapter_config.json.")
+    training_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The training settings, plus `rank_metric` (what the leaderboard ranks by), sweep point, "
+        "wall time and peak memory when known.",
+    )
+    dataset: str | None = Field(None, description="The dataset it was trained on (lineage).")
+    dataset_fingerprint: str | None = Field(None, description="Fingerprint of the cleaned dataset it was trained on.")
+    path: str = Field(description="The adapter dir, absolute (stored relative to the registry's dir when inside it).")
+    adapter_sha256: str = Field(description="sha256 over adapter_config.json and adapter_model.safetensors.")
+    size_bytes: int = Field(description="Total size of those two files.")
+    trainable_params: int | None = Field(None, description="Trainable parameters of the adapter, when known.")
+    metrics: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Evaluation per metric: {metric: {base, adapter, gain, ...}}, e.g. eval_loss, exact_match.",
+    )
+    created_at: datetime = Field(description="When this version was registered (UTC, naive).")
+    run_id: str | None = Field(None, description="The Dagster run that registered it, if any.")
+    code_version: str | None = Field(None, description="The lorafoundry code version that trained it, if known.")
 
 
 class NewAdapter(BaseModel):
@@ -212,19 +267,25 @@ class NewAdapter(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    path: Path
-    status: Literal["candidate", "rejected"] = "candidate"
-    base_model: str
-    base_model_hash: str | None = None
-    method: str = "lora"
-    training_config: dict[str, Any] = Field(default_factory=dict)
-    dataset: str | None = None
-    dataset_fingerprint: str | None = None
-    trainable_params: int | None = None
-    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
-    run_id: str | None = None
-    code_version: str | None = None
+    name: str = Field(description="Name to register under (the name rule, `registry.rules.NAME_RULE`).")
+    path: Path = Field(description="A peft LoRA dir: adapter_config.json and adapter_model.safetensors.")
+    status: Literal["candidate", "rejected"] = Field(
+        "candidate", description="`rejected` when it failed its quality gate (registered, never served)."
+    )
+    base_model: str = Field(description="The base model: a local dir, a builtin: name or a hub id.")
+    base_model_hash: str | None = Field(
+        None, description="Content hash of the base's weights; None when the base is not on this machine."
+    )
+    method: str = Field("lora", description="How it was trained: lora, qlora, dora, ...")
+    training_config: dict[str, Any] = Field(default_factory=dict, description="The training settings (lineage).")
+    dataset: str | None = Field(None, description="The dataset it was trained on (lineage).")
+    dataset_fingerprint: str | None = Field(None, description="Fingerprint of the cleaned dataset.")
+    trainable_params: int | None = Field(None, description="Trainable parameters, when known.")
+    metrics: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Evaluation per metric: {metric: {base, adapter, ...}}; empty: not evaluated."
+    )
+    run_id: str | None = Field(None, description="The Dagster run registering it, if any.")
+    code_version: str | None = Field(None, description="The lorafoundry code version that trained it, if known.")
     promote: Literal["if_better", "always", "manual"] = Field(
         "manual",
         description="Make a `candidate` the champion of its name: if it beats the current champion on "
@@ -234,43 +295,6 @@ class NewAdapter(BaseModel):
 
 
 _COLUMNS = list(AdapterRecord.model_fields)
-#: Adapter names and aliases follow the spec's name rule: 1-64 ASCII letters, digits, '.', '_', '-', starting
-#: with a letter or digit. Versions are 1-9 ASCII digits (``str.isdigit`` would take '²' or '٣').
-NAME_RE = re.compile(NAME_PATTERN.strip("^$"))
-VERSION_RE = re.compile(r"[0-9]{1,9}")
-STATUSES: tuple[str, ...] = get_args(Status)
-
-
-def _shown(value: str) -> str:
-    """``value`` for an error message: quoted, and cut when long (names are client-chosen)."""
-    return repr(value) if len(value) <= 80 else f"{value[:40]!r}… ({len(value)} characters)"
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is a valid adapter name, else raise with the rule."""
-    if not NAME_RE.fullmatch(name):
-        raise RegistryInputError(
-            f"name {_shown(name)} is not valid. Fix: use 1-64 characters from ASCII letters, digits, '.', '_', '-', "
-            "starting with a letter or digit (e.g. sentiment, qa-v2)."
-        )
-    return name
-
-
-def check_alias(alias: str) -> str:
-    """``alias`` if it is a valid alias (the name rule, and not only digits, which would read as a version)."""
-    if not NAME_RE.fullmatch(alias) or alias.isdigit():
-        raise RegistryInputError(
-            f"alias {_shown(alias)} is not valid. Fix: use 1-64 characters from ASCII letters, digits, '.', '_', "
-            "'-', starting with a letter or digit and not only digits (e.g. prod, staging)."
-        )
-    return alias
-
-
-def check_status(status: str) -> str:
-    """``status`` if it is one of the registry's statuses."""
-    if status not in STATUSES:
-        raise RegistryInputError(f"status {_shown(status)} is not a status. Fix: use one of {', '.join(STATUSES)}.")
-    return status
 
 
 def stored_path(adapter_dir: Path | str, base: Path) -> str:
@@ -297,11 +321,11 @@ class VerifyResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    version: int
-    ok: bool
-    detail: str
-    path: str
+    name: str = Field(description="Adapter name.")
+    version: int = Field(description="Adapter version.")
+    ok: bool = Field(description="Whether the files hash to the registered sha256.")
+    detail: str = Field(description="`ok`, or what differs (the two hashes) or why the files cannot be read.")
+    path: str = Field(description="The adapter dir that was hashed.")
 
 
 def adapter_sha256(adapter_dir: Path) -> tuple[str, int]:
@@ -384,14 +408,14 @@ def check_adapter_dir(adapter_dir: Path) -> dict:
     d = Path(adapter_dir)
     cfg_path = d / "adapter_config.json"
     if not cfg_path.exists():
-        raise RegistryError(f"{d} is not a peft adapter dir: no adapter_config.json.")
+        raise RegistryInputError(f"{d} is not a peft adapter dir: no adapter_config.json.")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type") != "LORA":
-        raise RegistryError(f"{d}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be registered.")
+        raise RegistryInputError(f"{d}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be registered.")
     if not (d / "adapter_model.safetensors").exists():
         pickled = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
         why = f" (found pickled weights {pickled}, which are refused)" if pickled else ""
-        raise RegistryError(f"{d}: no adapter_model.safetensors{why}. Fix: save with safe_serialization=True.")
+        raise RegistryInputError(f"{d}: no adapter_model.safetensors{why}. Fix: save with safe_serialization=True.")
     return cfg
 
 
@@ -629,53 +653,13 @@ class AdapterRegistry:
             ).fetchone()
             if same is not None:
                 return _reevaluate(con, self.actor, new, same, base)
-            row = {
-                "name": new.name,
-                "version": version,
-                "status": new.status,
-                "base_model": new.base_model,
-                "base_model_hash": new.base_model_hash,
-                "method": new.method,
-                "r": int(cfg["r"]),
-                "lora_alpha": int(cfg["lora_alpha"]),
-                "target_modules": sorted(cfg["target_modules"]),
-                "training_config": json.dumps({**new.training_config, "rank_metric": new.rank_metric}),
-                "dataset": new.dataset,
-                "dataset_fingerprint": new.dataset_fingerprint,
-                "path": stored_path(new.path, base),
-                "adapter_sha256": sha,
-                "size_bytes": size,
-                "trainable_params": new.trainable_params,
-                "metrics": json.dumps(new.metrics),
-                "created_at": now,
-                "run_id": new.run_id,
-                "code_version": new.code_version,
-            }
-            con.execute(
-                f"INSERT INTO adapters ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
-            )
-            _event(
-                con,
-                self.actor,
-                "register" if new.status != "rejected" else "reject",
-                new.name,
-                version,
-                {"sha256": sha, "status": new.status},
-            )
-            if new.status == "candidate" and new.promote != "manual":
-                champion = _champion(con, new.name)
-                why = _beats(new.metrics, champion, new.rank_metric) if new.promote == "if_better" else "always"
-                if why:
-                    _promote(con, self.actor, new.name, version, why)
-                    row["status"] = "champion"
-            return AdapterRecord.model_validate(
-                {
-                    **row,
-                    "path": str(self.adapter_path(row["path"])),
-                    "training_config": json.loads(row["training_config"]),
-                    "metrics": new.metrics,
-                }
-            )
+            row = _new_row(new, cfg, version, sha, size, now, stored_path(new.path, base))
+            _insert(con, "adapters", row)
+            action = "register" if new.status != "rejected" else "reject"
+            _event(con, self.actor, action, new.name, version, {"sha256": sha, "status": new.status})
+            if new.status == "candidate" and _apply_promote_rule(con, self.actor, new, version):
+                row["status"] = "champion"
+            return _record(tuple(row[c] for c in _COLUMNS), base)
 
         return self._write(op)
 
@@ -743,26 +727,23 @@ class AdapterRegistry:
 
         def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
             if isinstance(ref, str):
-                row = con.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", [name, ref]).fetchone()
-                if row is None:
+                v = _alias_version(con, name, ref)
+                if v is None:
                     raise AdapterNotFoundError(
                         f"adapter {name!r} has no alias {ref!r}. Fix: `lorafoundry registry show "
                         f"{name}` lists its aliases."
                     )
-                v = row[0]
             elif ref is None:
                 v = con.execute("SELECT max(version) FROM adapters WHERE name = ?", [name]).fetchone()[0]
             else:
                 v = int(ref)
-            row = con.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, v]
-            ).fetchone()
-            if row is None:
+            rec = _find_record(con, name, v, base)
+            if rec is None:
                 raise AdapterNotFoundError(
                     f"no adapter {name!r}" + (f" version {v}" if v else "") + " in the registry. "
                     "Fix: `lorafoundry registry list` shows what is there."
                 )
-            return _record(row, base)
+            return rec
 
         return self._read(op)
 
@@ -781,18 +762,18 @@ class AdapterRegistry:
         check_name(name)
         check_alias(alias)
         if alias == "champion":
-            raise RegistryError("`champion` is set by promotion. Fix: `lorafoundry registry promote NAME VERSION`.")
+            raise RegistryInputError(
+                "`champion` is set by promotion. Fix: `lorafoundry registry promote NAME VERSION`."
+            )
 
         def op(con: duckdb.DuckDBPyConnection) -> None:
             if version is not None:
-                status = con.execute(
-                    "SELECT status FROM adapters WHERE name = ? AND version = ?", [name, version]
-                ).fetchone()
+                status = _status(con, name, version)
                 if status is None:
                     raise AdapterNotFoundError(f"no adapter {name}@{version}.")
-                if status[0] not in SERVABLE_STATUSES:
-                    raise RegistryError(
-                        f"{name}@{version} is {status[0]}; an alias can only point at a candidate or the champion."
+                if status not in SERVABLE_STATUSES:
+                    raise RegistryConflictError(
+                        f"{name}@{version} is {status}; an alias can only point at a candidate or the champion."
                     )
             _set_alias(con, self.actor, name, alias, version)
 
@@ -802,9 +783,9 @@ class AdapterRegistry:
         """Retire ``name@version``: status `archived`, never served; its aliases are removed (with history)."""
 
         def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
-            if con.execute("SELECT 1 FROM adapters WHERE name = ? AND version = ?", [name, version]).fetchone() is None:
+            if _status(con, name, version) is None:
                 raise AdapterNotFoundError(f"no adapter {name}@{version}.")
-            con.execute("UPDATE adapters SET status = 'archived' WHERE name = ? AND version = ?", [name, version])
+            _set_column(con, name, version, status="archived")
             for (alias,) in con.execute(
                 "SELECT alias FROM aliases WHERE name = ? AND version = ?", [name, version]
             ).fetchall():
@@ -858,13 +839,15 @@ class AdapterRegistry:
         archived versions cannot be promoted."""
 
         def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
-            row = con.execute("SELECT status FROM adapters WHERE name = ? AND version = ?", [name, version]).fetchone()
-            if row is None:
+            status = _status(con, name, version)
+            if status is None:
                 raise AdapterNotFoundError(
                     f"no adapter {name}@{version}. Fix: `lorafoundry registry list` shows versions."
                 )
-            if row[0] not in SERVABLE_STATUSES:
-                raise RegistryError(f"{name}@{version} is {row[0]} and cannot be promoted; only candidates can.")
+            if status not in SERVABLE_STATUSES:
+                raise RegistryConflictError(
+                    f"{name}@{version} is {status} and cannot be promoted; only candidates can."
+                )
             _promote(con, self.actor, name, version, reason)
             return _fetch_record(con, name, version, self.base_dir)
 
@@ -899,6 +882,64 @@ class AdapterRegistry:
                 "read or write files, attach databases, load extensions or change settings."
             ) from None
 
+    def champion_changes(self, after: str | None = None) -> list[tuple[str, str, int]]:
+        """Every event that changed the champion of a name (a promotion, or a champion rejected on re-evaluation)
+        after the event time ``after`` (every one when None), oldest first, as (time as text, name, version)."""
+        sql = (
+            "SELECT occurred_at::VARCHAR, name, version FROM events WHERE (action = 'promote' OR (action = "
+            "'reevaluate' AND detail->>'previous_status' = 'champion' AND detail->>'status' = 'rejected'))"
+        )
+        sql += (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1"
+        return self._read(lambda con: con.execute(sql, [after] if after else []).fetchall())
+
+    def export_tables(self, dest: Path) -> tuple[dict[str, int], list[tuple[str, int, Path]]]:
+        """Write ``dest/<table>.parquet`` for every table of :data:`TABLES`, all read in one transaction; the
+        exported ``path`` column is ``adapters/<name>/v<N>`` (relative to ``dest``). Returns the rows per table and
+        (name, version, adapter dir) of every exported version, whose files the caller copies there."""
+        counts: dict[str, int] = {}
+
+        def op(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int, Path]]:
+            for table in TABLES:
+                sql = (
+                    f"SELECT * REPLACE ('adapters/' || name || '/v' || version AS path) FROM {table}"
+                    if table == "adapters"
+                    else f"SELECT * FROM {table}"
+                )
+                con.execute(f"COPY ({sql}) TO {_sql_string(str(dest / (table + '.parquet')))} (FORMAT parquet)")
+                counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            rows = con.execute("SELECT name, version, path FROM adapters").fetchall()
+            return [(name, version, self.adapter_path(path)) for name, version, path in rows]
+
+        sources = self._read(op)
+        return counts, sources
+
+    def import_rows(self, adapters: list[dict[str, Any]], related: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+        """Insert the rows of an export in one transaction: ``adapters``, new versions (their ``path`` already in
+        this registry's stored form), and of ``related`` (the export's aliases, alias_history and events rows) those
+        about the new versions. This registry's champion and aliases win over imported ones: an imported champion
+        comes in as a candidate when its name already has a champion. Returns the rows inserted per table."""
+        keys = {(r["name"], r["version"]) for r in adapters}
+        names = {name for name, _ in keys}
+        imported = dict.fromkeys(TABLES, 0)
+
+        def op(con: duckdb.DuckDBPyConnection) -> None:
+            for r in adapters:
+                row = dict(r)
+                if row["status"] == "champion" and _champion(con, row["name"]) is not None:
+                    row["status"] = "candidate"  # this registry's champion stays; promote the import by hand if wanted
+                _insert(con, "adapters", row)
+            imported["adapters"] = len(adapters)
+            for table in ("aliases", "alias_history", "events"):
+                for rec in related.get(table, []):
+                    ours = rec["name"] in names if table == "alias_history" else (rec["name"], rec["version"]) in keys
+                    if not ours or (table == "aliases" and _alias_version(con, rec["name"], rec["alias"]) is not None):
+                        continue  # about a version not imported, or an alias this registry already has
+                    _insert(con, table, rec)
+                    imported[table] += 1
+
+        self._write(op)
+        return imported
+
     def paths_in_use(self) -> set[Path]:
         """Every registered version's adapter dir, read from the file itself in a writer's turn (so a version
         whose writer was killed before publishing the snapshot counts too)."""
@@ -924,11 +965,63 @@ def _record(row: tuple, base: Path) -> AdapterRecord:
     return AdapterRecord.model_validate(data)
 
 
-def _fetch_record(con: duckdb.DuckDBPyConnection, name: str, version: int, base: Path) -> AdapterRecord:
+def _find_record(con: duckdb.DuckDBPyConnection, name: str, version: int | None, base: Path) -> AdapterRecord | None:
+    """``name@version`` as a record, or None when there is no such version."""
     row = con.execute(
         f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, version]
     ).fetchone()
-    return _record(row, base)
+    return None if row is None else _record(row, base)
+
+
+def _fetch_record(con: duckdb.DuckDBPyConnection, name: str, version: int, base: Path) -> AdapterRecord:
+    """``name@version`` as a record; the caller knows it exists (it just wrote or checked it)."""
+    rec = _find_record(con, name, version, base)
+    assert rec is not None, f"{name}@{version} vanished inside its own transaction"
+    return rec
+
+
+def _new_row(new: NewAdapter, cfg: dict, version: int, sha: str, size: int, now: datetime, path: str) -> dict[str, Any]:
+    """The `adapters` row of a new version (JSON columns as text), in column order."""
+    row = {
+        "name": new.name,
+        "version": version,
+        "status": new.status,
+        "base_model": new.base_model,
+        "base_model_hash": new.base_model_hash,
+        "method": new.method,
+        "r": int(cfg["r"]),
+        "lora_alpha": int(cfg["lora_alpha"]),
+        "target_modules": sorted(cfg["target_modules"]),
+        "training_config": json.dumps({**new.training_config, "rank_metric": new.rank_metric}),
+        "dataset": new.dataset,
+        "dataset_fingerprint": new.dataset_fingerprint,
+        "path": path,
+        "adapter_sha256": sha,
+        "size_bytes": size,
+        "trainable_params": new.trainable_params,
+        "metrics": json.dumps(new.metrics),
+        "created_at": now,
+        "run_id": new.run_id,
+        "code_version": new.code_version,
+    }
+    return {c: row[c] for c in _COLUMNS}
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, row: dict[str, Any]) -> None:
+    """Insert one row given as {column: value} (the table is one of the registry's own)."""
+    con.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+
+
+def _status(con: duckdb.DuckDBPyConnection, name: str, version: int) -> str | None:
+    """The status of ``name@version``, or None when there is no such version."""
+    row = con.execute("SELECT status FROM adapters WHERE name = ? AND version = ?", [name, version]).fetchone()
+    return row[0] if row else None
+
+
+def _set_column(con: duckdb.DuckDBPyConnection, name: str, version: int, **values: Any) -> None:
+    """Update columns of ``name@version`` (the column names are this module's own, never a caller's)."""
+    sets = ", ".join(f"{column} = ?" for column in values)
+    con.execute(f"UPDATE adapters SET {sets} WHERE name = ? AND version = ?", [*values.values(), name, version])
 
 
 def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int, base: Path) -> AdapterRecord:
@@ -937,20 +1030,13 @@ def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, ver
     gate outcome: a rejected version that now passes becomes a candidate (and the champion rule applies); a
     candidate or champion that now fails is rejected (a champion leaves its alias, so the name has no champion
     until another version earns it). Archived stays archived."""
-
-    def current() -> AdapterRecord:
-        return _fetch_record(con, new.name, version, base)
-
-    rec = current()
+    rec = _fetch_record(con, new.name, version, base)
     # the base's hash and the files' place, when the first registration could not record them (an import
     # before the base was on this machine): registering again with the base present is the fix the CLI names
     if rec.base_model_hash is None and new.base_model_hash is not None:
-        con.execute(
-            "UPDATE adapters SET base_model_hash = ?, path = ? WHERE name = ? AND version = ?",
-            [new.base_model_hash, stored_path(new.path, base), new.name, version],
-        )
+        _set_column(con, new.name, version, base_model_hash=new.base_model_hash, path=stored_path(new.path, base))
         _event(con, actor, "update", new.name, version, {"base_model_hash": new.base_model_hash})
-        rec = current()
+        rec = _fetch_record(con, new.name, version, base)
     # only a new evaluation (metrics) can change the gate outcome: registering files again with no metrics
     # (e.g. `registry register`) never turns a rejected version into a candidate
     evaluated = bool(new.metrics)
@@ -958,21 +1044,28 @@ def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, ver
     status_changes = evaluated and rec.status != "archived" and passes == (rec.status == "rejected")
     if not evaluated or (new.metrics == rec.metrics and not status_changes):
         return rec
-    con.execute(
-        "UPDATE adapters SET metrics = ? WHERE name = ? AND version = ?", [json.dumps(new.metrics), new.name, version]
-    )
+    _set_column(con, new.name, version, metrics=json.dumps(new.metrics))
     status = rec.status
     if status_changes:
         status = "candidate" if passes else "rejected"
-        con.execute("UPDATE adapters SET status = ? WHERE name = ? AND version = ?", [status, new.name, version])
+        _set_column(con, new.name, version, status=status)
         if rec.status == "champion":
             _set_alias(con, actor, new.name, "champion", None)
     _event(con, actor, "reevaluate", new.name, version, {"previous_status": rec.status, "status": status})
-    if status == "candidate" and status_changes and new.promote != "manual":
-        why = _beats(new.metrics, _champion(con, new.name), new.rank_metric) if new.promote == "if_better" else "always"
-        if why:
-            _promote(con, actor, new.name, version, why)
-    return current()
+    if status == "candidate" and status_changes:
+        _apply_promote_rule(con, actor, new, version)
+    return _fetch_record(con, new.name, version, base)
+
+
+def _apply_promote_rule(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int) -> bool:
+    """Make the candidate ``new.name@version`` the champion when ``new.promote`` says so (``if_better``: it beats
+    the champion on ``new.rank_metric``; ``always``); returns whether it was promoted."""
+    if new.promote == "manual":
+        return False
+    why = _beats(new.metrics, _champion(con, new.name), new.rank_metric) if new.promote == "if_better" else "always"
+    if why:
+        _promote(con, actor, new.name, version, why)
+    return bool(why)
 
 
 def _champion(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, dict] | None:
@@ -998,15 +1091,20 @@ def _promote(con: duckdb.DuckDBPyConnection, actor: str, name: str, version: int
     if old is not None and old[0] == version:
         return
     if old is not None:
-        con.execute("UPDATE adapters SET status = 'candidate' WHERE name = ? AND version = ?", [name, old[0]])
-    con.execute("UPDATE adapters SET status = 'champion' WHERE name = ? AND version = ?", [name, version])
+        _set_column(con, name, old[0], status="candidate")
+    _set_column(con, name, version, status="champion")
     _set_alias(con, actor, name, "champion", version)
     _event(con, actor, "promote", name, version, {"reason": reason, "previous_champion": old[0] if old else None})
 
 
+def _alias_version(con: duckdb.DuckDBPyConnection, name: str, alias: str) -> int | None:
+    """The version ``name:alias`` points at, or None."""
+    row = con.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", [name, alias]).fetchone()
+    return row[0] if row else None
+
+
 def _set_alias(con: duckdb.DuckDBPyConnection, actor: str, name: str, alias: str, version: int | None) -> None:
-    prev = con.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", [name, alias]).fetchone()
-    prev_version = prev[0] if prev else None
+    prev_version = _alias_version(con, name, alias)
     if prev_version == version:
         return
     con.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", [name, alias])
@@ -1018,23 +1116,8 @@ def _set_alias(con: duckdb.DuckDBPyConnection, actor: str, name: str, alias: str
 
 def _metric_path(metric: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_]+", metric):
-        raise RegistryError(f"metric {metric!r} is not a metric name. Fix: use e.g. exact_match, eval_loss.")
+        raise RegistryInputError(f"metric {metric!r} is not a metric name. Fix: use e.g. exact_match, eval_loss.")
     return f'$."{metric}".adapter'
-
-
-def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
-    """Split ``name``, ``name@VERSION`` or ``name:ALIAS`` into (name, version, alias)."""
-    if "@" in ref:
-        name, _, v = ref.partition("@")
-        if not VERSION_RE.fullmatch(v):
-            raise RegistryInputError(
-                f"{_shown(ref)}: the version after '@' must be a number of 1-9 ASCII digits (0-9), e.g. {name[:64]}@2."
-            )
-        return check_name(name), int(v), None
-    if ":" in ref:
-        name, _, alias = ref.partition(":")
-        return check_name(name), None, check_alias(alias)
-    return check_name(ref), None, None
 
 
 def _event(
@@ -1057,7 +1140,7 @@ def _current_version(con: duckdb.DuckDBPyConnection) -> int:
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     current = _current_version(con)
     if current > SCHEMA_VERSION:
-        raise RegistryError(
+        raise RegistrySchemaError(
             f"registry {path} has schema version {current}, newer than this lorafoundry "
             f"understands ({SCHEMA_VERSION}). Fix: upgrade lorafoundry; do not write to this file "
             "with an older version."

@@ -19,7 +19,7 @@ import httpx
 
 from lora_assets.hardware import resolve_dtype
 from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
-from registry.store import AdapterRecord
+from registry.store import SERVABLE_STATUSES, AdapterRecord
 from serving.integrity import IntegrityError, stage
 
 #: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
@@ -228,9 +228,7 @@ def plan_server(
 
     pipe = Pipeline(spec, home, registry_path=registry_path)
     same_base = [
-        r
-        for r in pipe.registry.list()
-        if r.base_model_hash == pipe.base.content_hash and r.status in ("candidate", "champion")
+        r for r in pipe.registry.list() if r.base_model_hash == pipe.base.content_hash and r.status in SERVABLE_STATUSES
     ]
     stage_root = stage_dir(pipe.home)
     adapters = []

@@ -367,40 +367,78 @@ def test_list_filters_and_metric_order(tmp_path):
         reg.list(order_by="x'; DROP TABLE adapters; --")
 
 
-def test_cli_round_trips(tmp_path):
-    import yaml
-
+@pytest.fixture
+def cli_home(tmp_path):
+    """A home of its own for one CLI test, and ``ok(*args)``: run `registry ARGS --home HOME`, expect exit 0,
+    return stdout."""
     from orchestration.cli import app
 
-    run = CliRunner()
-    home = ["--home", str(tmp_path / "home")]
+    home = tmp_path / "home"
 
-    def ok(*args: str) -> str:
-        res = run.invoke(app, ["registry", *args, *home])
+    def ok(*args: str, at: Path = home) -> str:
+        res = CliRunner().invoke(app, ["registry", *args, "--home", str(at)])
         assert res.exit_code == 0, res.output
         return res.stdout
 
-    d1, d2 = make_adapter_dir(tmp_path / "ext1"), make_adapter_dir(tmp_path / "ext2", seed=1)
-    first = json.loads(ok("register", str(d1), "--name", "ext", "--json"))
-    assert (first["version"], first["status"], first["base_model"]) == (1, "candidate", "base")
-    assert json.loads(ok("register", str(d1), "--name", "ext", "--json"))["version"] == 1  # idempotent
-    ok("register", str(d2), "--name", "ext", "--base-model", "other-base")
-    ok("promote", "ext", "2")
-    ok("alias", "ext@1", "stable")
-    shown = json.loads(ok("show", "ext:champion", "--json"))
-    assert shown["version"] == 2 and shown["aliases"] == {"champion": 2, "stable": 1}
-    listed = [json.loads(line) for line in ok("list", "--json", "--base-model", "other-base").splitlines()]
-    assert [(r["name"], r["version"]) for r in listed] == [("ext", 2)]
-    rows = [json.loads(line) for line in ok("sql", "SELECT name, version FROM champions", "--json").splitlines()]
-    assert rows == [{"name": "ext", "version": 2}]
-    denied = run.invoke(app, ["registry", "sql", "DELETE FROM adapters", *home])
-    assert denied.exit_code == 1 and "read-only" in denied.output.lower()
-    assert [json.loads(line)["ok"] for line in ok("verify", "--json").splitlines()] == [True, True]
+    ok.home = home
+    return ok
 
-    trained = AdapterRegistry(tmp_path / "home" / "registry.duckdb").register(
-        new(make_adapter_dir(tmp_path / "t", seed=5), name="trained", dataset="demo")
-    )
-    card_path = Path(ok("card", "trained@1").split("wrote ", 1)[1].strip())
+
+@pytest.fixture
+def populated(cli_home, tmp_path):
+    """``cli_home`` with ext@1 (alias stable), ext@2 (base other-base, champion) and trained@1 (dataset demo)."""
+    reg = AdapterRegistry(cli_home.home / "registry.duckdb")
+    for seed, base in ((0, "base"), (1, "other-base")):
+        reg.register(NewAdapter(name="ext", path=make_adapter_dir(tmp_path / f"ext{seed}", seed=seed), base_model=base))
+    reg.promote("ext", 2)
+    reg.set_alias("ext", "stable", 1)
+    reg.register(new(make_adapter_dir(tmp_path / "t", seed=5), name="trained", dataset="demo"))
+    return cli_home
+
+
+def test_cli_register_is_idempotent_and_takes_the_base_from_the_config(cli_home, tmp_path):
+    d = make_adapter_dir(tmp_path / "ext1")
+    first = json.loads(cli_home("register", str(d), "--name", "ext", "--json"))
+    assert (first["version"], first["status"], first["base_model"]) == (1, "candidate", "base")
+    again = json.loads(cli_home("register", str(d), "--name", "ext", "--json"))
+    assert (again["version"], again["adapter_sha256"]) == (1, first["adapter_sha256"])
+
+
+def test_cli_promote_and_alias_show_in_show(cli_home, tmp_path):
+    for seed in (0, 1):
+        cli_home("register", str(make_adapter_dir(tmp_path / f"ext{seed}", seed=seed)), "--name", "ext")
+    assert "ext@2 is now champion" in cli_home("promote", "ext", "2")
+    cli_home("alias", "ext@1", "stable")
+    shown = json.loads(cli_home("show", "ext:champion", "--json"))
+    assert shown["version"] == 2 and shown["aliases"] == {"champion": 2, "stable": 1}
+
+
+def test_cli_list_filters_by_base_model(populated):
+    listed = [json.loads(line) for line in populated("list", "--json", "--base-model", "other-base").splitlines()]
+    assert [(r["name"], r["version"]) for r in listed] == [("ext", 2)]
+
+
+def test_cli_sql_reads_the_views(populated):
+    rows = [json.loads(line) for line in populated("sql", "SELECT name, version FROM champions", "--json").splitlines()]
+    assert rows == [{"name": "ext", "version": 2}]
+
+
+def test_cli_sql_refuses_writes(populated):
+    from orchestration.cli import app
+
+    denied = CliRunner().invoke(app, ["registry", "sql", "DELETE FROM adapters", "--home", str(populated.home)])
+    assert denied.exit_code == 1 and "read-only" in denied.output.lower()
+
+
+def test_cli_verify_passes_for_unchanged_files(populated):
+    assert [json.loads(line)["ok"] for line in populated("verify", "--json").splitlines()] == [True] * 3
+
+
+def test_cli_card_writes_a_hub_model_card_that_verify_ignores(populated):
+    import yaml
+
+    trained = AdapterRegistry(populated.home / "registry.duckdb").get("trained@1")
+    card_path = Path(populated("card", "trained@1").split("wrote ", 1)[1].strip())
     assert card_path == Path(trained.path) / "README.md"
     text = card_path.read_text()
     assert text.startswith("---\n")
@@ -409,31 +447,45 @@ def test_cli_round_trips(tmp_path):
     assert meta["base_model_relation"] == "adapter" and meta["datasets"] == ["demo"]
     (metric,) = meta["model-index"][0]["results"][0]["metrics"]
     assert (metric["type"], metric["value"]) == ("exact_match", 0.5)
-    assert [v["ok"] for v in map(json.loads, ok("verify", "--json").splitlines())] == [True] * 3  # card not hashed
+    assert [v["ok"] for v in map(json.loads, populated("verify", "--json").splitlines())] == [True] * 3
 
-    ok("archive", "ext@1")
-    assert json.loads(ok("show", "ext@1", "--json"))["status"] == "archived"
-    out_dir = tmp_path / "export"
-    ok("export", str(out_dir))
-    assert {p.name for p in out_dir.glob("*.parquet")} == {
+
+def test_cli_archive_retires_a_version(populated):
+    assert "ext@1 is now archived" in populated("archive", "ext@1")
+    assert json.loads(populated("show", "ext@1", "--json"))["status"] == "archived"
+
+
+def test_cli_export_writes_every_table(populated, tmp_path):
+    populated("export", str(tmp_path / "export"))
+    assert {p.name for p in (tmp_path / "export").glob("*.parquet")} == {
         "adapters.parquet",
         "aliases.parquet",
         "alias_history.parquet",
         "events.parquet",
     }
-    other = ["--home", str(tmp_path / "other")]
-    res = run.invoke(app, ["registry", "import", str(out_dir), *other])
-    assert res.exit_code == 0, res.output
-    moved = [json.loads(line) for line in run.invoke(app, ["registry", "list", "--json", *other]).stdout.splitlines()]
-    assert [(r["name"], r["version"], r["status"], r["adapter_sha256"]) for r in moved] == [
-        ("ext", 1, "archived", first["adapter_sha256"]),
-        ("ext", 2, "champion", shown["adapter_sha256"]),
-        ("trained", 1, "candidate", trained.adapter_sha256),
+
+
+def test_cli_import_keeps_versions_statuses_and_hashes_once(populated, tmp_path):
+    populated("archive", "ext@1")
+    populated("export", str(tmp_path / "export"))
+    other = tmp_path / "other"
+    populated("import", str(tmp_path / "export"), at=other)
+    moved = [json.loads(line) for line in populated("list", "--json", at=other).splitlines()]
+    source = {(r.name, r.version): r.adapter_sha256 for r in AdapterRegistry(populated.home / "registry.duckdb").list()}
+    assert [(r["name"], r["version"], r["status"]) for r in moved] == [
+        ("ext", 1, "archived"),
+        ("ext", 2, "champion"),
+        ("trained", 1, "candidate"),
     ]
-    assert all(Path(r["path"]).is_relative_to(tmp_path / "other") for r in moved)
-    again = run.invoke(app, ["registry", "import", str(out_dir), *other])  # same rows: nothing new
-    assert again.exit_code == 0 and "adapters 0" in again.stdout
-    bad = run.invoke(app, ["registry", "show", "nope", "--json", *home])
+    assert {(r["name"], r["version"]): r["adapter_sha256"] for r in moved} == source
+    assert all(Path(r["path"]).is_relative_to(other) for r in moved)
+    assert "adapters 0" in populated("import", str(tmp_path / "export"), at=other)  # same rows: nothing new
+
+
+def test_cli_show_of_an_unknown_name_fails_cleanly(cli_home):
+    from orchestration.cli import app
+
+    bad = CliRunner().invoke(app, ["registry", "show", "nope", "--json", "--home", str(cli_home.home)])
     assert bad.exit_code == 1 and "no adapter 'nope'" in bad.output
 
 

@@ -139,9 +139,20 @@ def test_register_refuses_a_name_outside_the_rule(home, tmp_path):
     d = make_adapter_dir(tmp_path / "ext")
     refused(cli(home, "register", str(d), "--name", "n" * 65), "1-64 characters")
     refused(cli(home, "register", str(d), "--name", "../up"), "1-64 characters")
+    refused(cli(home, "register", str(d), "--name", ".hidden"), "1-64 characters")  # the spec refuses it too
     assert not (home / "adapters" / "imported").exists()
     with pytest.raises(RegistryInputError):
         AdapterRegistry(home / "registry.duckdb").register(NewAdapter(name="x" * 65, path=d, base_model="b"))
+
+
+@pytest.mark.parametrize("name", [".hidden", "n" * 65, "é", "a/b", "a\n", "-x", ""])
+def test_the_spec_and_the_registry_share_one_name_rule(name):
+    from lora_assets import spec
+    from registry.rules import check_name, is_valid_name
+
+    assert spec.is_valid_name is is_valid_name  # the spec checks names by the registry's rule, not a copy
+    with pytest.raises(RegistryInputError, match="1-64 characters"):
+        check_name(name)
 
 
 # -- 8. a damaged registry file: at once, what is wrong and what to do -----------------------------------------
@@ -207,8 +218,11 @@ def test_home_restored_from_export_serves(home, tmp_path):
     restored = tmp_path / "restored"
     res = cli(restored, "import", str(tmp_path / "backup"))
     assert res.exit_code == 0, res.output
-    rows = AdapterRegistry(restored / "registry.duckdb").query("SELECT path FROM adapters ORDER BY version")[1]
-    assert [p for (p,) in rows] == ["adapters/imported/a/v1", "adapters/imported/a/v2"]
+    rows = AdapterRegistry(restored / "registry.duckdb").query(
+        "SELECT path, adapter_sha256 FROM adapters ORDER BY version"
+    )[1]
+    assert len(rows) == 2  # one layout for imports and registers: imported/<name>/<sha256[:16]>
+    assert [p for p, _ in rows] == [f"adapters/imported/a/{sha[:16]}" for _, sha in rows]
     shutil.copytree(restored, tmp_path / "restored-copy")
     shutil.rmtree(restored)
     for r in AdapterRegistry(tmp_path / "restored-copy" / "registry.duckdb").list():
