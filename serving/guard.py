@@ -30,23 +30,27 @@ import asyncio
 import hmac
 import json
 import os
-import re
 import threading
 import time
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from registry.store import (
+    SERVABLE_STATUSES,
     AdapterNotFoundError,
     AdapterRecord,
     AdapterRegistry,
+    RegistryBusyError,
+    RegistryConflictError,
+    RegistryCorruptError,
     RegistryError,
     RegistryInputError,
     adapter_sha256,
+    parse_ref,
 )
 from serving.integrity import IntegrityError, stage
-
-NAME_RE = re.compile(r"[A-Za-z0-9._-]+(@[0-9]+|:[A-Za-z0-9._-]+)?")
 
 #: Every route the server answers, and who may call it: `open` (anyone), `client` (the client key when one is
 #: set), `model` (client key, and the body's model is checked), `admin` (client key and the admin key).
@@ -63,9 +67,22 @@ MAX_CHOICES = 16
 #: Largest request body the guard reads (a prompt of the longest context is far below it).
 MAX_BODY_BYTES = 4 << 20
 
-#: Resolver answers shared across the process: (settings..., ref) -> (monotonic time, answer).
-_ANSWERS: dict[tuple, tuple[float, AdapterRecord | Refusal]] = {}
-_ANSWERS_LOCK = threading.Lock()
+#: Registry errors as HTTP answers, by type: (status, OpenAI error type). An error takes the entry of the nearest
+#: class in its MRO, so a subclass added to the registry later gets its parent's answer until it has its own.
+#: Busy past the wait, a damaged file, anything else the registry cannot do: the server's fault, not the client's.
+REGISTRY_ERRORS: dict[type[RegistryError], tuple[int, str]] = {
+    RegistryError: (503, "RegistryUnavailable"),
+    RegistryInputError: (400, "InvalidModelName"),
+    AdapterNotFoundError: (404, "NotFoundError"),
+    RegistryConflictError: (409, "RegistryConflict"),
+    RegistryBusyError: (503, "RegistryUnavailable"),
+    RegistryCorruptError: (503, "RegistryUnavailable"),
+}
+
+#: Resolver answers shared across the process: (settings..., ref) -> (monotonic times the lookup started and
+#: ended, answer).
+_ANSWERS: dict[tuple, tuple[float, float, AdapterRecord | Refusal]] = {}
+_ANSWERS_LOCK = threading.Lock()  # guards the dict only; lookups run under the per-ref lock below
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,39 @@ class Refusal:
         return json.dumps(
             {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
         ).encode()
+
+
+def registry_refusal(error: RegistryError, param: str | None = "model") -> Refusal:
+    """The answer to a registry error, chosen by its type in :data:`REGISTRY_ERRORS` (never by its message)."""
+    status, kind = next(REGISTRY_ERRORS[c] for c in type(error).__mro__ if c in REGISTRY_ERRORS)
+    return Refusal(status, kind, str(error), param)
+
+
+class _KeyLocks:
+    """One lock per key, like vLLM's ``lora_resolver_lock = defaultdict(Lock)``, but a key's lock is dropped once
+    no thread holds or waits for it: the keys are client-chosen names, so the table must not grow with them."""
+
+    def __init__(self) -> None:
+        self._table_lock = threading.Lock()
+        self._locks: dict[Hashable, tuple[threading.Lock, list[int]]] = {}  # key -> (lock, [threads using it])
+
+    @contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        with self._table_lock:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._table_lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[key]
+
+
+#: Concurrent requests for one uncached ref wait for a single lookup (and sha256) while other refs proceed.
+_LOOKUP_LOCKS = _KeyLocks()
 
 
 class AdapterResolver:
@@ -127,20 +177,35 @@ class AdapterResolver:
     def resolve(self, ref: str, fresh: bool = False) -> AdapterRecord | Refusal:
         """The record to load for ``ref``, or the reason it is refused; answers are kept ``ttl_s`` seconds and
         shared by every resolver of the process with the same settings (the guard and vLLM's resolver plugin
-        ask about the same name one after the other: one registry read and one sha256 serve both). ``fresh``:
-        ask the registry now (an admin load right after a promotion), and keep that answer for the others."""
+        ask about the same name one after the other: one registry read and one sha256 serve both). Concurrent
+        asks for one ref share one lookup; other refs do not wait for it. ``fresh``: ask the registry now (an
+        admin load right after a promotion), and keep that answer for the others."""
         key = (str(self.registry.path), self.base_hash, str(self.adapter_root), self.max_rank, ref)
-        now = time.monotonic()
+        asked = time.monotonic()
+        if not fresh and (hit := self._cached(key)) is not None:
+            return hit
+        with _LOOKUP_LOCKS.hold(key):
+            # an answer found while this thread waited is taken whatever its age (a lookup may outlast ttl_s)
+            if not fresh and (hit := self._cached(key, found_after=asked)) is not None:
+                return hit
+            started = time.monotonic()
+            outcome = self._resolve(ref)
+            with _ANSWERS_LOCK:
+                if len(_ANSWERS) > 10_000:  # names are client-chosen: bound the memory
+                    _ANSWERS.clear()
+                _ANSWERS[key] = (started, time.monotonic(), outcome)
+        return outcome
+
+    def _cached(self, key: tuple, found_after: float | None = None) -> AdapterRecord | Refusal | None:
+        """The kept answer for ``key`` if it is under ``ttl_s`` old (counted from the start of its lookup) or its
+        lookup ended after ``found_after``; else None."""
         with _ANSWERS_LOCK:
             hit = _ANSWERS.get(key)
-        if hit is not None and now - hit[0] < self.ttl_s and not fresh:
-            return hit[1]
-        outcome = self._resolve(ref)
-        with _ANSWERS_LOCK:
-            if len(_ANSWERS) > 10_000:  # names are client-chosen: bound the memory
-                _ANSWERS.clear()
-            _ANSWERS[key] = (now, outcome)
-        return outcome
+        if hit is None:
+            return None
+        started, finished, outcome = hit
+        fresh_enough = time.monotonic() - started < self.ttl_s
+        return outcome if fresh_enough or (found_after is not None and finished > found_after) else None
 
     def resolve_staged(self, ref: str) -> Path | Refusal:
         """The verified copy vLLM reads for ``ref`` (see :meth:`resolve`)."""
@@ -148,32 +213,30 @@ class AdapterResolver:
         return outcome if isinstance(outcome, Refusal) else self.stage_root / outcome.adapter_sha256
 
     def _resolve(self, ref: str) -> AdapterRecord | Refusal:
-        if not NAME_RE.fullmatch(ref) or ".." in ref:
-            return Refusal(
-                400,
-                "InvalidModelName",
-                f"model {ref[:100]!r} is not a valid name: use letters, digits, "
-                "'.', '_', '-', optionally with @VERSION or :ALIAS (e.g. sentiment@2, sentiment:prod).",
-            )
-        name = re.split(r"[@:]", ref, maxsplit=1)[0]
         try:
-            if "@" in ref or ":" in ref:
-                rec = self.registry.get(ref)
-            else:  # the plain name means the champion, else the latest candidate
-                rec = next((r for r in self.registry.servable() if r.name == name), None)
-                if rec is None:
-                    return Refusal(
-                        404,
-                        "NotFoundError",
-                        f"model {ref!r} does not exist: no servable adapter of that name in the registry.",
-                    )
-        except AdapterNotFoundError as e:
-            return Refusal(404, "NotFoundError", str(e))
-        except RegistryInputError as e:
-            return Refusal(400, "InvalidModelName", str(e))
-        except RegistryError as e:  # busy past the wait, or a damaged file: the server's fault, not the client's
-            return Refusal(503, "RegistryUnavailable", str(e))
-        if rec.status not in ("candidate", "champion"):
+            rec = self._lookup(ref)
+        except RegistryError as e:
+            return registry_refusal(e)
+        return self._refuse_record(rec) or self._verify_and_stage(rec) or rec
+
+    def _lookup(self, ref: str) -> AdapterRecord:
+        """The registry's record for ``ref``: ``name@VERSION`` / ``name:ALIAS`` as given, a plain name the version
+        served under it (its champion, else its latest candidate). Raises the registry's errors."""
+        name, version, alias = parse_ref(ref)  # the registry's name rule, checked before any registry read
+        if ".." in ref:  # the rule allows "a..b"; this server has never answered such names
+            raise RegistryInputError(f"model {ref[:100]!r} is not a valid name here: it contains '..'.")
+        if version is not None or alias is not None:
+            return self.registry.get(ref)
+        rec = next((r for r in self.registry.servable() if r.name == name), None)
+        if rec is None:
+            raise AdapterNotFoundError(
+                f"model {ref!r} does not exist: no servable adapter of that name in the registry."
+            )
+        return rec
+
+    def _refuse_record(self, rec: AdapterRecord) -> Refusal | None:
+        """Why this server may not load ``rec`` (status, base model, rank, location), or None."""
+        if rec.status not in SERVABLE_STATUSES:
             return Refusal(
                 403,
                 "AdapterNotServable",
@@ -195,23 +258,26 @@ class AdapterResolver:
                 f"--max-lora-rank {self.max_rank}. Fix: restart the server (`lorafoundry serve`) so it "
                 "sizes the rank for every registered adapter.",
             )
-        path = Path(rec.path).resolve()
-        if not path.is_relative_to(self.adapter_root):
+        if not Path(rec.path).resolve().is_relative_to(self.adapter_root):
             return Refusal(
                 403,
                 "PathNotAllowed",
                 f"{rec.name}@{rec.version} lives outside the adapter root "
                 f"{self.adapter_root}; the server reads nothing else.",
             )
+        return None
+
+    def _verify_and_stage(self, rec: AdapterRecord) -> Refusal | None:
+        """Hash the registered files in full (no size/mtime shortcut: a changed copy is refused under every name)
+        and stage the verified copy vLLM reads (checked again there); None when both succeed."""
         changed = Refusal(
             409,
             "AdapterIntegrityError",
             f"{rec.name}@{rec.version}: files changed after registration (sha256 mismatch); refused. "
             "Fix: `lorafoundry registry verify`.",
         )
+        path = Path(rec.path).resolve()
         try:
-            # every lookup hashes the registered files in full (no size/mtime shortcut): a changed copy is refused
-            # under every name; what vLLM reads is the verified copy, staged (and checked again) below
             if adapter_sha256(path)[0] != rec.adapter_sha256:
                 return changed
             stage(path, rec.adapter_sha256, self.stage_root)
@@ -219,7 +285,7 @@ class AdapterResolver:
             return changed
         except OSError as e:
             return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable ({e}).")
-        return rec
+        return None
 
 
 def _static_models() -> dict[str, int]:
@@ -264,49 +330,51 @@ class LoraFoundryGuard:
             return await send({"type": "websocket.close", "code": 1008})
         path, method = scope.get("path", ""), scope.get("method", "")
         kind = ROUTES.get((method, path))
-        if kind is None:
-            return await self._refuse(
-                send,
-                Refusal(
-                    404,
-                    "NotFoundError",
-                    f"{method} {path[:200]} is not a route of this server. It answers: "
-                    + ", ".join(f"{m} {p}" for m, p in ROUTES),
-                    None,
-                ),
-            )
         if kind == "open":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
+        refusal = self._check_caller(kind, method, path, dict(scope.get("headers") or []))
+        if refusal:
+            return await self._refuse(send, refusal)
+        if kind == "client" or self.resolver is None:
+            return await self.app(scope, receive, send)
+        payload = await self._checked_payload(kind, path, receive)
+        if isinstance(payload, Refusal):
+            return await self._refuse(send, payload)
+        return await self._forward(scope, receive, send, payload)
+
+    def _check_caller(self, kind: str | None, method: str, path: str, headers: dict) -> Refusal | None:
+        """Refuse a route outside the allowlist (404), a missing or wrong client key, or admin key."""
+        if kind is None:
+            return Refusal(
+                404,
+                "NotFoundError",
+                f"{method} {path[:200]} is not a route of this server. It answers: "
+                + ", ".join(f"{m} {p}" for m, p in ROUTES),
+                None,
+            )
         if self.api_key and not hmac.compare_digest(
             headers.get(b"authorization", b""), b"Bearer " + self.api_key.encode()
         ):
-            return await self._refuse(
-                send, Refusal(401, "AuthenticationError", "missing or wrong API key (Authorization: Bearer …).", None)
-            )
-        if kind == "admin":
-            refusal = self._check_admin_key(headers)
-            if refusal:
-                return await self._refuse(send, refusal)
-        if kind == "client" or self.resolver is None:
-            return await self.app(scope, receive, send)
+            return Refusal(401, "AuthenticationError", "missing or wrong API key (Authorization: Bearer …).", None)
+        return self._check_admin_key(headers) if kind == "admin" else None
 
+    async def _checked_payload(self, kind: str, path: str, receive) -> dict | Refusal:
+        """The request body as vLLM should get it (model names resolved), or why it is refused."""
         body = await _read_body(receive)
         if body is None:
-            return await self._refuse(
-                send, Refusal(413, "RequestTooLarge", f"request body above {MAX_BODY_BYTES} bytes.", None)
-            )
+            return Refusal(413, "RequestTooLarge", f"request body above {MAX_BODY_BYTES} bytes.", None)
         try:
             payload = json.loads(body)
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
-            return await self._refuse(send, Refusal(400, "BadRequestError", "the body must be a JSON object.", None))
-        outcome = await (self._admin(path, payload) if kind == "admin" else self._model(payload))
-        if isinstance(outcome, Refusal):
-            return await self._refuse(send, outcome)
-        # vLLM gets exactly what was checked: the parsed and re-serialized body (no duplicate keys, no other parser)
-        body = json.dumps(outcome).encode()
+            return Refusal(400, "BadRequestError", "the body must be a JSON object.", None)
+        return await (self._admin(path, payload) if kind == "admin" else self._model(payload))
+
+    async def _forward(self, scope, receive, send, payload: dict) -> None:
+        """Pass the request on with exactly what was checked: the parsed and re-serialized body (no duplicate keys,
+        no other parser)."""
+        body = json.dumps(payload).encode()
         scope = {
             **scope,
             "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
@@ -364,8 +432,12 @@ class LoraFoundryGuard:
     async def _admin(self, path: str, payload: dict) -> dict | Refusal:
         """Admin loads take only what the registry serves under that name, from the verified store."""
         name = payload.get("lora_name")
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        if not isinstance(name, str):
             return Refusal(400, "InvalidModelName", f"lora_name {str(name)[:100]!r} is not a valid name.", "lora_name")
+        try:
+            _, version, alias = parse_ref(name)  # the registry's name rule
+        except RegistryInputError as e:
+            return registry_refusal(e, "lora_name")
         if path == "/v1/unload_lora_adapter":
             self.held.pop(name, None)
             return payload
@@ -384,7 +456,7 @@ class LoraFoundryGuard:
                 "promote`), or load it as NAME@VERSION.",
                 "lora_path",
             )
-        plain = "@" not in name and ":" not in name
+        plain = version is None and alias is None
         lora_name = name if plain else f"{rec.name}@{rec.version}"
         if plain:
             self.held[name] = rec.version
