@@ -28,7 +28,7 @@ from lora_assets.files import write_json_atomic
 from lora_assets.hardware import resolve_dtype, torch_dtype
 from lora_assets.spec import AdapterSpec, GateSpec
 from lora_assets.train import tokenize_example
-from registry.store import LOWER_IS_BETTER
+from registry.rules import LOWER_IS_BETTER
 
 EVAL_FILE = "eval_results.json"
 
