@@ -18,6 +18,13 @@ INDEX_SETS = {
 }
 
 
+def vllm_op(name: str):
+    """vLLM's own op, also when cpu_lora_fix.apply() already replaced it in this process (building vLLM's argument
+    parser loads the general plugins: tests/test_security_serving.py does, in the test process)."""
+    fn = getattr(ops, name)
+    return getattr(fn, "__wrapped_original__", fn)
+
+
 def reference(x, w, idx):
     """Per token: its adapter's delta, or exactly zero for -1."""
     w = w.squeeze(1) if w.dim() == 4 else w
@@ -35,7 +42,7 @@ def test_grouped_ops_match_the_per_token_reference(case, add_inputs):
 
     a = torch.randn(4, 1, r, hidden)  # (slots, 1, r, in) as vLLM stacks them
     y = torch.full((b, r + 2), 7.0)
-    _grouped("bgmv_shrink", ops.bgmv_shrink)(x, a, y, idx, 0.5)
+    _grouped("bgmv_shrink", vllm_op("bgmv_shrink"))(x, a, y, idx, 0.5)
     torch.testing.assert_close(y[:, :r], 0.5 * reference(x, a, idx))
     assert (y[:, r:] == 7.0).all()
 
@@ -43,13 +50,13 @@ def test_grouped_ops_match_the_per_token_reference(case, add_inputs):
     bw = torch.randn(4, 1, out_dim, r)
     y0 = torch.randn(b, out_dim + 3)
     y = y0.clone()
-    _grouped("bgmv_expand", ops.bgmv_expand)(h, bw, y, idx, add_inputs)
+    _grouped("bgmv_expand", vllm_op("bgmv_expand"))(h, bw, y, idx, add_inputs)
     expected = (y0[:, :out_dim] if add_inputs else 0) + reference(h, bw, idx)
     torch.testing.assert_close(y[:, :out_dim], expected)
     torch.testing.assert_close(y[:, out_dim:], y0[:, out_dim:])
 
     y = y0.clone()
-    _grouped("bgmv_expand_slice", ops.bgmv_expand_slice)(h, bw, y, idx, 2, out_dim, add_inputs)
+    _grouped("bgmv_expand_slice", vllm_op("bgmv_expand_slice"))(h, bw, y, idx, 2, out_dim, add_inputs)
     expected = (y0[:, 2 : 2 + out_dim] if add_inputs else 0) + reference(h, bw, idx)
     torch.testing.assert_close(y[:, 2 : 2 + out_dim], expected)
     torch.testing.assert_close(y[:, :2], y0[:, :2])
@@ -60,5 +67,5 @@ def test_vllm_ops_still_have_the_bug_the_replacement_fixes():
     idx = torch.tensor([-1, 0])
     w = torch.randn(2, 1, 3, 5)
     y = torch.zeros(2, 3)
-    ops.bgmv_shrink(torch.randn(2, 5), w, y, idx, 1.0)
+    vllm_op("bgmv_shrink")(torch.randn(2, 5), w, y, idx, 1.0)
     assert y[0].abs().sum() > 0  # the base token got the last slot's delta
