@@ -69,3 +69,96 @@ def test_vllm_ops_still_have_the_bug_the_replacement_fixes():
     y = torch.zeros(2, 3)
     vllm_op("bgmv_shrink")(torch.randn(2, 5), w, y, idx, 1.0)
     assert y[0].abs().sum() > 0  # the base token got the last slot's delta
+
+
+# -- the fused add_lora_linear ---------------------------------------------------------------------------------------
+
+SLICES = {"qkv": (12, 4, 4), "one": (10,), "gate_up": (9, 9)}
+
+
+def punica(idx: torch.Tensor):
+    """A real PunicaWrapperCPU whose step has the token indices ``idx`` (what update_metadata writes)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    w = PunicaWrapperCPU(64, 8, "cpu")
+    w._token_lora_indices[: len(idx)].copy_(idx)
+    w.indices_len = [len(idx)] * 4
+    return w
+
+
+def linear_reference(y0, x, a, b, idx, scale, slices):
+    """Per token and slice: y += x @ A[slot]^T @ B[slot]^T * scale, nothing for -1."""
+    y, offset = y0.clone(), 0
+    for a_s, b_s, size in zip(a, b, slices, strict=True):
+        for t, i in enumerate(idx.tolist()):
+            if i >= 0:
+                y[t, offset : offset + size] += (x[t] @ a_s[i, 0].T @ b_s[i, 0].T) * scale
+        offset += size
+    return y
+
+
+def fused_op():
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from serving.cpu_lora_fix import _fused_add_lora_linear
+
+    orig = getattr(PunicaWrapperCPU.add_lora_linear, "__wrapped_original__", PunicaWrapperCPU.add_lora_linear)
+    return _fused_add_lora_linear(orig)
+
+
+def lora_weights(slices, r=4, hidden=12, slots=4):
+    a = tuple(torch.randn(slots, 1, r, hidden) for _ in slices)
+    b = tuple(torch.randn(slots, 1, size, r) for size in slices)
+    return a, b
+
+
+@pytest.mark.parametrize("case", INDEX_SETS)
+@pytest.mark.parametrize("layer", SLICES)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_fused_add_lora_linear_matches_the_per_token_reference(case, layer, scale):
+    torch.manual_seed(0)
+    idx, slices = torch.tensor(INDEX_SETS[case]), SLICES[layer]
+    a, b = lora_weights(slices)
+    x, y0 = torch.randn(len(idx), 12), torch.randn(len(idx), sum(slices))
+    y = y0.clone()
+    fused_op()(punica(idx), y, x, a, b, scale, slices)
+    torch.testing.assert_close(y, linear_reference(y0, x, a, b, idx, scale, slices))
+
+
+def test_fused_add_lora_linear_follows_new_indices_and_reloaded_weights():
+    """The per-step and per-layer caches are dropped when vLLM writes new token indices or loads an adapter into a
+    slot (both in place, as vLLM does them)."""
+    torch.manual_seed(1)
+    op, slices = fused_op(), SLICES["qkv"]
+    idx = torch.tensor(INDEX_SETS["mixed"])
+    wrapper = punica(idx)
+    a, b = lora_weights(slices)
+    x, y0 = torch.randn(len(idx), 12), torch.randn(len(idx), sum(slices))
+
+    def check(indices):
+        y = y0.clone()
+        op(wrapper, y, x, a, b, 1.0, slices)
+        torch.testing.assert_close(y, linear_reference(y0, x, a, b, indices, 1.0, slices))
+
+    check(idx)
+    new_idx = torch.tensor(INDEX_SETS["adapters"])
+    wrapper._token_lora_indices[: len(new_idx)].copy_(new_idx)  # the next step
+    check(new_idx)
+    a[1][2, 0].copy_(torch.randn(4, 12))  # an adapter loaded into slot 2
+    b[0][2, 0].zero_()
+    check(new_idx)
+
+
+def test_fused_add_lora_linear_leaves_other_shapes_to_vllm():
+    """A batch whose row count is not the step's token count goes to vLLM's own method."""
+    idx = torch.tensor(INDEX_SETS["base only"])
+    calls = []
+
+    def orig(*args, **kwargs):
+        calls.append(args)
+
+    from serving.cpu_lora_fix import _fused_add_lora_linear
+
+    y = torch.zeros(3, 10)
+    _fused_add_lora_linear(orig)(punica(idx), y, torch.randn(3, 12), *lora_weights((10,)), 1.0, (10,))
+    assert len(calls) == 1
