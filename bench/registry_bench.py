@@ -40,6 +40,8 @@ def adapter_dir(path: Path, seed: int) -> Path:
 
 
 def fill(reg_path: Path, n: int) -> None:
+    """n synthetic rows in one INSERT: the one place outside registry/ that writes a registry table in SQL, because
+    registering 100,000 versions one by one would take longer than the benchmark (see docs/architecture.md)."""
     import duckdb
 
     from registry.store import AdapterRegistry

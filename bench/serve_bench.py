@@ -86,13 +86,14 @@ def main() -> None:
 
     from lora_assets.pipeline import Pipeline
     from lora_assets.spec import load_spec
+    from registry.rules import SERVABLE_STATUSES
     from registry.store import NewAdapter
     from serving.launch import VLLMServer, build_vllm_command, plan_server
 
     spec = load_spec(args.spec)
     pipe = Pipeline(spec, args.home)
     reg = pipe.registry
-    versions = [r for r in reg.list(name=args.name) if r.status in ("candidate", "champion")]
+    versions = [r for r in reg.list(name=args.name) if r.status in SERVABLE_STATUSES]
     assert len(versions) >= 16, f"need 16 servable versions of {args.name}, found {len(versions)}"
     port = 8765
     cmd, env, url, _ = plan_server(spec, args.home, port)
