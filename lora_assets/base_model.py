@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+
+from lora_assets.files import sha256_files
 
 
 class BaseModelRef(BaseModel):
@@ -23,14 +24,7 @@ class BaseModelRef(BaseModel):
 
 def _content_hash(path: Path) -> str:
     """sha256 over config.json and the weight files (names and bytes), in name order."""
-    h = hashlib.sha256()
-    files = [path / "config.json"] + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_files([path / "config.json"] + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")))
 
 
 def _parameter_count(path: Path) -> int:

@@ -17,8 +17,9 @@ from lora_assets.clean.near_dup import mark_near_duplicates
 from lora_assets.clean.reading import load_files
 from lora_assets.clean.report import CleanError, CleanReport, SourceFile, point_current
 from lora_assets.clean.rules import apply_rules, mark_duplicates, mark_too_long
-from lora_assets.clean.sources import describe_missing, resolve_sources, sha256_files
+from lora_assets.clean.sources import describe_missing, resolve_sources
 from lora_assets.clean.split import assign_split, write_splits
+from lora_assets.files import sha256_files
 from lora_assets.spec import DatasetSpec
 
 #: Part of every fingerprint: raise it when a change here changes any output, so old results are not reused.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import hashlib
 import os
 from pathlib import Path
 
@@ -104,14 +103,3 @@ def describe_missing(source: str | Path) -> str:
     if p.exists():
         return "is not a regular file (a device, FIFO or socket)"
     return "does not exist"
-
-
-def sha256_files(files: list[Path]) -> str:
-    """SHA-256 over each file's name and bytes, in order (the source part of the fingerprint)."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
