@@ -457,6 +457,10 @@ def test_eight_writers_with_readers_under_cpu_load(tmp_path, capsys):
                 assert failures == []
                 versions = sorted(r[1] for r in got)
                 assert versions == list(range(1, total + 1)), name  # every register answered, no gaps or twins
+            # Shut the pool down gracefully: Pool.__exit__ terminates its workers with SIGTERM, which CI may have
+            # us ignore (the join then waits forever), or which can kill a worker holding the task queue's lock.
+            pool.close()
+            pool.join()
     finally:
         for b in burners:
             b.kill()  # SIGKILL: CI may start us with SIGTERM ignored, which a child inherits
