@@ -28,5 +28,7 @@ def test_qlora_adapter_beats_the_base(materialized, session_home, demo_spec):
     assert em["adapter"] > em["base"] + 0.5, em
     agreement = ev.precision_agreement  # greedy answers on the 4-bit training base vs the bf16 serving base
     assert agreement is not None and agreement["rows"] == ev.rows
-    assert 0 <= agreement["identical_greedy_outputs"] <= ev.rows
+    # The adapter was trained against the 4-bit base and is served on the unquantized one: its greedy answers must
+    # mostly survive that switch (measured: 192 of 192 identical, 2026-11-30; 90% leaves room for a tie flipping).
+    assert agreement["identical_greedy_outputs"] >= 0.9 * ev.rows, agreement
     assert agreement["share_identical"] == round(agreement["identical_greedy_outputs"] / ev.rows, 4)
