@@ -273,11 +273,11 @@ def _stacked_weights(wrapper, lora_a_stacked, lora_b_stacked, slots, out_dtype):
     key = (slots, out_dtype, *(t._version for t in (*lora_a_stacked, *lora_b_stacked)))
     cache = wrapper.__dict__.setdefault("_lfx_weights", {})
     hit = cache.get(id(lora_a_stacked[0]))
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[3] is lora_a_stacked[0] and hit[0] == key:  # `is`: an id can be reused
         return hit[1], hit[2]
     a_all = torch.cat([_weights(a)[s] for a in lora_a_stacked for s in slots]).to(torch.float32).T.contiguous()
     b_all = [torch.cat([_weights(b)[s] for s in slots], dim=1).to(out_dtype).T.contiguous() for b in lora_b_stacked]
-    cache[id(lora_a_stacked[0])] = (key, a_all, b_all)
+    cache[id(lora_a_stacked[0])] = (key, a_all, b_all, lora_a_stacked[0])
     return a_all, b_all
 
 
