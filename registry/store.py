@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -489,8 +490,8 @@ class AdapterRegistry:
             target = self._read_target()
             con = duckdb.connect(":memory:")
             try:
-                if target is None:  # no registry yet: an empty one, in memory
-                    _migrate(con, self.path)
+                if target is None:  # no registry yet: an empty one, read-only like a real one
+                    self._attach(con, _empty_registry())
                 else:
                     self._attach(con, target)
                     if _check_version(con, self.path) < SCHEMA_VERSION and attempt < 2:
@@ -953,6 +954,23 @@ class AdapterRegistry:
 
     def schema_version(self) -> int:
         return self._read(lambda con: _current_version(con))
+
+
+_EMPTY: list[tempfile.TemporaryDirectory] = []  # kept alive for the process; removed at exit
+
+
+def _empty_registry() -> Path:
+    """A registry file with the current schema and no rows, made once per process, for reading a registry that
+    does not exist yet: attached read-only like a real one, so `registry sql` refuses writes there too."""
+    if not _EMPTY:
+        scratch = tempfile.TemporaryDirectory(prefix="lorafoundry-empty-registry-")
+        con = duckdb.connect(str(Path(scratch.name) / "empty.duckdb"))
+        try:
+            _migrate(con, Path(scratch.name) / "empty.duckdb")
+        finally:
+            con.close()
+        _EMPTY.append(scratch)
+    return Path(_EMPTY[0].name) / "empty.duckdb"
 
 
 def _record(row: tuple, base: Path) -> AdapterRecord:

@@ -102,6 +102,18 @@ def test_sql_cannot_reach_files_or_settings(home, tmp_path, sql):
     assert list(out.parent.iterdir()) == []  # nothing written outside the home
 
 
+@pytest.mark.parametrize("sql", ["DELETE FROM adapters", "CREATE TABLE t AS SELECT 1", "ATTACH '{out}' AS other"])
+def test_sql_on_a_home_without_a_registry_is_read_only_too(tmp_path, sql):
+    """Before the first registration there is no file; `registry sql` reads an empty registry, still read-only."""
+    out = tmp_path / "outside" / "leak.duckdb"
+    out.parent.mkdir()
+    empty = tmp_path / "empty-home"
+    text = refused(cli(empty, "sql", sql.format(out=out)), "query failed")
+    assert "read-only" in text
+    assert list(out.parent.iterdir()) == [] and not (empty / "registry.duckdb").exists()
+    assert cli(empty, "sql", "SELECT count(*) FROM adapters").exit_code == 0
+
+
 def test_sql_still_reads_every_table_and_view(home):
     for table in ("adapters", "aliases", "alias_history", "events", "latest_adapters", "champions", "leaderboard"):
         res = cli(home, "sql", f"SELECT count(*) AS n FROM {table}", "--json")
