@@ -357,6 +357,15 @@ def test_killed_registers_leave_orphans_that_the_next_register_and_verify_remove
     assert res.exit_code == 0 and "interrupted" not in res.output and _imported_dirs(home) == [kept.name]
 
 
+def _entries(imported: Path) -> set[Path]:
+    """imported/<name>/<dir> as of now; the CLI creates and removes dirs while we look (glob raises then)."""
+    while True:
+        try:
+            return set(imported.glob("*/*"))
+        except FileNotFoundError:
+            continue
+
+
 def test_real_sigkills_of_the_cli_leave_no_orphans(home, tmp_path):
     """`lorafoundry registry register` killed with SIGKILL: the moment its copy appears (between the copy and its
     row), or a little later; then `registry verify`. Whatever each kill left, only registered dirs remain."""
@@ -364,7 +373,7 @@ def test_real_sigkills_of_the_cli_leave_no_orphans(home, tmp_path):
     imported = home / "adapters" / "imported"
     for i in range(6):
         src = make_adapter_dir(tmp_path / f"k{i}", seed=40 + i)
-        before = set(imported.glob("*/*"))
+        before = _entries(imported)
         proc = subprocess.Popen(
             [str(exe), "registry", "register", str(src), "--name", "killed", "--base-model", "b", "--home", str(home)],
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -372,7 +381,7 @@ def test_real_sigkills_of_the_cli_leave_no_orphans(home, tmp_path):
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
-        while not set(imported.glob("*/*")) - before and proc.poll() is None and time.monotonic() < deadline:
+        while not _entries(imported) - before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
         time.sleep(0.02 * (i % 3))
         proc.send_signal(signal.SIGKILL)
