@@ -27,6 +27,7 @@ from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_job
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
 from lora_assets.train import LOSS_PLOT, RUN_KEY_EXCLUDE, TRAINER_VERSION
+from orchestration.keys import AssetKeys
 from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource, pipeline
 from registry import leaderboard
 from registry.store import LOWER_IS_BETTER, SERVABLE_STATUSES
@@ -82,10 +83,10 @@ def _loss_plot(adapter_dir: str, curve: list[tuple[int, float]]) -> str:
     return image + "\n\n" + _rows_table([{"step": s, "loss": f"{v:.4f}"} for s, v in curve], ["step", "loss"])
 
 
-def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
+def _clean_asset(spec: PipelineSpec, keys: AssetKeys, ds_name: str) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["dataset", ds_name, "clean"],
-        group_name="datasets",
+        key=keys.clean(ds_name),
+        group_name=keys.group("datasets"),
         kinds={"duckdb"},
         code_version=code_version(spec.datasets[ds_name].model_dump(mode="json"), spec.base_model, CLEANER_VERSION),
         description=f"Dataset `{ds_name}` parsed, normalized to chat messages, PII-redacted, deduplicated "
@@ -122,9 +123,9 @@ def _clean_asset(spec: PipelineSpec, ds_name: str) -> dg.AssetsDefinition:
     return clean_asset
 
 
-def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefinition]:
+def _clean_checks(spec: PipelineSpec, keys: AssetKeys, ds_name: str) -> list[dg.AssetChecksDefinition]:
     """Blocking checks on the written splits: a failure keeps training from starting in the same run."""
-    key = dg.AssetKey(["dataset", ds_name, "clean"])
+    key = keys.clean(ds_name)
     minimum = spec.datasets[ds_name].min_train_rows
     eval_minimum = spec.datasets[ds_name].min_eval_rows
 
@@ -178,11 +179,11 @@ def _clean_checks(spec: PipelineSpec, ds_name: str) -> list[dg.AssetChecksDefini
     return [no_leakage, no_duplicates, min_train, min_eval]
 
 
-def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
+def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["adapter", job.key, "train"],
-        deps=[dg.AssetKey(["dataset", job.spec.dataset, "clean"])],
-        group_name="adapters",
+        key=keys.adapter(job.key, "train"),
+        deps=[keys.clean(job.spec.dataset)],
+        group_name=keys.group("adapters"),
         kinds={"peft", "pytorch"},
         pool=TRAINING_POOL,
         retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
@@ -218,11 +219,11 @@ def _train_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     return train_asset
 
 
-def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
+def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["adapter", job.key, "eval"],
-        deps=[dg.AssetKey(["adapter", job.key, "train"])],
-        group_name="adapters",
+        key=keys.adapter(job.key, "eval"),
+        deps=[keys.adapter(job.key, "train")],
+        group_name=keys.group("adapters"),
         kinds={"peft"},
         pool=TRAINING_POOL,
         automation_condition=FOLLOW_UPSTREAM,
@@ -252,11 +253,11 @@ def _eval_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     return eval_asset
 
 
-def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
+def _register_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["adapter", job.key, "register"],
-        deps=[dg.AssetKey(["adapter", job.key, "eval"])],
-        group_name="adapters",
+        key=keys.adapter(job.key, "register"),
+        deps=[keys.adapter(job.key, "eval")],
+        group_name=keys.group("adapters"),
         kinds={"duckdb"},
         code_version=code_version(job.spec.promote, CODE_VERSION),
         automation_condition=FOLLOW_UPSTREAM,
@@ -280,7 +281,7 @@ def _register_asset(spec: PipelineSpec, job: AdapterJob) -> dg.AssetsDefinition:
     return register_asset
 
 
-def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition:
+def _gate_check(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.AssetChecksDefinition:
     """The adapter's quality gate as a blocking check on its registry row. A failure keeps the run from deploying
     (the rejected version stays in the registry for inspection). For a sweep point a failure is a result of the
     sweep, not an incident: it is reported as a warning and is not blocking (Dagster blocks only on ERROR)."""
@@ -297,7 +298,7 @@ def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition
     )
 
     @dg.asset_check(
-        asset=dg.AssetKey(["adapter", job.key, "register"]),
+        asset=keys.adapter(job.key, "register"),
         name="quality_gate",
         blocking=not job.point,
         description=f"Quality gate: {what}. A failing adapter is registered as `rejected`, never served.",
@@ -316,11 +317,11 @@ def _gate_check(spec: PipelineSpec, job: AdapterJob) -> dg.AssetChecksDefinition
     return quality_gate
 
 
-def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.AssetsDefinition:
+def _leaderboard_asset(spec: PipelineSpec, keys: AssetKeys, name: str, job_keys: list[str]) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["adapter", name, "leaderboard"],
-        deps=[dg.AssetKey(["adapter", k, "register"]) for k in keys],
-        group_name="adapters",
+        key=keys.adapter(name, "leaderboard"),
+        deps=[keys.adapter(k, "register") for k in job_keys],
+        group_name=keys.group("adapters"),
         kinds={"duckdb"},
         automation_condition=FOLLOW_UPSTREAM,
         description=f"Every registered version of sweep `{name}` ranked by its gate metric, with trainable "
@@ -359,11 +360,11 @@ def _leaderboard_asset(spec: PipelineSpec, name: str, keys: list[str]) -> dg.Ass
     return leaderboard_asset
 
 
-def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
+def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["serving", "deployment"],
+        key=keys.deployment(),
         deps=upstream,
-        group_name="serving",
+        group_name=keys.group("serving"),
         kinds={"vllm"},
         code_version=code_version(spec.serving.model_dump(mode="json")),
         automation_condition=FOLLOW_UPSTREAM,
@@ -396,23 +397,32 @@ def _deployment_asset(spec: PipelineSpec, upstream: list[dg.AssetKey]) -> dg.Ass
     return deployment_asset
 
 
-def build_assets(spec: PipelineSpec, deployment: bool = True) -> list[dg.AssetsDefinition]:
+def build_assets(
+    spec: PipelineSpec, deployment: bool = True, keys: AssetKeys | None = None
+) -> list[dg.AssetsDefinition]:
     """One clean asset (and its blocking checks) per dataset; train/eval/register assets and a blocking quality
-    gate check per adapter (per sweep point); a leaderboard per sweep; and the deployment."""
+    gate check per adapter (per sweep point); a leaderboard per sweep; and the deployment. ``keys`` names them
+    (default: no prefix)."""
+    keys = keys or AssetKeys()
     assets: list[dg.AssetsDefinition] = []
     for name in spec.datasets:
-        assets += [_clean_asset(spec, name), *_clean_checks(spec, name)]
+        assets += [_clean_asset(spec, keys, name), *_clean_checks(spec, keys, name)]
     jobs = adapter_jobs(spec)
     for job in jobs.values():
-        assets += [_train_asset(spec, job), _eval_asset(spec, job), _register_asset(spec, job), _gate_check(spec, job)]
+        assets += [
+            _train_asset(spec, keys, job),
+            _eval_asset(spec, keys, job),
+            _register_asset(spec, keys, job),
+            _gate_check(spec, keys, job),
+        ]
     for name, ad in spec.adapters.items():
         if ad.sweep:
-            assets.append(_leaderboard_asset(spec, name, [k for k, j in jobs.items() if j.name == name]))
+            assets.append(_leaderboard_asset(spec, keys, name, [k for k, j in jobs.items() if j.name == name]))
     if deployment:
         upstream = [
             a.key
             for a in assets
             if not isinstance(a, dg.AssetChecksDefinition) and a.key.path[-1] in ("register", "leaderboard")
         ]
-        assets.append(_deployment_asset(spec, upstream))
+        assets.append(_deployment_asset(spec, keys, upstream))
     return assets

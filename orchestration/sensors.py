@@ -13,6 +13,7 @@ import dagster as dg
 
 from lora_assets.pipeline import adapter_jobs
 from lora_assets.spec import PipelineSpec
+from orchestration.keys import AssetKeys
 from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource
 from registry.store import AdapterRegistry
 from serving import deployment
@@ -33,25 +34,28 @@ def dataset_signature(path: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def downstream_of_dataset(spec: PipelineSpec, dataset: str) -> list[dg.AssetKey]:
+def downstream_of_dataset(spec: PipelineSpec, dataset: str, keys: AssetKeys | None = None) -> list[dg.AssetKey]:
     """The clean asset of ``dataset`` and every train/eval/register asset of the adapters that use it, plus the
     sweeps' leaderboards and the deployment, so one run carries the change to the server (blocking checks
     still apply inside that run)."""
-    keys = [dg.AssetKey(["dataset", dataset, "clean"])]
+    keys = keys or AssetKeys()
+    selected = [keys.clean(dataset)]
     names = set()
     for job in adapter_jobs(spec).values():
         if job.spec.dataset == dataset:
-            keys += [dg.AssetKey(["adapter", job.key, stage]) for stage in ("train", "eval", "register")]
+            selected += [keys.adapter(job.key, stage) for stage in ("train", "eval", "register")]
             names.add(job.name)
-    keys += [dg.AssetKey(["adapter", n, "leaderboard"]) for n in sorted(names) if spec.adapters[n].sweep]
-    return keys + [dg.AssetKey(["serving", "deployment"])]
+    selected += [keys.adapter(n, "leaderboard") for n in sorted(names) if spec.adapters[n].sweep]
+    return selected + [keys.deployment()]
 
 
-def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
+def build_dataset_sensor(spec: PipelineSpec, keys: AssetKeys | None = None) -> dg.SensorDefinition:
+    keys = keys or AssetKeys()
+
     @dg.sensor(
-        name="dataset_files_changed",
+        name=keys.name("dataset_files_changed"),
         minimum_interval_seconds=30,
-        target=dg.AssetSelection.all(),
+        target=keys.selection(),
         default_status=dg.DefaultSensorStatus.STOPPED,
         description="When dataset files change (size or mtime), run clean -> train -> eval -> register "
         "for the adapters that use them, then update the deployment, in one run per tick. The first tick "
@@ -68,10 +72,10 @@ def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
         if not changed:
             return dg.SensorResult(cursor=json.dumps(now), skip_reason="no dataset file changed")
         # one run for everything that changed in this tick: one deployment at the end, not one per dataset
-        keys = list(dict.fromkeys(k for n in changed for k in downstream_of_dataset(spec, n)))
+        selection = list(dict.fromkeys(k for n in changed for k in downstream_of_dataset(spec, n, keys)))
         request = dg.RunRequest(
             run_key=",".join(f"{n}:{now[n]}" for n in changed),
-            asset_selection=keys,
+            asset_selection=selection,
             tags={"lorafoundry/datasets": ",".join(changed)},
         )
         return dg.SensorResult(run_requests=[request], cursor=json.dumps(now))
@@ -80,7 +84,12 @@ def build_dataset_sensor(spec: PipelineSpec) -> dg.SensorDefinition:
 
 
 def notify_new_promotions(
-    registry: AdapterRegistry, home: Path, after: str | None, url: str | None = None, admin_key: str | None = None
+    registry: AdapterRegistry,
+    home: Path,
+    after: str | None,
+    url: str | None = None,
+    admin_key: str | None = None,
+    names: set[str] | None = None,
 ) -> tuple[list[str], str | None]:
     """Bring the running server up to date with every name whose champion changed since ``after`` (an event
     timestamp): promoted, or rejected on re-evaluation. The plain name is reloaded in place with what a fresh
@@ -97,6 +106,7 @@ def notify_new_promotions(
         after: the cursor: the time of the last event handled.
         url: send to this server instead of the deployment's own URL (e.g. a load balancer).
         admin_key: the server's admin key (default LORAFOUNDRY_ADMIN_KEY).
+        names: only these adapter names (one pipeline's, when several share the home); default all.
 
     Returns (one line per name handled, the new cursor).
     """
@@ -110,7 +120,8 @@ def notify_new_promotions(
     lines, failed = [], False
     latest: dict[str, int] = {}
     for _, name, version in rows:
-        latest[name] = version
+        if names is None or name in names:
+            latest[name] = version
     base = state.get("base_hash") if state and url is None else None  # only versions trained on its base
     servable = [r for r in registry.servable() if base is None or r.base_model_hash == base]
     for name, version in latest.items():
@@ -133,9 +144,12 @@ def notify_new_promotions(
     return lines, after if failed else rows[-1][0]
 
 
-def build_promotion_sensor() -> dg.SensorDefinition:
+def build_promotion_sensor(spec: PipelineSpec, keys: AssetKeys | None = None) -> dg.SensorDefinition:
+    keys = keys or AssetKeys()
+    names = set(spec.adapters) if keys.prefix else None  # alone in its code location: every name in the home
+
     @dg.sensor(
-        name="promotions_to_server",
+        name=keys.name("promotions_to_server"),
         minimum_interval_seconds=15,
         default_status=dg.DefaultSensorStatus.STOPPED,
         description="When a name's champion changes (a promotion, or a champion rejected on "
@@ -155,6 +169,7 @@ def build_promotion_sensor() -> dg.SensorDefinition:
             context.cursor,
             url=serving.url,
             admin_key=serving.admin_key,
+            names=names,
         )
         for line in lines:
             context.log.info(line)
@@ -165,11 +180,12 @@ def build_promotion_sensor() -> dg.SensorDefinition:
     return promotions_to_server
 
 
-def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
+def build_automation_sensor(keys: AssetKeys | None = None) -> dg.AutomationConditionSensorDefinition:
     """Evaluates the assets' automation conditions (orchestration.assets.FOLLOW_UPSTREAM)."""
+    keys = keys or AssetKeys()
     return dg.AutomationConditionSensorDefinition(
-        "follow_upstream",
-        target=dg.AssetSelection.all(),
+        keys.name("follow_upstream"),
+        target=keys.selection(),
         default_status=dg.DefaultSensorStatus.STOPPED,
         minimum_interval_seconds=30,
         description="Declarative automation: when an asset is updated, materialize what depends on it once every "

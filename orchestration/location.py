@@ -1,0 +1,75 @@
+"""The Definitions of a code location: one pipeline's (assets, job, dataset sensor, named by its AssetKeys) and
+the resources of the home every pipeline of the location shares.
+
+No side effects on import: ``orchestration.definitions`` (what workspace.yaml loads) and the
+``LoraFoundryPipeline`` component (orchestration/component.py) both build from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from lora_assets.pipeline import default_home, default_registry_path
+from lora_assets.spec import PipelineSpec
+from orchestration.assets import build_assets
+from orchestration.keys import AssetKeys
+from orchestration.resources import resources_from_env
+from orchestration.sensors import build_automation_sensor, build_dataset_sensor, build_promotion_sensor
+
+#: A run of the whole graph that takes longer than this is stopped (Dagster run monitoring).
+RUN_TIMEOUT_S = 6 * 3600
+
+
+@functools.cache
+def _home_resources(home: str, registry: str, serving_url: str | None, admin_key_set: bool) -> dict:
+    """The resources of a home, built once per configuration: every pipeline of a code location hands Dagster
+    the same objects (it accepts a resource key from several Definitions only when it is the same object)."""
+    del registry, serving_url, admin_key_set  # the cache key: resources_from_env reads them from the environment
+    return resources_from_env(home)
+
+
+def home_resources(home: Path | str | None = None) -> dict:
+    """The resources for ``home`` (default LORAFOUNDRY_HOME) and the current environment."""
+    home = Path(home).resolve() if home else default_home()
+    return dict(
+        _home_resources(
+            str(home),
+            str(default_registry_path(home)),
+            os.environ.get("LORAFOUNDRY_SERVING_URL") or None,
+            bool(os.environ.get("LORAFOUNDRY_ADMIN_KEY")),
+        )
+    )
+
+
+def pipeline_definitions(spec: PipelineSpec, keys: AssetKeys | None = None, deploy: bool = True) -> dg.Definitions:
+    """One pipeline's assets, its `all_adapters` job and its sensors, named by ``keys``."""
+    keys = keys or AssetKeys()
+    return dg.Definitions(
+        assets=build_assets(spec, deployment=deploy, keys=keys),
+        jobs=[
+            dg.define_asset_job(
+                keys.name("all_adapters"),
+                selection=keys.selection(),
+                description="Clean every dataset, train, evaluate and register every adapter, then deploy.",
+                tags={"dagster/max_runtime": RUN_TIMEOUT_S},  # enforced when run monitoring is on (make ui)
+            )
+        ],
+        sensors=[
+            build_dataset_sensor(spec, keys),
+            build_promotion_sensor(spec, keys),
+            build_automation_sensor(keys),
+        ],
+    )
+
+
+def build_definitions(
+    spec: PipelineSpec, home: Path | str | None = None, keys: AssetKeys | None = None, deploy: bool = True
+) -> dg.Definitions:
+    """Definitions for one spec over one home dir (default LORAFOUNDRY_HOME); resources from the environment."""
+    return dg.Definitions.merge(
+        pipeline_definitions(spec, keys, deploy), dg.Definitions(resources=home_resources(home))
+    )
