@@ -96,24 +96,32 @@ class LoraFoundryPipeline(dg.Component, dg.Resolvable, dg.Model):
     )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        """Validate the instance (its attributes and its spec, every problem at once), then build."""
         folder = Path(context.path)
         source = str(folder / "defs.yaml")
-        if (self.spec is None) == (self.spec_file is None):
-            raise SpecError(
-                [
-                    f"attributes: give exactly one of `spec` (inline) and `spec_file` (a path); got "
-                    f"{'both' if self.spec is not None else 'neither'}. Fix: keep one of them."
-                ],
-                source,
-            )
-        if self.spec_file is not None:
-            path = Path(self.spec_file)
-            spec = load_spec(path if path.is_absolute() else folder / path)
-        else:
-            spec = validate_spec(self.spec, folder.resolve(), source)
+        problems: list[str] = []
         prefix = self.key_prefix if self.key_prefix is not None else folder.name
         try:
             keys = AssetKeys(prefix)
         except ValueError as e:
-            raise SpecError([str(e)], source) from None
+            problems.append(str(e) if self.key_prefix is not None else f"{e} (the default is the folder's name)")
+        spec = None
+        if (self.spec is None) == (self.spec_file is None):
+            problems.append(
+                "attributes: give exactly one of `spec` (inline) and `spec_file` (a path); got "
+                f"{'both' if self.spec is not None else 'neither'}. Fix: keep one of them."
+            )
+        else:
+            try:
+                if self.spec_file is not None:
+                    path = Path(self.spec_file)
+                    spec = load_spec(path if path.is_absolute() else folder / path)
+                else:
+                    spec = validate_spec(self.spec, folder.resolve(), source)
+            except SpecError as e:
+                problems += [
+                    f"{'spec_file ' + self.spec_file + ': ' if self.spec_file else 'spec.'}{p}" for p in e.problems
+                ]
+        if problems:
+            raise SpecError(problems, source)
         return build_definitions(spec, keys=keys, deploy=self.deploy)
