@@ -21,7 +21,8 @@ checked against the registry (entry, status, base model, rank, path, sha256) and
 that says why; when the checks pass, the request goes on for the version the name means now (``name@VERSION``, so
 the answer's ``model`` says which version answered; a name loaded at start keeps its name while it still means the
 version loaded). Admin loads are accepted only for what the registry serves under that name, and vLLM is given
-the verified copy. Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2).
+the verified copy. ``GET /v1/adapters`` is answered here: the catalog of every version this server would serve
+(serving/catalog.py). Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2).
 """
 
 from __future__ import annotations
@@ -50,13 +51,16 @@ from registry.store import (
     adapter_sha256,
     parse_ref,
 )
+from serving.catalog import catalog
 from serving.integrity import IntegrityError, stage
 
 #: Every route the server answers, and who may call it: `open` (anyone), `client` (the client key when one is
-#: set), `model` (client key, and the body's model is checked), `admin` (client key and the admin key).
+#: set), `catalog` (client key; answered here, serving/catalog.py), `model` (client key, and the body's model is
+#: checked), `admin` (client key and the admin key).
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/health"): "open",
     ("GET", "/v1/models"): "client",
+    ("GET", "/v1/adapters"): "catalog",
     ("POST", "/v1/chat/completions"): "model",
     ("POST", "/v1/completions"): "model",
     ("POST", "/v1/load_lora_adapter"): "admin",
@@ -217,7 +221,7 @@ class AdapterResolver:
             rec = self._lookup(ref)
         except RegistryError as e:
             return registry_refusal(e)
-        return self._refuse_record(rec) or self._verify_and_stage(rec) or rec
+        return self.refuse_record(rec) or self._verify_and_stage(rec) or rec
 
     def _lookup(self, ref: str) -> AdapterRecord:
         """The registry's record for ``ref``: ``name@VERSION`` / ``name:ALIAS`` as given, a plain name the version
@@ -234,7 +238,7 @@ class AdapterResolver:
             )
         return rec
 
-    def _refuse_record(self, rec: AdapterRecord) -> Refusal | None:
+    def refuse_record(self, rec: AdapterRecord) -> Refusal | None:
         """Why this server may not load ``rec`` (status, base model, rank, location), or None."""
         if rec.status not in SERVABLE_STATUSES:
             return Refusal(
@@ -335,6 +339,8 @@ class LoraFoundryGuard:
         refusal = self._check_caller(kind, method, path, dict(scope.get("headers") or []))
         if refusal:
             return await self._refuse(send, refusal)
+        if kind == "catalog":
+            return await self._catalog(scope, send)
         if kind == "client" or self.resolver is None:
             return await self.app(scope, receive, send)
         payload = await self._checked_payload(kind, path, receive)
@@ -390,6 +396,41 @@ class LoraFoundryGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    async def _catalog(self, scope, send) -> None:
+        """``GET /v1/adapters``: every version this server would serve (serving/catalog.py), OpenAI list-shaped."""
+        entries: list[dict] = []
+        if self.resolver is not None:
+            loaded = await self._loaded_models(scope)
+            try:
+                entries = await asyncio.to_thread(
+                    catalog, self.resolver.registry, self.resolver.refuse_record, loaded, dict(self.held)
+                )
+            except RegistryError as e:
+                return await self._refuse(send, registry_refusal(e, None))
+        await _send_json(send, 200, json.dumps({"object": "list", "data": entries}).encode())
+
+    async def _loaded_models(self, scope) -> set[str]:
+        """The model ids vLLM lists now: its own ``GET /v1/models``, asked in-process with the caller's headers."""
+        inner = {**scope, "method": "GET", "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b""}
+        status, chunks = 0, []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def collect(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(inner, receive, collect)
+        try:
+            models = json.loads(b"".join(chunks)) if status == 200 else {}
+            return {m["id"] for m in models.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)}
+        except (ValueError, AttributeError):
+            return set()
 
     @staticmethod
     async def _refuse(send, refusal: Refusal) -> None:

@@ -513,3 +513,42 @@ def test_same_command_tolerates_the_interpreter_name(tmp_path):
     assert same_command([str(tmp_path / "bin" / "python"), *args], [str(tmp_path / "bin" / "python3"), *args])
     assert not same_command([str(tmp_path / "bin" / "python"), *args], [str(other), *args])  # another venv
     assert not same_command([str(tmp_path / "bin" / "python"), *args], [str(tmp_path / "bin" / "python"), "-m", "x"])
+
+
+def test_catalog_lists_every_servable_version(vllm_server, session_home, demo_spec):
+    """GET /v1/adapters lists versions vLLM has not loaded, with every name that reaches them; after a request the
+    version shows as loaded. /v1/models stays vLLM's own OpenAI-shaped list."""
+    from registry.store import AdapterRegistry, NewAdapter
+
+    url = vllm_server["url"]
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    current = reg.champion("categories")
+    d = _copy_adapter(current.path, session_home / "adapters" / "test-copies" / "catalog")
+    fresh = reg.register(
+        NewAdapter(
+            name="categories",
+            path=d,
+            base_model=current.base_model,
+            base_model_hash=current.base_model_hash,
+            promote="manual",
+            metrics=current.metrics,
+        )
+    )
+    ref = f"categories@{fresh.version}"
+    reg.set_alias("categories", "catalog-canary", fresh.version)
+    try:
+        listed = {e["id"]: e for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
+        assert listed[ref]["loaded"] is False
+        assert listed[ref]["model_names"] == [ref, "categories:catalog-canary"]
+        champion = listed[f"categories@{current.version}"]
+        assert champion["loaded"] is True and champion["model_names"][0] == "categories"
+        assert {"exact_match", "eval_loss"} <= set(champion["metrics"])
+        r = _post(url, "/v1/completions", {"model": "categories:catalog-canary", "prompt": PROMPTS[0], "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        listed = {e["id"]: e for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
+        assert listed[ref]["loaded"] is True
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()
+        assert models["object"] == "list" and all(m["object"] == "model" for m in models["data"])
+    finally:
+        reg.set_alias("categories", "catalog-canary", None)
+        reg.archive("categories", fresh.version)
