@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lora_assets.progress import report as report_progress
+
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
@@ -316,6 +318,7 @@ def _pretrain(model, tokenizer, texts: list[str], recipe: dict, say) -> list[flo
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        report_progress("pretraining builtin:tiny", step + 1, steps, loss=losses[-1])
         if step % 100 == 0 or step == steps - 1:
             say(f"builtin:tiny pretraining step {step + 1}/{steps} loss {losses[-1]:.3f} ({time.time() - t0:.0f} s)")
     return losses

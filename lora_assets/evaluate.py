@@ -26,6 +26,7 @@ from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
 from lora_assets.files import write_json_atomic
 from lora_assets.hardware import resolve_dtype, torch_dtype
+from lora_assets.progress import report as report_progress
 from lora_assets.spec import AdapterSpec, GateSpec
 from lora_assets.train import tokenize_example
 from registry.rules import LOWER_IS_BETTER
@@ -234,12 +235,33 @@ def _row_losses(model, examples: list[dict], pad_id: int, batch_size: int = 32) 
     return sums, counts
 
 
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def _generation_reporter(task: str, done: int, total: int, width: int, rows: int, max_new_tokens: int):
+    """A stopping criterion that never stops: it reports ``task`` to :mod:`lora_assets.progress` at each decoding
+    step of a batch of ``rows`` prompts padded to ``width`` tokens, after ``done`` answers of ``total``."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class _Reporter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            step = input_ids.shape[1] - width
+            report_progress(task, done + rows * step / max_new_tokens, total, unit="answer")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return _Reporter()
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, label: str, batch_size: int = 32) -> list[str]:
+    """Greedy answers to ``prompts``; reported to :mod:`lora_assets.progress` as ``generating answers (label)``
+    at every decoding step (a batch counts as done in proportion to the tokens generated of ``max_new_tokens``)."""
     import torch
 
-    outs = []
+    outs: list[str] = []
+    task = f"generating answers ({label})"
+    report_progress(task, 0, len(prompts), unit="answer")
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        width = enc["input_ids"].shape[1]
+        reporter = _generation_reporter(task, len(outs), len(prompts), width, enc["input_ids"].shape[0], max_new_tokens)
         with torch.no_grad():
             gen = model.generate(
                 **enc,
@@ -247,9 +269,11 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                stopping_criteria=[reporter],
             )
-        new = gen[:, enc["input_ids"].shape[1] :]
+        new = gen[:, width:]
         outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+        report_progress(task, len(outs), len(prompts), unit="answer")
     return outs
 
 
@@ -288,7 +312,7 @@ def _precision_agreement(
     )
     model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=compute)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    trained = _generate(model, tokenizer, prompts, max_new_tokens)
+    trained = _generate(model, tokenizer, prompts, max_new_tokens, "adapter on the 4-bit base")
     same = sum(a == b for a, b in zip(trained, serving_outputs, strict=True))
     return {
         "training_precision": f"nf4 (4-bit, double quant) + {resolve_dtype('auto')} compute",
@@ -430,9 +454,9 @@ def _run_base_and_adapter(model, tokenizer, rows: list[dict], max_seq_len: int, 
     ]
     with model.disable_adapter():
         base_sums, counts = _row_losses(model, examples, tokenizer.pad_token_id)
-        base_out = _generate(model, tokenizer, prompts, max_new_tokens)
+        base_out = _generate(model, tokenizer, prompts, max_new_tokens, "base")
     ad_sums, _ = _row_losses(model, examples, tokenizer.pad_token_id)
-    ad_out = _generate(model, tokenizer, prompts, max_new_tokens)
+    ad_out = _generate(model, tokenizer, prompts, max_new_tokens, "adapter")
     return _EvalRuns(
         prompts=prompts,
         references=[r["messages"][-1]["content"] for r in rows],

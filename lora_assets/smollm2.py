@@ -18,6 +18,8 @@ import logging
 import time
 from pathlib import Path
 
+from lora_assets.progress import report as report_progress
+
 log = logging.getLogger(__name__)
 
 NAME = "smollm2-135m-instruct"
@@ -84,7 +86,7 @@ def build_smollm2(home: Path, progress=None) -> Path:
         t0 = time.time()
         say(f"converting builtin:{NAME} from {source} ({source.stat().st_size / 1e6:.0f} MB GGUF) into {out} (once)")
         model, tokenizer = _convert(source, say)
-        say(f"builtin:{NAME} [3/3] writing safetensors, tokenizer and chat template")
+        _phase(say, 3, "writing safetensors, tokenizer and chat template")
         publish_model_dir(
             out,
             model,
@@ -105,17 +107,23 @@ def build_smollm2(home: Path, progress=None) -> Path:
         return out
 
 
+def _phase(say, number: int, what: str) -> None:
+    """Start phase ``number`` of the conversion's three: a log line, and a report to :mod:`lora_assets.progress`."""
+    say(f"builtin:{NAME} [{number}/3] {what}")
+    report_progress(f"converting builtin:{NAME}: {what}", number - 1, 3, unit="phase")
+
+
 def _convert(source: Path, say):
     """The GGUF's model as a plain bf16 ``LlamaForCausalLM`` (generation config from the tokenizer), and its
     tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    say(f"builtin:{NAME} [1/3] reading the GGUF and dequantizing its tensors")
+    _phase(say, 1, "reading the GGUF and dequantizing its tensors")
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # save_pretrained refuses a model that carries the GGUF quantization marker: rebuild it without one.
-    say(f"builtin:{NAME} [2/3] moving the weights into a plain LlamaForCausalLM (bf16)")
+    _phase(say, 2, "moving the weights into a plain LlamaForCausalLM (bf16)")
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

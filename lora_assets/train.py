@@ -26,6 +26,8 @@ from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
 from lora_assets.hardware import native_bf16, torch_dtype
 from lora_assets.plot import loss_curve_png
+from lora_assets.progress import listening as progress_listening
+from lora_assets.progress import report as report_progress
 from lora_assets.spec import AdapterSpec
 from lora_assets.train_kernels import supervised_lm_loss, use_bits_dropout
 
@@ -256,9 +258,10 @@ def _rss_bytes() -> int:
 
 
 def make_progress_callback(job_key: str, collator, say, log_every: int):
-    """A Trainer callback that drives a tqdm bar (loss, tokens/s; only on a terminal), sends a log line every
-    ``log_every`` steps to ``say`` (Dagster's logger in assets), and tracks peak memory: the accelerator's
-    peak allocation, or on CPU the process's peak resident set sampled every step."""
+    """A Trainer callback that reports every step to :mod:`lora_assets.progress` (the CLI's bar), drives a tqdm bar
+    when nothing listens there and stderr is a terminal, sends a log line every ``log_every`` steps to ``say``
+    (Dagster's logger in assets), and tracks peak memory: the accelerator's peak allocation, or on CPU the
+    process's peak resident set sampled every step."""
     import torch
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -283,12 +286,15 @@ def make_progress_callback(job_key: str, collator, say, log_every: int):
                 initial=state.global_step,
                 desc=job_key,
                 unit="step",
-                disable=not os.isatty(2),
+                disable=progress_listening() or not os.isatty(2),
                 dynamic_ncols=True,
             )
 
         def on_step_end(self, args, state, control, **kw):
             self.peak_rss = max(self.peak_rss, _rss_bytes())
+            report_progress(
+                "training", state.global_step, state.max_steps, loss=self.loss, tokens_per_s=self.tokens_per_s()
+            )
             if self.bar is not None:
                 self.bar.update(1)
                 self.bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{self.tokens_per_s():.0f}", refresh=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from lora_assets.hardware import resolve_dtype
+from lora_assets.progress import report as report_progress
 from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
 from registry.store import SERVABLE_STATUSES, AdapterRecord
 from serving.integrity import IntegrityError, stage
@@ -151,7 +152,8 @@ class VLLMServer:
             return "(no log)"
 
     def wait_ready(self, timeout_s: float, on_wait: Callable[[float], None] | None = None) -> None:
-        """Poll ``/v1/models`` until it answers 200; fail with the log tail if vLLM exits or time runs out."""
+        """Poll ``/v1/models`` until it answers 200; fail with the log tail if vLLM exits or time runs out. Each
+        second waited goes to ``on_wait`` and to :mod:`lora_assets.progress` (the CLI's live view)."""
         assert self.proc is not None
         t0 = time.monotonic()
         while True:
@@ -173,6 +175,7 @@ class VLLMServer:
                     f"vLLM did not answer on {self.url}/v1/models within {timeout_s:.0f} s. Last log "
                     f"lines ({self.log_path}):\n{self.log_tail()}"
                 )
+            report_progress("waiting for vLLM to answer on /v1/models", waited, unit="s", timeout_s=timeout_s)
             if on_wait:
                 on_wait(waited)
             time.sleep(1)
