@@ -53,6 +53,15 @@ HomeOpt = Annotated[
 SpecArg = Annotated[Path, typer.Argument(help="The pipeline spec (YAML).")]
 RefArg = Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME:ALIAS.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Also print Dagster's event log (DEBUG included) as it happens; it always goes to "
+        "<home>/logs/run-<run id>.log.",
+    ),
+]
 
 
 def _home(home: Path | None) -> Path:
@@ -81,37 +90,52 @@ def validate(spec: SpecArg) -> None:
     out.print(f"ok: {spec} — base {s.base_model}, {len(s.datasets)} dataset(s), {len(s.adapters)} adapter(s)")
 
 
-def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True) -> None:
-    """Check the spec against the base model, then materialize the whole asset graph in-process, recorded in the
-    home's Dagster instance."""
-    import dagster as dg
-
+def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True, verbose: bool = False) -> None:
+    """Prepare the base model and check the spec against it, then materialize the whole asset graph in-process,
+    recorded in the home's Dagster instance: one live row per asset on ``out``, every Dagster event in
+    ``<home>/logs/run-<run id>.log`` (and on ``out`` too when ``verbose``)."""
     from lora_assets.pipeline import Pipeline
     from orchestration.assets import build_assets
+    from orchestration.progress import RunLog, RunTracker, RunView, materialize_logged, rows_of_assets
     from orchestration.resources import resources_from_env
 
+    assets = build_assets(spec, deployment=deploy)
+    rows, steps, check_steps = rows_of_assets(assets)
+    base_row = f"base model {spec.base_model}"
+    view = RunView(out, RunTracker([(base_row, "phase"), *rows], steps, check_steps))
+    log = RunLog(home / "logs", view, verbose=verbose)
     try:
-        Pipeline(spec, home).preflight()
+        with view:
+            with view.phase(base_row) as phase:
+                pipe = Pipeline(spec, home)
+                pipe.preflight()
+                phase["headline"] = f"{pipe.base.parameters / 1e6:,.1f} M parameters" + (
+                    f" in {pipe.base.path}" if spec.base_model.startswith("builtin:") else ""
+                )
+            with _dagster_instance(home) as instance:
+                result = materialize_logged(assets, resources_from_env(home), instance, log)
     except SpecError as e:
         err.print(f"[red]invalid spec[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    finally:
+        log.end()
+    out.print(f"event log: {log.path}", highlight=False)
+    if not result.success:
+        failed = [r.name for r in view.tracker.rows() if r.status == "failed"]
+        err.print(f"[red]run failed[/red]: {', '.join(failed) or 'see the event log'}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _dagster_instance(home: Path):
+    """The home's Dagster instance (created on first use, telemetry off), where the UI finds the CLI's runs."""
+    import dagster as dg
 
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
         (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(dagster_home)
-    with dg.DagsterInstance.get() as instance:
-        result = dg.materialize(
-            build_assets(spec, deployment=deploy),
-            resources=resources_from_env(home),
-            instance=instance,
-            raise_on_error=False,
-        )
-    if not result.success:
-        failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        err.print(f"[red]run failed[/red] in {failed}; see the log above.")
-        raise typer.Exit(1)
+    return dg.DagsterInstance.get()
 
 
 def _summary_table(spec: PipelineSpec, home: Path) -> Table:
@@ -183,6 +207,7 @@ def run(
             "with the registered adapters (stop it with `lorafoundry stop`)."
         ),
     ] = True,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Materialize everything: clean each dataset, train, evaluate and register each adapter, deploy vLLM."""
     from serving import deployment
@@ -191,7 +216,7 @@ def run(
     s = _load(spec)
     h = _home(home)
     t0 = time.time()
-    materialize_all(s, h, deploy=deploy)
+    materialize_all(s, h, deploy=deploy, verbose=verbose)
     out.print(_summary_table(s, h))
     state = deployment.current(h) if deploy else None
     if state:
@@ -213,16 +238,16 @@ def stop(home: HomeOpt = None) -> None:
 
 def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
     """Start vLLM in the foreground with this spec's registered adapters; return (server, served names)."""
+    from orchestration.progress import RunTracker, RunView
     from serving.launch import VLLMServer, plan_server
 
     cmd, env, url, names = plan_server(spec, home, port)
     err.print("starting: " + " ".join(cmd), highlight=False, markup=False)
     server = VLLMServer(cmd, env, home / "logs" / "vllm.log", url).start()
-    with err.status("waiting for vLLM to answer on /v1/models …") as status:
-        server.wait_ready(
-            spec.serving.startup_timeout_s,
-            on_wait=lambda s: status.update(f"waiting for vLLM to answer on /v1/models … {s:.0f} s"),
-        )
+    row = "vLLM start-up"
+    with RunView(err, RunTracker([(row, "phase")], {}, set())) as view, view.phase(row) as phase:
+        server.wait_ready(spec.serving.startup_timeout_s)  # reports each second waited to the view
+        phase["headline"] = f"answering at {url}/v1"
     return server, names
 
 
@@ -282,6 +307,7 @@ def _serve_until_signal(server) -> None:
 def demo(
     home: HomeOpt = None,
     port: Annotated[int | None, typer.Option(help="Port for the demo server (default: the spec's).")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the embedded demo end to end: train, deploy, ask each adapter and the base one question, stop."""
     from orchestration.definitions import DEMO_SPEC
@@ -294,7 +320,7 @@ def demo(
     h = _home(home)
     t0 = time.time()
     try:
-        materialize_all(s, h)
+        materialize_all(s, h, verbose=verbose)
         state = deployment.current(h)
         if state is None:
             err.print("[red]the deployment is not answering[/red]; see " + str(h / "logs"))
