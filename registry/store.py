@@ -796,6 +796,33 @@ class AdapterRegistry:
 
         return self._write(op)
 
+    def record_event(self, name: str, version: int, action: str, detail: dict[str, Any]) -> None:
+        """Record something done with ``name@version`` outside the registry (e.g. ``export_merged``) in its event
+        log. ``action``: lower-case words joined by ``_``; ``detail``: a JSON-serializable dict."""
+        if not re.fullmatch(r"[a-z]+(_[a-z]+)*", action) or len(action) > 40:
+            raise RegistryInputError(f"action {action!r} is not an event name. Fix: lower-case words joined by _.")
+        json.dumps(detail)  # fails here, before the write, if it cannot be stored
+
+        def op(con: duckdb.DuckDBPyConnection) -> None:
+            if _status(con, name, version) is None:
+                raise AdapterNotFoundError(f"no adapter {name}@{version}.")
+            _event(con, self.actor, action, name, version, detail)
+
+        self._write(op)
+
+    def events(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
+        """The event log of ``name`` (of one version when given), oldest first; ``detail`` decoded."""
+        sql = "SELECT occurred_at, actor, action, name, version, detail FROM events WHERE name = ?"
+        args: list[Any] = [name]
+        if version is not None:
+            sql += " AND version = ?"
+            args.append(version)
+        cols, rows = self.query(sql + " ORDER BY occurred_at, rowid", args)
+        out = [dict(zip(cols, r, strict=True)) for r in rows]
+        for e in out:
+            e["detail"] = json.loads(e["detail"]) if isinstance(e["detail"], str) else e["detail"]
+        return out
+
     def verify(self, name: str | None = None, version: int | None = None) -> list[VerifyResult]:
         """Recompute each adapter's sha256 over its files and compare with the registered one."""
         results = []
