@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -231,7 +231,7 @@ class RunTracker:
             row = self._rows[name]
             own_step = event.step_key not in self._check_steps
             if event.kind == "start":
-                row.status, row.started = "running", row.started or event.at
+                row.status, row.started = "running", event.at if row.started is None else row.started
                 self._current = name if own_step else self._current
             elif event.kind == "materialized":
                 row.headline = headline(row.stage, event.metadata)
@@ -278,15 +278,17 @@ class RunTracker:
             self._current = None if self._current == name else self._current
             return self._end(row, at)
 
-    def on_progress(self, report: ProgressReport, at: float) -> None:
-        """Attach ``report`` to the running row (the last started asset step or phase); ignored when none runs."""
+    def on_progress(self, report: ProgressReport, at: float) -> Row | None:
+        """Attach ``report`` to the running row (the last started asset step or phase) and return that row (a copy);
+        None when no row runs (the report is dropped)."""
         with self._lock:
             row = self._rows.get(self._current) if self._current else None
             if row is None:
-                return
+                return None
             if row.progress is None or row.progress.task != report.task or report.done < row.progress.done:
                 row.progress_since = (at, report.done)
             row.progress = report
+            return replace(row, checks=list(row.checks), open_steps=set(row.open_steps))
 
     def finish(self, at: float) -> list[Row]:
         """End every row still open when the run is over: never started means skipped (an upstream step failed or
@@ -387,8 +389,12 @@ def row_detail(row: Row) -> str:
 
 
 def plain_line(row: Row, now: float, name_width: int = 0) -> str:
-    """The row as one plain line: status, name, duration, detail."""
-    return f"{row.status:<7} {row.name:<{name_width}} {elapsed(row, now):>6}  {row_detail(row)}".rstrip()
+    """The row as one plain line: status, name, duration, detail (what it waits on and the ETA while it runs)."""
+    detail = row_detail(row)
+    if row.status == "running" and row.progress is not None:
+        eta = eta_seconds(row, now)
+        detail = progress_text(row.progress) + (f", ETA {format_seconds(eta)}" if eta is not None else "")
+    return f"{row.status:<7} {row.name:<{name_width}} {elapsed(row, now):>6}  {detail}".rstrip()
 
 
 _SYMBOLS = {
@@ -444,32 +450,37 @@ class RunView:
     """Draws a :class:`RunTracker` on ``console`` and listens to :mod:`lora_assets.progress` while open.
 
     On a terminal: a live table, redrawn four times a second, left on screen at the end. Otherwise (CI, pipes): one
-    plain line per row as it finishes, nothing else.
+    plain line per row as it finishes, and while a row reports progress a ``running`` line with its ETA every
+    :attr:`plain_interval_s` seconds, so a long wait in a CI log is not silent.
     """
 
-    def __init__(self, console: Console, tracker: RunTracker) -> None:
+    plain_interval_s = 30.0
+
+    def __init__(self, console: Console, tracker: RunTracker, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.console = console
         self.tracker = tracker
         self.live = console.is_terminal
         self._stack = ExitStack()
         self._name_width = max((len(r.name) for r in tracker.rows()), default=0)
+        self._last_plain: dict[str, float] = {}
 
     def __enter__(self) -> RunView:
         self.console = self._stack.enter_context(_own_descriptor(self.console))
-        self._stack.enter_context(reporting_to(lambda report: self.tracker.on_progress(report, time.time())))
+        self._stack.enter_context(reporting_to(self._progress))
         if self.live:
             live = Live(self, console=self.console, refresh_per_second=4, redirect_stdout=False, redirect_stderr=False)
             self._stack.enter_context(live)
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        ended = self.tracker.finish(time.time())
+        ended = self.tracker.finish(self.clock())
         for row in ended if exc_type is None else []:  # after an exception, its message says what happened
             self._ended(row)
         self._stack.close()
 
     def __rich__(self) -> Table:
-        return render(self.tracker.rows(), time.time())
+        return render(self.tracker.rows(), self.clock())
 
     def event(self, event: RunEvent) -> None:
         for row in self.tracker.apply(event):
@@ -484,18 +495,32 @@ class RunView:
         """Run the block as the phase row ``name``; set ``["headline"]`` on the yielded dict to show one. An
         exception fails the row (its first line shown) and goes on."""
         result = {"headline": ""}
-        self.tracker.begin_phase(name, time.time())
+        self.tracker.begin_phase(name, self.clock())
         try:
             yield result
         except BaseException as e:
-            self._ended(self.tracker.end_phase(name, time.time(), error=(str(e).splitlines() or [type(e).__name__])[0]))
+            self._ended(
+                self.tracker.end_phase(name, self.clock(), error=(str(e).splitlines() or [type(e).__name__])[0])
+            )
             raise
-        self._ended(self.tracker.end_phase(name, time.time(), headline=result["headline"]))
+        self._ended(self.tracker.end_phase(name, self.clock(), headline=result["headline"]))
+
+    def _progress(self, report: ProgressReport) -> None:
+        now = self.clock()
+        row = self.tracker.on_progress(report, now)
+        if (
+            row is None
+            or self.live
+            or now - self._last_plain.get(row.name, now if row.started is None else row.started) < self.plain_interval_s
+        ):
+            return
+        self._last_plain[row.name] = now
+        self.console.print(plain_line(row, now, self._name_width), markup=False, highlight=False, soft_wrap=True)
 
     def _ended(self, row: Row) -> None:
         if not self.live:
             self.console.print(
-                plain_line(row, time.time(), self._name_width), markup=False, highlight=False, soft_wrap=True
+                plain_line(row, self.clock(), self._name_width), markup=False, highlight=False, soft_wrap=True
             )
 
 

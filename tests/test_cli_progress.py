@@ -311,3 +311,20 @@ def test_a_phase_that_raises_fails_its_row_and_the_error_goes_on():
     (line,) = buffer.getvalue().splitlines()
     assert line.split()[:3] == ["failed", "vLLM", "start-up"]
     assert line.endswith("vLLM exited with code 1 while starting. Last log lines:")
+
+
+def test_without_a_terminal_a_long_wait_prints_a_running_line_now_and_then():
+    buffer = io.StringIO()
+    now = [0.0]
+    view = RunView(
+        Console(file=buffer, width=160), RunTracker([("base model builtin:tiny", "phase")], {}, set()), lambda: now[0]
+    )
+    with view, view.phase("base model builtin:tiny"):  # begins at 0 s
+        for now[0], step in ((10, 100), (20, 200), (40, 300), (50, 350), (75, 400)):
+            progress.report("pretraining builtin:tiny", step, 400)
+        now[0] = 80.0
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].split()[:5] == ["running", "base", "model", "builtin:tiny", "40"]  # 30 s after the start
+    assert lines[0].endswith("pretraining builtin:tiny 300/400 steps, ETA 15 s")  # 200 steps in 30 s, 100 to go
+    assert lines[1].split()[:5] == ["running", "base", "model", "builtin:tiny", "75"]
+    assert lines[2].split()[:5] == ["done", "base", "model", "builtin:tiny", "80"] and len(lines) == 3
