@@ -146,6 +146,14 @@ class AdapterSpec(_Strict):
         "(for Llama: q, k, v, o, gate, up, down).",
     )
     lora_dropout: float = Field(0.05, description="Dropout on the LoRA input, in [0, 1).")
+    variant: Literal["lora", "rslora", "dora", "pissa", "olora"] = Field(
+        "lora",
+        description="The LoRA variant: `lora` (plain, scaled alpha/r); `rslora` (scaled alpha/sqrt(r), steadier at "
+        "high r; vLLM serves it); `dora` (weight-decomposed; trains and evaluates, but vLLM's multi-LoRA server "
+        "cannot serve it: export it merged, `lorafoundry registry export-merged`); `pissa` / `olora` (initialised "
+        "from the base's SVD / QR; saved converted to a plain LoRA of rank 2r on the unchanged base, so it serves "
+        "like one; method lora only).",
+    )
     learning_rate: float = Field(
         2e-4, gt=0, le=1, examples=[2e-4, 1e-3], description="Peak learning rate (AdamW), above 0 and at most 1."
     )
@@ -188,8 +196,8 @@ class AdapterSpec(_Strict):
     )
     sweep: dict[str, list[Any]] | None = Field(
         None,
-        description="Grid over r, lora_alpha, target_modules, learning_rate, method, seed: one adapter version "
-        "per point, all registered under this adapter's name.",
+        description="Grid over r, lora_alpha, target_modules, learning_rate, method, seed, variant: one adapter "
+        "version per point, all registered under this adapter's name.",
     )
 
     @model_validator(mode="before")
@@ -204,6 +212,16 @@ class AdapterSpec(_Strict):
                         "add more (or more varied) data."
                     )
         return data
+
+    @model_validator(mode="after")
+    def _init_variants_need_lora(self) -> AdapterSpec:
+        if self.variant in ("pissa", "olora") and self.method == "qlora":
+            raise ValueError(
+                f"variant {self.variant} initialises the adapter from the base's full-precision weights and is "
+                "converted against them when saved; with a 4-bit base the converted adapter would not match. "
+                "Fix: use method lora, or variant lora/rslora/dora with qlora"
+            )
+        return self
 
     @field_validator("lora_alpha")
     @classmethod
@@ -243,7 +261,7 @@ class AdapterSpec(_Strict):
     def _sweep_keys(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
         if v is None:
             return v
-        allowed = {"r", "lora_alpha", "target_modules", "learning_rate", "method", "seed"}
+        allowed = {"r", "lora_alpha", "target_modules", "learning_rate", "method", "seed", "variant"}
         bad = sorted(set(v) - allowed)
         if bad:
             raise ValueError(f"sweep keys {bad} are not sweepable; use some of {sorted(allowed)}")

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 TRAINER_VERSION = 6
 #: Spec fields that do not change the trained weights (left out of the run key and the train code version)
+#: Variants that initialise the adapter from the base's weights (peft ``init_lora_weights``): they change the
+#: base's residual weights, so they are saved converted to a plain LoRA (see _save_adapter).
+INIT_VARIANTS = {"pissa": "pissa_niter_4", "olora": "olora"}
+#: Where the initial PiSSA/OLoRA adapter waits, inside the run's tmp dir, for the conversion at save.
+INITIAL_ADAPTER = "initial_adapter"
 RUN_KEY_EXCLUDE = {"gate", "sweep", "max_eval_rows", "checkpoint_every", "promote"}
 LOSS_PLOT = "loss_curve.png"  # kept next to the adapter weights; the train asset shows it in the UI
 
@@ -394,10 +399,19 @@ def tokenized_train_split(
     return examples, False
 
 
+def run_config(spec: AdapterSpec) -> dict:
+    """The settings that determine the trained weights (a plain-LoRA spec keys as it did before `variant`
+    existed, so its finished runs are reused)."""
+    config = spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE)
+    if config.get("variant") == "lora":
+        del config["variant"]
+    return config
+
+
 def run_key(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport) -> str:
     """Content key of one training run: same base, data and config give the same adapter dir."""
     payload = {
-        "spec": spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE),
+        "spec": run_config(spec),
         "base": base.content_hash,
         "data": clean.fingerprint,
         "trainer": TRAINER_VERSION,
@@ -485,6 +499,11 @@ def preflight(field: str, spec: AdapterSpec, base: BaseModelRef) -> list[str]:
                 f"{field}.method: qlora needs bitsandbytes, which cannot load here ({e}). Fix: use "
                 "method: lora (or auto), or install bitsandbytes for this platform."
             )
+    if spec.variant in INIT_VARIANTS and spec.method == "auto" and choose_method(spec, base).method == "qlora":
+        problems.append(
+            f"{field}.variant: {spec.variant} needs the base in full precision, but method auto picks qlora for "
+            f"{base.id} on this machine (it does not fit in bf16). Fix: use variant lora, rslora or dora."
+        )
     return problems
 
 
@@ -644,12 +663,26 @@ def _lora_model(spec: AdapterSpec, base: BaseModelRef, method: str):
         lora_dropout=spec.lora_dropout,
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=spec.variant == "rslora",
+        use_dora=spec.variant == "dora",
+        init_lora_weights=INIT_VARIANTS.get(spec.variant, True),
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     if not torch.cuda.is_available():
         use_bits_dropout(model)  # same dropout, ~3x cheaper masks on CPU (see lora_assets.train_kernels)
     return model, trainable, total
+
+
+def _save_adapter(model, spec: AdapterSpec, out: Path) -> None:
+    """Save the trained adapter. A PiSSA/OLoRA one is saved converted (peft's weight conversion against the
+    initial adapter) to a plain LoRA of rank 2r on the unchanged base, so it loads and serves like any LoRA."""
+    if spec.variant in INIT_VARIANTS:
+        initial = out / INITIAL_ADAPTER
+        model.save_pretrained(out, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial))
+        shutil.rmtree(initial)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
 
 
 @dataclass
@@ -721,6 +754,10 @@ def _fit(
 
     steps_per_epoch = math.ceil(len(data.examples) / (spec.batch_size * spec.gradient_accumulation_steps))
     resume_from = _resume_point(tmp, job_key, say)
+    if spec.variant in INIT_VARIANTS and not (tmp / INITIAL_ADAPTER).exists():
+        # PiSSA/OLoRA moved part of the base into the adapter: keep that starting point (the model is still at
+        # its deterministic init here, a resumed run included) to convert against when saving
+        model.save_pretrained(tmp / INITIAL_ADAPTER, safe_serialization=True)
     save_every = spec.checkpoint_every or default_checkpoint_every(steps_per_epoch)
     args = _training_arguments(spec, tmp, save_every, steps_per_epoch, log_every)
     collator = (
@@ -736,7 +773,7 @@ def _fit(
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.time() - t0
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_adapter(model, spec, tmp)
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
     return _FitOutcome(
         train_loss=float(out.training_loss),

@@ -52,7 +52,7 @@ from registry.store import (
     parse_ref,
 )
 from serving.catalog import catalog
-from serving.integrity import IntegrityError, stage
+from serving.integrity import IntegrityError, multi_lora_problem, stage
 
 #: Every route the server answers, and who may call it: `open` (anyone), `client` (the client key when one is
 #: set), `catalog` (client key; answered here, serving/catalog.py), `model` (client key, and the body's model is
@@ -271,6 +271,12 @@ class AdapterResolver:
             )
         return None
 
+    def listable(self, rec: AdapterRecord) -> Refusal | None:
+        """The catalog's filter: :meth:`refuse_record`, and a variant vLLM cannot serve, read from the registered
+        files (a request for it stages the files and reads the staged copy: :meth:`_verify_and_stage`)."""
+        problem = multi_lora_problem(Path(rec.path))
+        return self.refuse_record(rec) or (_variant_refusal(rec, problem) if problem else None)
+
     def _verify_and_stage(self, rec: AdapterRecord) -> Refusal | None:
         """Hash the registered files in full (no size/mtime shortcut: a changed copy is refused under every name)
         and stage the verified copy vLLM reads (checked again there); None when both succeed."""
@@ -284,12 +290,17 @@ class AdapterResolver:
         try:
             if adapter_sha256(path)[0] != rec.adapter_sha256:
                 return changed
-            stage(path, rec.adapter_sha256, self.stage_root)
+            staged = stage(path, rec.adapter_sha256, self.stage_root)
         except IntegrityError:
             return changed
         except OSError as e:
             return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable ({e}).")
-        return None
+        problem = multi_lora_problem(staged)  # the bytes vLLM would be given
+        return _variant_refusal(rec, problem) if problem else None
+
+
+def _variant_refusal(rec: AdapterRecord, problem: str) -> Refusal:
+    return Refusal(400, "VariantNotServable", f"{rec.name}@{rec.version} is not served here: {problem}.")
 
 
 def _static_models() -> dict[str, int]:
@@ -404,7 +415,7 @@ class LoraFoundryGuard:
             loaded = await self._loaded_models(scope)
             try:
                 entries = await asyncio.to_thread(
-                    catalog, self.resolver.registry, self.resolver.refuse_record, loaded, dict(self.held)
+                    catalog, self.resolver.registry, self.resolver.listable, loaded, dict(self.held)
                 )
             except RegistryError as e:
                 return await self._refuse(send, registry_refusal(e, None))

@@ -14,6 +14,7 @@ Two steps, both here (no vLLM import, so they are tested on their own):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,26 @@ SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 class IntegrityError(RuntimeError):
     """Adapter files do not match the sha256 they must have, or are not where verified adapters live."""
+
+
+def multi_lora_problem(adapter_dir: Path) -> str | None:
+    """Why vLLM's multi-LoRA path cannot serve the adapter in ``adapter_dir`` as it is, or None.
+
+    Read from its adapter_config.json (what vLLM would load), not from the registry row: DoRA (``use_dora``)
+    has a magnitude vector per layer that vLLM's LoRA kernels do not apply; served anyway it would either fail
+    to load or answer without it. The merged model serves it exactly.
+    """
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # unreadable or damaged files are the sha256 check's to refuse, with its own message
+    if isinstance(config, dict) and config.get("use_dora"):
+        return (
+            "it is a DoRA adapter (use_dora), which vLLM's multi-LoRA server cannot apply. Fix: export it merged "
+            "(`lorafoundry registry export-merged NAME@VERSION DIR`) and serve DIR as its own model "
+            "(`vllm serve DIR`, or `base_model: DIR` in a spec)"
+        )
+    return None
 
 
 def stage(src: Path, sha256: str, stage_root: Path) -> Path:
@@ -83,4 +104,7 @@ def verified_copy(path: str | Path, stage_root: Path, into: Path) -> Path:
             f"verified adapter {real.name[:12]}… changed on disk (sha256 now {got[:12]}…): refused to load it. "
             f"Fix: delete {real} and restart `lorafoundry serve` (it re-stages from the registry)."
         )
+    problem = multi_lora_problem(into)
+    if problem:
+        raise IntegrityError(f"verified adapter {real.name[:12]}… is not loaded: {problem}.")
     return into

@@ -21,7 +21,7 @@ from lora_assets.hardware import resolve_dtype
 from lora_assets.progress import report as report_progress
 from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
 from registry.store import SERVABLE_STATUSES, AdapterRecord
-from serving.integrity import IntegrityError, stage
+from serving.integrity import IntegrityError, multi_lora_problem, stage
 
 #: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, MAX_LORA_RANK)  # the spec caps r at the largest
@@ -237,6 +237,8 @@ def plan_server(
     adapters = []
     for r in pipe.registry.servable(verify=True):
         if r.base_model_hash != pipe.base.content_hash:
+            continue
+        if multi_lora_problem(Path(r.path)):  # e.g. DoRA: asking for it gets the guard's refusal and its fix
             continue
         try:  # vLLM reads only verified copies (serving/integrity.py); a version whose files changed is left out
             staged = stage(Path(r.path), r.adapter_sha256, stage_root)

@@ -1,0 +1,209 @@
+"""LoRA variants (spec key `variant`): rsLoRA, DoRA, PiSSA and OLoRA train with peft and are saved so that what is
+served is what was trained: rsLoRA keeps `use_rslora` (vLLM reads it), PiSSA/OLoRA are converted to a plain LoRA on
+the unchanged base, DoRA is refused by the multi-LoRA server with its fix (export it merged).
+
+The real-server checks run on the session's vLLM server (tiny base): served greedy tokens equal peft's own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from lora_assets.base_model import resolve_base_model
+from lora_assets.clean import clean_dataset, current_clean, read_split
+from lora_assets.spec import AdapterSpec, DatasetSpec
+from lora_assets.train import INITIAL_ADAPTER, _lora_model, _save_adapter, train_adapter
+from serving.integrity import IntegrityError, multi_lora_problem, stage, verified_copy
+
+SMALL = {"r": 4, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="module")
+def data(random_base, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("variants")
+    rows = [{"prompt": f"item {i}: what comes after {i}?", "completion": f"{i + 1}"} for i in range(48)]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    clean = clean_dataset(
+        "d",
+        DatasetSpec(path="d.jsonl"),
+        root / "d.jsonl",
+        root / "datasets",
+        AutoTokenizer.from_pretrained(random_base),
+    )
+    return root, clean, resolve_base_model(str(random_base), root)
+
+
+@pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "olora"])
+def test_each_variant_trains_one_epoch_and_saves_what_serving_needs(data, variant):
+    root, clean, base = data
+    result = train_adapter(f"v-{variant}", AdapterSpec(dataset="d", variant=variant, **SMALL), base, clean, root / "a")
+    out = Path(result.adapter_dir)
+    config = json.loads((out / "adapter_config.json").read_text())
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    assert manifest["config"]["variant"] == variant
+    assert result.steps == manifest["steps_per_epoch"] >= 1  # exactly one epoch
+    assert config["use_rslora"] is (variant == "rslora")
+    assert config["use_dora"] is (variant == "dora")
+    if variant in ("pissa", "olora"):  # converted: a plain LoRA of rank 2r, nothing of the init left behind
+        assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+        assert not (out / INITIAL_ADAPTER).exists()
+    else:
+        assert (config["r"], config["lora_alpha"]) == (4, 8)
+    assert (multi_lora_problem(out) is not None) is (variant == "dora")
+
+
+@pytest.mark.parametrize("variant", ["pissa", "olora"])
+def test_a_converted_adapter_on_the_unchanged_base_is_the_trained_model(data, random_base, tmp_path, variant):
+    """PiSSA/OLoRA change the base's weights at init. The trained model (modified base + trained adapter) and the
+    saved adapter on the original base give the same logits; the unconverted adapter on the original base does not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, _, base = data
+    spec = AdapterSpec(dataset="d", variant=variant, **SMALL)
+    torch.manual_seed(0)
+    model, _, _ = _lora_model(spec, base, "lora")
+    model.save_pretrained(tmp_path / INITIAL_ADAPTER)
+    with torch.no_grad():  # stands in for training: move every adapter weight
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 7]])
+    with torch.no_grad():
+        trained = model(ids).logits
+    _save_adapter(model, spec, tmp_path)
+    original = AutoModelForCausalLM.from_pretrained(random_base, dtype=torch.float32)
+    with torch.no_grad():
+        served = PeftModel.from_pretrained(original, tmp_path).eval()(ids).logits
+    assert torch.allclose(served, trained, atol=1e-4), (served - trained).abs().max()
+
+
+def test_pissa_with_qlora_is_refused_in_the_spec():
+    with pytest.raises(ValueError, match="variant pissa initialises the adapter"):
+        AdapterSpec(dataset="d", variant="pissa", method="qlora")
+
+
+def test_the_workers_verified_copy_refuses_a_dora_adapter(data, tmp_path):
+    """The last check before vLLM reads the files, in its worker: a DoRA adapter is never loaded."""
+    from registry.store import adapter_sha256
+
+    root, clean, base = data
+    result = train_adapter("v-dora", AdapterSpec(dataset="d", variant="dora", **SMALL), base, clean, root / "a")
+    sha = adapter_sha256(Path(result.adapter_dir))[0]
+    staged = stage(Path(result.adapter_dir), sha, tmp_path / "stage")
+    with pytest.raises(IntegrityError, match="DoRA adapter"):
+        verified_copy(staged, tmp_path / "stage", tmp_path / "copy")
+
+
+# --- on the session's real vLLM server ----------------------------------------------------------------------------
+
+
+def _eval_prompts(session_home: Path, tokenizer, n: int = 8) -> list[list[int]]:
+    rows = read_split(current_clean(session_home / "datasets", "categories"), "eval")[:n]
+    texts = [
+        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
+    ]
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def _peft_greedy(base_path: Path, adapter_dir: Path, prompts: list[list[int]], rslora: bool | None = None):
+    """peft's own greedy tokens; ``rslora`` overrides the adapter's scaling (the counterfactual)."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if rslora is not None:
+        config.use_rslora = rslora
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir, config=config).eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            outs.append(gen[0, len(p) :].tolist())
+    return outs
+
+
+def _served_greedy(url: str, model: str, prompts: list[list[int]]) -> list[list[int]]:
+    outs = []
+    for p in prompts:
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": model, "prompt": p, "max_tokens": 12, "temperature": 0, "return_token_ids": True},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        outs.append(choice.get("token_ids") or choice["text"])
+    return outs
+
+
+@pytest.mark.slow
+def test_served_variants_answer_like_peft_and_dora_is_refused_with_its_fix(vllm_server, session_home, demo_spec):
+    """rsLoRA and PiSSA adapters trained on the session's tiny base, registered and asked for as name@VERSION: the
+    served greedy tokens equal peft's (and the rsLoRA weights read with plain alpha/r scaling answer otherwise, so
+    a server that ignored `use_rslora` would fail this). A DoRA adapter is refused up front with the fix."""
+    from transformers import AutoTokenizer
+
+    from lora_assets.pipeline import Pipeline
+    from registry.store import AdapterRegistry, NewAdapter
+
+    pipe = Pipeline(demo_spec, session_home)
+    base, clean = pipe.base, current_clean(session_home / "datasets", "categories")
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    prompts = _eval_prompts(session_home, tokenizer)
+    url = vllm_server["url"]
+    registered = []
+    try:
+        trained = {}
+        for variant in ("rslora", "pissa", "dora"):
+            spec = AdapterSpec(dataset="categories", variant=variant, r=8, learning_rate=2e-3, max_seq_len=128)
+            result = train_adapter(f"variants-{variant}", spec, base, clean, session_home / "adapters")
+            rec = reg.register(
+                NewAdapter(
+                    name="variants",
+                    path=result.adapter_dir,
+                    base_model=demo_spec.base_model,
+                    base_model_hash=base.content_hash,
+                    training_config={"variant": variant},
+                )
+            )
+            registered.append(rec)
+            trained[variant] = (rec, Path(result.adapter_dir))
+
+        for variant in ("rslora", "pissa"):
+            rec, adapter_dir = trained[variant]
+            served = _served_greedy(url, f"variants@{rec.version}", prompts)
+            want = _peft_greedy(base.path, adapter_dir, prompts)
+            if isinstance(served[0], str):  # a vLLM without token ids in the answer: compare the text
+                want = [tokenizer.decode(w, skip_special_tokens=True) for w in want]
+            same = sum(s == w for s, w in zip(served, want, strict=True))
+            assert same >= len(prompts) - 1, (variant, same, served, want)
+        rec, adapter_dir = trained["rslora"]
+        plain = _peft_greedy(base.path, adapter_dir, prompts, rslora=False)
+        assert plain != _peft_greedy(base.path, adapter_dir, prompts)  # the scaling matters for these weights
+
+        rec, _ = trained["dora"]
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": f"variants@{rec.version}", "prompt": "hi", "max_tokens": 4},
+            timeout=60,
+        )
+        assert r.status_code == 400 and r.json()["error"]["type"] == "VariantNotServable", r.text
+        assert "export-merged" in r.json()["error"]["message"]
+        listed = {e["id"] for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
+        assert f"variants@{trained['rslora'][0].version}" in listed and f"variants@{rec.version}" not in listed
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # still serving
+    finally:
+        for rec in registered:
+            reg.archive("variants", rec.version)  # leave the session registry as the other tests expect
