@@ -136,8 +136,13 @@ def _deployment_headline(m: Mapping[str, Any]) -> str:
     return f"{url} ({'started' if m['restarted'] else 'already running'})"
 
 
-#: The headline of each kind of asset, by the last part of its key.
+def _base_model_headline(m: Mapping[str, Any]) -> str:
+    return f"{m['parameters'] / 1e6:,.1f} M parameters ({m['obtained']})"
+
+
+#: The headline of each kind of asset, by the last part of its key (``base_model/<name>``: by its first).
 HEADLINES = {
+    "base_model": _base_model_headline,
     "clean": _clean_headline,
     "train": _train_headline,
     "eval": _eval_headline,
@@ -321,7 +326,7 @@ def rows_of_assets(assets: Sequence[dg.AssetsDefinition]) -> tuple[list[tuple[st
             check_steps.add(a.node_def.name)
             continue
         for key in a.keys:
-            rows.append((key.to_user_string(), key.path[-1]))
+            rows.append((key.to_user_string(), "base_model" if "base_model" in key.path[:-1] else key.path[-1]))
             steps[a.node_def.name] = key.to_user_string()
     return rows, steps, check_steps
 

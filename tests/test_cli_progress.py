@@ -162,6 +162,7 @@ def test_headlines_from_materialization_metadata():
         "exact match 0.00 → 0.77 on 30 rows"
     )
     assert headline("register", {"version": 2, "status": "champion"}) == "v2 champion"
+    assert headline("base_model", {"parameters": 4_200_000, "obtained": "cached"}) == "4.2 M parameters (cached)"
     assert headline("deployment", {"url": "http://127.0.0.1:8000/v1/models", "restarted": True}) == (
         "http://127.0.0.1:8000/v1 (started)"
     )
