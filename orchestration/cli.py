@@ -679,5 +679,34 @@ def registry_import(
     out.print(f"imported from {src}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 
+@registry_command("export-merged")
+def registry_export_merged(
+    ref: RefArg,
+    out_dir: Annotated[Path, typer.Argument(help="A new (or empty) dir for the merged model.")],
+    home: HomeOpt = None,
+    dtype: Annotated[str, typer.Option(help="Weights dtype: bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Merge one version into its base (peft merge_and_unload): a complete Hugging Face model dir with tokenizer,
+    chat template and a model card carrying the lineage, usable as a `base_model` or as `vllm serve OUT_DIR`.
+    The adapter's sha256 and its base's hash are checked first; the export is recorded as an event on the
+    version. This is how a DoRA adapter is served."""
+    from lora_assets.export import ExportError, export_merged
+
+    _offline()
+    reg = _registry(home)
+    rec = reg.get(ref)
+    try:
+        done = export_merged(rec, _home(home), out_dir, dtype=dtype, progress=lambda line: err.print(line))
+    except ExportError as e:
+        _fail(e)
+    reg.record_event(
+        rec.name,
+        rec.version,
+        "export_merged",
+        {"out_dir": str(done.path), "dtype": done.dtype, "weights_sha256": done.weights_sha256},
+    )
+    out.print(f"{done.ref} merged into {rec.base_model} ({done.dtype}): {done.path}", highlight=False)
+
+
 if __name__ == "__main__":
     app()

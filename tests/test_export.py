@@ -162,3 +162,23 @@ def test_a_variant_vllm_cannot_serve_merges_too(random_base, tmp_path):
     got = _logits_and_greedy(AutoModelForCausalLM.from_pretrained(out.path, dtype=torch.float32).eval(), tokenizer)
     assert got[1] == want[1]
     assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got[0], want[0], strict=True))
+
+
+def test_cli_exports_records_the_event_and_refuses_with_one_line(registered, tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+
+    root, reg, rec = registered
+    runner = CliRunner()
+    out = tmp_path / "cli-merged"
+    res = runner.invoke(app, ["registry", "export-merged", "colors@1", str(out), "--home", str(root)])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").exists() and "colors@1 merged into" in res.output
+    event = reg.events("colors", 1)[-1]
+    assert event["action"] == "export_merged" and event["detail"]["out_dir"] == str(out.resolve())
+    again = runner.invoke(app, ["registry", "export-merged", "colors@1", str(out), "--home", str(root)])
+    assert again.exit_code == 1 and "already exists and is not empty" in again.output
+    assert "Traceback" not in again.output
+    missing = runner.invoke(app, ["registry", "export-merged", "colors@9", str(tmp_path / "x"), "--home", str(root)])
+    assert missing.exit_code == 1 and "no adapter 'colors' version 9" in missing.output
