@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
+from lora_assets.evidence import RowScores, gain_interval, row_id, value_interval
 from lora_assets.files import write_json_atomic
 from lora_assets.hardware import resolve_dtype, torch_dtype
 from lora_assets.progress import report as report_progress
@@ -67,10 +68,15 @@ class EvalResult(BaseModel):
     key: str = Field(
         "", description="What the numbers depend on (see _eval_key): equal keys give equal results, so reuse."
     )
+    per_row: RowScores | None = Field(
+        None,
+        description="Every eval row's scores (lora_assets.evidence): gates with a confidence and paired "
+        "comparisons with the champion are computed from them; None in results of lorafoundry before EVAL_VERSION 3.",
+    )
 
 
 #: Bump when a change to this module changes any number or answer an evaluation produces.
-EVAL_VERSION = 2
+EVAL_VERSION = 3  # 3: per-row scores kept (per_row)
 
 
 def _eval_key(
@@ -277,10 +283,15 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, label: 
     return outs
 
 
-def check_gate(gate: GateSpec | None, metrics: dict[str, dict[str, float]]) -> GateResult | None:
-    """Apply a gate to base/adapter metrics. Lower is better for eval_loss and perplexity."""
+def check_gate(
+    gate: GateSpec | None, metrics: dict[str, dict[str, float]], per_row: RowScores | None = None, seed: int = 0
+) -> GateResult | None:
+    """Apply a gate to base/adapter metrics. Lower is better for eval_loss and perplexity. A gate with a
+    ``confidence`` decides on the paired bootstrap interval from ``per_row`` (see lora_assets.evidence)."""
     if gate is None:
         return None
+    if gate.confidence is not None:
+        return _check_gate_on_evidence(gate, per_row, seed)
     base, adapter = metrics[gate.metric]["base"], metrics[gate.metric]["adapter"]
     lower_is_better = gate.metric in LOWER_IS_BETTER
     if gate.min_gain is not None:
@@ -291,6 +302,31 @@ def check_gate(gate: GateSpec | None, metrics: dict[str, dict[str, float]]) -> G
         passed = adapter <= gate.min_value if lower_is_better else adapter >= gate.min_value
         op = "<=" if lower_is_better else ">="
         detail = f"{gate.metric} {adapter:.4f} vs required {op} {gate.min_value:.4f}"
+    return GateResult(metric=gate.metric, passed=passed, detail=("pass: " if passed else "fail: ") + detail)
+
+
+def _check_gate_on_evidence(gate: GateSpec, per_row: RowScores | None, seed: int) -> GateResult:
+    """Pass only when the interval at ``gate.confidence`` clears the threshold, not the point estimate."""
+    level = f"{gate.confidence:.0%} CI"
+    if per_row is None:
+        detail = "no per-row scores to compute an interval from (evaluated by an older lorafoundry); re-evaluate"
+        return GateResult(metric=gate.metric, passed=False, detail="fail: " + detail)
+    if gate.min_gain is not None:
+        gain, low, high = gain_interval(per_row, gate.metric, gate.confidence, seed)
+        passed = low >= gate.min_gain
+        detail = (
+            f"{gate.metric} gain {gain:+.4f}, {level} [{low:+.4f}, {high:+.4f}]: lower bound vs required "
+            f"{gate.min_gain:+.4f}"
+        )
+    else:
+        value, low, high = value_interval(per_row, gate.metric, gate.confidence, seed)
+        lower_is_better = gate.metric in LOWER_IS_BETTER
+        passed = high <= gate.min_value if lower_is_better else low >= gate.min_value
+        bound = "upper" if lower_is_better else "lower"
+        detail = (
+            f"{gate.metric} {value:.4f}, {level} [{low:.4f}, {high:.4f}]: {bound} bound vs required "
+            f"{'<=' if lower_is_better else '>='} {gate.min_value:.4f}"
+        )
     return GateResult(metric=gate.metric, passed=passed, detail=("pass: " if passed else "fail: ") + detail)
 
 
@@ -347,7 +383,7 @@ def evaluate_adapter(
 
     key = _eval_key(adapter_dir, spec, base, clean, dtype, max_new_tokens, seed)
     adapter_dir = Path(adapter_dir)
-    previous = _previous_result(adapter_dir, key, spec.gate)
+    previous = _previous_result(adapter_dir, key, spec.gate, seed)
     if previous is not None:
         return previous
     t0 = time.time()
@@ -356,7 +392,13 @@ def evaluate_adapter(
     tokenizer = _eval_tokenizer(base)
     model = _adapter_model(base, adapter_dir, dtype)
     runs = _run_base_and_adapter(model, tokenizer, rows, spec.max_seq_len, max_new_tokens)
-    metrics = metric_table(_answer_scores(runs), (runs.base_sums, runs.adapter_sums, runs.counts), seed=seed)
+    answers = _answer_scores(runs)
+    metrics = metric_table(answers, (runs.base_sums, runs.adapter_sums, runs.counts), seed=seed)
+    per_row = RowScores(
+        ids=[row_id(r["messages"]) for r in rows],
+        answers={m: {"base": b, "adapter": a} for m, (b, a) in answers.items()},
+        losses={"base": runs.base_sums, "adapter": runs.adapter_sums, "tokens": [float(c) for c in runs.counts]},
+    )
     del model  # free the serving-dtype model before a 4-bit one is loaded: the two never share memory
     _release_model_memory()
     agreement = (
@@ -368,11 +410,12 @@ def evaluate_adapter(
         metrics=metrics,
         rows=len(rows),
         samples=_samples(rows, runs),
-        gate=check_gate(spec.gate, metrics),
+        gate=check_gate(spec.gate, metrics, per_row, seed),
         generation=_generation_settings(dtype, max_new_tokens, seed),
         wall_s=round(time.time() - t0, 2),
         precision_agreement=agreement,
         key=key,
+        per_row=per_row,
     )
     write_json_atomic(adapter_dir / EVAL_FILE, result.model_dump(mode="json"), indent=2)
     return result
@@ -390,7 +433,7 @@ def _generation_settings(dtype: str, max_new_tokens: int, seed: int) -> dict:
     }
 
 
-def _previous_result(adapter_dir: Path, key: str, gate: GateSpec | None) -> EvalResult | None:
+def _previous_result(adapter_dir: Path, key: str, gate: GateSpec | None, seed: int = 0) -> EvalResult | None:
     """The stored result when its key matches (same adapter, data and settings give the same numbers), with the
     gate applied again: only the gate may have changed."""
     cached = adapter_dir / EVAL_FILE
@@ -399,7 +442,7 @@ def _previous_result(adapter_dir: Path, key: str, gate: GateSpec | None) -> Eval
     previous = EvalResult.model_validate(json.loads(cached.read_text()))
     if previous.key != key:
         return None
-    return previous.model_copy(update={"gate": check_gate(gate, previous.metrics)})
+    return previous.model_copy(update={"gate": check_gate(gate, previous.metrics, previous.per_row, seed)})
 
 
 def _eval_rows(clean: CleanReport, max_rows: int) -> list[dict]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from lora_assets.base_model import BaseModelRef, resolve_base_model
 from lora_assets.clean import CleanReport, clean_dataset, current_clean
 from lora_assets.evaluate import EvalResult, evaluate_adapter, load_eval
+from lora_assets.evidence import compare_with_champion
 from lora_assets.files import write_json_atomic
 from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
 from lora_assets.train import TrainResult, preflight, train_adapter
@@ -180,8 +181,33 @@ class Pipeline:
                 code_version=CODE_VERSION,
                 promote=job.spec.promote,
                 rank_metric=rank_metric(job.spec),
+                evidence=self._evidence(job, ev, adir),
             )
         )
+
+    def _evidence(self, job: AdapterJob, ev: EvalResult, adapter_dir: Path) -> dict | None:
+        """For ``promote: if_significantly_better``: this version against the name's current champion, paired on
+        the held-out rows both were scored on (None for another rule, or with no champion to beat)."""
+        if job.spec.promote != "if_significantly_better":
+            return None
+        champion = self.registry.champion(job.name)
+        if champion is None or Path(champion.path).resolve() == adapter_dir.resolve():
+            return None
+        metric = rank_metric(job.spec)
+        confidence = job.spec.gate.confidence if job.spec.gate and job.spec.gate.confidence else 0.95
+        try:
+            theirs = load_eval(Path(champion.path)).per_row
+        except (OSError, ValueError):
+            theirs = None
+        if ev.per_row is None or theirs is None:
+            missing = "this version's" if ev.per_row is None else f"champion v{champion.version}'s"
+            return {
+                "champion_version": champion.version,
+                "significant": False,
+                "detail": f"not promoted: {missing} per-row scores are missing (evaluated by an older lorafoundry "
+                "or elsewhere); re-evaluate it to compare",
+            }
+        return compare_with_champion(ev.per_row, theirs, champion.version, metric, confidence).model_dump()
 
 
 def rank_metric(spec: AdapterSpec) -> str:

@@ -111,6 +111,14 @@ class GateSpec(_Strict):
     min_value: float | None = Field(
         None, ge=-1e6, le=1e6, description="Adapter's metric must reach this value (for eval_loss: at most this value)."
     )
+    confidence: float | None = Field(
+        None,
+        ge=0.5,
+        le=0.999,
+        description="Decide on evidence: pass only when this confidence's paired bootstrap interval clears the "
+        "threshold (its lower bound reaches min_gain, or the adapter's value's bound reaches min_value), e.g. "
+        "0.95; unset: the point estimate decides.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_threshold(self) -> GateSpec:
@@ -188,11 +196,13 @@ class AdapterSpec(_Strict):
         description="Optional quality gate, enforced by a blocking asset check; an "
         "adapter that fails it is registered as `rejected` and never served.",
     )
-    promote: Literal["if_better", "always", "manual"] = Field(
+    promote: Literal["if_better", "if_significantly_better", "always", "manual"] = Field(
         "if_better",
         description="When a registered version that passed its gate becomes the `champion` of its "
         "name (the version served under the plain name): `if_better` when it beats the current champion on the "
-        "gate's metric (eval_loss without a gate), `always`, or `manual` (`lorafoundry registry promote`).",
+        "gate's metric (eval_loss without a gate); `if_significantly_better` when it wins on that metric paired "
+        "with the champion on the same held-out rows, the bootstrap interval of the difference (at the gate's "
+        "confidence, else 95%) above zero; `always`; or `manual` (`lorafoundry registry promote`).",
     )
     sweep: dict[str, list[Any]] | None = Field(
         None,

@@ -287,10 +287,16 @@ class NewAdapter(BaseModel):
     )
     run_id: str | None = Field(None, description="The Dagster run registering it, if any.")
     code_version: str | None = Field(None, description="The lorafoundry code version that trained it, if known.")
-    promote: Literal["if_better", "always", "manual"] = Field(
+    promote: Literal["if_better", "if_significantly_better", "always", "manual"] = Field(
         "manual",
         description="Make a `candidate` the champion of its name: if it beats the current champion on "
-        "`rank_metric`, always, or only by an explicit promote.",
+        "`rank_metric`, if `evidence` shows a significant paired win over the current champion, always, or only "
+        "by an explicit promote.",
+    )
+    evidence: dict[str, Any] | None = Field(
+        None,
+        description="For `if_significantly_better`: the comparison with the champion (lora_assets.evidence.Evidence: "
+        "champion_version, significant, the interval, detail); recorded with the promotion or its refusal.",
     )
     rank_metric: str = Field("eval_loss", description="Metric the champion rule compares (adapter value).")
 
@@ -1107,10 +1113,33 @@ def _apply_promote_rule(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdap
     the champion on ``new.rank_metric``; ``always``); returns whether it was promoted."""
     if new.promote == "manual":
         return False
+    if new.promote == "if_significantly_better":
+        return _promote_on_evidence(con, actor, new, version)
     why = _beats(new.metrics, _champion(con, new.name), new.rank_metric) if new.promote == "if_better" else "always"
     if why:
         _promote(con, actor, new.name, version, why)
     return bool(why)
+
+
+def _promote_on_evidence(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int) -> bool:
+    """``if_significantly_better``: promote only on evidence of a significant win over the champion that is the
+    champion now (evidence against an earlier champion decides nothing); a refusal is an event with its reason."""
+    champion = _champion(con, new.name)
+    if champion is None:
+        _promote(con, actor, new.name, version, "first version to pass its gate")
+        return True
+    if champion[0] == version:
+        return False
+    evidence = new.evidence or {}
+    if evidence.get("champion_version") != champion[0]:
+        reason = f"no paired evidence against the current champion v{champion[0]}"
+        _event(con, actor, "keep_champion", new.name, version, {"reason": reason, "evidence": new.evidence})
+        return False
+    if not evidence.get("significant"):
+        _event(con, actor, "keep_champion", new.name, version, {"reason": evidence.get("detail"), "evidence": evidence})
+        return False
+    _promote(con, actor, new.name, version, str(evidence.get("detail")), evidence)
+    return True
 
 
 def _champion(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, dict] | None:
@@ -1131,7 +1160,9 @@ def _beats(metrics: dict, champion: tuple[int, dict] | None, metric: str) -> str
     return f"{metric} {new:.4f} beats champion v{champion[0]}'s {old:.4f}" if better else None
 
 
-def _promote(con: duckdb.DuckDBPyConnection, actor: str, name: str, version: int, reason: str) -> None:
+def _promote(
+    con: duckdb.DuckDBPyConnection, actor: str, name: str, version: int, reason: str, evidence: dict | None = None
+) -> None:
     old = _champion(con, name)
     if old is not None and old[0] == version:
         return
@@ -1139,7 +1170,8 @@ def _promote(con: duckdb.DuckDBPyConnection, actor: str, name: str, version: int
         _set_column(con, name, old[0], status="candidate")
     _set_column(con, name, version, status="champion")
     _set_alias(con, actor, name, "champion", version)
-    _event(con, actor, "promote", name, version, {"reason": reason, "previous_champion": old[0] if old else None})
+    detail = {"reason": reason, "previous_champion": old[0] if old else None}
+    _event(con, actor, "promote", name, version, detail | ({"evidence": evidence} if evidence else {}))
 
 
 def _alias_version(con: duckdb.DuckDBPyConnection, name: str, alias: str) -> int | None:
