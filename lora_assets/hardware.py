@@ -37,3 +37,27 @@ def torch_dtype(name: str):
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[resolve_dtype(name)]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset), not the machine's count."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def limit_torch_threads(concurrent_steps: int) -> int:
+    """Give this step's torch an equal share of the usable CPUs when ``concurrent_steps`` model steps may run at
+    once, and return that share.
+
+    Each torch process otherwise starts one compute thread per core, so two steps on a 2-core machine run four
+    spinning OpenMP threads on two cores; measured in docs/benchmarks.md ("Thread oversubscription").
+    """
+    import torch
+
+    threads = max(1, usable_cpus() // max(1, concurrent_steps))
+    torch.set_num_threads(threads)
+    return threads

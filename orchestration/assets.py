@@ -1,11 +1,12 @@
 """Dagster assets built from a spec: thin wrappers around :class:`lora_assets.pipeline.Pipeline` stages.
 
-Keys: ``dataset/<name>/clean``, ``adapter/<job>/train``, ``adapter/<job>/eval``, ``adapter/<job>/register``,
-and ``serving/deployment``.
+Keys: ``base_model/<name>``, ``dataset/<name>/clean``, ``adapter/<job>/train``, ``adapter/<job>/eval``,
+``adapter/<job>/register``, and ``serving/deployment``.
 """
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -22,7 +23,7 @@ from lora_assets.clean import (
     read_split,
 )
 from lora_assets.evaluate import load_eval
-from lora_assets.hardware import resolve_dtype
+from lora_assets.hardware import limit_torch_threads, resolve_dtype
 from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_jobs
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
@@ -34,9 +35,16 @@ from registry.store import LOWER_IS_BETTER, SERVABLE_STATUSES
 from serving.deployment import deploy
 from serving.launch import plan_server
 
-#: Training and evaluation run in this Dagster pool; `make ui` limits every pool to one slot, so two trainings
-#: never share the device (set another limit with `dagster instance concurrency set training N`).
+#: Training and evaluation run in this Dagster pool: an instance that limits it (`make ui` gives every pool one
+#: slot; or `dagster instance concurrency set training N`) keeps two *runs* from training at once. Within one
+#: run the executor's limit below holds with no instance config at all.
 TRAINING_POOL = "training"
+
+#: The op tag of the steps that run a model (building the base, training, evaluating). The executor of every job
+#: (orchestration/location.py) runs at most MODEL_STEPS_LIMIT of them at once within a run, with no instance
+#: config, and each gives its torch that share of the CPUs: several at once on one machine thrash.
+MODEL_STEP_TAG = {"lorafoundry/compute": "model"}
+MODEL_STEPS_LIMIT = 1
 
 
 #: Declarative automation for everything downstream of cleaning: when an upstream asset is updated (and nothing
@@ -83,9 +91,49 @@ def _loss_plot(adapter_dir: str, curve: list[tuple[int, float]]) -> str:
     return image + "\n\n" + _rows_table([{"step": s, "loss": f"{v:.4f}"} for s, v in curve], ["step", "loss"])
 
 
+def base_model_name(base_model: str) -> str:
+    """The asset-key part for a spec's ``base_model``: `builtin:tiny` -> `builtin_tiny`; a local dir or hub id ->
+    its last part (a key part allows letters, digits, `_`, `-` and `.`)."""
+    name = base_model.replace(":", "_", 1) if base_model.startswith("builtin:") else Path(base_model).name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "base_model"
+
+
+def base_model_key(spec: PipelineSpec, keys: AssetKeys) -> dg.AssetKey:
+    return keys.base_model(base_model_name(spec.base_model))
+
+
+def _base_model_asset(spec: PipelineSpec, keys: AssetKeys) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=base_model_key(spec, keys),
+        group_name=keys.group("models"),
+        kinds={"pytorch"},
+        op_tags=MODEL_STEP_TAG,
+        code_version=code_version(spec.base_model),
+        description=f"Base model `{spec.base_model}` as a local model dir: built once for `builtin:` bases (under "
+        "a file lock, published by a rename), else located on disk. Its data version is its content hash.",
+    )
+    def base_model_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        limit_torch_threads(MODEL_STEPS_LIMIT)
+        ref = Pipeline(spec, lorafoundry.home, progress=context.log.info).base
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(ref.content_hash),
+            metadata={
+                "content_hash": ref.content_hash,
+                "obtained": ref.obtained,
+                "parameters": ref.parameters,
+                "architecture": ", ".join(ref.config.get("architectures", [])),
+                "path": dg.MetadataValue.path(str(ref.path)),
+                "build_record": dg.MetadataValue.json(ref.build_record()),
+            },
+        )
+
+    return base_model_asset
+
+
 def _clean_asset(spec: PipelineSpec, keys: AssetKeys, ds_name: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=keys.clean(ds_name),
+        deps=[base_model_key(spec, keys)],  # its tokenizer measures lengths
         group_name=keys.group("datasets"),
         kinds={"duckdb"},
         code_version=code_version(spec.datasets[ds_name].model_dump(mode="json"), spec.base_model, CLEANER_VERSION),
@@ -182,10 +230,11 @@ def _clean_checks(spec: PipelineSpec, keys: AssetKeys, ds_name: str) -> list[dg.
 def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(
         key=keys.adapter(job.key, "train"),
-        deps=[keys.clean(job.spec.dataset)],
+        deps=[keys.clean(job.spec.dataset), base_model_key(spec, keys)],
         group_name=keys.group("adapters"),
         kinds={"peft", "pytorch"},
         pool=TRAINING_POOL,
+        op_tags=MODEL_STEP_TAG,
         retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
         automation_condition=FOLLOW_UPSTREAM,
         code_version=code_version(
@@ -195,6 +244,7 @@ def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Ass
         f"(r={job.spec.r}, alpha={job.spec.alpha}).",
     )
     def train_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        limit_torch_threads(MODEL_STEPS_LIMIT)
         r = Pipeline(spec, lorafoundry.home, progress=context.log.info).train(job.key)
         return dg.MaterializeResult(
             metadata={
@@ -226,6 +276,7 @@ def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
         group_name=keys.group("adapters"),
         kinds={"peft"},
         pool=TRAINING_POOL,
+        op_tags=MODEL_STEP_TAG,
         automation_condition=FOLLOW_UPSTREAM,
         code_version=code_version(
             job.spec.max_eval_rows, job.spec.gate and job.spec.gate.model_dump(), resolve_dtype(spec.serving.dtype)
@@ -234,6 +285,7 @@ def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
         "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.",
     )
     def eval_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        limit_torch_threads(MODEL_STEPS_LIMIT)
         ev = Pipeline(spec, lorafoundry.home).evaluate(job.key)
         meta: dict = {
             "metrics": dg.MetadataValue.md(_metrics_table(ev.metrics)),
@@ -400,11 +452,11 @@ def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.Ass
 def build_assets(
     spec: PipelineSpec, deployment: bool = True, keys: AssetKeys | None = None
 ) -> list[dg.AssetsDefinition]:
-    """One clean asset (and its blocking checks) per dataset; train/eval/register assets and a blocking quality
-    gate check per adapter (per sweep point); a leaderboard per sweep; and the deployment. ``keys`` names them
-    (default: no prefix)."""
+    """The base model, upstream of everything; one clean asset (and its blocking checks) per dataset;
+    train/eval/register assets and a blocking quality gate check per adapter (per sweep point); a leaderboard per
+    sweep; and the deployment. ``keys`` names them (default: no prefix)."""
     keys = keys or AssetKeys()
-    assets: list[dg.AssetsDefinition] = []
+    assets: list[dg.AssetsDefinition] = [_base_model_asset(spec, keys)]
     for name in spec.datasets:
         assets += [_clean_asset(spec, keys, name), *_clean_checks(spec, keys, name)]
     jobs = adapter_jobs(spec)

@@ -15,13 +15,32 @@ import dagster as dg
 
 from lora_assets.pipeline import default_home, default_registry_path
 from lora_assets.spec import PipelineSpec
-from orchestration.assets import build_assets
+from orchestration.assets import MODEL_STEP_TAG, MODEL_STEPS_LIMIT, build_assets
 from orchestration.keys import AssetKeys
 from orchestration.resources import resources_from_env
 from orchestration.sensors import build_automation_sensor, build_dataset_sensor, build_promotion_sensor
 
 #: A run of the whole graph that takes longer than this is stopped (Dagster run monitoring).
 RUN_TIMEOUT_S = 6 * 3600
+
+#: What every step process needs, imported once per run into the server steps are forked from: ~20 s of CPU on
+#: 2 cores that a spawned step would pay again (torch and duckdb come with the assets; transformers with peft).
+STEP_PRELOAD = ["orchestration.location", "peft"]
+
+#: The executor of every job of the location, Dagster's implicit asset job (the UI's "Materialize all") included,
+#: so its limits hold with no instance config: at most MODEL_STEPS_LIMIT steps that run a model at once within a
+#: run (each gives its torch that share of the CPUs), every step in its own process forked from a server that
+#: preloaded STEP_PRELOAD. One object: Definitions of several pipelines merge into one location only when their
+#: executors are the same object.
+EXECUTOR = dg.multiprocess_executor.configured(
+    {
+        "tag_concurrency_limits": [
+            {"key": key, "value": value, "limit": MODEL_STEPS_LIMIT} for key, value in MODEL_STEP_TAG.items()
+        ],
+        "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}},
+    },
+    name="lorafoundry_multiprocess",
+)
 
 
 @functools.cache
@@ -46,9 +65,11 @@ def home_resources(home: Path | str | None = None) -> dict:
 
 
 def pipeline_definitions(spec: PipelineSpec, keys: AssetKeys | None = None, deploy: bool = True) -> dg.Definitions:
-    """One pipeline's assets, its `all_adapters` job and its sensors, named by ``keys``."""
+    """One pipeline's assets, its `all_adapters` job and its sensors, named by ``keys``; the location's
+    :data:`EXECUTOR`."""
     keys = keys or AssetKeys()
     return dg.Definitions(
+        executor=EXECUTOR,
         assets=build_assets(spec, deployment=deploy, keys=keys),
         jobs=[
             dg.define_asset_job(

@@ -65,6 +65,12 @@ def test_automation_follows_upstream_only_after_blocking_checks_pass(tmp_path, r
             )
             return {e.asset_check_key.name: e.passed for e in r.get_asset_check_evaluations()}
 
+        dg.materialize(  # as every whole-graph run does: a parent never materialized holds automation back
+            build_assets(spec, deployment=False),
+            selection=[f"base_model/{random_base.name}"],
+            instance=instance,
+            resources=resources_from_env(home),
+        )
         assert all(clean().values())
         passed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         assert requested(passed) == chain  # one run: train, then eval and register
