@@ -47,6 +47,9 @@ MODEL_STEP_TAG = {"lorafoundry/compute": "model"}
 MODEL_STEPS_LIMIT = 1
 
 
+#: Registry events that record a promotion decision on a version (shown on its register asset).
+PROMOTION_EVENTS = ("promote", "keep_champion")
+
 #: Declarative automation for everything downstream of cleaning: when an upstream asset is updated (and nothing
 #: upstream is missing or running), materialize, but only once every blocking check on the parents has passed, so
 #: a failed leakage check or quality gate stops the chain here exactly as it does inside one run. Acted on by
@@ -318,17 +321,24 @@ def _register_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.
     def register_asset(
         context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome, registry: RegistryResource
     ) -> dg.MaterializeResult:
-        rec = pipeline(spec, lorafoundry, registry).register(job.key, run_id=context.run.run_id)
-        return dg.MaterializeResult(
-            metadata={
-                "name": rec.name,
-                "version": rec.version,
-                "status": rec.status,
-                "adapter_sha256": rec.adapter_sha256,
-                "path": dg.MetadataValue.path(rec.path),
-                "dataset_fingerprint": rec.dataset_fingerprint or "",
-            }
+        pipe = pipeline(spec, lorafoundry, registry)
+        rec = pipe.register(job.key, run_id=context.run.run_id)
+        meta = {
+            "name": rec.name,
+            "version": rec.version,
+            "status": rec.status,
+            "adapter_sha256": rec.adapter_sha256,
+            "path": dg.MetadataValue.path(rec.path),
+            "dataset_fingerprint": rec.dataset_fingerprint or "",
+        }
+        decision = next(
+            (e for e in reversed(pipe.registry.events(rec.name, rec.version)) if e["action"] in PROMOTION_EVENTS), None
         )
+        if decision is not None:  # the promotion rule's verdict, with its evidence when it was decided on one
+            meta["promotion"] = f"{decision['action']}: {decision['detail'].get('reason')}"
+            if decision["detail"].get("evidence"):
+                meta["promotion_evidence"] = dg.MetadataValue.json(decision["detail"]["evidence"])
+        return dg.MaterializeResult(metadata=meta)
 
     return register_asset
 

@@ -181,3 +181,11 @@ def test_a_significantly_better_adapter_is_promoted_and_an_equal_one_is_not(mate
         for rec in reg.list(name="evidence"):
             if rec.status != "archived":
                 reg.archive("evidence", rec.version)  # leave the session registry as the other tests expect
+
+
+@pytest.mark.slow
+def test_the_register_asset_shows_the_promotion_decision(materialized):
+    """The session's first registration of each adapter: its register asset says it was promoted, and why."""
+    events = {e.asset_key.to_user_string(): e for e in materialized.get_asset_materialization_events()}
+    meta = events["adapter/categories/register"].materialization.metadata
+    assert meta["promotion"].value == "promote: first version to pass its gate"
