@@ -459,7 +459,7 @@ class RunView:
     :attr:`plain_interval_s` seconds, so a long wait in a CI log is not silent.
     """
 
-    plain_interval_s = 30.0
+    plain_interval_s = 60.0
 
     def __init__(self, console: Console, tracker: RunTracker, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock

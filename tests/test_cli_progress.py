@@ -320,6 +320,7 @@ def test_without_a_terminal_a_long_wait_prints_a_running_line_now_and_then():
     view = RunView(
         Console(file=buffer, width=160), RunTracker([("base model builtin:tiny", "phase")], {}, set()), lambda: now[0]
     )
+    view.plain_interval_s = 30.0
     with view, view.phase("base model builtin:tiny"):  # begins at 0 s
         for now[0], step in ((10, 100), (20, 200), (40, 300), (50, 350), (75, 400)):
             progress.report("pretraining builtin:tiny", step, 400)
