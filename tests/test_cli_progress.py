@@ -330,3 +330,15 @@ def test_without_a_terminal_a_long_wait_prints_a_running_line_now_and_then():
     assert lines[0].endswith("pretraining builtin:tiny 300/400 steps, ETA 15 s")  # 200 steps in 30 s, 100 to go
     assert lines[1].split()[:5] == ["running", "base", "model", "builtin:tiny", "75"]
     assert lines[2].split()[:5] == ["done", "base", "model", "builtin:tiny", "80"] and len(lines) == 3
+
+
+def test_render_a_wait_without_total_as_a_pulse_with_the_timeout():
+    t = tracker()
+    t.apply(RunEvent("start", "serving__deployment", 0.0))
+    wait = ProgressReport("waiting for vLLM to answer on /v1/models", 12.3, None, "s", {"timeout_s": 300.0})
+    t.on_progress(wait, 12.3)
+    console = Console(file=io.StringIO(), width=150, force_terminal=False)
+    console.print(render(t.rows(), now=13.0))
+    (line,) = [ln for ln in console.file.getvalue().splitlines() if "serving/deployment" in ln]
+    assert "13 s" in line and "waiting for vLLM to answer on /v1/models 12 s (gives up after 300 s)" in line
+    assert "ETA" not in line
