@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from lora_assets.base_model import BaseModelRef, resolve_base_model
 from lora_assets.clean import CleanReport, clean_dataset, current_clean
+from lora_assets.distributed import MANIFEST, DistributedTrainingError, TrainingLaunch, TrainRequest, plan_launch
 from lora_assets.evaluate import EvalResult, evaluate_adapter, load_eval
 from lora_assets.evidence import compare_with_champion
 from lora_assets.files import write_json_atomic
 from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
-from lora_assets.train import TrainResult, preflight, train_adapter
+from lora_assets.train import TrainResult, preflight, run_key, train_adapter
 from registry.store import AdapterRecord, AdapterRegistry, NewAdapter
 
 CODE_VERSION = "0.1.0"
@@ -128,12 +130,37 @@ class Pipeline:
         )
 
     def train(self, key: str) -> TrainResult:
-        """Train one adapter job on its dataset's last cleaning."""
+        """Train one adapter job on its dataset's last cleaning: in this process, or with `processes` > 1 by
+        torchrun in a subprocess (the train asset starts the same command through Dagster Pipes instead)."""
         job = self.jobs[key]
+        if job.spec.processes > 1:
+            launch = self.plan_training(key)
+            if not launch.finished:
+                done = subprocess.run(launch.command, check=False)
+                if done.returncode != 0:
+                    raise DistributedTrainingError(launch.failure(done.returncode))
+            return self.trained(key, launch)
         clean = current_clean(self.datasets_dir, job.spec.dataset)
         result = train_adapter(key, job.spec, self.base, clean, self.adapters_dir, progress=self.progress)
         write_json_atomic(self.adapters_dir / key / "current.json", {"dir": result.adapter_dir})
         return result
+
+    def plan_training(self, key: str) -> TrainingLaunch:
+        """The data-parallel run of one adapter job: its request written under ``<home>/launch/<job>/<run key>``
+        and the torchrun command that trains it (nothing started)."""
+        job = self.jobs[key]
+        clean = current_clean(self.datasets_dir, job.spec.dataset)
+        adapter_dir = self.adapters_dir / key / run_key(job.spec, self.base, clean)
+        request = TrainRequest(
+            job_key=key, spec=job.spec, base=self.base, clean=clean, adapters_root=str(self.adapters_dir)
+        )
+        return plan_launch(request, self.home / "launch" / key / adapter_dir.name, adapter_dir)
+
+    def trained(self, key: str, launch: TrainingLaunch) -> TrainResult:
+        """The result of a finished data-parallel run, read back from its manifest, made the job's current one."""
+        manifest = json.loads((launch.adapter_dir / MANIFEST).read_text())
+        write_json_atomic(self.adapters_dir / key / "current.json", {"dir": str(launch.adapter_dir)})
+        return TrainResult(**manifest["result"])
 
     def adapter_dir(self, key: str) -> Path:
         pointer = self.adapters_dir / key / "current.json"
@@ -172,6 +199,7 @@ class Pipeline:
                     "job": key,
                     "train_wall_s": result["wall_s"],
                     "peak_memory_mb": round(result.get("peak_memory_bytes", 0) / 2**20, 1),
+                    **launch_record(manifest),
                 },
                 dataset=job.spec.dataset,
                 dataset_fingerprint=manifest["dataset"]["fingerprint"],
@@ -208,6 +236,13 @@ class Pipeline:
                 "or elsewhere); re-evaluate it to compare",
             }
         return compare_with_champion(ev.per_row, theirs, champion.version, metric, confidence).model_dump()
+
+
+def launch_record(manifest: dict) -> dict:
+    """How a run was trained, for the registry: its world size and launcher command (`in-process` for one process;
+    manifests from before data-parallel training say nothing, and neither does this)."""
+    dp = manifest.get("data_parallel")
+    return {"world_size": dp["world_size"], "launcher": dp["launcher"]} if dp else {}
 
 
 def rank_metric(spec: AdapterSpec) -> str:

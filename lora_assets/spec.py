@@ -37,6 +37,8 @@ MAX_TOKENS = 1_048_576
 #: Steps, rows: counts that large are typos (or `1e26`), never a run that could finish.
 MAX_STEPS = 10_000_000
 MAX_ROWS = 100_000_000
+#: Data-parallel processes one adapter may train with (8 GPUs on each of 128 nodes).
+MAX_PROCESSES = 1024
 #: Grid points one sweep may expand to; each is a full training run.
 MAX_SWEEP_POINTS = 1024
 #: Values that all aliases (`*name`) in one spec file may expand to together: a kilobyte of nested anchors
@@ -167,13 +169,28 @@ class AdapterSpec(_Strict):
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the epoch spent warming up.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="Learning-rate schedule.")
-    batch_size: int = Field(8, gt=0, le=4096, description="Examples per optimizer step (per device).")
+    batch_size: int = Field(
+        8,
+        gt=0,
+        le=4096,
+        description="Examples per optimizer step; with several `processes`, all of them together (each takes "
+        "batch_size / processes).",
+    )
     gradient_accumulation_steps: int = Field(1, gt=0, le=1024, description="Micro-batches accumulated per step.")
     max_seq_len: int = Field(512, gt=0, le=MAX_TOKENS, description="Training sequence length cap in tokens.")
     packing: bool = Field(
         True,
         description="Pack each batch's examples into as few rows of max_seq_len as fit, "
         "instead of padding every example to the longest; examples never attend to each other.",
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=MAX_PROCESSES,
+        description="Data-parallel training processes: more than 1 makes the train asset start `torchrun "
+        "--nproc-per-node N` (through Dagster Pipes; one process per GPU, nccl on GPUs, gloo on CPU). Each process "
+        "trains batch_size / processes examples of every step, so the steps, the global batches and the schedule "
+        "are those of one process and each example is still seen once per epoch. 1 trains in the step's process.",
     )
     max_steps: int | None = Field(
         None,
@@ -230,6 +247,18 @@ class AdapterSpec(_Strict):
                 f"variant {self.variant} initialises the adapter from the base's full-precision weights and is "
                 "converted against them when saved; with a 4-bit base the converted adapter would not match. "
                 "Fix: use method lora, or variant lora/rslora/dora with qlora"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> AdapterSpec:
+        if self.batch_size % self.processes:
+            lower = self.batch_size - self.batch_size % self.processes
+            fixes = [f"batch_size {n}" for n in (lower, lower + self.processes) if n > 0]
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split evenly over processes {self.processes}: each process "
+                f"trains batch_size / processes examples of every step. Fix: set {' or '.join(fixes)}, or change "
+                "processes"
             )
         return self
 

@@ -24,6 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport, read_split
+from lora_assets.data_parallel import (
+    CollatorWithExampleIds,
+    DataParallel,
+    ExampleRecorder,
+    main_first,
+    manifest_record,
+    rank_dataset,
+)
 from lora_assets.hardware import native_bf16, torch_dtype
 from lora_assets.plot import loss_curve_png
 from lora_assets.progress import listening as progress_listening
@@ -324,16 +332,21 @@ def make_progress_callback(job_key: str, collator, say, log_every: int):
     return _Progress()
 
 
-def make_trainer(**kwargs):
+def make_trainer(recorder: ExampleRecorder | None = None, **kwargs):
     """A transformers ``Trainer`` whose loss runs the LM head only at labelled positions.
 
     Same loss and gradients as the model's own (tested), without logits for the prompt tokens; see
     :func:`lora_assets.train_kernels.supervised_lm_loss`. Models whose head it cannot handle use their own loss.
+    Batches may carry ``example_ids`` (data-parallel runs): they are taken off before the forward pass and, with a
+    ``recorder``, recorded under the optimizer step they belong to.
     """
     from transformers import Trainer
 
     class SupervisedLossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids = inputs.pop("example_ids", None)
+            if recorder is not None and ids is not None:
+                recorder.record(self.state.global_step, ids.tolist())
             out = None if return_outputs else supervised_lm_loss(model, inputs)
             if out is None:
                 self.loss_is_scaled_for_ga = None  # the model's own loss: the Trainer's default handling
@@ -400,11 +413,13 @@ def tokenized_train_split(
 
 
 def run_config(spec: AdapterSpec) -> dict:
-    """The settings that determine the trained weights (a plain-LoRA spec keys as it did before `variant`
-    existed, so its finished runs are reused)."""
+    """The settings that determine the trained weights (a plain-LoRA, one-process spec keys as it did before
+    `variant` and `processes` existed, so its finished runs are reused)."""
     config = spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE)
     if config.get("variant") == "lora":
         del config["variant"]
+    if config.get("processes") == 1:  # likewise `processes`; more than one orders the epoch differently
+        del config["processes"]
     return config
 
 
@@ -560,6 +575,7 @@ def train_adapter(
     adapters_root: Path,
     log_every: int = 10,
     progress=None,
+    data_parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Train one adapter for exactly one epoch over the dataset's train split.
 
@@ -576,7 +592,11 @@ def train_adapter(
         adapters_root: the home's ``adapters`` dir; output goes to ``<root>/<job_key>/<run key>``.
         log_every: log the loss every this many steps.
         progress: optional callable(str) that receives the log lines (Dagster's logger in assets).
+        data_parallel: this process's place in a data-parallel run (:mod:`lora_assets.distributed` starts one per
+            process under torchrun); None trains in this process alone. Every rank trains its share of each batch
+            (see :mod:`lora_assets.data_parallel`); rank 0 alone writes the run dir and publishes the adapter.
     """
+    dp = data_parallel
     out_dir = Path(adapters_root) / job_key / run_key(spec, base, clean)
     reused = _finished_run(out_dir)
     if reused is not None:
@@ -590,19 +610,27 @@ def train_adapter(
 
     torch.manual_seed(spec.seed)
     say = progress or log.info
-    data = _tokenized_data(spec, base, clean, Path(adapters_root).parent / "tokenized")
+    with main_first(dp):  # rank 0 tokenizes into the cache, the others read it
+        data = _tokenized_data(spec, base, clean, Path(adapters_root).parent / "tokenized")
     warnings = _announce_warnings(job_key, spec, len(data.examples), progress)
     model, trainable, total = _lora_model(spec, base, choice.method)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    fit = _fit(job_key, spec, base, model, data, tmp, log_every, say)
-
-    (tmp / LOSS_PLOT).write_bytes(loss_curve_png(fit.curve, f"{job_key}: training loss (one epoch)"))
+    fit = _fit(job_key, spec, base, model, data, tmp, log_every, say, dp)
     result = _train_result(out_dir, choice, data, fit, int(trainable), int(total))
+    if dp is not None and not dp.is_main:
+        return result
     manifest = _manifest(job_key, spec, base, clean, choice, data, fit, warnings, result)
+    manifest["data_parallel"] = manifest_record(dp, spec.batch_size, fit.padding_examples)
+    _publish(tmp, out_dir, job_key, fit, manifest)
+    return result
+
+
+def _publish(tmp: Path, out_dir: Path, job_key: str, fit: _FitOutcome, manifest: dict) -> None:
+    """Write the loss plot and the manifest into the run dir and rename it into place."""
+    (tmp / LOSS_PLOT).write_bytes(loss_curve_png(fit.curve, f"{job_key}: training loss (one epoch)"))
     (tmp / "training_manifest.json").write_text(json.dumps(manifest, indent=2))  # published by the rename below
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)  # the adapter dir appears complete or not at all
-    return result
 
 
 def _finished_run(out_dir: Path) -> TrainResult | None:
@@ -698,6 +726,7 @@ class _FitOutcome:
     curve: list[tuple[int, float]]
     peak_memory: tuple[int, str]
     padding_fraction: float | None
+    padding_examples: int = 0  # data-parallel only: pad-token examples that fill the last batch (no loss)
 
 
 def _resume_point(tmp: Path, job_key: str, say) -> Path | None:
@@ -713,11 +742,13 @@ def _resume_point(tmp: Path, job_key: str, say) -> Path | None:
     return resume_from
 
 
-def _training_arguments(spec: AdapterSpec, tmp: Path, save_every: int, steps_per_epoch: int, log_every: int):
+def _training_arguments(
+    spec: AdapterSpec, tmp: Path, save_every: int, steps_per_epoch: int, log_every: int, dp: DataParallel | None = None
+):
     import torch
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(tmp / "checkpoints"),
         save_strategy="steps",
         save_steps=save_every,
@@ -743,38 +774,55 @@ def _training_arguments(spec: AdapterSpec, tmp: Path, save_every: int, steps_per
         remove_unused_columns=False,
         disable_tqdm=True,  # our own bar, see make_progress_callback
     )
+    return TrainingArguments(**settings | (dp.training_arguments(spec.batch_size) if dp else {}))
 
 
 def _fit(
-    job_key: str, spec: AdapterSpec, base: BaseModelRef, model, data: _TrainData, tmp: Path, log_every: int, say
+    job_key: str,
+    spec: AdapterSpec,
+    base: BaseModelRef,
+    model,
+    data: _TrainData,
+    tmp: Path,
+    log_every: int,
+    say,
+    dp: DataParallel | None = None,
 ) -> _FitOutcome:
     """One epoch with the Trainer in the run dir ``tmp`` (resuming its last complete checkpoint), then the
-    adapter weights saved into ``tmp`` and the checkpoints removed."""
+    adapter weights saved into ``tmp`` and the checkpoints removed (by rank 0 of a data-parallel run)."""
     from transformers import PrinterCallback
 
     steps_per_epoch = math.ceil(len(data.examples) / (spec.batch_size * spec.gradient_accumulation_steps))
-    resume_from = _resume_point(tmp, job_key, say)
-    if spec.variant in INIT_VARIANTS and not (tmp / INITIAL_ADAPTER).exists():
-        # PiSSA/OLoRA moved part of the base into the adapter: keep that starting point (the model is still at
-        # its deterministic init here, a resumed run included) to convert against when saving
-        model.save_pretrained(tmp / INITIAL_ADAPTER, safe_serialization=True)
+    with main_first(dp):  # rank 0 clears what cannot be resumed; then every rank finds the same checkpoint
+        resume_from = _resume_point(tmp, job_key, say) if dp is None or dp.is_main else _latest(tmp)
+        if spec.variant in INIT_VARIANTS and not (tmp / INITIAL_ADAPTER).exists() and (dp is None or dp.is_main):
+            # PiSSA/OLoRA moved part of the base into the adapter: keep that starting point (the model is still at
+            # its deterministic init here, a resumed run included) to convert against when saving
+            model.save_pretrained(tmp / INITIAL_ADAPTER, safe_serialization=True)
     save_every = spec.checkpoint_every or default_checkpoint_every(steps_per_epoch)
-    args = _training_arguments(spec, tmp, save_every, steps_per_epoch, log_every)
+    args = _training_arguments(spec, tmp, save_every, steps_per_epoch, log_every, dp)
     collator = (
         PackingCollator(data.tokenizer.pad_token_id, spec.max_seq_len, attention_width(base.config))
         if spec.packing
         else PaddedCollator(data.tokenizer)
     )
+    dataset, padding = _train_dataset(spec, data, dp)
     progress_cb = make_progress_callback(job_key, collator, say, log_every)
     trainer = make_trainer(
-        model=model, args=args, train_dataset=data.examples, data_collator=collator, callbacks=[progress_cb]
+        recorder=ExampleRecorder.from_env(dp.rank) if dp else None,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=CollatorWithExampleIds(collator) if dp else collator,
+        callbacks=[progress_cb],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress callback says it better
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.time() - t0
-    _save_adapter(model, spec, tmp)
-    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    if dp is None or dp.is_main:
+        _save_adapter(model, spec, tmp)
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
     return _FitOutcome(
         train_loss=float(out.training_loss),
         steps=trainer.state.global_step,
@@ -785,6 +833,26 @@ def _fit(
         curve=[(h["step"], round(h["loss"], 5)) for h in trainer.state.log_history if "loss" in h],
         peak_memory=progress_cb.peak_memory(),
         padding_fraction=(round(1 - collator.real_tokens / collator.row_tokens, 4) if collator.row_tokens else None),
+        padding_examples=padding,
+    )
+
+
+def _latest(tmp: Path) -> Path | None:
+    return latest_complete_checkpoint(tmp / "checkpoints")
+
+
+def _train_dataset(spec: AdapterSpec, data: _TrainData, dp: DataParallel | None) -> tuple[list[dict], int]:
+    """The examples as the Trainer gets them, and how many padding examples they include: the split itself (its
+    sampler groups by length), or, data-parallel, the order and shares of :func:`rank_dataset`."""
+    if dp is None:
+        return data.examples, 0
+    return rank_dataset(
+        data.examples,
+        spec.batch_size,
+        spec.gradient_accumulation_steps,
+        spec.seed,
+        dp.world_size,
+        data.tokenizer.pad_token_id,
     )
 
 
