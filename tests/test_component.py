@@ -178,22 +178,35 @@ def test_a_bad_spec_fails_with_every_problem_and_its_fix(tmp_path):
     assert "spec.datasets.qa.path" in text  # all problems at once, not the first one
 
 
-def test_both_spec_and_spec_file_or_neither_is_refused(tmp_path):
+def _load_error(project: Path, monkeypatch) -> str:
+    """Load a dg project in this process (what `dg check defs` does, without its start-up); the error's text,
+    causes included."""
+    import dagster as dg
+
+    monkeypatch.syspath_prepend(str(project))
+    with pytest.raises(Exception) as info:
+        dg.load_from_defs_folder(path_within_project=project)
+    texts, error = [], info.value
+    while error is not None:
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
+def test_both_spec_and_spec_file_or_neither_is_refused(tmp_path, monkeypatch):
     both = "type: orchestration.LoraFoundryPipeline\nattributes:\n  spec_file: x.yaml\n  spec: {base_model: x}\n"
     _project(tmp_path / "proj", "lf_both", {"both": both})
-    checked = _dg(["check", "defs"], tmp_path / "proj", tmp_path)
-    assert checked.returncode != 0
-    assert "give exactly one of `spec`" in checked.stdout + checked.stderr
+    assert "give exactly one of `spec` (inline) and `spec_file` (a path); got both" in _load_error(
+        tmp_path / "proj", monkeypatch
+    )
 
 
-def test_an_invalid_key_prefix_is_refused(tmp_path, random_base):
+def test_an_invalid_key_prefix_is_refused(tmp_path, random_base, monkeypatch):
     spec = {"base_model": str(random_base), "datasets": {"qa": {"path": "d.jsonl"}}, "adapters": {"x": {}}}
     yaml_text = f"type: orchestration.LoraFoundryPipeline\nattributes:\n  spec: {json.dumps(spec)}\n"
     defs_dir = _project(tmp_path / "proj", "lf_prefix", {"my-pipeline": yaml_text + "  key_prefix: 'a/b'\n"})
     (defs_dir / "my-pipeline" / "d.jsonl").write_text(json.dumps(_rows(1, "x")[0]) + "\n")
-    checked = _dg(["check", "defs"], tmp_path / "proj", tmp_path)
-    assert checked.returncode != 0
-    text = checked.stdout + checked.stderr
+    text = _load_error(tmp_path / "proj", monkeypatch)
     assert "key_prefix: 'a/b' is not a valid Dagster name" in text
     assert "spec.adapters.x.dataset" in text  # the spec's problems in the same message
 
