@@ -40,9 +40,10 @@ from serving.launch import plan_server
 #: run the executor's limit below holds with no instance config at all.
 TRAINING_POOL = "training"
 
-#: The op tag of the steps that run a model (building the base, training, evaluating). The executor of every job
-#: (orchestration/location.py) runs at most MODEL_STEPS_LIMIT of them at once within a run, with no instance
-#: config, and each gives its torch that share of the CPUs: several at once on one machine thrash.
+#: The op tag of the steps that run a model (building the base, training, evaluating): at most MODEL_STEPS_LIMIT of
+#: them run at once within a run (the location's executor runs one step at a time, orchestration/location.py; an
+#: executor that runs steps in parallel limits this tag), and each gives its torch that share of the CPUs: several
+#: torch processes at once on one machine thrash (docs/benchmarks.md, "Thread oversubscription").
 MODEL_STEP_TAG = {"lorafoundry/compute": "model"}
 MODEL_STEPS_LIMIT = 1
 

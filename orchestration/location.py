@@ -15,7 +15,7 @@ import dagster as dg
 
 from lora_assets.pipeline import default_home, default_registry_path
 from lora_assets.spec import PipelineSpec
-from orchestration.assets import MODEL_STEP_TAG, MODEL_STEPS_LIMIT, build_assets
+from orchestration.assets import build_assets
 from orchestration.keys import AssetKeys
 from orchestration.resources import resources_from_env
 from orchestration.sensors import build_automation_sensor, build_dataset_sensor, build_promotion_sensor
@@ -23,24 +23,15 @@ from orchestration.sensors import build_automation_sensor, build_dataset_sensor,
 #: A run of the whole graph that takes longer than this is stopped (Dagster run monitoring).
 RUN_TIMEOUT_S = 6 * 3600
 
-#: What every step process needs, imported once per run into the server steps are forked from: ~20 s of CPU on
-#: 2 cores that a spawned step would pay again (torch and duckdb come with the assets; transformers with peft).
-STEP_PRELOAD = ["orchestration.location", "peft"]
-
 #: The executor of every job of the location, Dagster's implicit asset job (the UI's "Materialize all") included,
-#: so its limits hold with no instance config: at most MODEL_STEPS_LIMIT steps that run a model at once within a
-#: run (each gives its torch that share of the CPUs), every step in its own process forked from a server that
-#: preloaded STEP_PRELOAD. One object: Definitions of several pipelines merge into one location only when their
-#: executors are the same object.
-EXECUTOR = dg.multiprocess_executor.configured(
-    {
-        "tag_concurrency_limits": [
-            {"key": key, "value": value, "limit": MODEL_STEPS_LIMIT} for key, value in MODEL_STEP_TAG.items()
-        ],
-        "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}},
-    },
-    name="lorafoundry_multiprocess",
-)
+#: so the limits hold with no instance config: every step of a run in the run's own process, one after the other,
+#: as `lorafoundry run` does. One step that runs a model already uses every core (MODEL_STEPS_LIMIT is 1), and a
+#: step process of the multiprocess executor would import torch, transformers and peft again (~20 s of CPU on
+#: 2 cores; forked from a preloading server, still ~1-3 s per step for 19 steps): measured in docs/benchmarks.md
+#: ("The UI against the CLI"). An executor that runs steps in parallel (k8s, several GPUs) limits the steps tagged
+#: MODEL_STEP_TAG with its `tag_concurrency_limits` (docs/scale-out.md). One object: Definitions of several
+#: pipelines merge into one location only when their executors are the same object.
+EXECUTOR = dg.in_process_executor
 
 
 @functools.cache
