@@ -442,7 +442,10 @@ def _previous_result(adapter_dir: Path, key: str, gate: GateSpec | None, seed: i
     previous = EvalResult.model_validate(json.loads(cached.read_text()))
     if previous.key != key:
         return None
-    return previous.model_copy(update={"gate": check_gate(gate, previous.metrics, previous.per_row, seed)})
+    result = previous.model_copy(update={"gate": check_gate(gate, previous.metrics, previous.per_row, seed)})
+    if result.gate != previous.gate:  # the quality_gate check reads the file: keep it the verdict of now
+        write_json_atomic(cached, result.model_dump(mode="json"), indent=2)
+    return result
 
 
 def _eval_rows(clean: CleanReport, max_rows: int) -> list[dict]:

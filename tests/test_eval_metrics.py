@@ -62,3 +62,27 @@ def test_contains_answer(output, reference, expected):
     from lora_assets.evaluate import contains_answer
 
     assert contains_answer(output, reference) is expected
+
+
+def test_a_reused_evaluation_stores_the_verdict_of_the_current_gate(tmp_path):
+    """Changing only the gate reuses the scores, and the file the quality_gate check reads gets the new verdict."""
+    import json
+
+    from lora_assets.evaluate import EVAL_FILE, EvalResult, _previous_result, load_eval
+
+    metrics = {"exact_match": {"base": 0.1, "adapter": 0.3, "gain": 0.2}}
+    stored = EvalResult(
+        metrics=metrics,
+        rows=10,
+        generation={},
+        samples=[],
+        gate=check_gate(GateSpec(metric="exact_match", min_gain=0.5), metrics),
+        wall_s=1.0,
+        key="k",
+    )
+    (tmp_path / EVAL_FILE).write_text(json.dumps(stored.model_dump(mode="json")))
+    assert not load_eval(tmp_path).gate.passed
+    reused = _previous_result(tmp_path, "k", GateSpec(metric="exact_match", min_gain=0.1))
+    assert reused.gate.passed and load_eval(tmp_path).gate.passed
+    assert _previous_result(tmp_path, "k", None).gate is None and load_eval(tmp_path).gate is None
+    assert _previous_result(tmp_path, "other key", None) is None
