@@ -64,6 +64,7 @@ class TrainingLaunch:
     """One planned data-parallel run: the request written, the command to start, where its output will be."""
 
     command: list[str]
+    processes: int
     request_path: Path
     failures_file: Path
     adapter_dir: Path
@@ -73,6 +74,10 @@ class TrainingLaunch:
     def finished(self) -> bool:
         """Whether a finished run of the same run key is already published (then nothing needs to start)."""
         return (self.adapter_dir / MANIFEST).exists()
+
+    def check_machine(self) -> None:
+        """Before starting the command here: refuse more processes than this machine has devices for."""
+        check_local_devices(self.processes)
 
     @property
     def command_line(self) -> str:
@@ -108,17 +113,17 @@ def check_local_devices(processes: int) -> None:
 
 
 def plan_launch(request: TrainRequest, folder: Path, adapter_dir: Path) -> TrainingLaunch:
-    """Write ``request`` into ``folder`` and plan its torchrun command (the failures file beside it, cleared).
-    Raises :class:`DistributedTrainingError` when this machine cannot run that many processes."""
+    """Write ``request`` into ``folder`` and plan its one-machine torchrun command (the failures file beside it,
+    cleared). Nothing is checked against this machine yet: the request also serves a run over several nodes."""
     from lora_assets.files import write_json_atomic
 
-    check_local_devices(request.spec.processes)
     folder.mkdir(parents=True, exist_ok=True)
     request_path, failures_file = folder / "request.json", folder / "failures.json"
     write_json_atomic(request_path, request.model_dump(mode="json"))
     failures_file.unlink(missing_ok=True)  # written only on failure: an old one would name an old reason
     return TrainingLaunch(
         command=torchrun_command(request_path, request.spec.processes, failures_file),
+        processes=request.spec.processes,
         request_path=request_path,
         failures_file=failures_file,
         adapter_dir=adapter_dir,

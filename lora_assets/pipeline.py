@@ -136,6 +136,7 @@ class Pipeline:
         if job.spec.processes > 1:
             launch = self.plan_training(key)
             if not launch.finished:
+                launch.check_machine()
                 done = subprocess.run(launch.command, check=False)
                 if done.returncode != 0:
                     raise DistributedTrainingError(launch.failure(done.returncode))

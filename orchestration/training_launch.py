@@ -61,6 +61,7 @@ def train_with_torchrun(context: dg.AssetExecutionContext, pipe: Pipeline, key: 
     """
     launch = pipe.plan_training(key)
     if not launch.finished:
+        launch.check_machine()
         context.log.info(f"{key}: {launch.command_line}")
         _run(context, launch)
     return pipe.trained(key, launch)
