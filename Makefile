@@ -42,6 +42,9 @@ browser:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 		echo "warning: could not install chromium/chromium-driver; the browser test will be skipped"
 
+# Within a run the limits that protect the machine are in the code (orchestration/location.py), so a plain
+# `dagster dev -w workspace.yaml` has them too; this instance config adds what only an instance can hold: one slot
+# per pool (no two runs train at once) and run monitoring (the all_adapters job's run timeout).
 ui: install
 	@mkdir -p $(HOME_DIR)/dagster_home && test -f $(HOME_DIR)/dagster_home/dagster.yaml || printf "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\nrun_monitoring:\n  enabled: true\n" > $(HOME_DIR)/dagster_home/dagster.yaml
 	@echo "Dagster UI: http://127.0.0.1:3000 (spec: $${LORAFOUNDRY_SPEC:-examples/demo.yaml}, home: $(HOME_DIR))"
