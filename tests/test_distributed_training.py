@@ -114,6 +114,7 @@ def _spec(base: Path, folder: Path, processes: int, **adapter):
                     "learning_rate": 2e-3,
                     "checkpoint_every": 5,
                     "max_eval_rows": 40,
+                    "lora_dropout": 0.0,  # dropout masks differ with the split: without it, runs can be compared
                     **adapter,
                 }
             },
@@ -229,7 +230,7 @@ def test_registry_records_world_size_and_launcher(two_process_run):
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_held_out_loss(two_process_run, task, random_base):
     """Same global batches and schedule, so the same quality: the held-out loss gains of the 2-process and the
-    in-process adapter agree within 0.05 nats (measured: 0.956 vs 0.960 on a gain of ~0.96)."""
+    in-process adapter agree within 0.05 nats (measured: 0.933 vs 0.942)."""
     two = two_process_run[0]
     one = _pipeline(task, random_base, "home-1", 1)
     one.train("a")
@@ -244,6 +245,43 @@ def test_two_processes_match_one_process_on_held_out_loss(two_process_run, task,
     gain_two = two.evaluate("a").metrics["eval_loss"]["gain"]
     assert gain_one > 0.5, "the task must be learnable in one epoch for the comparison to mean anything"
     assert abs(gain_two - gain_one) <= 0.05, (gain_one, gain_two)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_adapter_one_process_trains_on_the_same_batches(two_process_run, tmp_path):
+    """The gradient of a step over 2 ranks is the one-process gradient of the same global batch: one process given
+    the same plan (world size 1 in a one-process gloo group) ends at the same weights, to float rounding."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from lora_assets.clean import current_clean
+    from lora_assets.data_parallel import DataParallel
+    from lora_assets.train import train_adapter
+    from tests.conftest import free_port
+
+    pipe = two_process_run[0]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MASTER_ADDR", "127.0.0.1")
+    mp.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        one = train_adapter(
+            "a",
+            pipe.jobs["a"].spec,
+            pipe.base,
+            current_clean(pipe.datasets_dir, "d"),
+            tmp_path / "adapters",
+            data_parallel=DataParallel(world_size=1, rank=0),
+        )
+    finally:
+        dist.destroy_process_group()
+        mp.undo()
+    want = load_file(Path(one.adapter_dir) / "adapter_model.safetensors")
+    got = load_file(pipe.adapter_dir("a") / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:  # measured: largest difference 5e-6 of the largest weight
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4 * float(want[k].abs().max()))
 
 
 def _rank_process(local_rank: int):
