@@ -248,8 +248,12 @@ def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Ass
         f"(r={job.spec.r}, alpha={job.spec.alpha}).",
     )
     def train_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
+        from orchestration.training_launch import launch_metadata, train_with_torchrun
+
         limit_torch_threads(MODEL_STEPS_LIMIT)
-        r = Pipeline(spec, lorafoundry.home, progress=context.log.info).train(job.key)
+        pipe = Pipeline(spec, lorafoundry.home, progress=context.log.info)
+        # processes > 1: torchrun through Dagster Pipes (orchestration/training_launch.py); else in this process
+        r = train_with_torchrun(context, pipe, job.key) if job.spec.processes > 1 else pipe.train(job.key)
         return dg.MaterializeResult(
             metadata={
                 "method": r.method,
@@ -267,6 +271,7 @@ def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Ass
                 "peak_memory_kind": r.peak_memory_kind,
                 "loss_curve": dg.MetadataValue.md(_loss_plot(r.adapter_dir, r.loss_curve)),
                 "adapter_dir": dg.MetadataValue.path(r.adapter_dir),
+                **launch_metadata(r.adapter_dir),  # world_size, launcher
             }
         )
 
