@@ -27,7 +27,7 @@ from lora_assets.hardware import limit_torch_threads, resolve_dtype
 from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_jobs
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
-from lora_assets.train import LOSS_PLOT, RUN_KEY_EXCLUDE, TRAINER_VERSION
+from lora_assets.train import LOSS_PLOT, TRAINER_VERSION, run_config
 from orchestration.keys import AssetKeys
 from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource, pipeline
 from registry import leaderboard
@@ -241,9 +241,7 @@ def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Ass
         op_tags=MODEL_STEP_TAG,
         retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
         automation_condition=FOLLOW_UPSTREAM,
-        code_version=code_version(
-            job.spec.model_dump(mode="json", exclude=RUN_KEY_EXCLUDE), spec.base_model, TRAINER_VERSION
-        ),
+        code_version=code_version(run_config(job.spec), spec.base_model, TRAINER_VERSION),
         description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
         f"(r={job.spec.r}, alpha={job.spec.alpha}).",
     )

@@ -207,3 +207,22 @@ def test_served_variants_answer_like_peft_and_dora_is_refused_with_its_fix(vllm_
     finally:
         for rec in registered:
             reg.archive("variants", rec.version)  # leave the session registry as the other tests expect
+
+
+def test_plain_lora_keeps_its_run_key_and_code_version_and_a_variant_changes_them(demo_spec):
+    """Homes trained before `variant` existed reuse their runs and show nothing stale; a variant is another run."""
+    from lora_assets.train import run_config
+    from orchestration.assets import build_assets
+
+    assert "variant" not in run_config(AdapterSpec(dataset="d"))
+    assert run_config(AdapterSpec(dataset="d", variant="rslora"))["variant"] == "rslora"
+
+    def train_version(spec) -> str:
+        versions = {k.to_user_string(): v for a in build_assets(spec) for k, v in a.code_versions_by_key.items()}
+        return versions["adapter/categories/train"]
+
+    adapters = dict(demo_spec.adapters)
+    rslora = demo_spec.model_copy(
+        update={"adapters": adapters | {"categories": adapters["categories"].model_copy(update={"variant": "rslora"})}}
+    )
+    assert train_version(rslora) != train_version(demo_spec)
