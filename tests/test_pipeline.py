@@ -17,7 +17,7 @@ def test_materialize_whole_graph(materialized, demo_spec):
     keys = {"/".join(e.asset_key.path) for e in materialized.get_asset_materialization_events()}
     expected = {f"dataset/{d}/clean" for d in demo_spec.datasets}
     expected |= {f"adapter/{a}/{stage}" for a in demo_spec.adapters for stage in ("train", "eval", "register")}
-    expected |= {"serving/deployment"}
+    expected |= {"serving/deployment", "base_model/builtin_tiny"}  # the base is an asset too, upstream of all
     assert keys == expected
 
 
