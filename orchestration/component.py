@@ -76,7 +76,7 @@ class LoraFoundryPipeline(dg.Component, dg.Resolvable, dg.Model):
     """A lorafoundry pipeline: clean each dataset, train, evaluate and register each adapter, and (optionally)
     deploy them on vLLM, from one spec. Give the spec inline (``spec``) or as a file (``spec_file``)."""
 
-    spec: dict[str, Any] | None = Field(
+    spec: Any = Field(  # not dict[str, Any]: a non-mapping gets validate_spec's message, not a raw schema error
         default=None,
         description="The spec inline: base_model, datasets, adapters, serving (see `lorafoundry validate`). "
         "Relative paths resolve from this defs.yaml's folder.",

@@ -201,6 +201,14 @@ def test_both_spec_and_spec_file_or_neither_is_refused(tmp_path, monkeypatch):
     )
 
 
+def test_a_spec_that_is_not_a_mapping_gets_the_spec_message(tmp_path, monkeypatch):
+    text = "type: orchestration.LoraFoundryPipeline\nattributes:\n  spec: just a string\n"
+    _project(tmp_path / "proj", "lf_not_mapping", {"odd": text})
+    error = _load_error(tmp_path / "proj", monkeypatch)
+    assert "spec.(top level): expected a mapping with base_model, datasets, adapters; got str" in error
+    assert "validation error for LoraFoundryPipeline" not in error  # validate_spec's words, not pydantic's
+
+
 def test_an_invalid_key_prefix_is_refused(tmp_path, random_base, monkeypatch):
     spec = {"base_model": str(random_base), "datasets": {"qa": {"path": "d.jsonl"}}, "adapters": {"x": {}}}
     yaml_text = f"type: orchestration.LoraFoundryPipeline\nattributes:\n  spec: {json.dumps(spec)}\n"
