@@ -129,3 +129,25 @@ def test_rows_over_max_tokens_are_quarantined_not_truncated(tmp_path, random_bas
         [{"role": "user", "content": rows[1]["prompt"]}, {"role": "assistant", "content": "answer"}], tokenize=False
     )
     assert len(tok(long_text, add_special_tokens=False)["input_ids"]) > 40
+
+
+def test_the_fingerprint_names_the_tokenizer_not_where_it_was_loaded_from(tmp_path, random_base):
+    """The same data cleaned with the same tokenizer from two homes gets one fingerprint (the registry's lineage
+    compares it); a tokenizer with another chat template gets another."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lora_assets.clean import clean_dataset
+    from lora_assets.spec import DatasetSpec
+
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(20)) + "\n")
+    spec = DatasetSpec(path="d.jsonl", max_tokens=64)
+    copy = shutil.copytree(random_base, tmp_path / "elsewhere" / "base")
+    here = clean_dataset("d", spec, src, tmp_path / "home-a", AutoTokenizer.from_pretrained(random_base))
+    there = clean_dataset("d", spec, src, tmp_path / "home-b", AutoTokenizer.from_pretrained(copy))
+    assert here.fingerprint == there.fingerprint
+    other = AutoTokenizer.from_pretrained(copy)
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    assert clean_dataset("d", spec, src, tmp_path / "home-c", other).fingerprint != here.fingerprint

@@ -78,19 +78,31 @@ def clean_dataset(name: str, spec: DatasetSpec, source: Path | str, out_root: Pa
 
 def _fingerprint(source_sha: str, spec: DatasetSpec, tokenizer) -> str:
     """16 hex digits over everything that decides the output: the bytes, the settings, this code, the tokenizer."""
-    tok_id = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
     return hashlib.sha256(
         json.dumps(
             {
                 "source_sha256": source_sha,
                 "spec": spec.model_dump(exclude={"path", "min_train_rows", "min_eval_rows"}),
                 "cleaner": CLEANER_VERSION,
-                "tokenizer": str(tok_id),
-                "vocab": len(tokenizer) if tokenizer is not None else None,
+                "tokenizer": tokenizer_id(tokenizer),
             },
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
+
+
+def tokenizer_id(tokenizer) -> str | None:
+    """What the tokenizer is, not where it was loaded from: a hash of its vocabulary, merges, special tokens and
+    chat template, so the same data cleaned in two homes (or on two machines) gets the same fingerprint."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: its vocabulary is what counts tokens
+        content = json.dumps(sorted(tokenizer.get_vocab().items()))
+    else:
+        content = backend.to_str()
+    content += "\0" + str(getattr(tokenizer, "chat_template", None))
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def _run_stages(files: list[Path], spec: DatasetSpec, tokenizer, out: Path) -> _Cleaned:
