@@ -8,6 +8,7 @@ The real-server checks run on the session's vLLM server (tiny base): served gree
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -114,8 +115,11 @@ def _eval_prompts(session_home: Path, tokenizer, n: int = 8) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def _peft_greedy(base_path: Path, adapter_dir: Path, prompts: list[list[int]], rslora: bool | None = None):
-    """peft's own greedy tokens; ``rslora`` overrides the adapter's scaling (the counterfactual)."""
+def _peft_greedy(
+    base_path: Path, adapter_dir: Path, prompts: list[list[int]], rslora: bool | None = None, disable: bool = False
+):
+    """peft's own greedy tokens; ``rslora`` overrides the adapter's scaling (the counterfactual); ``disable`` asks
+    the base without the adapter."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -124,6 +128,8 @@ def _peft_greedy(base_path: Path, adapter_dir: Path, prompts: list[list[int]], r
         config.use_rslora = rslora
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter_dir, config=config).eval()
+    if disable:
+        model.disable_adapter_layers()
     outs = []
     with torch.no_grad():
         for p in prompts:
@@ -147,11 +153,73 @@ def _served_greedy(url: str, model: str, prompts: list[list[int]]) -> list[list[
     return outs
 
 
+def _merged_dora_served_greedy(rec, session_home: Path, demo_spec, tmp_path: Path, prompts) -> list:
+    """`lorafoundry registry export-merged` the DoRA version, then `lorafoundry serve` a spec whose base_model is the
+    merged dir (a fresh home: no adapters), and ask it the prompts greedily."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    cli = Path(sys.executable).parent / "lorafoundry"
+    out_dir = tmp_path / "variants-dora-merged"
+    done = subprocess.run(
+        [str(cli), "registry", "export-merged", f"variants@{rec.version}", str(out_dir), "--dtype", "float32"]
+        + ["--home", str(session_home)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    port = free_port()
+    spec = demo_spec.model_copy(
+        update={
+            "base_model": str(out_dir),
+            "serving": demo_spec.serving.model_copy(update={"port": port, "base_model_name": "dora-merged"}),
+        }
+    )
+    raw = spec.model_dump(mode="json")
+    for name in raw["datasets"]:  # the spec file is written elsewhere: its data paths made absolute
+        raw["datasets"][name]["path"] = str(demo_spec.dataset_path(name))
+    spec_file = tmp_path / "merged.yaml"
+    spec_file.write_text(json.dumps(raw))  # JSON is YAML
+    proc = subprocess.Popen(
+        [str(cli), "serve", str(spec_file), "--home", str(tmp_path / "merged-home")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline, lines = time.monotonic() + 400, []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if f":{port}/v1" in line or proc.poll() is not None:
+                break
+        assert proc.poll() is None, "".join(lines[-40:])
+        models = {m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"]}
+        assert models == {"dora-merged"}
+        return _served_greedy(f"http://127.0.0.1:{port}", "dora-merged", prompts)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 @pytest.mark.slow
-def test_served_variants_answer_like_peft_and_dora_is_refused_with_its_fix(vllm_server, session_home, demo_spec):
+def test_served_variants_answer_like_peft_and_dora_is_refused_with_its_fix(
+    vllm_server, session_home, demo_spec, tmp_path
+):
     """rsLoRA and PiSSA adapters trained on the session's tiny base, registered and asked for as name@VERSION: the
     served greedy tokens equal peft's (and the rsLoRA weights read with plain alpha/r scaling answer otherwise, so
-    a server that ignored `use_rslora` would fail this). A DoRA adapter is refused up front with the fix."""
+    a server that ignored `use_rslora` would fail this). A DoRA adapter is refused up front with the fix; following
+    the fix (`registry export-merged`, then `lorafoundry serve` on the merged dir as the base) serves peft's
+    DoRA answers."""
     from transformers import AutoTokenizer
 
     from lora_assets.pipeline import Pipeline
@@ -204,6 +272,16 @@ def test_served_variants_answer_like_peft_and_dora_is_refused_with_its_fix(vllm_
         listed = {e["id"] for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
         assert f"variants@{trained['rslora'][0].version}" in listed and f"variants@{rec.version}" not in listed
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # still serving
+
+        # the fix the refusal names: export the DoRA version merged, serve that dir as vLLM's --model
+        _, dora_dir = trained["dora"]
+        merged = _merged_dora_served_greedy(rec, session_home, demo_spec, tmp_path, prompts)
+        want = _peft_greedy(base.path, dora_dir, prompts)
+        if isinstance(merged[0], str):
+            want = [tokenizer.decode(w, skip_special_tokens=True) for w in want]
+        same = sum(s == w for s, w in zip(merged, want, strict=True))
+        assert same >= len(prompts) - 1, ("merged dora", same, merged, want)
+        assert want != _peft_greedy(base.path, dora_dir, prompts, disable=True)  # DoRA did change the answers
     finally:
         for rec in registered:
             reg.archive("variants", rec.version)  # leave the session registry as the other tests expect
