@@ -5,11 +5,23 @@ CPUs whose oneDNN has native bf16 kernels (AVX-512 with BF16, AMX). Elsewhere, e
 PyTorch falls back to a plain C++ loop for bf16 matrix products: measured on a 2-core AVX2 EPYC, a
 424x576 @ 576x1536 product takes 12 ms in fp32 and 620 ms in bf16, and one SmolLM2-135M LoRA training step
 5 s in fp32 against 100 s with the bf16 base. So `auto` means bf16 where it is native and fp32 otherwise.
+
+``LORAFOUNDRY_DTYPE`` (``float32`` or ``bfloat16``; unset: the rule above) pins what `auto` means, for training,
+evaluation and serving alike: to compare runs across machines of different kinds, or for a test whose truth depends
+on the number format (e.g. that data-parallel training equals one process to fp32 rounding).
 """
 
 from __future__ import annotations
 
+import os
 from functools import cache
+
+DTYPE_ENV = "LORAFOUNDRY_DTYPE"
+AUTO_DTYPES = ("bfloat16", "float32")  # what `auto` may mean, and what DTYPE_ENV may pin it to
+
+
+class DtypeSettingError(ValueError):
+    """LORAFOUNDRY_DTYPE names a number format `auto` cannot mean."""
 
 
 @cache
@@ -26,10 +38,19 @@ def native_bf16() -> bool:
 
 
 def resolve_dtype(name: str) -> str:
-    """The dtype a setting means here: `auto` is `bfloat16` where bf16 is native, else `float32`."""
-    if name == "auto":
+    """The dtype a setting means here: `auto` is LORAFOUNDRY_DTYPE when set, else `bfloat16` where bf16 is native,
+    else `float32`."""
+    if name != "auto":
+        return name
+    pinned = os.environ.get(DTYPE_ENV, "").strip()
+    if not pinned:
         return "bfloat16" if native_bf16() else "float32"
-    return name
+    if pinned not in AUTO_DTYPES:
+        raise DtypeSettingError(
+            f"{DTYPE_ENV}={pinned!r} is not a format `auto` can mean. Fix: set it to {' or '.join(AUTO_DTYPES)}, "
+            "or unset it to use bf16 where the hardware computes in it and fp32 elsewhere."
+        )
+    return pinned
 
 
 def torch_dtype(name: str):

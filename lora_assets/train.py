@@ -32,7 +32,7 @@ from lora_assets.data_parallel import (
     manifest_record,
     rank_dataset,
 )
-from lora_assets.hardware import native_bf16, torch_dtype
+from lora_assets.hardware import resolve_dtype, torch_dtype
 from lora_assets.plot import loss_curve_png
 from lora_assets.progress import listening as progress_listening
 from lora_assets.progress import report as report_progress
@@ -764,7 +764,7 @@ def _training_arguments(
         report_to="none",
         seed=spec.seed,
         data_seed=spec.seed,
-        bf16=native_bf16(),
+        bf16=resolve_dtype("auto") == "bfloat16",  # autocast in the format the base was loaded in
         use_cpu=not torch.cuda.is_available(),
         # Batches of similar lengths (transformers' LengthGroupedSampler: each example once per epoch, in
         # length-sorted groups of 50 batches, shuffled by the seed): rows pack with little padding.

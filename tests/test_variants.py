@@ -8,6 +8,7 @@ The real-server checks run on the session's vLLM server (tiny base): served gree
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from lora_assets.base_model import resolve_base_model
 from lora_assets.clean import clean_dataset, current_clean, read_split
+from lora_assets.hardware import DTYPE_ENV, torch_dtype
 from lora_assets.spec import AdapterSpec, DatasetSpec
 from lora_assets.train import INITIAL_ADAPTER, _lora_model, _save_adapter, train_adapter
 from serving.integrity import IntegrityError, multi_lora_problem, stage, verified_copy
@@ -60,13 +62,20 @@ def test_each_variant_trains_one_epoch_and_saves_what_serving_needs(data, varian
     assert (multi_lora_problem(out) is not None) is (variant == "dora")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("variant", ["pissa", "olora"])
-def test_a_converted_adapter_on_the_unchanged_base_is_the_trained_model(data, random_base, tmp_path, variant):
+def test_a_converted_adapter_on_the_unchanged_base_is_the_trained_model(
+    data, random_base, tmp_path, monkeypatch, variant, dtype
+):
     """PiSSA/OLoRA change the base's weights at init. The trained model (modified base + trained adapter) and the
-    saved adapter on the original base give the same logits; the unconverted adapter on the original base does not."""
-    from peft import PeftModel
+    saved adapter on the original base give the same logits; the unconverted adapter on the original base does not.
+    Checked in both number formats on every machine: fp32, and bf16, which GPUs and bf16 CPUs train in."""
+    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
+    # The base is trained and served in the format `auto` means (lora_assets.hardware); pin it, so the model under
+    # test and the reference below are loaded in the same format, whatever this machine would pick.
+    monkeypatch.setenv(DTYPE_ENV, dtype)
     _, _, base = data
     spec = AdapterSpec(dataset="d", variant=variant, **SMALL)
     torch.manual_seed(0)
@@ -79,12 +88,35 @@ def test_a_converted_adapter_on_the_unchanged_base_is_the_trained_model(data, ra
     model.eval()
     ids = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 7]])
     with torch.no_grad():
-        trained = model(ids).logits
+        trained = model(ids).logits.float()
+    model.save_pretrained(tmp_path / "unconverted")
     _save_adapter(model, spec, tmp_path)
-    original = AutoModelForCausalLM.from_pretrained(random_base, dtype=torch.float32)
-    with torch.no_grad():
-        served = PeftModel.from_pretrained(original, tmp_path).eval()(ids).logits
-    assert torch.allclose(served, trained, atol=1e-4), (served - trained).abs().max()
+
+    def on_original_base(adapter_dir: Path, config=None) -> torch.Tensor:
+        original = AutoModelForCausalLM.from_pretrained(random_base, dtype=torch_dtype(dtype))
+        with torch.no_grad():
+            return PeftModel.from_pretrained(original, adapter_dir, config=config).eval()(ids).logits.float()
+
+    if dtype == "float32":
+        atol = 1e-4  # fp32 rounding only (measured: 4e-7)
+    else:
+        # The two sides store the base to one bf16 rounding apart: PiSSA/OLoRA keep W - s*B0@A0 rounded to bf16
+        # (a relative error of at most 2^-8 per weight); the converted adapter adds -s*B0@A0 to W in fp32. Each
+        # side's bf16 forward is off its own fp32 forward by at most 1.75 ulp of the largest logit (measured over
+        # 24 inits of both variants; ulp = bf16's spacing there, eps 2^-7 times 2^floor(log2 max|logit|), 2^-8
+        # for these logits of ~0.6), so the two differ by at most ~3.5 ulp, and the weights' one rounding adds
+        # less than the forward's own roundings: 4 ulp. Measured: at most 2.2 ulp.
+        largest = float(trained.abs().max())
+        atol = 4 * torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(largest))
+    served = on_original_base(tmp_path)
+    gap = float((served - trained).abs().max())
+    assert gap <= atol, (dtype, gap, atol)
+    # What a server reading the unconverted adapter as a plain LoRA would give: off by at least 65 ulp in bf16
+    # (measured over the same 24 inits), so the bound above does tell a missing conversion.
+    plain = PeftConfig.from_pretrained(tmp_path / "unconverted")
+    plain.init_lora_weights = True
+    unconverted = on_original_base(tmp_path / "unconverted", plain)
+    assert float((unconverted - trained).abs().max()) > 4 * atol
 
 
 def test_pissa_with_qlora_is_refused_in_the_spec():
