@@ -65,9 +65,18 @@ VerboseOpt = Annotated[
 
 
 def _home(home: Path | None) -> Path:
+    """The home dir of every command: ``--home``, else the default; exit 1 when it, or a dir above it, is a file
+    (a home there would hold nothing, and every write to it fails)."""
     from lora_assets.pipeline import default_home
 
-    return (home or default_home()).resolve()
+    h = (home or default_home()).resolve()
+    existing = next((p for p in (h, *h.parents) if os.path.exists(p)), None)
+    if existing is not None and not os.path.isdir(existing):
+        _fail(
+            f"home {h}: {'it' if existing == h else existing} is a file, not a directory. Fix: pass --home a "
+            "directory (created if missing), or point LORAFOUNDRY_HOME at one."
+        )
+    return h
 
 
 def _load(spec_path: Path) -> PipelineSpec:
@@ -650,10 +659,15 @@ def registry_sql(
     query: Annotated[str, typer.Argument(help="A read-only SQL statement.")],
     home: HomeOpt = None,
     as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Stop the query after this many seconds.")] = 30.0,
+    memory_limit: Annotated[
+        str, typer.Option("--memory-limit", help="The most memory the query may use, e.g. 512MB or 4GiB.")
+    ] = "1GiB",
 ) -> None:
     """Run a read-only SQL query on the registry (tables adapters, aliases, alias_history, events; views
-    latest_adapters, champions, leaderboard). It can read nothing else: no files, no other databases, no settings."""
-    cols, rows = _registry(home).query(query)
+    latest_adapters, champions, leaderboard). It can read nothing else: no files, no other databases, no settings;
+    it stops at its time and memory limits (exit 1, naming the limit)."""
+    cols, rows = _registry(home).query(query, timeout_s=timeout, memory_limit=memory_limit)
     _show([dict(zip(cols, r, strict=True)) for r in rows], as_json, lambda: render.rows_table(cols, rows))
 
 

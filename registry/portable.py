@@ -71,7 +71,8 @@ def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dic
     """Bring an exported registry in: adapter dirs are copied under ``adapters_root/imported/<name>/<sha256[:16]>``
     and checked against their sha256; rows keep their versions. A version already present with the same sha256 is
     skipped; one present with another sha256 is a conflict, and conflicts stop the import before anything is
-    written. Returns rows imported per table."""
+    written; so do adapter files that registering would refuse (:func:`registry.store.check_adapter_dir`). Returns
+    rows imported per table."""
     src = Path(src)
     rows, related = _read_export(src)
     new_rows = _new_versions(reg, src, rows)
@@ -111,7 +112,8 @@ def _read_export(src: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[s
 def _new_versions(reg: AdapterRegistry, src: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The exported versions this registry lacks, after checking every row: a name outside the name rule, a version
     that is not a number or a path outside ``src`` refuses the import; exported files that are missing or do not
-    match their sha256, or a version present here with another sha256, are conflicts, all reported at once."""
+    match their sha256, or a version present here with another sha256, are conflicts, all reported at once; then new
+    versions whose files registering would refuse are refused, all at once."""
     problems = []
     for r in rows:  # nothing in the files is trusted: names, versions and paths are checked first
         source = (src / str(r["path"])).resolve()
@@ -141,6 +143,14 @@ def _new_versions(reg: AdapterRegistry, src: Path, rows: list[dict[str, Any]]) -
             problems.append(f"{r['name']}@{r['version']} exists here with another sha256")
     if problems:
         raise RegistryConflictError("import refused, nothing written: " + "; ".join(problems))
+    refused = []
+    for r in new_rows:  # what registering checks: files a server could not start with never become a version
+        try:
+            check_adapter_dir(src / str(r["path"]), r["base_model"])
+        except RegistryInputError as e:
+            refused.append(f"{r['name']}@{r['version']}: {e}")
+    if refused:
+        raise RegistryInputError("import refused, nothing written: " + "; ".join(refused))
     return new_rows
 
 
@@ -218,7 +228,7 @@ def external_adapter(
         dataset: the dataset it was trained on (lineage).
     """
     check_name(name)
-    cfg = check_adapter_dir(adapter_dir)
+    cfg = check_adapter_dir(adapter_dir, base_model)
     base = base_model or cfg.get("base_model_name_or_path")
     if not base:
         raise RegistryInputError(

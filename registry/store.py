@@ -20,11 +20,13 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ from typing import Any, Literal, TypeVar
 
 import duckdb
 from pydantic import BaseModel, ConfigDict, Field
+
+from registry.adapter_files import check_adapter_files
 
 # the errors and rules live in their own modules; they are re-exported here, where callers have always found them
 from registry.errors import (
@@ -410,20 +414,69 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def check_adapter_dir(adapter_dir: Path) -> dict:
-    """Return adapter_config.json of a peft LoRA dir with safetensors weights, or raise with the reason."""
-    d = Path(adapter_dir)
-    cfg_path = d / "adapter_config.json"
-    if not cfg_path.exists():
-        raise RegistryInputError(f"{d} is not a peft adapter dir: no adapter_config.json.")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise RegistryInputError(f"{d}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be registered.")
-    if not (d / "adapter_model.safetensors").exists():
-        pickled = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
-        why = f" (found pickled weights {pickled}, which are refused)" if pickled else ""
-        raise RegistryInputError(f"{d}: no adapter_model.safetensors{why}. Fix: save with safe_serialization=True.")
-    return cfg
+@contextmanager
+def _time_limit(con: duckdb.DuckDBPyConnection, timeout_s: float | None) -> Iterator[threading.Event]:
+    """Interrupt the statement running on ``con`` once ``timeout_s`` pass (from a timer thread; None: never);
+    the event yielded is set when it did, so the caller tells its own interrupt from another."""
+    stopped = threading.Event()
+
+    def stop() -> None:
+        stopped.set()
+        con.interrupt()
+
+    timer = threading.Timer(timeout_s, stop) if timeout_s is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield stopped
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _check_limits(timeout_s: float | None, memory_limit: str | None) -> None:
+    """Refuse a time limit that is not a positive number of seconds, and a memory limit that is not a size."""
+    if timeout_s is not None and not 0 < timeout_s < math.inf:
+        raise RegistryInputError(f"time limit {timeout_s!r} s: not a positive number of seconds. Fix: pass e.g. 30.")
+    if memory_limit is not None and not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", memory_limit, re.IGNORECASE):
+        raise RegistryInputError(
+            f"memory limit {memory_limit[:40]!r}: not a size. Fix: pass a number and a unit, e.g. 512MB or 4GiB."
+        )
+
+
+def _run_limited(
+    con: duckdb.DuckDBPyConnection, sql: str, params: list, timeout_s: float | None, memory_limit: str | None
+) -> tuple[list[str], list[tuple]]:
+    """Run ``sql`` on ``con`` (whose memory limit is set already), stopped after ``timeout_s``; returns (column
+    names, rows). A statement stopped by either limit is a :class:`RegistryInputError` naming the limit and how to
+    raise it."""
+    with _time_limit(con, timeout_s) as stopped:
+        try:
+            cur = con.execute(sql, params)
+            cols = [d[0] for d in cur.description] if cur.description else []
+            return cols, cur.fetchall()
+        except duckdb.InterruptException:
+            if not stopped.is_set():
+                raise
+            raise RegistryInputError(
+                f"query stopped at its time limit of {timeout_s:g} s. Fix: narrow it (a WHERE, a LIMIT), or raise "
+                "the limit: `registry sql --timeout SECONDS`."
+            ) from None
+        except duckdb.OutOfMemoryException:
+            if memory_limit is None:
+                raise
+            raise RegistryInputError(
+                f"query stopped at its memory limit of {memory_limit}. Fix: narrow it (fewer rows or columns, a "
+                "LIMIT), or raise the limit: `registry sql --memory-limit 4GiB`."
+            ) from None
+
+
+def check_adapter_dir(adapter_dir: Path, base_model: str | None = None) -> dict:
+    """Return adapter_config.json of a peft LoRA dir whose safetensors weights fit it (and ``base_model``'s weights,
+    when that is a local model dir), or raise :class:`RegistryInputError` with the reason; see
+    :func:`registry.adapter_files.check_adapter_files`."""
+    return check_adapter_files(Path(adapter_dir), base_model)
 
 
 class AdapterRegistry:
@@ -489,9 +542,10 @@ class AdapterRegistry:
                 self._publish()
             return out
 
-    def _read(self, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: bool = False) -> T:
-        """Run ``fn`` on the latest snapshot, attached read-only in a fresh in-memory database; with ``sandbox``,
-        that database can reach no file, extension or setting (for SQL written by users)."""
+    def _read(self, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: dict[str, str] | None = None) -> T:
+        """Run ``fn`` on the latest snapshot, attached read-only in a fresh in-memory database; with ``sandbox``
+        (settings to take first, such as its memory limit), that database can reach no file, extension or setting
+        (for SQL written by users)."""
         for attempt in range(3):
             target = self._read_target()
             con = duckdb.connect(":memory:")
@@ -503,7 +557,9 @@ class AdapterRegistry:
                     if _check_version(con, self.path) < SCHEMA_VERSION and attempt < 2:
                         self._refresh(force=True)  # a snapshot of an older schema: migrate the file, publish again
                         continue
-                if sandbox:
+                if sandbox is not None:
+                    for name, value in sandbox.items():
+                        con.execute(f"SET {name} = {_sql_string(value)}")
                     con.execute("SET enable_external_access = false")
                     con.execute("SET lock_configuration = true")
                 con.execute("BEGIN TRANSACTION")
@@ -646,7 +702,7 @@ class AdapterRegistry:
         """Register an adapter dir. The same sha256 under the same name is that version again: nothing new is
         written unless its evaluation changed (a new gate, a new eval), which updates its metrics and status."""
         check_name(new.name)
-        cfg = check_adapter_dir(new.path)
+        cfg = check_adapter_dir(new.path, new.base_model)
         sha, size = adapter_sha256(new.path)
         now = datetime.now(UTC).replace(tzinfo=None)
         base = self.base_dir
@@ -893,22 +949,28 @@ class AdapterRegistry:
         cols, rows = self.query("SELECT * FROM leaderboard WHERE name = ? ORDER BY rank", [name])
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
-    def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+    def query(
+        self, sql: str, params: list | None = None, timeout_s: float | None = None, memory_limit: str | None = None
+    ) -> tuple[list[str], list[tuple]]:
         """Run a read-only SQL statement; returns (column names, rows).
 
         It runs on the snapshot, attached read-only, in a database that can reach no file, extension or setting:
         it sees the registry's tables and views and nothing else (`COPY ... TO`, `read_text`, `ATTACH`,
-        `INSTALL`/`LOAD` and `SET` are refused). Paths in `adapters.path` are as stored: relative to the
-        registry's dir when inside it.
+        `INSTALL`/`LOAD` and `SET` are refused), and never spills to disk. Paths in `adapters.path` are as stored:
+        relative to the registry's dir when inside it.
+
+        Args:
+            sql: one statement; ``?`` marks the ``params``.
+            timeout_s: stop the statement after this many seconds (None: no time limit).
+            memory_limit: the most memory DuckDB may use for it, e.g. ``"1GiB"`` or ``"512MB"`` (None: DuckDB's).
+
+        Raises:
+            RegistryInputError: the statement fails, is refused, or passes a limit.
         """
-
-        def op(con: duckdb.DuckDBPyConnection) -> tuple[list[str], list[tuple]]:
-            cur = con.execute(sql, params or [])
-            cols = [d[0] for d in cur.description] if cur.description else []
-            return cols, cur.fetchall()
-
+        _check_limits(timeout_s, memory_limit)
+        settings = {"temp_directory": ""} | ({"memory_limit": memory_limit} if memory_limit else {})
         try:
-            return self._read(op, sandbox=True)
+            return self._read(lambda con: _run_limited(con, sql, params or [], timeout_s, memory_limit), settings)
         except duckdb.Error as e:
             raise RegistryInputError(
                 f"query failed: {e}\nFix: `registry sql` runs read-only queries on the tables adapters, aliases, "
