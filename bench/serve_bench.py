@@ -96,7 +96,7 @@ def main() -> None:
     versions = [r for r in reg.list(name=args.name) if r.status in SERVABLE_STATUSES]
     assert len(versions) >= 16, f"need 16 servable versions of {args.name}, found {len(versions)}"
     port = 8765
-    cmd, env, url, _ = plan_server(spec, args.home, port)
+    cmd, env, url, *_ = plan_server(spec, args.home, port)
     base = spec.served_base_name
 
     # 3. start time and RSS with 1, 4, 16 adapters loaded at start (each under its own name@version)

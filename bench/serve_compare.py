@@ -120,7 +120,7 @@ def main() -> None:
     msgs = prompts(args.spec.parent)
     url = f"http://{spec.serving.host}:{args.port}"
     plain_env = server_env(spec.serving) | {"VLLM_PLUGINS": "none"}
-    lf_cmd, lf_env, _, _ = plan_server(spec, args.home, args.port)
+    lf_cmd, lf_env, *_ = plan_server(spec, args.home, args.port)
     servers = {
         "plain vLLM, LoRA off": (
             build_vllm_command(pipe.base.path, base, [], spec.serving, port=args.port),

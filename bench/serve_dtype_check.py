@@ -37,7 +37,7 @@ def main() -> None:
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, serving.dtype auto -> {resolve_dtype('auto')}")
     for dtype in ("float32", "bfloat16"):
         served = spec.model_copy(update={"serving": spec.serving.model_copy(update={"dtype": dtype})})
-        cmd, env, url, _ = plan_server(served, args.home, args.port)
+        cmd, env, url, *_ = plan_server(served, args.home, args.port)
         i = cmd.index("--max-lora-rank")
         cmd[i + 1] = "64"  # the seed-ablation home's rank
         env["LORAFOUNDRY_MAX_LORA_RANK"] = "64"

@@ -444,7 +444,9 @@ def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.Ass
         serving: ServingResource,
     ) -> dg.MaterializeResult:
         home = Path(lorafoundry.home)
-        cmd, env, url, names = plan_server(spec, home, registry_path=registry.path)
+        cmd, env, url, names, left_out = plan_server(spec, home, registry_path=registry.path)
+        for line in left_out:
+            context.log.warning(f"left out {line}")
         if serving.admin_key:
             env["LORAFOUNDRY_ADMIN_KEY"] = serving.admin_key
         context.log.info("deploying: " + " ".join(cmd))
@@ -456,6 +458,7 @@ def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.Ass
                 "served_models": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)),
                 "pid": state["pid"],
                 "restarted": changed,
+                "left_out": dg.MetadataValue.md("\n".join(f"- {line}" for line in left_out) or "none"),
                 "command": dg.MetadataValue.md(f"```\n{' '.join(cmd)}\n```"),
             }
         )

@@ -250,14 +250,16 @@ def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
     from orchestration.progress import RunTracker, RunView
     from serving.launch import VLLMServer, plan_server
 
-    cmd, env, url, names = plan_server(spec, home, port)
-    err.print("starting: " + " ".join(cmd), highlight=False, markup=False)
-    server = VLLMServer(cmd, env, home / "logs" / "vllm.log", url).start()
+    plan = plan_server(spec, home, port)
+    for line in plan.left_out:
+        err.print(f"left out {line}", highlight=False, markup=False)
+    err.print("starting: " + " ".join(plan.cmd), highlight=False, markup=False)
+    server = VLLMServer(plan.cmd, plan.env, home / "logs" / "vllm.log", plan.url).start()
     row = "vLLM start-up"
     with RunView(err, RunTracker([(row, "phase")], {}, set())) as view, view.phase(row) as phase:
         server.wait_ready(spec.serving.startup_timeout_s)  # reports each second waited to the view
-        phase["headline"] = f"answering at {url}/v1"
-    return server, names
+        phase["headline"] = f"answering at {plan.url}/v1"
+    return server, plan.names
 
 
 @app.command()

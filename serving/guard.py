@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import threading
 import time
@@ -52,7 +53,9 @@ from registry.store import (
     parse_ref,
 )
 from serving.catalog import catalog
-from serving.integrity import IntegrityError, multi_lora_problem, stage
+from serving.integrity import IntegrityError, multi_lora_problem, stage, weights_problem
+
+log = logging.getLogger(__name__)  # in vLLM's server log (serving/vllm_plugin.py)
 
 #: Every route the server answers, and who may call it: `open` (anyone), `client` (the client key when one is
 #: set), `catalog` (client key; answered here, serving/catalog.py), `model` (client key, and the body's model is
@@ -70,6 +73,13 @@ ROUTES: dict[tuple[str, str], str] = {
 MAX_CHOICES = 16
 #: Largest request body the guard reads (a prompt of the longest context is far below it).
 MAX_BODY_BYTES = 4 << 20
+#: Deepest nesting of arrays and objects a request body may have (a chat request with tools and a JSON schema is
+#: far below it; Python's parser itself gives up near 1,000 with a RecursionError).
+MAX_JSON_DEPTH = 64
+#: Seconds a client has to send the whole body once the request head arrived (a reverse proxy's
+#: ``client_body_timeout``; ``LORAFOUNDRY_BODY_TIMEOUT_S``); a client that dribbles it gets 408 and its connection
+#: is closed. The request head's own limit is in serving/http_limits.py.
+BODY_TIMEOUT_S = float(os.environ.get("LORAFOUNDRY_BODY_TIMEOUT_S", "30"))
 
 #: Registry errors as HTTP answers, by type: (status, OpenAI error type). An error takes the entry of the nearest
 #: class in its MRO, so a subclass added to the registry later gets its parent's answer until it has its own.
@@ -82,6 +92,9 @@ REGISTRY_ERRORS: dict[type[RegistryError], tuple[int, str]] = {
     RegistryBusyError: (503, "RegistryUnavailable"),
     RegistryCorruptError: (503, "RegistryUnavailable"),
 }
+
+#: What a client is told when the registry fails on the server's side (the details, with paths, go to the log).
+REGISTRY_UNAVAILABLE = "the adapter registry is unavailable; the server's log says why."
 
 #: Resolver answers shared across the process: (settings..., ref) -> (monotonic times the lookup started and
 #: ended, answer).
@@ -105,8 +118,13 @@ class Refusal:
 
 
 def registry_refusal(error: RegistryError, param: str | None = "model") -> Refusal:
-    """The answer to a registry error, chosen by its type in :data:`REGISTRY_ERRORS` (never by its message)."""
+    """The answer to a registry error, chosen by its type in :data:`REGISTRY_ERRORS` (never by its message). A
+    server-side failure's message names files of this machine: it goes to the server's log, and the client is
+    told only that the registry is unavailable."""
     status, kind = next(REGISTRY_ERRORS[c] for c in type(error).__mro__ if c in REGISTRY_ERRORS)
+    if status >= 500:
+        log.error("registry unavailable: %s", error)
+        return Refusal(status, kind, REGISTRY_UNAVAILABLE, param)
     return Refusal(status, kind, str(error), param)
 
 
@@ -221,7 +239,21 @@ class AdapterResolver:
             rec = self._lookup(ref)
         except RegistryError as e:
             return registry_refusal(e)
-        return self.refuse_record(rec) or self._verify_and_stage(rec) or rec
+        outcome = self.admit(rec)
+        return outcome if isinstance(outcome, Refusal) else rec
+
+    def admit(self, rec: AdapterRecord) -> Path | Refusal:
+        """May this server serve ``rec``: the one rule for start-up (serving/launch.py), requests and admin loads.
+        The record's checks (:meth:`refuse_record`), its registered files' sha256, its verified copy (staged, or
+        staged again when the copy changed on disk) and the weights vLLM would read from that copy. Returns the
+        verified copy's dir, or why not."""
+        refusal = self.refuse_record(rec)
+        if refusal is not None:
+            return refusal
+        staged = self._verify_and_stage(rec)
+        if isinstance(staged, Refusal):
+            return staged
+        return _unservable(rec, staged) or staged  # read from the bytes vLLM would be given
 
     def _lookup(self, ref: str) -> AdapterRecord:
         """The registry's record for ``ref``: ``name@VERSION`` / ``name:ALIAS`` as given, a plain name the version
@@ -263,23 +295,30 @@ class AdapterResolver:
                 "sizes the rank for every registered adapter.",
             )
         if not Path(rec.path).resolve().is_relative_to(self.adapter_root):
+            log.warning("%s@%s: %s is outside the adapter root %s", rec.name, rec.version, rec.path, self.adapter_root)
             return Refusal(
                 403,
                 "PathNotAllowed",
-                f"{rec.name}@{rec.version} lives outside the adapter root "
-                f"{self.adapter_root}; the server reads nothing else.",
+                f"{rec.name}@{rec.version} lives outside this server's adapter root; the server reads nothing else.",
             )
         return None
 
-    def listable(self, rec: AdapterRecord) -> Refusal | None:
-        """The catalog's filter: :meth:`refuse_record`, and a variant vLLM cannot serve, read from the registered
-        files (a request for it stages the files and reads the staged copy: :meth:`_verify_and_stage`)."""
-        problem = multi_lora_problem(Path(rec.path))
-        return self.refuse_record(rec) or (_variant_refusal(rec, problem) if problem else None)
+    def registered_copies(self, sha256: str) -> list[Path]:
+        """The registered dirs inside the adapter root whose version has these bytes (to stage them again)."""
+        dirs = [Path(r.path).resolve() for r in self.registry.list() if r.adapter_sha256 == sha256]
+        return [d for d in dirs if d.is_relative_to(self.adapter_root)]
 
-    def _verify_and_stage(self, rec: AdapterRecord) -> Refusal | None:
+    def listable(self, rec: AdapterRecord) -> Refusal | None:
+        """The catalog's filter: :meth:`refuse_record`, and weights vLLM cannot serve, read from the registered
+        files without hashing them (a request for it runs all of :meth:`admit`)."""
+        refusal = self.refuse_record(rec)
+        if refusal is not None:
+            return refusal
+        return _unservable(rec, Path(rec.path))
+
+    def _verify_and_stage(self, rec: AdapterRecord) -> Path | Refusal:
         """Hash the registered files in full (no size/mtime shortcut: a changed copy is refused under every name)
-        and stage the verified copy vLLM reads (checked again there); None when both succeed."""
+        and return the verified copy vLLM reads (checked again there)."""
         changed = Refusal(
             409,
             "AdapterIntegrityError",
@@ -290,17 +329,24 @@ class AdapterResolver:
         try:
             if adapter_sha256(path)[0] != rec.adapter_sha256:
                 return changed
-            staged = stage(path, rec.adapter_sha256, self.stage_root)
+            return stage(path, rec.adapter_sha256, self.stage_root)
         except IntegrityError:
             return changed
         except OSError as e:
-            return Refusal(409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable ({e}).")
-        problem = multi_lora_problem(staged)  # the bytes vLLM would be given
-        return _variant_refusal(rec, problem) if problem else None
+            log.error("%s@%s: files unreadable: %s", rec.name, rec.version, e)
+            return Refusal(
+                409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable (see the server log)."
+            )
 
 
-def _variant_refusal(rec: AdapterRecord, problem: str) -> Refusal:
-    return Refusal(400, "VariantNotServable", f"{rec.name}@{rec.version} is not served here: {problem}.")
+def _unservable(rec: AdapterRecord, adapter_dir: Path) -> Refusal | None:
+    """Why vLLM cannot serve the adapter files in ``adapter_dir`` as they are: a variant its multi-LoRA kernels do
+    not apply (DoRA), or weights it cannot load (not safetensors, tensors that do not fit the config)."""
+    if problem := multi_lora_problem(adapter_dir):
+        return Refusal(400, "VariantNotServable", f"{rec.name}@{rec.version} is not served here: {problem}.")
+    if problem := weights_problem(adapter_dir):
+        return Refusal(400, "AdapterNotLoadable", f"{rec.name}@{rec.version} cannot be loaded: {problem}.")
+    return None
 
 
 def _static_models() -> dict[str, int]:
@@ -352,6 +398,8 @@ class LoraFoundryGuard:
             return await self._refuse(send, refusal)
         if kind == "catalog":
             return await self._catalog(scope, send)
+        if path == "/v1/models":
+            return await self._models(scope, send)
         if kind == "client" or self.resolver is None:
             return await self.app(scope, receive, send)
         payload = await self._checked_payload(kind, path, receive)
@@ -378,14 +426,18 @@ class LoraFoundryGuard:
     async def _checked_payload(self, kind: str, path: str, receive) -> dict | Refusal:
         """The request body as vLLM should get it (model names resolved), or why it is refused."""
         body = await _read_body(receive)
-        if body is None:
-            return Refusal(413, "RequestTooLarge", f"request body above {MAX_BODY_BYTES} bytes.", None)
+        if isinstance(body, Refusal):
+            return body
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past what the parser handles
             payload = None
         if not isinstance(payload, dict):
             return Refusal(400, "BadRequestError", "the body must be a JSON object.", None)
+        if json_depth(payload) > MAX_JSON_DEPTH:
+            return Refusal(
+                400, "BadRequestError", f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels.", None
+            )
         return await (self._admin(path, payload) if kind == "admin" else self._model(payload))
 
     async def _forward(self, scope, receive, send, payload: dict) -> None:
@@ -421,8 +473,25 @@ class LoraFoundryGuard:
                 return await self._refuse(send, registry_refusal(e, None))
         await _send_json(send, 200, json.dumps({"object": "list", "data": entries}).encode())
 
+    async def _models(self, scope, send) -> None:
+        """``GET /v1/models``: vLLM's list with each model's ``root`` set to its served name: vLLM puts the model
+        dir and the verified store's paths there, and clients get names and versions, never this machine's paths."""
+        status, models = await self._inner_models(scope)
+        if status != 200 or models is None:
+            return await self._refuse(send, Refusal(503, "ServiceUnavailable", "the model list is unavailable.", None))
+        for card in models.get("data", []):
+            if isinstance(card, dict):
+                card["root"] = card.get("id")
+        await _send_json(send, 200, json.dumps(models).encode())
+
     async def _loaded_models(self, scope) -> set[str]:
-        """The model ids vLLM lists now: its own ``GET /v1/models``, asked in-process with the caller's headers."""
+        """The model ids vLLM lists now."""
+        _, models = await self._inner_models(scope)
+        data = (models or {}).get("data", [])
+        return {m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)}
+
+    async def _inner_models(self, scope) -> tuple[int, dict | None]:
+        """vLLM's own ``GET /v1/models`` (status, parsed body), asked in-process with the caller's headers."""
         inner = {**scope, "method": "GET", "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b""}
         status, chunks = 0, []
 
@@ -438,10 +507,10 @@ class LoraFoundryGuard:
 
         await self.app(inner, receive, collect)
         try:
-            models = json.loads(b"".join(chunks)) if status == 200 else {}
-            return {m["id"] for m in models.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)}
-        except (ValueError, AttributeError):
-            return set()
+            models = json.loads(b"".join(chunks)) if status == 200 else None
+        except ValueError:
+            return status, None
+        return status, models if isinstance(models, dict) else None
 
     @staticmethod
     async def _refuse(send, refusal: Refusal) -> None:
@@ -503,9 +572,8 @@ class LoraFoundryGuard:
             return Refusal(
                 403,
                 "PathNotAllowed",
-                f"lora_path {str(given)[:200]!r} is not what the registry serves as {name!r}: that is "
-                f"{rec.name}@{rec.version} at {rec.path}. Fix: promote the version first (`lorafoundry registry "
-                "promote`), or load it as NAME@VERSION.",
+                f"lora_path is not what the registry serves as {name!r}: that is {rec.name}@{rec.version}. "
+                "Fix: promote the version first (`lorafoundry registry promote`), or load it as NAME@VERSION.",
                 "lora_path",
             )
         plain = version is None and alias is None
@@ -515,14 +583,34 @@ class LoraFoundryGuard:
         return {**payload, "lora_name": lora_name, "lora_path": str(self.resolver.stage_root / rec.adapter_sha256)}
 
 
-async def _read_body(receive) -> bytes | None:
+async def _read_body(receive) -> bytes | Refusal:
+    """The whole request body, or a refusal when it is larger than :data:`MAX_BODY_BYTES` or takes longer than
+    :data:`BODY_TIMEOUT_S` to arrive."""
     chunks, size, more = [], 0, True
+    deadline = time.monotonic() + BODY_TIMEOUT_S
     while more:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return Refusal(408, "RequestTimeout", f"the request body took longer than {BODY_TIMEOUT_S:.0f} s.", None)
+        if message["type"] == "http.disconnect":
+            return Refusal(400, "BadRequestError", "the client disconnected before the body was complete.", None)
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            return None
+            return Refusal(413, "RequestTooLarge", f"request body above {MAX_BODY_BYTES} bytes.", None)
         chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+def json_depth(value: object) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (a scalar is 0), counted without recursion and
+    stopping once past :data:`MAX_JSON_DEPTH`."""
+    deepest, stack = 0, [(value, 1)] if isinstance(value, dict | list) else []
+    while stack and deepest <= MAX_JSON_DEPTH:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest

@@ -5,25 +5,34 @@ Two steps, both here (no vLLM import, so they are tested on their own):
 1. :func:`stage` (in lorafoundry's processes and the guard): copy a registered adapter's files into the server's
    verified store ``<stage_root>/<sha256>/``, hash the *copy*, and publish it (read-only, by rename) only when the
    hash is the registry's. vLLM is only ever given paths in this store, so overwriting the files under
-   ``<home>/adapters`` after registration changes nothing that vLLM reads.
+   ``<home>/adapters`` after registration changes nothing that vLLM reads. A staged copy found changed (its bytes
+   no longer hash to its name) is set aside and staged again from the registered files.
 2. :func:`verified_copy` (in vLLM's worker, through lorafoundry's plugin, on every adapter load: at start, on first
    use, and again after vLLM evicted the adapter from its cache): refuse any path that is not a directory of the
    store, copy its files to a private temporary dir, hash that copy against the directory's name, and let vLLM
-   read the copy. Bytes that do not hash to the name are never loaded, under any name, after any eviction.
+   read the copy. Bytes that do not hash to the name are never loaded, under any name, after any eviction. When
+   the staged copy changed, the worker re-stages it from the registered files (:func:`restage`) and checks again,
+   so one changed file is that adapter's problem, not the engine's (an exception there kills vLLM's engine).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from registry.store import ADAPTER_FILES, adapter_sha256
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
+#: The ``modules_to_save`` vLLM 0.32's LoRA loader accepts (vllm/lora/utils.py ``parse_fine_tuned_lora_name``):
+#: classification heads; any other saved module is refused there as an unsupported LoRA weight.
+VLLM_SAVED_MODULES = frozenset({"score", "classifier"})
+log = logging.getLogger(__name__)
 
 
 class IntegrityError(RuntimeError):
@@ -35,18 +44,43 @@ def multi_lora_problem(adapter_dir: Path) -> str | None:
 
     Read from its adapter_config.json (what vLLM would load), not from the registry row: DoRA (``use_dora``)
     has a magnitude vector per layer that vLLM's LoRA kernels do not apply; served anyway it would either fail
-    to load or answer without it. The merged model serves it exactly.
+    to load or answer without it. A trained lora_B bias and saved whole modules (other than classification heads)
+    fail vLLM's loader. The merged model serves each of them exactly.
     """
     try:
         config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     except (OSError, ValueError):
         return None  # unreadable or damaged files are the sha256 check's to refuse, with its own message
-    if isinstance(config, dict) and config.get("use_dora"):
+    if not isinstance(config, dict):
+        return None
+    merged = (
+        "Fix: export it merged (`lorafoundry registry export-merged NAME@VERSION DIR`) and serve DIR as its own model "
+        "(`vllm serve DIR`, or `base_model: DIR` in a spec)"
+    )
+    if config.get("use_dora"):
+        return f"it is a DoRA adapter (use_dora), which vLLM's multi-LoRA server cannot apply. {merged}"
+    if config.get("lora_bias"):
+        return f"it trains a bias on lora_B (lora_bias), which vLLM's multi-LoRA server cannot load. {merged}"
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or set(saved) - VLLM_SAVED_MODULES:
         return (
-            "it is a DoRA adapter (use_dora), which vLLM's multi-LoRA server cannot apply. Fix: export it merged "
-            "(`lorafoundry registry export-merged NAME@VERSION DIR`) and serve DIR as its own model "
-            "(`vllm serve DIR`, or `base_model: DIR` in a spec)"
+            f"it saves whole modules ({', '.join(map(str, saved))[:200]}; modules_to_save), which vLLM's multi-LoRA "
+            f"server loads only for {', '.join(sorted(VLLM_SAVED_MODULES))}. {merged}"
         )
+    return None
+
+
+def weights_problem(adapter_dir: Path) -> str | None:
+    """Why vLLM could not load the adapter files in ``adapter_dir`` (the registry's check at registration: a
+    safetensors header that parses, tensors that fit the adapter config), or None. The details name files of this
+    machine, so they go to the log and the answer says only what kind of problem it is."""
+    from registry.store import RegistryInputError, check_adapter_dir
+
+    try:
+        check_adapter_dir(adapter_dir)
+    except (RegistryInputError, ValueError, OSError) as e:
+        log.error("adapter files in %s cannot be served: %s", adapter_dir, e)
+        return "its files are not a LoRA adapter vLLM can load (the server's log says why)"
     return None
 
 
@@ -61,7 +95,10 @@ def stage(src: Path, sha256: str, stage_root: Path) -> Path:
     stage_root = Path(stage_root)
     dest = stage_root / sha256
     if dest.is_dir():
-        return dest
+        if staged_intact(dest):
+            return dest
+        log.warning("verified copy %s changed on disk; staging it again from %s", dest, src)
+        set_aside(dest)
     stage_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=stage_root))
     try:
@@ -83,6 +120,38 @@ def stage(src: Path, sha256: str, stage_root: Path) -> Path:
         return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def staged_intact(staged: Path) -> bool:
+    """Whether the staged dir's files still hash to its name (its sha256)."""
+    try:
+        return adapter_sha256(staged)[0] == Path(staged).name
+    except OSError:
+        return False
+
+
+def set_aside(staged: Path) -> None:
+    """Take a changed staged dir out of the store at once (by rename, so no reader sees half of it), then delete it."""
+    aside = staged.with_name(f".changed-{staged.name[:12]}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(staged, aside)
+    except FileNotFoundError:  # another process set it aside first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def restage(sha256: str, stage_root: Path, registered: list[Path]) -> Path:
+    """Stage ``sha256`` again from the first of the ``registered`` dirs whose files hash to it (a changed staged
+    copy is set aside by :func:`stage`). Raises :class:`IntegrityError` when none does."""
+    for src in registered:
+        try:
+            return stage(src, sha256, stage_root)
+        except (IntegrityError, OSError) as e:
+            log.warning("cannot re-stage %s… from %s: %s", sha256[:12], src, e)
+    raise IntegrityError(
+        f"verified adapter {sha256[:12]}… changed on disk and no registered copy hashes to it: refused. "
+        "Fix: `lorafoundry registry verify`."
+    )
 
 
 def verified_copy(path: str | Path, stage_root: Path, into: Path) -> Path:

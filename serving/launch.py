@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -21,7 +22,6 @@ from lora_assets.hardware import resolve_dtype
 from lora_assets.progress import report as report_progress
 from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
 from registry.store import SERVABLE_STATUSES, AdapterRecord
-from serving.integrity import IntegrityError, multi_lora_problem, stage
 
 #: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, MAX_LORA_RANK)  # the spec caps r at the largest
@@ -218,31 +218,45 @@ def stage_dir(home: Path) -> Path:
     return Path(home) / "serving" / "verified"
 
 
+class ServerPlan(NamedTuple):
+    """What :func:`plan_server` decided: the vLLM command and environment, where it answers, the names it serves
+    from the start, and the versions it leaves out with the reason."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    url: str
+    names: list[str]
+    left_out: list[str]
+
+
 def plan_server(
     spec: PipelineSpec, home: Path, port: int | None = None, registry_path: Path | str | None = None
-) -> tuple[list[str], dict[str, str], str, list[str]]:
-    """(command, env, url, served names) for serving this spec's base and its registered adapters.
+) -> ServerPlan:
+    """How to serve this spec's base and its registered adapters.
 
     Served from the start: each name's champion (else latest candidate) registered on this base (same content
-    hash) whose files still match their sha256. Any other servable version on this base can be asked for as
-    ``name@VERSION`` or ``name:ALIAS`` and is loaded through the registry resolver.
+    hash) that the server admits (serving.guard.AdapterResolver.admit: files that match their sha256, a verified
+    copy, weights vLLM can load); the others are left out, each with its reason, so that one bad version never
+    stops the rest. Any other servable version on this base can be asked for as ``name@VERSION`` or
+    ``name:ALIAS`` and is loaded through the registry resolver.
     """
     from lora_assets.pipeline import Pipeline
+    from serving.guard import AdapterResolver, Refusal
 
     pipe = Pipeline(spec, home, registry_path=registry_path)
     same_base = [
         r for r in pipe.registry.list() if r.base_model_hash == pipe.base.content_hash and r.status in SERVABLE_STATUSES
     ]
     stage_root = stage_dir(pipe.home)
-    adapters = []
-    for r in pipe.registry.servable(verify=True):
+    max_rank = max_lora_rank([r.r for r in same_base] or [16])
+    resolver = AdapterResolver(pipe.registry.path, pipe.base.content_hash, pipe.adapters_dir, max_rank, 0, stage_root)
+    adapters, left_out = [], []
+    for r in pipe.registry.servable():
         if r.base_model_hash != pipe.base.content_hash:
-            continue
-        if multi_lora_problem(Path(r.path)):  # e.g. DoRA: asking for it gets the guard's refusal and its fix
-            continue
-        try:  # vLLM reads only verified copies (serving/integrity.py); a version whose files changed is left out
-            staged = stage(Path(r.path), r.adapter_sha256, stage_root)
-        except (IntegrityError, OSError):
+            continue  # another base's adapter: another server's business
+        staged = resolver.admit(r)
+        if isinstance(staged, Refusal):
+            left_out.append(f"{r.name}@{r.version}: {staged.message}")
             continue
         adapters.append(r.model_copy(update={"path": str(staged)}))
     port = port or spec.serving.port
@@ -262,11 +276,11 @@ def plan_server(
         "LORAFOUNDRY_REGISTRY": str(pipe.registry.path),
         "LORAFOUNDRY_BASE_HASH": pipe.base.content_hash,
         "LORAFOUNDRY_ADAPTER_ROOT": str(pipe.adapters_dir),
-        "LORAFOUNDRY_MAX_LORA_RANK": str(max_lora_rank([r.r for r in same_base] or [16])),
+        "LORAFOUNDRY_MAX_LORA_RANK": str(max_rank),
         "LORAFOUNDRY_STAGE_DIR": str(stage_root),
         "LORAFOUNDRY_STATIC_MODELS": ",".join(f"{a.name}@{a.version}" for a in adapters),
         "LORAFOUNDRY_BASE_NAME": spec.served_base_name,
     }
     if os.environ.get("LORAFOUNDRY_API_KEY"):
         env["VLLM_API_KEY"] = os.environ["LORAFOUNDRY_API_KEY"]  # in the env, never on the logged command line
-    return cmd, env, url, names
+    return ServerPlan(cmd, env, url, names, left_out)

@@ -13,18 +13,51 @@ import os
 
 def register() -> None:
     """Apply the CPU multi-LoRA batch-invariance fix; when the server was started by lorafoundry
-    (``LORAFOUNDRY_REGISTRY`` set) check every adapter load and register the registry LoRA resolver."""
+    (``LORAFOUNDRY_REGISTRY`` set) check every adapter load and register the registry LoRA resolver; bound how
+    long and how many connections a client may hold."""
     from serving import cpu_lora_fix
 
+    _log_to_vllm()
     cpu_lora_fix.apply()
     _check_adapter_loads()
     _register_resolver()
+    _bound_slow_clients()
+
+
+def _log_to_vllm() -> None:
+    """Send the `serving.*` modules' log records (a staged copy set aside, a registry failure) to vLLM's log
+    handlers, so they reach the server's log like vLLM's own lines."""
+    import logging
+
+    ours, theirs = logging.getLogger("serving"), logging.getLogger("vllm")
+    if theirs.handlers and not ours.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+def _bound_slow_clients() -> None:
+    """A request head's time limit and a per-client connection limit on uvicorn's HTTP protocols
+    (serving/http_limits.py): the API server's, and harmless in vLLM's other processes."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from serving import http_limits
+
+    http_limits.apply(H11Protocol)
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # uvicorn without httptools serves with h11
+        return
+    http_limits.apply(HttpToolsProtocol)
 
 
 def _check_adapter_loads() -> None:
     """Wrap vLLM's worker-side adapter loader: every load (at start, on first use, after an eviction from vLLM's
     LoRA cache) reads a private copy of a staged adapter whose bytes hash to the staged dir's name
-    (serving.integrity.verified_copy); anything else raises, and the adapter is not loaded."""
+    (serving.integrity.verified_copy). A staged copy that changed is staged again from the registered files and
+    checked again; only when no registered copy has those bytes does the load raise, and the adapter is not
+    loaded."""
     stage_root = os.environ.get("LORAFOUNDRY_STAGE_DIR")
     if not stage_root:
         return
@@ -51,9 +84,14 @@ def _check_adapter_loads() -> None:
         try:
             try:
                 copy = verified_copy(lora_request.lora_path, Path(stage_root), tmp / "adapter")
-            except IntegrityError as e:
-                log.error("lorafoundry: refused to load adapter %r: %s", lora_request.lora_name, e)
-                raise
+            except (IntegrityError, OSError) as e:
+                log.error("lorafoundry: adapter %r: %s; staging it again", lora_request.lora_name, e)
+                try:
+                    _restage(lora_request.lora_path, Path(stage_root))
+                    copy = verified_copy(lora_request.lora_path, Path(stage_root), tmp / "again")
+                except (IntegrityError, OSError) as again:
+                    log.error("lorafoundry: refused to load adapter %r: %s", lora_request.lora_name, again)
+                    raise IntegrityError(str(again)) from None
             log.info(
                 "lorafoundry: loading adapter %r from a verified copy (sha256 %s)",
                 lora_request.lora_name,
@@ -65,6 +103,20 @@ def _check_adapter_loads() -> None:
 
     load_verified._lorafoundry_checked = True
     WorkerLoRAManager._load_adapter = load_verified
+
+
+def _restage(lora_path: str, stage_root) -> None:
+    """Stage the adapter at ``lora_path`` (``<stage_root>/<sha256>``) again from its registered files."""
+    from pathlib import Path
+
+    from serving.guard import AdapterResolver
+    from serving.integrity import IntegrityError, restage
+
+    resolver = AdapterResolver.from_env()
+    if resolver is None:
+        raise IntegrityError("no registry to stage the adapter again from (LORAFOUNDRY_REGISTRY is not set).")
+    sha = Path(lora_path).name
+    restage(sha, stage_root, resolver.registered_copies(sha))
 
 
 def _register_resolver() -> None:

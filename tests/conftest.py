@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ADMIN_KEY = "test-admin-key"
 os.environ["LORAFOUNDRY_ADMIN_KEY"] = ADMIN_KEY  # the session's vLLM server guards its adapter endpoints with it
+# short limits on slow clients, so that tests/test_fault_isolation.py sees them pass in seconds (defaults 10 and 30)
+os.environ["LORAFOUNDRY_HEAD_TIMEOUT_S"] = "4"
+os.environ["LORAFOUNDRY_BODY_TIMEOUT_S"] = "6"
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "examples" / "tiny.yaml"  # the fast spec; examples/demo.yaml is the real-model demo

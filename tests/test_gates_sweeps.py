@@ -87,7 +87,7 @@ def test_failing_gate_rejects_and_blocks_deployment(sweep_run):
     materialized = {tuple(e.asset_key.path) for e in result.get_asset_materialization_events()}
     assert ("adapter", "hopeless", "register") in materialized
     assert ("serving", "deployment") not in materialized  # the blocking check stopped the deployment
-    _, _, _, served = plan_server(spec, home)
+    served = plan_server(spec, home).names
     assert "hopeless" not in served and "sweepy" in served  # never served, even by a later deployment
 
 

@@ -29,7 +29,7 @@ def _vllm_routes(session_home: Path, served_spec) -> set[tuple[str, str]]:
 
     from serving.launch import plan_server
 
-    cmd, env, _, _ = plan_server(served_spec, session_home)
+    cmd, env, *_ = plan_server(served_spec, session_home)
     saved = dict(os.environ)
     os.environ.update({k: v for k, v in env.items() if k.startswith("VLLM_")})
     try:

