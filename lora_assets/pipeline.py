@@ -1,23 +1,9 @@
-"""The pipeline's stages over one home dir, as plain functions (Dagster assets and the CLI wrap these).
-
-Layout under the home dir (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``)::
-
-    models/builtin-tiny-<recipe>/       the embedded base model, when the spec uses builtin:tiny
-    datasets/<name>/<fingerprint>/      train.jsonl, eval.jsonl, quarantine.jsonl, report.json
-    datasets/<name>/current.json        which fingerprint the last cleaning produced
-    adapters/<job>/<run key>/           peft adapter dir + training_manifest.json + eval_results.json
-    adapters/<job>/current.json         which run the last training produced
-    tokenized/<key>.npz                 train splits tokenized once per (data, tokenizer, template, length)
-    registry.duckdb                     the adapter registry (unless $LORAFOUNDRY_REGISTRY names another file)
-    serving/deployment.json             the vLLM server the serving/deployment asset left running
-    logs/                               vLLM logs
-    dagster_home/                       Dagster's instance (runs, event logs) for the CLI and the UI
-"""
+"""The pipeline's stages over one home dir, as plain functions (Dagster assets and the CLI wrap these). The home's
+layout is :class:`lora_assets.home.Home`'s."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +15,7 @@ from lora_assets.distributed import MANIFEST, DistributedTrainingError, Training
 from lora_assets.evaluate import EvalResult, evaluate_adapter, load_eval
 from lora_assets.evidence import compare_with_champion
 from lora_assets.files import write_json_atomic
+from lora_assets.home import Home
 from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
 from lora_assets.train import TrainResult, preflight, run_key, train_adapter
 from registry.store import AdapterRecord, AdapterRegistry, NewAdapter
@@ -37,12 +24,13 @@ CODE_VERSION = "0.1.0"
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("LORAFOUNDRY_HOME") or ".lorafoundry").resolve()
+    """The home dir when none is given (:meth:`Home.at`)."""
+    return Home.at().root
 
 
 def default_registry_path(home: Path | str) -> Path:
-    """The registry file: ``$LORAFOUNDRY_REGISTRY`` (e.g. on shared storage), else ``<home>/registry.duckdb``."""
-    return Path(os.environ.get("LORAFOUNDRY_REGISTRY") or Path(home) / "registry.duckdb").resolve()
+    """The registry file of ``home`` (:meth:`Home.at`)."""
+    return Home.at(home).registry
 
 
 @dataclass(frozen=True)
@@ -84,17 +72,17 @@ class Pipeline:
     ) -> None:
         self.spec = spec
         self.progress = progress
-        self.home = Path(home).resolve() if home else default_home()
-        self.registry_path = Path(registry_path).resolve() if registry_path else default_registry_path(self.home)
+        self.layout = Home.at(home, registry_path)
+        self.home, self.registry_path = self.layout.root, self.layout.registry
         self.jobs = adapter_jobs(spec)
 
     @property
     def datasets_dir(self) -> Path:
-        return self.home / "datasets"
+        return self.layout.datasets
 
     @property
     def adapters_dir(self) -> Path:
-        return self.home / "adapters"
+        return self.layout.adapters
 
     @property
     def registry(self) -> AdapterRegistry:
@@ -155,7 +143,7 @@ class Pipeline:
         request = TrainRequest(
             job_key=key, spec=job.spec, base=self.base, clean=clean, adapters_root=str(self.adapters_dir)
         )
-        return plan_launch(request, self.home / "launch" / key / adapter_dir.name, adapter_dir)
+        return plan_launch(request, self.layout.launches / key / adapter_dir.name, adapter_dir)
 
     def trained(self, key: str, launch: TrainingLaunch) -> TrainResult:
         """The result of a finished data-parallel run, read back from its manifest, made the job's current one."""

@@ -815,6 +815,14 @@ class AdapterRegistry:
         _, rows = self.query("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", [name])
         return dict(rows)
 
+    def every_alias(self) -> dict[tuple[str, int], list[str]]:
+        """(name, version) -> the aliases pointing at it, in alias order, for every name."""
+        _, rows = self.query("SELECT name, alias, version FROM aliases ORDER BY name, alias")
+        found: dict[tuple[str, int], list[str]] = {}
+        for name, alias, version in rows:
+            found.setdefault((name, version), []).append(alias)
+        return found
+
     def alias_history(self, name: str) -> list[dict[str, Any]]:
         """Every change to the aliases of ``name``, oldest first."""
         cols, rows = self.query("SELECT * FROM alias_history WHERE name = ? ORDER BY changed_at, rowid", [name])

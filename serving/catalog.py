@@ -40,10 +40,7 @@ def catalog(
         held: adapter name -> the version vLLM holds under that plain name.
     """
     plain = {r.name: r.version for r in registry.servable()}
-    _, rows = registry.query("SELECT name, alias, version FROM aliases ORDER BY name, alias")
-    aliases: dict[tuple[str, int], list[str]] = {}
-    for name, alias, version in rows:
-        aliases.setdefault((name, version), []).append(alias)
+    aliases = registry.every_alias()
     entries = []
     for rec in registry.list():
         if rec.status not in SERVABLE_STATUSES or refuse(rec) is not None:

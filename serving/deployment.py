@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 
 from lora_assets.files import write_json_atomic
+from lora_assets.home import Home
 from serving.launch import VLLMServer, auth_headers
 
 
 def state_path(home: Path) -> Path:
-    return Path(home) / "serving" / "deployment.json"
+    return Home.at(home).deployment_state
 
 
 def _alive(pid: int) -> bool:
@@ -153,7 +154,7 @@ def deploy(
         return running, False
     stop(home)
     _wait_port_free(url)
-    server = VLLMServer(cmd, env, Path(home) / "logs" / "vllm-deployment.log", url).start()
+    server = VLLMServer(cmd, env, Home.at(home).logs / "vllm-deployment.log", url).start()
     server.wait_ready(timeout_s, on_wait=on_wait)
     state = {
         "pid": server.proc.pid,

@@ -1,18 +1,11 @@
 """What the running vLLM server answers, and with which weights, decided from the registry: deny by default.
 
-vLLM imports :class:`LoraFoundryGuard` through ``--middleware serving.guard.LoraFoundryGuard`` and lorafoundry's
-plugin registers a LoRA resolver built on :class:`AdapterResolver`. Both read their settings from the environment
-that ``lorafoundry serve`` / the deployment asset give vLLM:
-
-- ``LORAFOUNDRY_REGISTRY``: the registry file (opened read-only, briefly, per lookup);
-- ``LORAFOUNDRY_BASE_HASH``: content hash of the served base model; adapters for another base are refused;
-- ``LORAFOUNDRY_ADAPTER_ROOT``: no adapter outside this dir is ever read;
-- ``LORAFOUNDRY_STAGE_DIR``: the verified store vLLM reads adapters from (serving/integrity.py);
-- ``LORAFOUNDRY_MAX_LORA_RANK``: vLLM's ``--max-lora-rank``;
-- ``LORAFOUNDRY_BASE_NAME``: the base's served name;
-- ``LORAFOUNDRY_STATIC_MODELS``: comma-separated ``name@VERSION`` of the adapters loaded at start under ``name``;
-- ``LORAFOUNDRY_ADMIN_KEY``: the key the admin routes require in ``X-Admin-Key``;
-- ``VLLM_API_KEY``: the client key (``Authorization: Bearer``), required on every route but ``GET /health``.
+vLLM imports :class:`LoraFoundryGuard` through ``--middleware serving.guard.LoraFoundryGuard``. It reads the
+server's settings (serving/settings.py: registry, base, adapter root, verified store, rank, the names loaded at
+start) from the environment that ``lorafoundry serve`` / the deployment asset give vLLM, the admin key from
+``LORAFOUNDRY_ADMIN_KEY`` (``X-Admin-Key``) and the client key from ``VLLM_API_KEY`` (``Authorization: Bearer``,
+required on every route but ``GET /health``). Whether a version may be served is the resolver's one rule
+(serving/resolver.py).
 
 Routes: only those in :data:`ROUTES` reach vLLM; any other method and path (vLLM's ``/v1/messages``,
 ``/invocations``, ``/tokenize``, ``/pooling``, ``/scale_elastic_ep``, its docs, websockets…) answers 404. A model
@@ -22,7 +15,8 @@ that says why; when the checks pass, the request goes on for the version the nam
 the answer's ``model`` says which version answered; a name loaded at start keeps its name while it still means the
 version loaded). Admin loads are accepted only for what the registry serves under that name, and vLLM is given
 the verified copy. ``GET /v1/adapters`` is answered here: the catalog of every version this server would serve
-(serving/catalog.py). Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2).
+(serving/catalog.py). Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2). Bodies are bounded
+in size, nesting and time to arrive; the request head's time and connections per client in serving/http_limits.py.
 """
 
 from __future__ import annotations
@@ -32,28 +26,13 @@ import hmac
 import json
 import logging
 import os
-import threading
 import time
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from registry.store import (
-    SERVABLE_STATUSES,
-    AdapterNotFoundError,
-    AdapterRecord,
-    AdapterRegistry,
-    RegistryBusyError,
-    RegistryConflictError,
-    RegistryCorruptError,
-    RegistryError,
-    RegistryInputError,
-    adapter_sha256,
-    parse_ref,
-)
+from registry.store import RegistryError, RegistryInputError, parse_ref
 from serving.catalog import catalog
-from serving.integrity import IntegrityError, multi_lora_problem, stage, weights_problem
+from serving.resolver import AdapterResolver, Refusal, registry_refusal
+from serving.settings import ADMIN_KEY_ENV, BODY_TIMEOUT_S, VLLM_API_KEY_ENV, ServerSettings
 
 log = logging.getLogger(__name__)  # in vLLM's server log (serving/vllm_plugin.py)
 
@@ -76,287 +55,6 @@ MAX_BODY_BYTES = 4 << 20
 #: Deepest nesting of arrays and objects a request body may have (a chat request with tools and a JSON schema is
 #: far below it; Python's parser itself gives up near 1,000 with a RecursionError).
 MAX_JSON_DEPTH = 64
-#: Seconds a client has to send the whole body once the request head arrived (a reverse proxy's
-#: ``client_body_timeout``; ``LORAFOUNDRY_BODY_TIMEOUT_S``); a client that dribbles it gets 408 and its connection
-#: is closed. The request head's own limit is in serving/http_limits.py.
-BODY_TIMEOUT_S = float(os.environ.get("LORAFOUNDRY_BODY_TIMEOUT_S", "30"))
-
-#: Registry errors as HTTP answers, by type: (status, OpenAI error type). An error takes the entry of the nearest
-#: class in its MRO, so a subclass added to the registry later gets its parent's answer until it has its own.
-#: Busy past the wait, a damaged file, anything else the registry cannot do: the server's fault, not the client's.
-REGISTRY_ERRORS: dict[type[RegistryError], tuple[int, str]] = {
-    RegistryError: (503, "RegistryUnavailable"),
-    RegistryInputError: (400, "InvalidModelName"),
-    AdapterNotFoundError: (404, "NotFoundError"),
-    RegistryConflictError: (409, "RegistryConflict"),
-    RegistryBusyError: (503, "RegistryUnavailable"),
-    RegistryCorruptError: (503, "RegistryUnavailable"),
-}
-
-#: What a client is told when the registry fails on the server's side (the details, with paths, go to the log).
-REGISTRY_UNAVAILABLE = "the adapter registry is unavailable; the server's log says why."
-
-#: Resolver answers shared across the process: (settings..., ref) -> (monotonic times the lookup started and
-#: ended, answer).
-_ANSWERS: dict[tuple, tuple[float, float, AdapterRecord | Refusal]] = {}
-_ANSWERS_LOCK = threading.Lock()  # guards the dict only; lookups run under the per-ref lock below
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a request is refused: an HTTP status, an OpenAI error type, a message and the offending parameter."""
-
-    status: int
-    type: str
-    message: str
-    param: str | None = "model"
-
-    def body(self) -> bytes:
-        return json.dumps(
-            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-        ).encode()
-
-
-def registry_refusal(error: RegistryError, param: str | None = "model") -> Refusal:
-    """The answer to a registry error, chosen by its type in :data:`REGISTRY_ERRORS` (never by its message). A
-    server-side failure's message names files of this machine: it goes to the server's log, and the client is
-    told only that the registry is unavailable."""
-    status, kind = next(REGISTRY_ERRORS[c] for c in type(error).__mro__ if c in REGISTRY_ERRORS)
-    if status >= 500:
-        log.error("registry unavailable: %s", error)
-        return Refusal(status, kind, REGISTRY_UNAVAILABLE, param)
-    return Refusal(status, kind, str(error), param)
-
-
-class _KeyLocks:
-    """One lock per key, like vLLM's ``lora_resolver_lock = defaultdict(Lock)``, but a key's lock is dropped once
-    no thread holds or waits for it: the keys are client-chosen names, so the table must not grow with them."""
-
-    def __init__(self) -> None:
-        self._table_lock = threading.Lock()
-        self._locks: dict[Hashable, tuple[threading.Lock, list[int]]] = {}  # key -> (lock, [threads using it])
-
-    @contextmanager
-    def hold(self, key: Hashable) -> Iterator[None]:
-        with self._table_lock:
-            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
-            users[0] += 1
-        try:
-            with lock:
-                yield
-        finally:
-            with self._table_lock:
-                users[0] -= 1
-                if not users[0]:
-                    del self._locks[key]
-
-
-#: Concurrent requests for one uncached ref wait for a single lookup (and sha256) while other refs proceed.
-_LOOKUP_LOCKS = _KeyLocks()
-
-
-class AdapterResolver:
-    """Resolve a model reference to a registered adapter that this server may load, and stage its verified copy.
-
-    Args:
-        registry: the registry file.
-        base_hash: content hash of the served base model.
-        adapter_root: every adapter path must be inside this dir.
-        max_rank: the server's ``--max-lora-rank``.
-        ttl_s: how long an answer is reused.
-        stage_root: the verified store (default ``<registry dir>/serving/verified``).
-    """
-
-    def __init__(
-        self,
-        registry: Path,
-        base_hash: str,
-        adapter_root: Path,
-        max_rank: int,
-        ttl_s: float | None = None,
-        stage_root: Path | None = None,
-    ) -> None:
-        self.registry = AdapterRegistry(registry, max_wait_s=10, actor="vllm")
-        self.base_hash, self.max_rank = base_hash, max_rank
-        self.adapter_root = Path(adapter_root).resolve()
-        self.stage_root = Path(stage_root) if stage_root else Path(registry).parent / "serving" / "verified"
-        self.ttl_s = float(os.environ.get("LORAFOUNDRY_RESOLVE_TTL_S", "2")) if ttl_s is None else ttl_s
-
-    @classmethod
-    def from_env(cls) -> AdapterResolver | None:
-        path = os.environ.get("LORAFOUNDRY_REGISTRY")
-        if not path:
-            return None
-        stage_root = os.environ.get("LORAFOUNDRY_STAGE_DIR")
-        return cls(
-            Path(path),
-            os.environ.get("LORAFOUNDRY_BASE_HASH", ""),
-            Path(os.environ.get("LORAFOUNDRY_ADAPTER_ROOT", Path(path).parent / "adapters")),
-            int(os.environ.get("LORAFOUNDRY_MAX_LORA_RANK", "16")),
-            stage_root=Path(stage_root) if stage_root else None,
-        )
-
-    def resolve(self, ref: str, fresh: bool = False) -> AdapterRecord | Refusal:
-        """The record to load for ``ref``, or the reason it is refused; answers are kept ``ttl_s`` seconds and
-        shared by every resolver of the process with the same settings (the guard and vLLM's resolver plugin
-        ask about the same name one after the other: one registry read and one sha256 serve both). Concurrent
-        asks for one ref share one lookup; other refs do not wait for it. ``fresh``: ask the registry now (an
-        admin load right after a promotion), and keep that answer for the others."""
-        key = (str(self.registry.path), self.base_hash, str(self.adapter_root), self.max_rank, ref)
-        asked = time.monotonic()
-        if not fresh and (hit := self._cached(key)) is not None:
-            return hit
-        with _LOOKUP_LOCKS.hold(key):
-            # an answer found while this thread waited is taken whatever its age (a lookup may outlast ttl_s)
-            if not fresh and (hit := self._cached(key, found_after=asked)) is not None:
-                return hit
-            started = time.monotonic()
-            outcome = self._resolve(ref)
-            with _ANSWERS_LOCK:
-                if len(_ANSWERS) > 10_000:  # names are client-chosen: bound the memory
-                    _ANSWERS.clear()
-                _ANSWERS[key] = (started, time.monotonic(), outcome)
-        return outcome
-
-    def _cached(self, key: tuple, found_after: float | None = None) -> AdapterRecord | Refusal | None:
-        """The kept answer for ``key`` if it is under ``ttl_s`` old (counted from the start of its lookup) or its
-        lookup ended after ``found_after``; else None."""
-        with _ANSWERS_LOCK:
-            hit = _ANSWERS.get(key)
-        if hit is None:
-            return None
-        started, finished, outcome = hit
-        fresh_enough = time.monotonic() - started < self.ttl_s
-        return outcome if fresh_enough or (found_after is not None and finished > found_after) else None
-
-    def resolve_staged(self, ref: str) -> Path | Refusal:
-        """The verified copy vLLM reads for ``ref`` (see :meth:`resolve`)."""
-        outcome = self.resolve(ref)
-        return outcome if isinstance(outcome, Refusal) else self.stage_root / outcome.adapter_sha256
-
-    def _resolve(self, ref: str) -> AdapterRecord | Refusal:
-        try:
-            rec = self._lookup(ref)
-        except RegistryError as e:
-            return registry_refusal(e)
-        outcome = self.admit(rec)
-        return outcome if isinstance(outcome, Refusal) else rec
-
-    def admit(self, rec: AdapterRecord) -> Path | Refusal:
-        """May this server serve ``rec``: the one rule for start-up (serving/launch.py), requests and admin loads.
-        The record's checks (:meth:`refuse_record`), its registered files' sha256, its verified copy (staged, or
-        staged again when the copy changed on disk) and the weights vLLM would read from that copy. Returns the
-        verified copy's dir, or why not."""
-        refusal = self.refuse_record(rec)
-        if refusal is not None:
-            return refusal
-        staged = self._verify_and_stage(rec)
-        if isinstance(staged, Refusal):
-            return staged
-        return _unservable(rec, staged) or staged  # read from the bytes vLLM would be given
-
-    def _lookup(self, ref: str) -> AdapterRecord:
-        """The registry's record for ``ref``: ``name@VERSION`` / ``name:ALIAS`` as given, a plain name the version
-        served under it (its champion, else its latest candidate). Raises the registry's errors."""
-        name, version, alias = parse_ref(ref)  # the registry's name rule, checked before any registry read
-        if ".." in ref:  # the rule allows "a..b"; this server has never answered such names
-            raise RegistryInputError(f"model {ref[:100]!r} is not a valid name here: it contains '..'.")
-        if version is not None or alias is not None:
-            return self.registry.get(ref)
-        rec = next((r for r in self.registry.servable() if r.name == name), None)
-        if rec is None:
-            raise AdapterNotFoundError(
-                f"model {ref!r} does not exist: no servable adapter of that name in the registry."
-            )
-        return rec
-
-    def refuse_record(self, rec: AdapterRecord) -> Refusal | None:
-        """Why this server may not load ``rec`` (status, base model, rank, location), or None."""
-        if rec.status not in SERVABLE_STATUSES:
-            return Refusal(
-                403,
-                "AdapterNotServable",
-                f"{rec.name}@{rec.version} is {rec.status}; only candidates and champions are served.",
-            )
-        if rec.base_model_hash != self.base_hash:
-            return Refusal(
-                400,
-                "BaseModelMismatch",
-                f"{rec.name}@{rec.version} was trained on base "
-                f"{rec.base_model!r} ({(rec.base_model_hash or '?')[:12]}), not on the model this server "
-                f"serves ({self.base_hash[:12]}).",
-            )
-        if rec.r > self.max_rank:
-            return Refusal(
-                400,
-                "RankTooLarge",
-                f"{rec.name}@{rec.version} has r={rec.r}, above this server's "
-                f"--max-lora-rank {self.max_rank}. Fix: restart the server (`lorafoundry serve`) so it "
-                "sizes the rank for every registered adapter.",
-            )
-        if not Path(rec.path).resolve().is_relative_to(self.adapter_root):
-            log.warning("%s@%s: %s is outside the adapter root %s", rec.name, rec.version, rec.path, self.adapter_root)
-            return Refusal(
-                403,
-                "PathNotAllowed",
-                f"{rec.name}@{rec.version} lives outside this server's adapter root; the server reads nothing else.",
-            )
-        return None
-
-    def registered_copies(self, sha256: str) -> list[Path]:
-        """The registered dirs inside the adapter root whose version has these bytes (to stage them again)."""
-        dirs = [Path(r.path).resolve() for r in self.registry.list() if r.adapter_sha256 == sha256]
-        return [d for d in dirs if d.is_relative_to(self.adapter_root)]
-
-    def listable(self, rec: AdapterRecord) -> Refusal | None:
-        """The catalog's filter: :meth:`refuse_record`, and weights vLLM cannot serve, read from the registered
-        files without hashing them (a request for it runs all of :meth:`admit`)."""
-        refusal = self.refuse_record(rec)
-        if refusal is not None:
-            return refusal
-        return _unservable(rec, Path(rec.path))
-
-    def _verify_and_stage(self, rec: AdapterRecord) -> Path | Refusal:
-        """Hash the registered files in full (no size/mtime shortcut: a changed copy is refused under every name)
-        and return the verified copy vLLM reads (checked again there)."""
-        changed = Refusal(
-            409,
-            "AdapterIntegrityError",
-            f"{rec.name}@{rec.version}: files changed after registration (sha256 mismatch); refused. "
-            "Fix: `lorafoundry registry verify`.",
-        )
-        path = Path(rec.path).resolve()
-        try:
-            if adapter_sha256(path)[0] != rec.adapter_sha256:
-                return changed
-            return stage(path, rec.adapter_sha256, self.stage_root)
-        except IntegrityError:
-            return changed
-        except OSError as e:
-            log.error("%s@%s: files unreadable: %s", rec.name, rec.version, e)
-            return Refusal(
-                409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable (see the server log)."
-            )
-
-
-def _unservable(rec: AdapterRecord, adapter_dir: Path) -> Refusal | None:
-    """Why vLLM cannot serve the adapter files in ``adapter_dir`` as they are: a variant its multi-LoRA kernels do
-    not apply (DoRA), or weights it cannot load (not safetensors, tensors that do not fit the config)."""
-    if problem := multi_lora_problem(adapter_dir):
-        return Refusal(400, "VariantNotServable", f"{rec.name}@{rec.version} is not served here: {problem}.")
-    if problem := weights_problem(adapter_dir):
-        return Refusal(400, "AdapterNotLoadable", f"{rec.name}@{rec.version} cannot be loaded: {problem}.")
-    return None
-
-
-def _static_models() -> dict[str, int]:
-    """Adapter name -> version loaded under that name at start (``LORAFOUNDRY_STATIC_MODELS``)."""
-    held = {}
-    for item in os.environ.get("LORAFOUNDRY_STATIC_MODELS", "").split(","):
-        name, _, version = item.partition("@")
-        if name and version.isascii() and version.isdigit():
-            held[name] = int(version)
-    return held
 
 
 async def _send_json(send, status: int, body: bytes) -> None:
@@ -375,13 +73,14 @@ class LoraFoundryGuard:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.admin_key = os.environ.get("LORAFOUNDRY_ADMIN_KEY", "")
+        self.admin_key = os.environ.get(ADMIN_KEY_ENV, "")
         # vLLM's own API-key check runs after this middleware, and only under /v1: check the client key here on
         # every route, so that a client without it learns nothing about the registry and causes no lookups
-        self.api_key = os.environ.get("VLLM_API_KEY", "")
-        self.resolver = AdapterResolver.from_env()
-        self.base_name = os.environ.get("LORAFOUNDRY_BASE_NAME", "")
-        self.held = _static_models()  # adapter name -> the version vLLM holds under that name
+        self.api_key = os.environ.get(VLLM_API_KEY_ENV, "")
+        settings = ServerSettings.from_env()
+        self.resolver = AdapterResolver(settings) if settings else None
+        self.base_name = settings.base_name if settings else ""
+        self.held = dict(settings.static_models) if settings else {}  # adapter name -> the version vLLM holds
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":

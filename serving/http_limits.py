@@ -10,17 +10,12 @@ holds each connection for ever. Production servers bound that (nginx's ``client_
   keep uvicorn's own timeout), else the connection is closed;
 - one client address holds at most :data:`MAX_CONNECTIONS_PER_CLIENT` open connections; more are closed at once.
 
-The body's own time limit is the guard's (serving/guard.py ``BODY_TIMEOUT_S``), which answers 408.
+The body's own time limit is the guard's (``BODY_TIMEOUT_S`` in serving/settings.py), which answers 408.
 """
 
 from __future__ import annotations
 
-import os
-
-#: Seconds a connection has to deliver a complete request head (``LORAFOUNDRY_HEAD_TIMEOUT_S``).
-HEAD_TIMEOUT_S = float(os.environ.get("LORAFOUNDRY_HEAD_TIMEOUT_S", "10"))
-#: Open connections one client address may hold (``LORAFOUNDRY_MAX_CONNECTIONS_PER_CLIENT``).
-MAX_CONNECTIONS_PER_CLIENT = int(os.environ.get("LORAFOUNDRY_MAX_CONNECTIONS_PER_CLIENT", "64"))
+from serving.settings import HEAD_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT
 
 
 def apply(protocol: type) -> None:

@@ -13,15 +13,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import httpx
 
+from lora_assets.base_model import resolve_base_model
 from lora_assets.hardware import resolve_dtype
+from lora_assets.home import Home
 from lora_assets.progress import report as report_progress
 from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
-from registry.store import SERVABLE_STATUSES, AdapterRecord
+from registry.store import SERVABLE_STATUSES, AdapterRecord, AdapterRegistry
+from serving.resolver import AdapterResolver, Refusal
+from serving.settings import API_KEY_ENV, DEFAULT_MAX_LORA_RANK, VLLM_API_KEY_ENV, ServerSettings
 
 #: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, MAX_LORA_RANK)  # the spec caps r at the largest
@@ -83,7 +88,7 @@ def build_vllm_command(
             "--max-cpu-loras",
             str(max(serving.max_loras, len(adapters))),
             "--max-lora-rank",
-            str(max_lora_rank(ranks or [16])),
+            str(max_lora_rank(ranks or [DEFAULT_MAX_LORA_RANK])),
         ]
     if adapters:
         cmd += ["--lora-modules"]
@@ -95,7 +100,7 @@ def build_vllm_command(
 
 def auth_headers() -> dict[str, str]:
     """The client API key (``LORAFOUNDRY_API_KEY``) as a bearer header, when one is set."""
-    key = os.environ.get("LORAFOUNDRY_API_KEY")
+    key = os.environ.get(API_KEY_ENV)
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -213,11 +218,6 @@ class VLLMServer:
         self.stop()
 
 
-def stage_dir(home: Path) -> Path:
-    """The verified store of a home: content-addressed, read-only copies of the adapters its servers load."""
-    return Path(home) / "serving" / "verified"
-
-
 class ServerPlan(NamedTuple):
     """What :func:`plan_server` decided: the vLLM command and environment, where it answers, the names it serves
     from the start, and the versions it leaves out with the reason."""
@@ -235,52 +235,47 @@ def plan_server(
     """How to serve this spec's base and its registered adapters.
 
     Served from the start: each name's champion (else latest candidate) registered on this base (same content
-    hash) that the server admits (serving.guard.AdapterResolver.admit: files that match their sha256, a verified
+    hash) that the server admits (serving.resolver.AdapterResolver.admit: files that match their sha256, a verified
     copy, weights vLLM can load); the others are left out, each with its reason, so that one bad version never
     stops the rest. Any other servable version on this base can be asked for as ``name@VERSION`` or
     ``name:ALIAS`` and is loaded through the registry resolver.
     """
-    from lora_assets.pipeline import Pipeline
-    from serving.guard import AdapterResolver, Refusal
+    layout = Home.at(home, registry_path)
+    base = resolve_base_model(spec.base_model, layout.root, spec.spec_dir)
+    registry = AdapterRegistry(layout.registry)
+    same_base = [r for r in registry.list() if r.base_model_hash == base.content_hash and r.status in SERVABLE_STATUSES]
+    settings = ServerSettings(
+        registry=layout.registry,
+        base_hash=base.content_hash,
+        base_name=spec.served_base_name,
+        adapter_root=layout.adapters,
+        stage_root=layout.verified,
+        max_rank=max_lora_rank([r.r for r in same_base] or [DEFAULT_MAX_LORA_RANK]),
+    )
+    adapters, left_out = _admitted(registry, AdapterResolver(settings, ttl_s=0))
+    settings = replace(settings, static_models={a.name: a.version for a in adapters})
+    port = port or spec.serving.port
+    cmd = build_vllm_command(
+        base.path, spec.served_base_name, adapters, spec.serving, port=port, loadable_ranks=[r.r for r in same_base]
+    )
+    # the registry resolver (serving/vllm_plugin.py) and the guard middleware (serving/guard.py) read the settings
+    env = server_env(spec.serving) | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} | settings.to_env()
+    if os.environ.get(API_KEY_ENV):
+        env[VLLM_API_KEY_ENV] = os.environ[API_KEY_ENV]  # in the env, never on the logged command line
+    names = [spec.served_base_name] + [a.name for a in adapters]
+    return ServerPlan(cmd, env, f"http://{spec.serving.host}:{port}", names, left_out)
 
-    pipe = Pipeline(spec, home, registry_path=registry_path)
-    same_base = [
-        r for r in pipe.registry.list() if r.base_model_hash == pipe.base.content_hash and r.status in SERVABLE_STATUSES
-    ]
-    stage_root = stage_dir(pipe.home)
-    max_rank = max_lora_rank([r.r for r in same_base] or [16])
-    resolver = AdapterResolver(pipe.registry.path, pipe.base.content_hash, pipe.adapters_dir, max_rank, 0, stage_root)
+
+def _admitted(registry: AdapterRegistry, resolver: AdapterResolver) -> tuple[list[AdapterRecord], list[str]]:
+    """The versions served under each name on the resolver's base that it admits (their path the verified copy),
+    and why each other one is left out."""
     adapters, left_out = [], []
-    for r in pipe.registry.servable():
-        if r.base_model_hash != pipe.base.content_hash:
+    for r in registry.servable():
+        if r.base_model_hash != resolver.base_hash:
             continue  # another base's adapter: another server's business
         staged = resolver.admit(r)
         if isinstance(staged, Refusal):
             left_out.append(f"{r.name}@{r.version}: {staged.message}")
-            continue
-        adapters.append(r.model_copy(update={"path": str(staged)}))
-    port = port or spec.serving.port
-    cmd = build_vllm_command(
-        pipe.base.path,
-        spec.served_base_name,
-        adapters,
-        spec.serving,
-        port=port,
-        loadable_ranks=[r.r for r in same_base],
-    )
-    url = f"http://{spec.serving.host}:{port}"
-    names = [spec.served_base_name] + [a.name for a in adapters]
-    env = server_env(spec.serving) | {
-        # the registry resolver (serving/vllm_plugin.py) and the guard middleware (serving/guard.py)
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "LORAFOUNDRY_REGISTRY": str(pipe.registry.path),
-        "LORAFOUNDRY_BASE_HASH": pipe.base.content_hash,
-        "LORAFOUNDRY_ADAPTER_ROOT": str(pipe.adapters_dir),
-        "LORAFOUNDRY_MAX_LORA_RANK": str(max_rank),
-        "LORAFOUNDRY_STAGE_DIR": str(stage_root),
-        "LORAFOUNDRY_STATIC_MODELS": ",".join(f"{a.name}@{a.version}" for a in adapters),
-        "LORAFOUNDRY_BASE_NAME": spec.served_base_name,
-    }
-    if os.environ.get("LORAFOUNDRY_API_KEY"):
-        env["VLLM_API_KEY"] = os.environ["LORAFOUNDRY_API_KEY"]  # in the env, never on the logged command line
-    return ServerPlan(cmd, env, url, names, left_out)
+        else:
+            adapters.append(r.model_copy(update={"path": str(staged)}))
+    return adapters, left_out

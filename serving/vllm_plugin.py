@@ -8,8 +8,6 @@ worker it puts the integrity check on every adapter load.
 
 from __future__ import annotations
 
-import os
-
 
 def register() -> None:
     """Apply the CPU multi-LoRA batch-invariance fix; when the server was started by lorafoundry
@@ -58,9 +56,12 @@ def _check_adapter_loads() -> None:
     (serving.integrity.verified_copy). A staged copy that changed is staged again from the registered files and
     checked again; only when no registered copy has those bytes does the load raise, and the adapter is not
     loaded."""
-    stage_root = os.environ.get("LORAFOUNDRY_STAGE_DIR")
-    if not stage_root:
+    from serving.settings import ServerSettings
+
+    settings = ServerSettings.from_env()
+    if settings is None:
         return
+    stage_root = settings.stage_root
     import functools
     import shutil
     import tempfile
@@ -83,12 +84,12 @@ def _check_adapter_loads() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="lorafoundry-load-"))
         try:
             try:
-                copy = verified_copy(lora_request.lora_path, Path(stage_root), tmp / "adapter")
+                copy = verified_copy(lora_request.lora_path, stage_root, tmp / "adapter")
             except (IntegrityError, OSError) as e:
                 log.error("lorafoundry: adapter %r: %s; staging it again", lora_request.lora_name, e)
                 try:
-                    _restage(lora_request.lora_path, Path(stage_root))
-                    copy = verified_copy(lora_request.lora_path, Path(stage_root), tmp / "again")
+                    _restage(lora_request.lora_path, stage_root)
+                    copy = verified_copy(lora_request.lora_path, stage_root, tmp / "again")
                 except (IntegrityError, OSError) as again:
                     log.error("lorafoundry: refused to load adapter %r: %s", lora_request.lora_name, again)
                     raise IntegrityError(str(again)) from None
@@ -109,8 +110,8 @@ def _restage(lora_path: str, stage_root) -> None:
     """Stage the adapter at ``lora_path`` (``<stage_root>/<sha256>``) again from its registered files."""
     from pathlib import Path
 
-    from serving.guard import AdapterResolver
     from serving.integrity import IntegrityError, restage
+    from serving.resolver import AdapterResolver
 
     resolver = AdapterResolver.from_env()
     if resolver is None:
@@ -120,7 +121,7 @@ def _restage(lora_path: str, stage_root) -> None:
 
 
 def _register_resolver() -> None:
-    from serving.guard import AdapterResolver
+    from serving.resolver import AdapterResolver
 
     core = AdapterResolver.from_env()
     if core is None:
@@ -134,13 +135,13 @@ def _register_resolver() -> None:
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             import asyncio
 
-            from serving.guard import Refusal
+            from serving.resolver import Refusal
 
             staged = await asyncio.to_thread(core.resolve_staged, lora_name)
             if isinstance(staged, Refusal):
                 return None
             # vLLM passes the base's path; /v1/models should show the served base name as the parent
-            parent = os.environ.get("LORAFOUNDRY_BASE_NAME") or base_model_name
+            parent = core.settings.base_name or base_model_name
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(staged), base_model_name=parent)
 
     LoRAResolverRegistry.register_resolver("lorafoundry", RegistryLoRAResolver())

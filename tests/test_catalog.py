@@ -10,7 +10,8 @@ import json
 import pytest
 
 from registry.store import AdapterRegistry, NewAdapter
-from serving.guard import AdapterResolver, LoraFoundryGuard
+from serving.guard import LoraFoundryGuard
+from tests.test_guard import make_resolver
 from tests.test_registry import make_adapter_dir
 
 BASE_HASH = "b" * 64
@@ -78,10 +79,13 @@ def guard(registry, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFOUNDRY_BASE_NAME", "tiny")
 
     def make(loaded: list[str], static: str = "", api_key: str = "") -> LoraFoundryGuard:
+        resolver = make_resolver(registry.path, BASE_HASH, tmp_path / "adapters", ttl_s=0)
+        for var, value in resolver.settings.to_env().items():  # what plan_server hands vLLM
+            monkeypatch.setenv(var, value)
         monkeypatch.setenv("LORAFOUNDRY_STATIC_MODELS", static)
         monkeypatch.setenv("VLLM_API_KEY", api_key)
         app = LoraFoundryGuard(downstream(loaded))
-        app.resolver = AdapterResolver(registry.path, BASE_HASH, tmp_path / "adapters", max_rank=16, ttl_s=0)
+        app.resolver = resolver
         return app
 
     return make

@@ -43,10 +43,10 @@ def test_a_changed_verified_copy_is_staged_again_and_the_server_stays_up(vllm_se
     """Flip a byte of the champion's staged copy, evict it, ask for it: the guard finds the copy changed, stages it
     again from the registered files, and the same answer comes back; the same server process still answers the
     base and the other adapter."""
+    from lora_assets.home import Home
     from registry.store import AdapterRegistry
     from serving import deployment
     from serving.integrity import staged_intact
-    from serving.launch import stage_dir
     from tests.conftest import ADMIN_KEY
 
     url, pid = vllm_server["url"], vllm_server["pid"]
@@ -58,7 +58,7 @@ def test_a_changed_verified_copy_is_staged_again_and_the_server_stays_up(vllm_se
         _register_copy(reg, cat, session_home / "adapters" / "test-copies" / f"restage-{i}")
         for i in range(demo_spec.serving.max_loras + 2)
     ]
-    staged = stage_dir(session_home) / sen.adapter_sha256
+    staged = Home.at(session_home).verified / sen.adapter_sha256
     try:
         _evict(url, copies, prompt)
         _flip_staged(staged)
@@ -233,8 +233,8 @@ def test_serve_leaves_out_what_it_cannot_load_and_survives_a_changed_copy(
     not list it), serves the champion from a copy staged again. Then, with the guard's lookups cached for the whole
     test, a changed copy of an evicted adapter is found by vLLM's worker when it reloads it: the worker stages it
     again, the answer is the same, and the same process serves on."""
+    from lora_assets.home import Home
     from registry.store import AdapterRegistry
-    from serving.launch import stage_dir
     from tests.conftest import DEMO_SPEC, free_port
 
     home = _home_copy(session_home, tmp_path / "home")
@@ -245,7 +245,7 @@ def test_serve_leaves_out_what_it_cannot_load_and_survives_a_changed_copy(
         _register_copy(reg, cat, home / "adapters" / "copies" / f"evict-{i}")
         for i in range(demo_spec.serving.max_loras + 2)
     ]
-    staged = stage_dir(home) / sen.adapter_sha256
+    staged = Home.at(home).verified / sen.adapter_sha256
     _flip_staged(staged)
     prompt, base = PROMPTS[1], demo_spec.served_base_name
     expected = {m: complete(vllm_server["url"], m, prompt) for m in ("sentiment", "categories", base)}

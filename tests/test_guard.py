@@ -1,6 +1,6 @@
-"""serving/guard.py without a server: registry errors become HTTP codes by their type, and concurrent lookups of
-one name share one registry read and one sha256 (the real-server tests are in tests/test_serving.py and
-tests/test_security_serving.py)."""
+"""serving/guard.py and serving/resolver.py without a server: registry errors become HTTP codes by their type, and
+concurrent lookups of one name share one registry read and one sha256 (the real-server tests are in
+tests/test_serving.py and tests/test_security_serving.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets.home import Home
 from registry.store import (
     AdapterNotFoundError,
     AdapterRecord,
@@ -24,8 +25,10 @@ from registry.store import (
     RegistryInputError,
     RegistrySchemaError,
 )
-from serving import guard
-from serving.guard import AdapterResolver, LoraFoundryGuard
+from serving import resolver as resolver_module
+from serving.guard import LoraFoundryGuard
+from serving.resolver import AdapterResolver
+from serving.settings import ServerSettings
 
 BASE_HASH = "b" * 64
 
@@ -57,11 +60,23 @@ def record(tmp_path: Path, name: str = "sentiment", version: int = 3, **fields) 
     return AdapterRecord(**{**values, **fields})
 
 
+def make_resolver(registry: Path, base_hash: str, adapter_root: Path, ttl_s: float | None = None) -> AdapterResolver:
+    """A resolver with the settings `plan_server` would give a server of this home (rank 16, the home's store)."""
+    settings = ServerSettings(
+        registry=registry,
+        base_hash=base_hash,
+        base_name="tiny",
+        adapter_root=adapter_root,
+        stage_root=Home.at(Path(registry).parent).verified,
+    )
+    return AdapterResolver(settings, ttl_s=ttl_s)
+
+
 @pytest.fixture
 def resolver(tmp_path) -> AdapterResolver:
     """A resolver over a registry file that is never opened: each test replaces the registry reads it needs."""
     (tmp_path / "adapters").mkdir()
-    return AdapterResolver(tmp_path / "registry.duckdb", BASE_HASH, tmp_path / "adapters", max_rank=16, ttl_s=2)
+    return make_resolver(tmp_path / "registry.duckdb", BASE_HASH, tmp_path / "adapters", ttl_s=2)
 
 
 async def _downstream(scope, receive, send) -> None:
@@ -118,7 +133,7 @@ def test_registry_errors_map_to_http_codes_by_type_not_message(app, resolver, mo
     """The message is reworded to say something else entirely (even another error's words): the code follows the
     type, on generation and admin routes alike. A server-side failure's message stays in the log (it names this
     machine's files); the client reads that the registry is unavailable."""
-    from serving.guard import REGISTRY_UNAVAILABLE
+    from serving.resolver import REGISTRY_UNAVAILABLE
 
     message = "something entirely different: registry locked by another writer; no such adapter; invalid name"
 
@@ -137,10 +152,10 @@ def test_registry_errors_map_to_http_codes_by_type_not_message(app, resolver, mo
 
 def test_nearest_class_in_the_mro_decides(monkeypatch):
     """A class listed in the table wins over its parents; a new class with its own entry gets that entry."""
-    monkeypatch.setitem(guard.REGISTRY_ERRORS, SubclassOfNotFoundError, (409, "Conflict"))
-    refusal = guard.registry_refusal(SubclassOfNotFoundError("not found"))
+    monkeypatch.setitem(resolver_module.REGISTRY_ERRORS, SubclassOfNotFoundError, (409, "Conflict"))
+    refusal = resolver_module.registry_refusal(SubclassOfNotFoundError("not found"))
     assert (refusal.status, refusal.type) == (409, "Conflict")
-    assert guard.registry_refusal(AdapterNotFoundError("conflict")).status == 404
+    assert resolver_module.registry_refusal(AdapterNotFoundError("conflict")).status == 404
 
 
 @pytest.mark.parametrize(
@@ -160,9 +175,9 @@ def test_malformed_names_are_refused_before_any_registry_read(app, resolver, mon
 def test_a_servable_name_goes_on_as_name_at_version(app, resolver, tmp_path, monkeypatch):
     rec = record(tmp_path)
     monkeypatch.setattr(resolver.registry, "servable", lambda: [rec])
-    monkeypatch.setattr(guard, "adapter_sha256", lambda path: (rec.adapter_sha256, 1))
-    monkeypatch.setattr(guard, "stage", lambda path, sha, root: root / sha)
-    monkeypatch.setattr(guard, "weights_problem", lambda adapter_dir: None)  # no files behind the fake stage
+    monkeypatch.setattr(resolver_module, "adapter_sha256", lambda path: (rec.adapter_sha256, 1))
+    monkeypatch.setattr(resolver_module, "stage", lambda path, sha, root: root / sha)
+    monkeypatch.setattr(resolver_module, "weights_problem", lambda adapter_dir: None)  # no files behind the fake stage
     code, body = ask(app, "/v1/completions", {"model": "sentiment", "prompt": "hi"})
     assert (code, body) == (200, {"model": "sentiment@3", "prompt": "hi"})
 
@@ -186,9 +201,9 @@ def _count_lookups(resolver, tmp_path, monkeypatch, delay_s: float = 0.3) -> dic
         return "a" * 64, 1
 
     monkeypatch.setattr(resolver.registry, "get", get)
-    monkeypatch.setattr(guard, "adapter_sha256", sha256)
-    monkeypatch.setattr(guard, "stage", lambda path, sha, root: root / sha)
-    monkeypatch.setattr(guard, "weights_problem", lambda adapter_dir: None)  # no files behind the fake stage
+    monkeypatch.setattr(resolver_module, "adapter_sha256", sha256)
+    monkeypatch.setattr(resolver_module, "stage", lambda path, sha, root: root / sha)
+    monkeypatch.setattr(resolver_module, "weights_problem", lambda adapter_dir: None)  # no files behind the fake stage
     return counts
 
 
@@ -239,9 +254,9 @@ def test_a_slow_lookup_does_not_hold_up_other_names(resolver, tmp_path, monkeypa
         return record(tmp_path, name=name, version=int(version))
 
     monkeypatch.setattr(resolver.registry, "get", get)
-    monkeypatch.setattr(guard, "adapter_sha256", lambda path: ("a" * 64, 1))
-    monkeypatch.setattr(guard, "stage", lambda path, sha, root: root / sha)
-    monkeypatch.setattr(guard, "weights_problem", lambda adapter_dir: None)  # no files behind the fake stage
+    monkeypatch.setattr(resolver_module, "adapter_sha256", lambda path: ("a" * 64, 1))
+    monkeypatch.setattr(resolver_module, "stage", lambda path, sha, root: root / sha)
+    monkeypatch.setattr(resolver_module, "weights_problem", lambda adapter_dir: None)  # no files behind the fake stage
     with ThreadPoolExecutor(max_workers=2) as pool:
         slow = pool.submit(resolver.resolve, "slow@1")
         assert started.wait(10)
@@ -249,7 +264,7 @@ def test_a_slow_lookup_does_not_hold_up_other_names(resolver, tmp_path, monkeypa
         assert not slow.done()
         release.set()
         assert slow.result(10).version == 1
-    assert guard._LOOKUP_LOCKS._locks == {}  # no lock left behind per client-chosen name
+    assert resolver_module._LOOKUP_LOCKS._locks == {}  # no lock left behind per client-chosen name
 
 
 def test_answers_are_reused_within_the_ttl_and_fresh_asks_again(resolver, tmp_path, monkeypatch):

@@ -529,7 +529,8 @@ def test_cli_register_brings_files_home_and_records_the_base(tmp_path, random_ba
     note says it will not be served."""
     from lora_assets.base_model import resolve_base_model
     from orchestration.cli import app
-    from serving.guard import AdapterResolver, Refusal
+    from serving.resolver import Refusal
+    from tests.test_guard import make_resolver
 
     home = tmp_path / "home"
     ext = make_adapter_dir(tmp_path / "elsewhere")
@@ -553,7 +554,7 @@ def test_cli_register_brings_files_home_and_records_the_base(tmp_path, random_ba
     base_hash = resolve_base_model(str(random_base), home).content_hash
     assert rec["base_model_hash"] == base_hash
     assert Path(rec["path"]).is_relative_to(home / "adapters") and (Path(rec["path"]) / "adapter_config.json").exists()
-    resolver = AdapterResolver(home / "registry.duckdb", base_hash, home / "adapters", max_rank=16)
+    resolver = make_resolver(home / "registry.duckdb", base_hash, home / "adapters")
     assert not isinstance(resolver.resolve("ext@1"), Refusal)
 
     res = CliRunner().invoke(
@@ -599,18 +600,19 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_resolver_answers_are_shared_for_their_time(tmp_path):
     """The guard and vLLM's resolver plugin ask about the same name one after the other: the second asks no
     registry; after the cache time a change (here an archive) is seen."""
-    from serving.guard import AdapterResolver, Refusal
+    from serving.resolver import Refusal
+    from tests.test_guard import make_resolver
 
     reg = AdapterRegistry(tmp_path / "r.duckdb")
     root = tmp_path / "adapters"
     rec = reg.register(
         NewAdapter(name="a", path=make_adapter_dir(root / "a1"), base_model="b", base_model_hash="h" * 64)
     )
-    guard, plugin = (AdapterResolver(tmp_path / "r.duckdb", "h" * 64, root, 16, ttl_s=60) for _ in range(2))
+    guard, plugin = (make_resolver(tmp_path / "r.duckdb", "h" * 64, root, ttl_s=60) for _ in range(2))
     assert guard.resolve("a@1").adapter_sha256 == rec.adapter_sha256
     reg.archive("a", 1)
     assert not isinstance(plugin.resolve("a@1"), Refusal)  # the guard's answer, seconds old
-    fresh = AdapterResolver(tmp_path / "r.duckdb", "h" * 64, root, 16, ttl_s=0)
+    fresh = make_resolver(tmp_path / "r.duckdb", "h" * 64, root, ttl_s=0)
     assert fresh.resolve("a@1").status == 403
     reg.register(
         NewAdapter(name="a", path=make_adapter_dir(root / "a2", seed=2), base_model="b", base_model_hash="h" * 64)

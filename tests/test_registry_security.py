@@ -202,9 +202,10 @@ def test_damaged_file_is_reported_at_once(home, tmp_path, how):
 
 
 def _assert_serves_from(home: Path) -> None:
-    from serving.guard import AdapterResolver, Refusal
+    from serving.resolver import Refusal
+    from tests.test_guard import make_resolver
 
-    resolver = AdapterResolver(home / "registry.duckdb", HASH, home / "adapters", max_rank=16, ttl_s=0)
+    resolver = make_resolver(home / "registry.duckdb", HASH, home / "adapters", ttl_s=0)
     for ref, version in (("a@1", 1), ("a:prod", 1), ("a", 2), ("a@2", 2)):
         rec = resolver.resolve(ref)
         assert not isinstance(rec, Refusal), (ref, rec)
@@ -505,7 +506,8 @@ def test_eight_writers_with_readers_under_cpu_load(tmp_path, capsys):
 def test_readers_do_not_wait_while_a_writer_holds_the_file(home):
     """A writer mid-transaction (its turn taken, the DuckDB file open read-write): the server's resolver, `show`,
     `list` and `sql` answer at once from the snapshot."""
-    from serving.guard import AdapterResolver, Refusal
+    from serving.resolver import Refusal
+    from tests.test_guard import make_resolver
 
     path = home / "registry.duckdb"
     with file_lock(path.with_name(path.name + ".lock"), 0.0) as held:
@@ -514,7 +516,7 @@ def test_readers_do_not_wait_while_a_writer_holds_the_file(home):
         con.execute("BEGIN TRANSACTION")
         con.execute("UPDATE adapters SET status = 'archived' WHERE version = 2")
         t0 = time.monotonic()
-        resolver = AdapterResolver(path, HASH, home / "adapters", max_rank=16, ttl_s=0)
+        resolver = make_resolver(path, HASH, home / "adapters", ttl_s=0)
         assert not isinstance(resolver.resolve("a@1"), Refusal)
         assert not isinstance(resolver.resolve("a:prod"), Refusal)
         assert cli(home, "show", "a@2", "--json").exit_code == 0

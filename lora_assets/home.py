@@ -1,0 +1,86 @@
+"""The home dir's layout, in one place: every path under a lorafoundry home comes from :class:`Home`.
+
+A home (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``) holds all state::
+
+    models/builtin-tiny-<recipe>/       the embedded base models, built once per recipe
+    datasets/<name>/<fingerprint>/      train.jsonl, eval.jsonl, quarantine.jsonl, report.json
+    datasets/<name>/current.json        which fingerprint the last cleaning produced
+    adapters/<job>/<run key>/           peft adapter dir + training_manifest.json + eval_results.json
+    adapters/<job>/current.json         which run the last training produced
+    adapters/imported/                  adapters brought in by `registry register` / `registry import`
+    tokenized/<key>.npz                 train splits tokenized once per (data, tokenizer, template, length)
+    launch/<job>/<run key>/             a data-parallel training's launch request and its ranks' files
+    registry.duckdb                     the adapter registry (unless $LORAFOUNDRY_REGISTRY names another file)
+    serving/verified/<sha256>/          read-only adapter copies that vLLM reads (serving/integrity.py)
+    serving/deployment.json             the vLLM server the serving/deployment asset left running
+    logs/                               run logs and vLLM logs
+    dagster_home/                       Dagster's instance (runs, event logs) for the CLI and the UI
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The home when neither ``--home`` nor ``$LORAFOUNDRY_HOME`` says one.
+DEFAULT_HOME = ".lorafoundry"
+
+
+@dataclass(frozen=True)
+class Home:
+    """The paths of one home dir.
+
+    Args:
+        root: the home dir (absolute).
+        registry: the registry file: ``$LORAFOUNDRY_REGISTRY`` (e.g. on shared storage), else
+            ``<root>/registry.duckdb``.
+    """
+
+    root: Path
+    registry: Path
+
+    @classmethod
+    def at(cls, root: Path | str | None = None, registry: Path | str | None = None) -> Home:
+        """The home at ``root`` (default ``$LORAFOUNDRY_HOME``, else ``./.lorafoundry``), its registry at
+        ``registry`` (default ``$LORAFOUNDRY_REGISTRY``, else inside the home)."""
+        home = Path(root or os.environ.get("LORAFOUNDRY_HOME") or DEFAULT_HOME).resolve()
+        file = registry or os.environ.get("LORAFOUNDRY_REGISTRY") or home / "registry.duckdb"
+        return cls(home, Path(file).resolve())
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def tokenized(self) -> Path:
+        return self.root / "tokenized"
+
+    @property
+    def launches(self) -> Path:
+        return self.root / "launch"
+
+    @property
+    def verified(self) -> Path:
+        """The verified store: content-addressed, read-only copies of the adapters this home's servers load."""
+        return self.root / "serving" / "verified"
+
+    @property
+    def deployment_state(self) -> Path:
+        return self.root / "serving" / "deployment.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.root / "dagster_home"
