@@ -2,7 +2,7 @@
 
 Modelled on vLLM's ``vllm/exceptions.py``: the layers above map these types to their own answers in one place each
 (the CLI to exit codes, ``orchestration/cli.py:EXIT_CODES``; the server's guard to HTTP statuses,
-``serving/guard.py:REGISTRY_ERRORS``), taking the entry of the nearest class in the error's MRO. Messages say what
+``serving/resolver.py:REGISTRY_ERRORS``), taking the entry of the nearest class in the error's MRO. Messages say what
 failed, the bad value and the fix; they may be reworded freely.
 
 ::
