@@ -9,14 +9,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn, ParamSpec
+from typing import TYPE_CHECKING, Annotated, NoReturn, ParamSpec
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lora_assets.spec import PipelineSpec, SpecError, load_spec
 from orchestration import render
 from registry.errors import (
     AdapterNotFoundError,
@@ -28,6 +27,9 @@ from registry.errors import (
     RegistryInputError,
     RegistrySchemaError,
 )
+
+if TYPE_CHECKING:  # the spec's models are built when a command reads a spec, not for --help or `registry`
+    from lora_assets.spec import PipelineSpec
 
 P = ParamSpec("P")
 
@@ -67,9 +69,9 @@ VerboseOpt = Annotated[
 def _home(home: Path | None) -> Path:
     """The home dir of every command: ``--home``, else the default; exit 1 when it, or a dir above it, is a file
     (a home there would hold nothing, and every write to it fails)."""
-    from lora_assets.pipeline import default_home
+    from lora_assets.home import Home  # not lora_assets.pipeline: that imports torch
 
-    h = (home or default_home()).resolve()
+    h = (home or Home.at().root).resolve()
     existing = next((p for p in (h, *h.parents) if os.path.exists(p)), None)
     if existing is not None and not os.path.isdir(existing):
         _fail(
@@ -80,6 +82,8 @@ def _home(home: Path | None) -> Path:
 
 
 def _load(spec_path: Path) -> PipelineSpec:
+    from lora_assets.spec import SpecError, load_spec
+
     try:
         return load_spec(spec_path)
     except SpecError as e:
@@ -104,6 +108,7 @@ def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True, verbose
     recorded in the home's Dagster instance: one live row per asset on ``out``, every Dagster event in
     ``<home>/logs/run-<run id>.log`` (and on ``out`` too when ``verbose``)."""
     from lora_assets.pipeline import Pipeline
+    from lora_assets.spec import SpecError
     from orchestration.assets import build_assets
     from orchestration.progress import RunLog, RunTracker, RunView, materialize_logged, rows_of_assets
     from orchestration.resources import resources_from_env
@@ -440,10 +445,10 @@ def registry_command(name: str) -> Callable[[Callable[P, None]], Callable[P, Non
 
 def _registry(home: Path | None, actor: str = "cli"):
     """The registry of ``home`` (or the file named by LORAFOUNDRY_REGISTRY)."""
-    from lora_assets.pipeline import default_registry_path
+    from lora_assets.home import Home
     from registry.store import AdapterRegistry
 
-    return AdapterRegistry(default_registry_path(_home(home)), actor=actor)
+    return AdapterRegistry(Home.at(_home(home)).registry, actor=actor)
 
 
 def _show(items: list, as_json: bool, table: Callable[[], Table], compact: bool = False) -> None:
