@@ -13,11 +13,8 @@ import signal
 import time
 from pathlib import Path
 
-import httpx
-
 from lora_assets.files import write_json_atomic
 from lora_assets.home import Home
-from serving.launch import VLLMServer, auth_headers
 
 
 def state_path(home: Path) -> Path:
@@ -49,6 +46,10 @@ def _alive(pid: int) -> bool:
 
 def current(home: Path) -> dict | None:
     """The recorded deployment if its process is alive and answers on /v1/models, else None."""
+    import httpx  # here, not at the top: `lorafoundry stop` reads the state file only
+
+    from serving.launch import auth_headers
+
     path = state_path(home)
     if not path.exists():
         return None
@@ -149,6 +150,8 @@ def deploy(
         timeout_s: how long to wait for it to answer.
         on_wait: optional callable(seconds waited) for progress.
     """
+    from serving.launch import VLLMServer
+
     running = current(home)
     if running and same_command(running["cmd"], cmd):
         return running, False
