@@ -32,9 +32,16 @@ demo: install
 	LORAFOUNDRY_HOME=$(HOME_DIR) $(VENV)/bin/lorafoundry demo
 
 # The lint first, then the tests in a random order (pytest-randomly prints its seed; `--randomly-seed=N` replays
-# an order, `-p no:randomly` turns it off).
+# an order, `-p no:randomly` turns it off). Each test, its fixtures' setup included, has 900 s (pytest-timeout,
+# pyproject.toml): a hang fails that test by name with every thread's stack.
 test: install browser lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
+
+# The quick tier (docs/testing.md): everything not marked `slow`, i.e. nothing that trains, starts vLLM or drives a
+# browser; no lint, no browser install. A hang here fails after 300 s.
+.PHONY: test-fast
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" --timeout=300 --durations=15 tests
 
 # The browser test drives Debian's headless Chromium through chromedriver; install them when missing.
 browser:

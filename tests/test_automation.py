@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from orchestration.assets import build_assets
 from orchestration.resources import RegistryResource, ServingResource, resources_from_env
@@ -41,6 +42,7 @@ def test_resources_come_from_the_environment(tmp_path, monkeypatch):
     assert res["serving"].url is None and res["serving"].admin_key is None
 
 
+@pytest.mark.slow
 def test_automation_follows_upstream_only_after_blocking_checks_pass(tmp_path, random_base):
     """A re-cleaned dataset makes training follow, unless a blocking check on the cleaning failed."""
     spec = small_spec(tmp_path, random_base)

@@ -101,6 +101,7 @@ def test_dg_finds_the_component_type(tmp_path):
     assert "orchestration.LoraFoundryPipeline" in {c["key"] for c in json.loads(listed.stdout)["items"]}
 
 
+@pytest.mark.slow
 def test_two_instances_materialize_in_one_run_without_key_clashes(tmp_path, random_base, monkeypatch):
     """Two pipelines (same adapter-free names would clash without the prefix: both call their dataset `qa`)
     load from one defs folder and materialize in one run into one home."""

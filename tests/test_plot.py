@@ -30,5 +30,10 @@ def test_empty_and_flat_curves_still_render():
 
 
 def test_non_finite_losses_are_left_out():
-    png = loss_curve_png([(1, float("nan")), (2, 3.0), (3, float("inf")), (4, 2.0)])
-    assert _blue_pixels(png)
+    """The chart of a curve with NaN and infinite losses is, pixel for pixel, the chart of its finite points: they
+    set neither the axes (steps 1 and 5 would widen them) nor the line."""
+    nan, inf = float("nan"), float("inf")
+    finite = loss_curve_png([(2, 3.0), (4, 2.0)])
+    assert _blue_pixels(finite)  # the finite points are drawn, not an empty chart
+    assert loss_curve_png([(1, nan), (2, 3.0), (3, inf), (4, 2.0), (5, -inf)]) == finite
+    assert loss_curve_png([(1, nan), (2, inf)]) == loss_curve_png([])  # nothing finite: the "no loss logged" chart

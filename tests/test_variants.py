@@ -43,6 +43,7 @@ def data(random_base, tmp_path_factory):
     return root, clean, resolve_base_model(str(random_base), root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["rslora", "dora", "pissa", "olora"])
 def test_each_variant_trains_one_epoch_and_saves_what_serving_needs(data, variant):
     root, clean, base = data
@@ -124,6 +125,7 @@ def test_pissa_with_qlora_is_refused_in_the_spec():
         AdapterSpec(dataset="d", variant="pissa", method="qlora")
 
 
+@pytest.mark.slow
 def test_the_workers_verified_copy_refuses_a_dora_adapter(data, tmp_path):
     """The last check before vLLM reads the files, in its worker: a DoRA adapter is never loaded."""
     from registry.store import adapter_sha256
