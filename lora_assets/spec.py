@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from lora_assets.base_model import BUILTIN_MODELS
@@ -224,6 +224,7 @@ class AdapterSpec(_Strict):
         "with the champion on the same held-out rows, the bootstrap interval of the difference (at the gate's "
         "confidence, else 95%) above zero; `always`; or `manual` (`lorafoundry registry promote`).",
     )
+    # The last field: its validator sees every other field's validated value (``info.data``) to check grid points.
     sweep: dict[str, list[Any]] | None = Field(
         None,
         description="Grid over r, lora_alpha, target_modules, learning_rate, method, seed, variant: one adapter "
@@ -244,26 +245,34 @@ class AdapterSpec(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _init_variants_need_lora(self) -> AdapterSpec:
-        if self.variant in ("pissa", "olora") and self.method == "qlora":
-            raise ValueError(
-                f"variant {self.variant} initialises the adapter from the base's full-precision weights and is "
-                "converted against them when saved; with a 4-bit base the converted adapter would not match. "
-                "Fix: use method lora, or variant lora/rslora/dora with qlora"
+    def _settings_fit_together(self) -> AdapterSpec:
+        """Settings valid alone but not together, every one collected. A sweep's grid points, not this entry's own
+        values of the swept keys, are what trains: the sweep's validator checks each point as a whole adapter."""
+        problems = [] if self.sweep else self._combination_problems()
+        if problems:
+            raise PydanticCustomError(
+                "adapter_problems", "{summary}", {"summary": "; ".join(problems), "problems": problems}
             )
         return self
 
-    @model_validator(mode="after")
-    def _batch_splits_over_processes(self) -> AdapterSpec:
+    def _combination_problems(self) -> list[str]:
+        """The cross-field problems of one concrete adapter (no sweep)."""
+        problems = []
+        if self.variant in ("pissa", "olora") and self.method == "qlora":
+            problems.append(
+                f"variant {self.variant} initialises the adapter from the base's full-precision weights and is "
+                "converted against them when saved; with a 4-bit base the converted adapter would not match. "
+                "Fix: use method lora, or variant lora/rslora/dora with qlora."
+            )
         if self.batch_size % self.processes:
             lower = self.batch_size - self.batch_size % self.processes
             fixes = [f"batch_size {n}" for n in (lower, lower + self.processes) if n > 0]
-            raise ValueError(
+            problems.append(
                 f"batch_size {self.batch_size} does not split evenly over processes {self.processes}: each process "
                 f"trains batch_size / processes examples of every step. Fix: set {' or '.join(fixes)}, or change "
-                "processes"
+                "processes."
             )
-        return self
+        return problems
 
     @field_validator("lora_alpha")
     @classmethod
@@ -300,7 +309,9 @@ class AdapterSpec(_Strict):
 
     @field_validator("sweep")
     @classmethod
-    def _sweep_keys(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+    def _sweep_is_valid(cls, v: dict[str, list[Any]] | None, info: ValidationInfo) -> dict[str, list[Any]] | None:
+        """Sweepable keys, a bounded grid, every value valid as its setting, and every grid point of valid values a
+        valid adapter (checked once every other field is valid: a point is the other fields plus its values)."""
         if v is None:
             return v
         allowed = {"r", "lora_alpha", "target_modules", "learning_rate", "method", "seed", "variant"}
@@ -316,11 +327,19 @@ class AdapterSpec(_Strict):
                 f"the sweep is a grid of {points:,} points, each a training run; at most {MAX_SWEEP_POINTS:,} are "
                 "allowed. Fix: sweep fewer values"
             )
-        problems = [
-            p for key in sorted(v) for i, value in enumerate(v[key]) for p in _sweep_value_problems(key, i, value)
-        ]
+        bad_values = {
+            (key, i): found
+            for key in sorted(v)
+            for i, value in enumerate(v[key])
+            if (found := _sweep_value_problems(key, i, value))
+        }
+        problems = [p for found in bad_values.values() for p in found]
+        if set(info.data) >= set(cls.model_fields) - {"sweep"}:
+            problems += _grid_problems(info.data, v, skip=set(bad_values))
         if problems:
-            raise PydanticCustomError("sweep_values", "bad sweep values", {"problems": problems})
+            raise PydanticCustomError(
+                "sweep_values", "{summary}", {"summary": "; ".join(problems), "problems": problems}
+            )
         return v
 
     @property
@@ -339,16 +358,12 @@ class AdapterSpec(_Strict):
         return list(self.target_modules)
 
     def sweep_points(self) -> list[AdapterSpec]:
-        """Expand `sweep` into one concrete spec per grid point (the spec itself when there is no sweep)."""
+        """Expand `sweep` into one concrete spec per grid point (the spec itself when there is no sweep). Every
+        point was validated with the spec, so this does not fail on a spec that loaded."""
         if not self.sweep:
             return [self]
-        keys = sorted(self.sweep)
-        points = []
-        for values in itertools.product(*(self.sweep[k] for k in keys)):
-            data = self.model_dump(exclude={"sweep"})
-            data.update(dict(zip(keys, values, strict=True)))
-            points.append(AdapterSpec.model_validate(data))
-        return points
+        fields = self.model_dump(exclude={"sweep"})
+        return [AdapterSpec.model_validate({**fields, **point}) for _, point in _grid(self.sweep)]
 
 
 class ServingSpec(_Strict):
@@ -445,13 +460,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _describe(err: dict, model: type[BaseModel], path: str | None = None) -> list[str]:
-    """The problems one pydantic error stands for, each "field.path: message (got value). Fix: ..."."""
+def _point_value(value: Any) -> str:
+    """One value of a grid point as its label shows it: `pissa`, `0.0002`, `['q_proj', 'v_proj']`."""
+    return _key(value) if isinstance(value, str) else _short(value)
+
+
+def _describe(err: dict, model: type[BaseModel], path: str | None = None, relative: bool = False) -> list[str]:
+    """The problems one pydantic error stands for, each "field.path: message (got value). Fix: ...". ``relative``:
+    a path relative to ``model``, where a problem of the whole model is only "message"."""
     loc = tuple(p for p in err["loc"] if not isinstance(p, str) or "[" not in p)
     path = path or _loc(loc)
     value = _short(err.get("input"))
-    if err["type"] == "sweep_values":
-        return [f"{path}.{problem}" for problem in err["ctx"]["problems"]]
+    if err["type"] == "sweep_values":  # `.r.1: ...` for a value, `[r=4, method=qlora]: ...` for a grid point
+        return [f"{path}{'' if p.startswith('[') else '.'}{p}" for p in err["ctx"]["problems"]]
+    if err["type"] == "adapter_problems":
+        return [p if relative and not loc else f"{path}: {p}" for p in err["ctx"]["problems"]]
     if err["type"] == "extra_forbidden":
         parent = _fields_at(model, loc[:-1])
         allowed = f"; allowed keys here: {', '.join(parent)}" if parent else ""
@@ -520,6 +543,36 @@ def _sweep_value_problems(key: str, index: int, value: Any) -> list[str]:
     except ValidationError as e:
         return [p for err in e.errors() for p in _describe(err, AdapterSpec, path=f"{key}.{index}")]
     return []
+
+
+def _grid(sweep: dict[str, list[Any]]) -> list[tuple[set[tuple[str, int]], dict[str, Any]]]:
+    """A sweep's grid points in training order (keys sorted, the last one varying fastest): each as the (key, index)
+    of its values and key -> value."""
+    keys = sorted(sweep)
+    grid = itertools.product(*(list(enumerate(sweep[k])) for k in keys))
+    return [
+        ({(k, i) for k, (i, _) in zip(keys, p, strict=True)}, {k: x for k, (_, x) in zip(keys, p, strict=True)})
+        for p in grid
+    ]
+
+
+def _grid_problems(fields: dict[str, Any], sweep: dict[str, list[Any]], skip: set[tuple[str, int]]) -> list[str]:
+    """``[key=value, ...]: problem`` for every grid point that is not a valid adapter, validated as one from
+    ``fields`` and its values; points with a value in ``skip`` (already reported) are left out. A problem found at
+    every point of a grid of several is named once, as ``[every point]``."""
+    found: dict[str, list[str]] = {}
+    for indexes, point in _grid(sweep):
+        if indexes & skip:
+            continue
+        label = "[" + ", ".join(f"{k}={_point_value(point[k])}" for k in sweep) + "]"
+        try:
+            AdapterSpec.model_validate({**fields, **point})
+            found[label] = []
+        except ValidationError as e:
+            found[label] = [p for err in e.errors() for p in _describe(err, AdapterSpec, relative=True)]
+    everywhere = set.intersection(*map(set, found.values())) if len(found) > 1 else set()
+    problems = [f"[every point]: {p}" for p in dict.fromkeys(p for ps in found.values() for p in ps if p in everywhere)]
+    return problems + [f"{label}: {p}" for label, ps in found.items() for p in ps if p not in everywhere]
 
 
 def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
