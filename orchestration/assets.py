@@ -28,6 +28,7 @@ from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_job
 from lora_assets.plot import markdown_image
 from lora_assets.spec import PipelineSpec
 from lora_assets.train import LOSS_PLOT, TRAINER_VERSION, run_config
+from orchestration import metadata_keys as mk
 from orchestration.keys import AssetKeys
 from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource, pipeline
 from registry import leaderboard
@@ -123,8 +124,8 @@ def _base_model_asset(spec: PipelineSpec, keys: AssetKeys) -> dg.AssetsDefinitio
             data_version=dg.DataVersion(ref.content_hash),
             metadata={
                 "content_hash": ref.content_hash,
-                "obtained": ref.obtained,
-                "parameters": ref.parameters,
+                mk.BASE_OBTAINED: ref.obtained,
+                mk.BASE_PARAMETERS: ref.parameters,
                 "architecture": ", ".join(ref.config.get("architectures", [])),
                 "path": dg.MetadataValue.path(str(ref.path)),
                 "build_record": dg.MetadataValue.json(ref.build_record()),
@@ -148,10 +149,10 @@ def _clean_asset(spec: PipelineSpec, keys: AssetKeys, ds_name: str) -> dg.Assets
     def clean_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
         report = Pipeline(spec, lorafoundry.home, progress=context.log.info).clean(ds_name)
         counts = {
-            "rows_in": report.rows_in,
-            "rows_train": report.rows_train,
-            "rows_eval": report.rows_eval,
-            "rows_quarantined": report.rows_quarantined,
+            mk.CLEAN_ROWS_IN: report.rows_in,
+            mk.CLEAN_ROWS_TRAIN: report.rows_train,
+            mk.CLEAN_ROWS_EVAL: report.rows_eval,
+            mk.CLEAN_ROWS_QUARANTINED: report.rows_quarantined,
             "leakage_moved_to_train": report.leakage_moved_to_train,
         }
         reasons = [{"reason": k, "rows": v} for k, v in report.by_reason.items()] or [{"reason": "(none)", "rows": 0}]
@@ -256,12 +257,12 @@ def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Ass
             metadata={
                 "method": r.method,
                 "method_reason": r.method_reason,
-                "reused_existing_run": r.reused,
-                "train_loss": r.train_loss,
-                "steps": r.steps,
+                mk.TRAIN_REUSED: r.reused,
+                mk.TRAIN_LOSS: r.train_loss,
+                mk.TRAIN_STEPS: r.steps,
                 "examples": r.examples,
                 "tokens": r.tokens,
-                "tokens_per_s": r.tokens_per_s,
+                mk.TRAIN_TOKENS_PER_S: r.tokens_per_s,
                 "wall_s": r.wall_s,
                 "trainable_params": r.trainable_params,
                 "trainable_percent": round(100 * r.trainable_params / r.total_params, 3),
@@ -297,12 +298,12 @@ def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
         meta: dict = {
             "metrics": dg.MetadataValue.md(_metrics_table(ev.metrics)),
             "samples": dg.MetadataValue.md(_rows_table(ev.samples, ["prompt", "reference", "base", "adapter"])),
-            "eval_rows": ev.rows,
+            mk.EVAL_ROWS: ev.rows,
             "generation": dg.MetadataValue.json(ev.generation),
         }
         for metric, v in ev.metrics.items():
-            meta[f"{metric}_base"] = v["base"]
-            meta[f"{metric}_adapter"] = v["adapter"]
+            meta[mk.eval_metric(metric, "base")] = v["base"]
+            meta[mk.eval_metric(metric, "adapter")] = v["adapter"]
         if ev.gate is not None:
             meta["gate"] = ev.gate.detail
         if ev.precision_agreement is not None:
@@ -329,8 +330,8 @@ def _register_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.
         rec = pipe.register(job.key, run_id=context.run.run_id)
         meta = {
             "name": rec.name,
-            "version": rec.version,
-            "status": rec.status,
+            mk.REGISTER_VERSION: rec.version,
+            mk.REGISTER_STATUS: rec.status,
             "adapter_sha256": rec.adapter_sha256,
             "path": dg.MetadataValue.path(rec.path),
             "dataset_fingerprint": rec.dataset_fingerprint or "",
@@ -396,14 +397,14 @@ def _leaderboard_asset(spec: PipelineSpec, keys: AssetKeys, name: str, job_keys:
     def leaderboard_asset(context: dg.AssetExecutionContext, registry: RegistryResource) -> dg.MaterializeResult:
         rows = registry.open().leaderboard(name)
         best = next((r for r in rows if r["status"] in SERVABLE_STATUSES), None)
-        meta = {"leaderboard": dg.MetadataValue.md(leaderboard.markdown(rows)), "versions": len(rows)}
+        meta = {"leaderboard": dg.MetadataValue.md(leaderboard.markdown(rows)), mk.LEADERBOARD_VERSIONS: len(rows)}
         if best is not None:
             meta |= {
-                "winner_version": best["version"],
+                mk.LEADERBOARD_WINNER_VERSION: best["version"],
                 "winner_point": leaderboard.point_label(
                     json.loads(best["sweep_point"]) if isinstance(best["sweep_point"], str) else best["sweep_point"]
                 ),
-                "winner_metric": f"{best['rank_metric']} = {best['metric_value']:.4f}",
+                mk.LEADERBOARD_WINNER_METRIC: f"{best['rank_metric']} = {best['metric_value']:.4f}",
             }
         if "seed" in spec.adapters[name].sweep:
             groups = leaderboard.across_seeds(rows)
@@ -454,10 +455,10 @@ def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.Ass
         context.log.info(f"{'started' if changed else 'unchanged'}: {url}/v1 serving {', '.join(names)}")
         return dg.MaterializeResult(
             metadata={
-                "url": dg.MetadataValue.url(f"{url}/v1/models"),
+                mk.DEPLOYMENT_URL: dg.MetadataValue.url(f"{url}/v1/models"),
                 "served_models": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)),
                 "pid": state["pid"],
-                "restarted": changed,
+                mk.DEPLOYMENT_RESTARTED: changed,
                 "left_out": dg.MetadataValue.md("\n".join(f"- {line}" for line in left_out) or "none"),
                 "command": dg.MetadataValue.md(f"```\n{' '.join(cmd)}\n```"),
             }

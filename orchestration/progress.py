@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lora_assets.progress import ProgressReport, reporting_to
+from orchestration import metadata_keys as mk
 
 if TYPE_CHECKING:  # Dagster is imported where a run starts: `lorafoundry serve` draws its start-up without it
     import dagster as dg
@@ -111,33 +113,39 @@ def run_event(event: dg.DagsterEvent, at: float) -> RunEvent | None:
 
 
 def _clean_headline(m: Mapping[str, Any]) -> str:
-    train, held_out, quarantined = m["rows_train"], m["rows_eval"], m["rows_quarantined"]
+    train, held_out, quarantined = m[mk.CLEAN_ROWS_TRAIN], m[mk.CLEAN_ROWS_EVAL], m[mk.CLEAN_ROWS_QUARANTINED]
     return f"{train + held_out:,} rows kept ({train:,} train, {held_out:,} eval), {quarantined:,} quarantined"
 
 
 def _train_headline(m: Mapping[str, Any]) -> str:
-    if m.get("reused_existing_run"):
-        return f"reused the finished run: loss {m['train_loss']:.3f}, {m['steps']} steps"
-    return f"loss {m['train_loss']:.3f}, {m['tokens_per_s']:,.0f} tokens/s, {m['steps']} steps"
+    if m[mk.TRAIN_REUSED]:
+        return f"reused the finished run: loss {m[mk.TRAIN_LOSS]:.3f}, {m[mk.TRAIN_STEPS]} steps"
+    return f"loss {m[mk.TRAIN_LOSS]:.3f}, {m[mk.TRAIN_TOKENS_PER_S]:,.0f} tokens/s, {m[mk.TRAIN_STEPS]} steps"
 
 
 def _eval_headline(m: Mapping[str, Any]) -> str:
-    return f"exact match {m['exact_match_base']:.2f} → {m['exact_match_adapter']:.2f} on {m['eval_rows']} rows"
+    base, adapter = m[mk.eval_metric("exact_match", "base")], m[mk.eval_metric("exact_match", "adapter")]
+    return f"exact match {base:.2f} → {adapter:.2f} on {m[mk.EVAL_ROWS]} rows"
+
+
+def _register_headline(m: Mapping[str, Any]) -> str:
+    return f"v{m[mk.REGISTER_VERSION]} {m[mk.REGISTER_STATUS]}"
 
 
 def _leaderboard_headline(m: Mapping[str, Any]) -> str:
-    if "winner_version" not in m:
-        return f"{m['versions']} versions, none servable"
-    return f"winner v{m['winner_version']} ({m['winner_metric']}) of {m['versions']} versions"
+    if mk.LEADERBOARD_WINNER_VERSION not in m:  # legitimately absent: no version is servable
+        return f"{m[mk.LEADERBOARD_VERSIONS]} versions, none servable"
+    winner, metric = m[mk.LEADERBOARD_WINNER_VERSION], m[mk.LEADERBOARD_WINNER_METRIC]
+    return f"winner v{winner} ({metric}) of {m[mk.LEADERBOARD_VERSIONS]} versions"
 
 
 def _deployment_headline(m: Mapping[str, Any]) -> str:
-    url = str(m["url"]).removesuffix("/models")
-    return f"{url} ({'started' if m['restarted'] else 'already running'})"
+    url = str(m[mk.DEPLOYMENT_URL]).removesuffix("/models")
+    return f"{url} ({'started' if m[mk.DEPLOYMENT_RESTARTED] else 'already running'})"
 
 
 def _base_model_headline(m: Mapping[str, Any]) -> str:
-    return f"{m['parameters'] / 1e6:,.1f} M parameters ({m['obtained']})"
+    return f"{m[mk.BASE_PARAMETERS] / 1e6:,.1f} M parameters ({m[mk.BASE_OBTAINED]})"
 
 
 #: The headline of each kind of asset, by the last part of its key (``base_model/<name>``: by its first).
@@ -146,19 +154,20 @@ HEADLINES = {
     "clean": _clean_headline,
     "train": _train_headline,
     "eval": _eval_headline,
-    "register": lambda m: f"v{m['version']} {m['status']}",
+    "register": _register_headline,
     "leaderboard": _leaderboard_headline,
     "deployment": _deployment_headline,
 }
 
 
 def headline(stage: str, metadata: Mapping[str, Any]) -> str:
-    """The headline of an asset of kind ``stage`` from its materialization's metadata; empty for a kind without one
-    or metadata that lacks the numbers (an asset written by another version of lorafoundry)."""
-    try:
-        return HEADLINES[stage](metadata) if stage in HEADLINES else ""
-    except KeyError:
-        return ""
+    """The headline of an asset of kind ``stage`` from its materialization's metadata; empty for a kind without one.
+
+    Raises:
+        KeyError: the metadata lacks a key the headline reads. The assets of this run wrote it with the same keys
+            (:mod:`orchestration.metadata_keys`), so that is a bug, not something to hide behind an empty headline.
+    """
+    return HEADLINES[stage](metadata) if stage in HEADLINES else ""
 
 
 # -- rows -----------------------------------------------------------------------------------------------------------
@@ -456,7 +465,9 @@ class RunView:
 
     On a terminal: a live table, redrawn four times a second, left on screen at the end. Otherwise (CI, pipes): one
     plain line per row as it finishes, and while a row reports progress a ``running`` line with its ETA every
-    :attr:`plain_interval_s` seconds, so a long wait in a CI log is not silent.
+    :attr:`plain_interval_s` seconds, so a long wait in a CI log is not silent. With :attr:`library_output` set (a
+    :class:`RunLog` sets it), what libraries log and Python's warnings go there while the view is open, not to the
+    console (see :func:`library_output_to`).
     """
 
     plain_interval_s = 60.0
@@ -469,10 +480,13 @@ class RunView:
         self._stack = ExitStack()
         self._name_width = max((len(r.name) for r in tracker.rows()), default=0)
         self._last_plain: dict[str, float] = {}
+        self.library_output: logging.Handler | None = None
 
     def __enter__(self) -> RunView:
         self.console = self._stack.enter_context(_own_descriptor(self.console))
         self._stack.enter_context(reporting_to(self._progress))
+        if self.library_output is not None:
+            self._stack.enter_context(library_output_to(self.library_output))
         if self.live:
             live = Live(self, console=self.console, refresh_per_second=4, redirect_stdout=False, redirect_stderr=False)
             self._stack.enter_context(live)
@@ -529,6 +543,44 @@ class RunView:
             )
 
 
+#: Libraries that print their log records themselves (their own console handler, not propagating to the root).
+SELF_PRINTING_LOGGERS = ("transformers",)
+
+
+@contextmanager
+def library_output_to(handler: logging.Handler) -> Iterator[None]:
+    """Inside the block, what libraries log (bitsandbytes, transformers, torch, ...) and Python's warnings go to
+    ``handler`` instead of the console; everything is as before after it.
+
+    Python prints a record that reaches no handler to stderr (``logging.lastResort``), and transformers has a console
+    handler of its own, so lines such as bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community"
+    and transformers' "mtime may not be reliable on this filesystem" would otherwise land between the view's rows.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # transformers adds its console handler on first use: now, so it is set aside below
+    own = [logging.getLogger(name) for name in SELF_PRINTING_LOGGERS]
+    saved = [(lg.handlers[:], lg.propagate) for lg in own]
+    for lg in own:
+        lg.handlers, lg.propagate = [], True
+    root = logging.getLogger()
+    root.addHandler(handler)
+    show_warning = warnings.showwarning
+
+    def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        logging.getLogger("py.warnings").warning(text)
+
+    warnings.showwarning = log_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = show_warning
+        root.removeHandler(handler)
+        for lg, (handlers, propagate) in zip(own, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+
+
 @contextmanager
 def _own_descriptor(console: Console) -> Iterator[Console]:
     """A console like ``console`` that writes to a copy of its file descriptor, when it has one.
@@ -553,7 +605,9 @@ def _own_descriptor(console: Console) -> Iterator[Console]:
 
 class RunLog(logging.Handler):
     """Every record of a Dagster run: formatted as Dagster's console logger does into
-    ``<logs_dir>/run-<run id>.log``, echoed on the view when ``verbose``, and its event passed to the view."""
+    ``<logs_dir>/run-<run id>.log``, echoed on the view when ``verbose``, and its event passed to the view. What
+    libraries log while the view is open goes to the same file (the view's :attr:`RunView.library_output`), lines
+    from before the run started (the base-model phase) at its top."""
 
     def __init__(self, logs_dir: Path, view: RunView, verbose: bool = False) -> None:
         super().__init__(logging.DEBUG)
@@ -565,6 +619,8 @@ class RunLog(logging.Handler):
         self.verbose = verbose
         self.path: Path | None = None
         self._file = None
+        self._early: list[str] = []  # library lines from before the file exists
+        view.library_output = _LibraryLines(self)
 
     def open(self, run_id: str) -> None:
         """Start the log file of ``run_id`` (Dagster may set the logger up more than once per run)."""
@@ -572,14 +628,21 @@ class RunLog(logging.Handler):
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             self.path = self.logs_dir / f"run-{run_id}.log"
             self._file = self.path.open("a", encoding="utf-8")
+            self._file.writelines(line + "\n" for line in self._early)
+            self._early.clear()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        line = self.format(record)
+    def write(self, line: str) -> None:
+        """One line into the log file (kept until the file opens), and on the view when ``verbose``."""
         if self._file is not None:
             self._file.write(line + "\n")
             self._file.flush()
+        elif self.path is None:
+            self._early.append(line)
         if self.verbose:
             self.view.echo(line)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write(self.format(record))
         meta = getattr(record, "dagster_meta", None) or {}
         event = meta.get("dagster_event")
         converted = run_event(event, record.created) if event is not None else None
@@ -592,6 +655,21 @@ class RunLog(logging.Handler):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _LibraryLines(logging.Handler):
+    """What libraries log during a run, as lines of its :class:`RunLog` (never read as Dagster events)."""
+
+    def __init__(self, log: RunLog) -> None:
+        super().__init__(logging.DEBUG)
+        self.log = log
+        self.lock = (
+            log.lock
+        )  # one lock for both handlers' lines: the run's records and the libraries' come from any thread
+        self.setFormatter(log.formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log.write(self.format(record))
 
 
 def materialize_logged(

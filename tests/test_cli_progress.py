@@ -3,6 +3,7 @@ Dagster DEBUG stream, no control characters, each asset named, the full event lo
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from rich.console import Console
 from lora_assets import progress
 from lora_assets.progress import ProgressReport
 from lora_assets.spec import load_spec
+from orchestration import metadata_keys as mk
 from orchestration.assets import build_assets
 from orchestration.progress import (
     RunEvent,
@@ -64,7 +66,7 @@ def row(t: RunTracker, name: str):
 
 
 def clean_metadata() -> dict:
-    return {"rows_train": 1800, "rows_eval": 200, "rows_quarantined": 21, "rows_in": 2021}
+    return {mk.CLEAN_ROWS_TRAIN: 1800, mk.CLEAN_ROWS_EVAL: 200, mk.CLEAN_ROWS_QUARANTINED: 21, mk.CLEAN_ROWS_IN: 2021}
 
 
 def test_row_ends_when_its_last_step_ends():
@@ -92,7 +94,14 @@ def test_row_ends_when_its_last_step_ends():
 def test_blocking_check_failure_shows_its_reason_and_downstream_is_skipped():
     t = tracker()
     t.apply(RunEvent("start", "adapter__a__register", 10.0))
-    t.apply(RunEvent("materialized", "adapter__a__register", 10.1, metadata={"version": 3, "status": "rejected"}))
+    t.apply(
+        RunEvent(
+            "materialized",
+            "adapter__a__register",
+            10.1,
+            metadata={mk.REGISTER_VERSION: 3, mk.REGISTER_STATUS: "rejected"},
+        )
+    )
     t.apply(RunEvent("success", "adapter__a__register", 10.2))
     t.apply(RunEvent("start", "adapter__a__register_quality_gate", 10.3))
     reason = "fail: exact_match gain +0.0100 vs required +0.1000"
@@ -154,20 +163,43 @@ def test_phase_rows_take_progress_and_a_wait_without_total_has_no_eta():
 
 
 def test_headlines_from_materialization_metadata():
-    assert headline("train", {"train_loss": 0.5, "tokens_per_s": 2400.4, "steps": 252}) == (
-        "loss 0.500, 2,400 tokens/s, 252 steps"
-    )
-    assert headline("train", {"reused_existing_run": True, "train_loss": 0.5, "steps": 9}).startswith("reused")
-    assert headline("eval", {"exact_match_base": 0.0, "exact_match_adapter": 0.77, "eval_rows": 30}) == (
+    train = {mk.TRAIN_REUSED: False, mk.TRAIN_LOSS: 0.5, mk.TRAIN_TOKENS_PER_S: 2400.4, mk.TRAIN_STEPS: 252}
+    assert headline("train", train) == "loss 0.500, 2,400 tokens/s, 252 steps"
+    assert headline("train", {**train, mk.TRAIN_REUSED: True, mk.TRAIN_STEPS: 9}).startswith("reused")
+    em_base, em_adapter = mk.eval_metric("exact_match", "base"), mk.eval_metric("exact_match", "adapter")
+    assert headline("eval", {em_base: 0.0, em_adapter: 0.77, mk.EVAL_ROWS: 30}) == (
         "exact match 0.00 → 0.77 on 30 rows"
     )
-    assert headline("register", {"version": 2, "status": "champion"}) == "v2 champion"
-    assert headline("base_model", {"parameters": 4_200_000, "obtained": "cached"}) == "4.2 M parameters (cached)"
-    assert headline("deployment", {"url": "http://127.0.0.1:8000/v1/models", "restarted": True}) == (
-        "http://127.0.0.1:8000/v1 (started)"
-    )
-    assert headline("eval", {"eval_rows": 3}) == ""  # an asset from another version: no numbers, no headline
+    assert headline("register", {mk.REGISTER_VERSION: 2, mk.REGISTER_STATUS: "champion"}) == "v2 champion"
+    base = {mk.BASE_PARAMETERS: 4_200_000, mk.BASE_OBTAINED: "cached"}
+    assert headline("base_model", base) == "4.2 M parameters (cached)"
+    deployment = {mk.DEPLOYMENT_URL: "http://127.0.0.1:8000/v1/models", mk.DEPLOYMENT_RESTARTED: True}
+    assert headline("deployment", deployment) == "http://127.0.0.1:8000/v1 (started)"
+    assert headline("leaderboard", {mk.LEADERBOARD_VERSIONS: 3}) == "3 versions, none servable"  # no winner: no key
     assert headline("no-such-stage", {"x": 1}) == ""
+
+
+def test_a_headline_missing_its_key_fails_loudly():
+    """A metadata key renamed on one side only is a bug: the view says so instead of showing an empty headline."""
+    with pytest.raises(KeyError, match=mk.EVAL_ROWS):
+        headline("eval", {mk.eval_metric("exact_match", "base"): 0.0, mk.eval_metric("exact_match", "adapter"): 1.0})
+
+
+def _metadata_keys_used(module: Path) -> set[str]:
+    """The names of ``orchestration.metadata_keys`` (imported as ``mk``) that a module's source uses."""
+    tree = ast.parse(module.read_text())
+    return {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "mk"
+    }
+
+
+def test_every_key_a_headline_reads_is_one_the_assets_write():
+    orchestration = Path(__file__).resolve().parents[1] / "orchestration"
+    read = _metadata_keys_used(orchestration / "progress.py")
+    written = _metadata_keys_used(orchestration / "assets.py")
+    assert read and read <= written, sorted(read - written)
 
 
 def test_render_without_a_terminal_shows_bars_and_eta():
@@ -262,6 +294,7 @@ def piped_run(tmp_path_factory, random_base):
     return SimpleNamespace(proc=proc, spec=spec, home=home)
 
 
+@pytest.mark.slow
 def test_piped_run_shows_one_plain_line_per_asset_and_no_debug_stream(piped_run):
     proc = piped_run.proc
     assert proc.returncode == 1, proc.stdout + proc.stderr  # b's blocking quality gate fails
@@ -279,8 +312,12 @@ def test_piped_run_shows_one_plain_line_per_asset_and_no_debug_stream(piped_run)
     assert "rejected; blocking check quality_gate failed: fail: exact_match gain" in b_register
     assert "run failed: adapter/b/register" in proc.stderr
     assert len(lines) <= 12, out
+    # only the view's own lines: what libraries log (bitsandbytes, transformers) goes to the event log
+    assert all(ln.split()[0] in ("done", "failed", "skipped") or ln.startswith("event log: ") for ln in lines), out
+    assert proc.stderr.strip().splitlines() == ["run failed: adapter/b/register"], proc.stderr
 
 
+@pytest.mark.slow
 def test_piped_run_writes_the_full_event_log(piped_run):
     (line,) = [ln for ln in piped_run.proc.stdout.splitlines() if ln.startswith("event log: ")]
     log = Path(line.removeprefix("event log: "))
@@ -290,6 +327,7 @@ def test_piped_run_writes_the_full_event_log(piped_run):
     assert "DagsterAssetCheckFailedError" in text  # the failure's stack trace is in the log, not on the terminal
 
 
+@pytest.mark.slow
 def test_verbose_streams_the_event_log(piped_run, monkeypatch):
     """Run again on the same home (every asset reused) with --verbose: the DEBUG events come out too."""
     from typer.testing import CliRunner
