@@ -9,12 +9,16 @@ PyTorch falls back to a plain C++ loop for bf16 matrix products: measured on a 2
 ``LORAFOUNDRY_DTYPE`` (``float32`` or ``bfloat16``; unset: the rule above) pins what `auto` means, for training,
 evaluation and serving alike: to compare runs across machines of different kinds, or for a test whose truth depends
 on the number format (e.g. that data-parallel training equals one process to fp32 rounding).
+
+:func:`compute_record` says what a run computed in and on (format, device, CPU model and features, GPU), for the
+training manifest and the registry.
 """
 
 from __future__ import annotations
 
 import os
 from functools import cache
+from pathlib import Path
 
 DTYPE_ENV = "LORAFOUNDRY_DTYPE"
 AUTO_DTYPES = ("bfloat16", "float32")  # what `auto` may mean, and what DTYPE_ENV may pin it to
@@ -82,3 +86,66 @@ def limit_torch_threads(concurrent_steps: int) -> int:
     threads = max(1, usable_cpus() // max(1, concurrent_steps))
     torch.set_num_threads(threads)
     return threads
+
+
+#: The CPU features that decide how fast matrix products run in each number format (x86: AVX2/FMA for fp32,
+#: AVX-512-BF16 and AMX for native bf16; Arm: SVE, BF16, I8MM): what a compute record keeps of the CPU's flags.
+RELEVANT_CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
+)
+
+
+def cpu_identity(cpuinfo: str) -> tuple[str | None, list[str]]:
+    """The CPU's model name and its :data:`RELEVANT_CPU_FLAGS`, from the text of ``/proc/cpuinfo`` (x86's
+    ``model name`` and ``flags``, Arm's ``Features``; the first processor's)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    present = set((fields.get("flags") or fields.get("features") or "").split())
+    return fields.get("model name") or None, [f for f in RELEVANT_CPU_FLAGS if f in present]
+
+
+def compute_record(setting: str = "auto") -> dict:
+    """What a run computes in and on: the number format ``setting`` resolves to here and why, the device, the
+    CPU's model and relevant features, and the GPU (None on CPU). Recorded in the training manifest and the
+    registry, so a run's numbers can be told apart from another machine's (bf16 and fp32 differ in the last bits).
+    """
+    import platform
+
+    import torch
+
+    try:
+        cpu, flags = cpu_identity(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:  # not Linux
+        cpu, flags = None, []
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    pinned = os.environ.get(DTYPE_ENV, "").strip()
+    if setting != "auto":
+        why = "set explicitly"
+    elif pinned:
+        why = f"auto, pinned by {DTYPE_ENV}"
+    else:
+        why = "auto: bf16 is native here" if native_bf16() else "auto: bf16 is not native here"
+    return {
+        "dtype": resolve_dtype(setting),
+        "dtype_reason": why,
+        "device": "cuda" if gpu else "cpu",
+        "gpu": gpu,
+        "cpu": cpu or platform.processor() or platform.machine(),
+        "cpu_flags": flags,
+    }

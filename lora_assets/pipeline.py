@@ -189,6 +189,7 @@ class Pipeline:
                     "train_wall_s": result["wall_s"],
                     "peak_memory_mb": round(result.get("peak_memory_bytes", 0) / 2**20, 1),
                     **launch_record(manifest),
+                    "compute": manifest.get("compute"),  # number format, device, CPU, GPU; None: an older manifest
                 },
                 dataset=job.spec.dataset,
                 dataset_fingerprint=manifest["dataset"]["fingerprint"],

@@ -32,7 +32,7 @@ from lora_assets.data_parallel import (
     manifest_record,
     rank_dataset,
 )
-from lora_assets.hardware import resolve_dtype, torch_dtype
+from lora_assets.hardware import compute_record, resolve_dtype, torch_dtype
 from lora_assets.plot import loss_curve_png
 from lora_assets.progress import listening as progress_listening
 from lora_assets.progress import report as report_progress
@@ -908,6 +908,7 @@ def _manifest(
         "packing": spec.packing,
         "padding_fraction": fit.padding_fraction,
         "method": choice.model_dump(),
+        "compute": compute_record("auto"),  # the format the base was loaded and autocast in, and where
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},
         "libraries": _library_versions(),
