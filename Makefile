@@ -59,8 +59,11 @@ ui: install
 		$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # Benchmarks print ratios against a baseline measured in the same run; results go in docs/benchmarks.md.
+# The baselines' libraries (pyproject.toml's `bench` extra, pinned in requirements/bench.txt) are installed first,
+# exactly those versions, beside the locked set.
 bench: install
-	$(PY) -m pip install -q -r requirements/bench.txt
+	$(PY) -m pip install -q --no-deps -r requirements/bench.txt
+	$(PY) -c "import pandas" || { echo "bench: the bench extra did not install (requirements/bench.txt)"; exit 1; }
 	$(PY) bench/clean_bench.py --rows 1000000
 	$(PY) bench/train_bench.py --model smollm2 --data categories --rows 200
 	$(PY) bench/train_bench.py --model smollm2 --data mixed --rows 200
