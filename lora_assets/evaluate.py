@@ -309,7 +309,7 @@ def _check_gate_on_evidence(gate: GateSpec, per_row: RowScores | None, seed: int
     """Pass only when the interval at ``gate.confidence`` clears the threshold, not the point estimate."""
     level = f"{gate.confidence:.0%} CI"
     if per_row is None:
-        detail = "no per-row scores to compute an interval from (evaluated by an older lorafoundry); re-evaluate"
+        detail = "no per-row scores to compute an interval from (registered or imported from elsewhere); re-evaluate"
         return GateResult(metric=gate.metric, passed=False, detail="fail: " + detail)
     if gate.min_gain is not None:
         gain, low, high = gain_interval(per_row, gate.metric, gate.confidence, seed)

@@ -222,8 +222,8 @@ class Pipeline:
             return {
                 "champion_version": champion.version,
                 "significant": False,
-                "detail": f"not promoted: {missing} per-row scores are missing (evaluated by an older lorafoundry "
-                "or elsewhere); re-evaluate it to compare",
+                "detail": f"not promoted: {missing} per-row scores are missing (registered or imported from "
+                "elsewhere); re-evaluate it to compare",
             }
         return compare_with_champion(ev.per_row, theirs, champion.version, metric, confidence).model_dump()
 

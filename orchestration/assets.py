@@ -32,7 +32,7 @@ from orchestration import metadata_keys as mk
 from orchestration.keys import AssetKeys
 from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource, pipeline
 from registry import leaderboard
-from registry.store import LOWER_IS_BETTER, SERVABLE_STATUSES
+from registry.rules import LOWER_IS_BETTER, SERVABLE_STATUSES
 from serving.deployment import deploy
 from serving.launch import plan_server
 
@@ -91,7 +91,7 @@ def _loss_plot(adapter_dir: str, curve: list[tuple[int, float]]) -> str:
     image = (
         markdown_image(png.read_bytes(), "training loss")
         if png.exists()
-        else "(no plot: adapter from an older lorafoundry)"
+        else "(no plot: an adapter registered or imported from elsewhere)"
     )
     return image + "\n\n" + _rows_table([{"step": s, "loss": f"{v:.4f}"} for s, v in curve], ["step", "loss"])
 

@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 
 from registry.errors import RegistryBusyError, RegistryConflictError, RegistryInputError
-from registry.rules import is_valid_name
+from registry.rules import check_name, is_valid_name
 from registry.store import (
     TABLES,
     AdapterRecord,
@@ -29,7 +29,6 @@ from registry.store import (
     NewAdapter,
     adapter_sha256,
     check_adapter_dir,
-    check_name,
     file_lock,
 )
 

@@ -38,63 +38,38 @@ import duckdb
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.adapter_files import check_adapter_files
-
-# the errors and rules live in their own modules; they are re-exported here, where callers have always found them
 from registry.errors import (
     AdapterNotFoundError,
     RegistryBusyError,
     RegistryConflictError,
     RegistryCorruptError,
     RegistryError,
-    RegistryFileError,
     RegistryInputError,
     RegistrySchemaError,
 )
 from registry.rules import (
     LOWER_IS_BETTER,
-    NAME_RE,
     SERVABLE_STATUSES,
-    STATUSES,
     VERSION_RE,
     Status,
     check_alias,
     check_name,
     check_status,
     parse_ref,
-    parse_versioned_ref,
 )
 
 __all__ = [
     "ADAPTER_FILES",
-    "LOWER_IS_BETTER",
     "MIGRATIONS",
-    "NAME_RE",
     "SCHEMA_VERSION",
-    "SERVABLE_STATUSES",
-    "STATUSES",
     "TABLES",
-    "VERSION_RE",
-    "AdapterNotFoundError",
     "AdapterRecord",
     "AdapterRegistry",
     "NewAdapter",
-    "RegistryBusyError",
-    "RegistryConflictError",
-    "RegistryCorruptError",
-    "RegistryError",
-    "RegistryFileError",
-    "RegistryInputError",
-    "RegistrySchemaError",
-    "Status",
     "VerifyResult",
     "adapter_sha256",
     "check_adapter_dir",
-    "check_alias",
-    "check_name",
-    "check_status",
     "file_lock",
-    "parse_ref",
-    "parse_versioned_ref",
     "stored_path",
 ]
 

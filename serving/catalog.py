@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from registry.store import SERVABLE_STATUSES, AdapterRecord, AdapterRegistry
+from registry.rules import SERVABLE_STATUSES
+from registry.store import AdapterRecord, AdapterRegistry
 
 #: The metrics a catalog entry carries (adapter value and gain over the base), when the version has them.
 HEADLINE_METRICS = ("exact_match", "chrf", "eval_loss")

@@ -29,7 +29,8 @@ import os
 import time
 from pathlib import Path
 
-from registry.store import RegistryError, RegistryInputError, parse_ref
+from registry.errors import RegistryError, RegistryInputError
+from registry.rules import parse_ref
 from serving.catalog import catalog
 from serving.resolver import AdapterResolver, Refusal, registry_refusal
 from serving.settings import ADMIN_KEY_ENV, BODY_TIMEOUT_S, VLLM_API_KEY_ENV, ServerSettings

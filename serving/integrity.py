@@ -74,7 +74,8 @@ def weights_problem(adapter_dir: Path) -> str | None:
     """Why vLLM could not load the adapter files in ``adapter_dir`` (the registry's check at registration: a
     safetensors header that parses, tensors that fit the adapter config), or None. The details name files of this
     machine, so they go to the log and the answer says only what kind of problem it is."""
-    from registry.store import RegistryInputError, check_adapter_dir
+    from registry.errors import RegistryInputError
+    from registry.store import check_adapter_dir
 
     try:
         check_adapter_dir(adapter_dir)

@@ -24,7 +24,8 @@ from lora_assets.hardware import resolve_dtype
 from lora_assets.home import Home
 from lora_assets.progress import report as report_progress
 from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
-from registry.store import SERVABLE_STATUSES, AdapterRecord, AdapterRegistry
+from registry.rules import SERVABLE_STATUSES
+from registry.store import AdapterRecord, AdapterRegistry
 from serving.resolver import AdapterResolver, Refusal
 from serving.settings import API_KEY_ENV, DEFAULT_MAX_LORA_RANK, VLLM_API_KEY_ENV, ServerSettings
 

@@ -19,19 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.store import (
-    SERVABLE_STATUSES,
+from registry.errors import (
     AdapterNotFoundError,
-    AdapterRecord,
-    AdapterRegistry,
     RegistryBusyError,
     RegistryConflictError,
     RegistryCorruptError,
     RegistryError,
     RegistryInputError,
-    adapter_sha256,
-    parse_ref,
 )
+from registry.rules import SERVABLE_STATUSES, parse_ref
+from registry.store import AdapterRecord, AdapterRegistry, adapter_sha256
 from serving.integrity import IntegrityError, multi_lora_problem, stage, weights_problem
 from serving.settings import RESOLVE_TTL_S, ServerSettings
 

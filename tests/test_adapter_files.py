@@ -21,8 +21,9 @@ from registry.adapter_files import (
     read_adapter_config,
     read_safetensors_header,
 )
+from registry.errors import RegistryInputError
 from registry.portable import export_registry, import_registry
-from registry.store import AdapterRegistry, NewAdapter, RegistryInputError, adapter_sha256
+from registry.store import AdapterRegistry, NewAdapter, adapter_sha256
 
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

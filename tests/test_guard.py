@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from lora_assets.home import Home
-from registry.store import (
+from registry.errors import (
     AdapterNotFoundError,
-    AdapterRecord,
     RegistryBusyError,
     RegistryConflictError,
     RegistryCorruptError,
@@ -25,6 +24,7 @@ from registry.store import (
     RegistryInputError,
     RegistrySchemaError,
 )
+from registry.store import AdapterRecord
 from serving import resolver as resolver_module
 from serving.guard import LoraFoundryGuard
 from serving.resolver import AdapterResolver

@@ -11,7 +11,8 @@ import pytest
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from registry.store import SCHEMA_VERSION, AdapterRegistry, NewAdapter, RegistryError, adapter_sha256
+from registry.errors import RegistryError
+from registry.store import SCHEMA_VERSION, AdapterRegistry, NewAdapter, adapter_sha256
 
 
 def make_adapter_dir(path: Path, r: int = 4, seed: int = 0) -> Path:

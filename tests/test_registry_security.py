@@ -18,12 +18,11 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
+from registry.errors import RegistryCorruptError, RegistryInputError
 from registry.portable import register_copy, remove_orphans
 from registry.store import (
     AdapterRegistry,
     NewAdapter,
-    RegistryCorruptError,
-    RegistryInputError,
     _m001_initial,
     _m002_champions_leaderboard,
     _m003_aliases,
@@ -414,7 +413,7 @@ def _reader(args) -> tuple[list[float], list[str]]:
     """Read in a loop until the file ``done`` exists, as the server's resolver (``name@V``, the plain name), `list`,
     `show` and `sql` do; returns each call's time and the failures."""
     path, name, done = args
-    from registry.store import AdapterNotFoundError
+    from registry.errors import AdapterNotFoundError
 
     reg = AdapterRegistry(path, max_wait_s=300)
     calls = (
