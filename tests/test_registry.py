@@ -113,6 +113,10 @@ def test_eight_processes_register_200_adapters_without_gaps(tmp_path):
     ctx = mp.get_context("spawn")
     with ctx.Pool(8) as pool:  # any exception in a worker would be re-raised here
         results = pool.map(_register_many, [(path, dirs[i * 25 : (i + 1) * 25]) for i in range(8)])
+        # Shut the pool down gracefully: Pool.__exit__ terminates its workers with SIGTERM, which CI may have us
+        # ignore; then a worker waiting on the task queue's lock never exits and the join waits for ever (seen).
+        pool.close()
+        pool.join()
     got = [nv for r in results for nv in r]
     assert len(got) == 200
     for name in ("x", "y"):
