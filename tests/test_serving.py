@@ -164,6 +164,24 @@ def _copy_adapter(src: str, dest, **config_changes):
     return Path(dest)
 
 
+def _pad_rank(adapter_dir, r: int) -> None:
+    """Make the adapter in ``adapter_dir`` a real rank-``r`` adapter with the same product B·A: lora_A gains zero
+    rows and lora_B zero columns (adapter_config.json's r and lora_alpha are the caller's to set)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for name, t in tensors.items():
+        if name.endswith("lora_A.weight"):
+            tensors[name] = torch.cat([t, t.new_zeros(r - t.shape[0], t.shape[1])])
+        elif name.endswith("lora_B.weight"):
+            tensors[name] = torch.cat([t, t.new_zeros(t.shape[0], r - t.shape[1])], dim=1)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def _post(url: str, path: str, body: dict, **headers) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
 
@@ -195,6 +213,8 @@ def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, ses
 
     def register(tag: str, status="candidate", base_hash=None, **changes):
         d = _copy_adapter(current.path, root / tag, **changes)
+        if "r" in changes:
+            _pad_rank(d, changes["r"])  # registering checks the tensors' shapes against the config
         return reg.register(
             NewAdapter(
                 name="categories",
