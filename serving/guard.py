@@ -35,7 +35,7 @@ from serving.catalog import catalog
 from serving.resolver import AdapterResolver, Refusal, registry_refusal
 from serving.settings import ADMIN_KEY_ENV, BODY_TIMEOUT_S, VLLM_API_KEY_ENV, ServerSettings
 
-log = logging.getLogger(__name__)  # in vLLM's server log (serving/vllm_plugin.py)
+log = logging.getLogger(f"vllm.lorafoundry.{__name__}")  # under "vllm": kept and printed by vLLM's logging
 
 #: Every route the server answers, and who may call it: `open` (anyone), `client` (the client key when one is
 #: set), `catalog` (client key; answered here, serving/catalog.py), `model` (client key, and the body's model is

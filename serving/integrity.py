@@ -32,7 +32,7 @@ SHA_RE = re.compile(r"[0-9a-f]{64}")
 #: The ``modules_to_save`` vLLM 0.32's LoRA loader accepts (vllm/lora/utils.py ``parse_fine_tuned_lora_name``):
 #: classification heads; any other saved module is refused there as an unsupported LoRA weight.
 VLLM_SAVED_MODULES = frozenset({"score", "classifier"})
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"vllm.lorafoundry.{__name__}")  # under "vllm": kept and printed by vLLM's logging
 
 
 class IntegrityError(RuntimeError):

@@ -32,7 +32,7 @@ from registry.store import AdapterRecord, AdapterRegistry, adapter_sha256
 from serving.integrity import IntegrityError, multi_lora_problem, stage, weights_problem
 from serving.settings import RESOLVE_TTL_S, ServerSettings
 
-log = logging.getLogger(__name__)  # in vLLM's server log (serving/vllm_plugin.py)
+log = logging.getLogger(f"vllm.lorafoundry.{__name__}")  # under "vllm": kept and printed by vLLM's logging
 
 #: Registry errors as HTTP answers, by type: (status, OpenAI error type). An error takes the entry of the nearest
 #: class in its MRO, so a subclass added to the registry later gets its parent's answer until it has its own.

@@ -15,24 +15,10 @@ def register() -> None:
     long and how many connections a client may hold."""
     from serving import cpu_lora_fix
 
-    _log_to_vllm()
     cpu_lora_fix.apply()
     _check_adapter_loads()
     _register_resolver()
     _bound_slow_clients()
-
-
-def _log_to_vllm() -> None:
-    """Send the `serving.*` modules' log records (a staged copy set aside, a registry failure) to vLLM's log
-    handlers, so they reach the server's log like vLLM's own lines."""
-    import logging
-
-    ours, theirs = logging.getLogger("serving"), logging.getLogger("vllm")
-    if theirs.handlers and not ours.handlers:
-        for handler in theirs.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
 
 
 def _bound_slow_clients() -> None:

@@ -242,7 +242,7 @@ def test_serve_leaves_out_what_it_cannot_load_and_survives_a_changed_copy(
     sen, cat = reg.champion("sentiment"), reg.champion("categories")
     broken = _register_unloadable(reg, cat, home / "adapters" / "broken", monkeypatch)
     copies = [
-        _register_copy(reg, cat, home / "adapters" / "copies" / f"evict-{i}")
+        _register_copy(reg, cat, home / "adapters" / "copies" / f"isolation-evict-{i}")  # bytes no other test has
         for i in range(demo_spec.serving.max_loras + 2)
     ]
     staged = Home.at(home).verified / sen.adapter_sha256
