@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lora_assets.home import Home
 from lora_assets.progress import report as report_progress
 
 log = logging.getLogger(__name__)
@@ -334,10 +335,11 @@ def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> P
     """
     say = progress or log.info
     recipe = dict(RECIPE if recipe is None else recipe)
-    out = Path(home) / "models" / f"builtin-tiny-{recipe_hash(recipe)}"
+    models = Home.at(home).models
+    out = models / f"builtin-tiny-{recipe_hash(recipe)}"
     if (out / "lorafoundry_recipe.json").exists():
         return out
-    with _file_lock(Path(home) / "models" / ".build.lock"):
+    with _file_lock(models / ".build.lock"):
         if (out / "lorafoundry_recipe.json").exists():  # another process built it while we waited
             return out
         import torch

@@ -23,16 +23,6 @@ from registry.store import AdapterRecord, AdapterRegistry, NewAdapter
 CODE_VERSION = "0.1.0"
 
 
-def default_home() -> Path:
-    """The home dir when none is given (:meth:`Home.at`)."""
-    return Home.at().root
-
-
-def default_registry_path(home: Path | str) -> Path:
-    """The registry file of ``home`` (:meth:`Home.at`)."""
-    return Home.at(home).registry
-
-
 @dataclass(frozen=True)
 class AdapterJob:
     """One adapter to train: a spec entry, or one point of its sweep. ``key`` names its assets and dirs."""
@@ -64,7 +54,7 @@ class Pipeline:
         spec: the validated spec.
         home: the home dir holding all state (created as needed).
         progress: optional callable(str) for progress lines (Dagster's logger in assets).
-        registry_path: the registry file; default :func:`default_registry_path` of ``home``.
+        registry_path: the registry file; default the home's (:meth:`Home.at`).
     """
 
     def __init__(

@@ -18,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+from lora_assets.home import Home
 from lora_assets.progress import report as report_progress
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def build_smollm2(home: Path, progress=None) -> Path:
 
     say = progress or log.info
     source = gguf_path()
-    models = Path(home) / "models"
+    models = Home.at(home).models
     out = models / f"{NAME}-{source_key(source)}"
     if (out / "lorafoundry_recipe.json").exists():
         return out

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lora_assets.home import Home  # stdlib only: every command resolves its home without torch or dagster
 from orchestration import render
 from registry.errors import (
     AdapterNotFoundError,
@@ -69,8 +70,6 @@ VerboseOpt = Annotated[
 def _home(home: Path | None) -> Path:
     """The home dir of every command: ``--home``, else the default; exit 1 when it, or a dir above it, is a file
     (a home there would hold nothing, and every write to it fails)."""
-    from lora_assets.home import Home  # not lora_assets.pipeline: that imports torch
-
     h = (home or Home.at().root).resolve()
     existing = next((p for p in (h, *h.parents) if os.path.exists(p)), None)
     if existing is not None and not os.path.isdir(existing):
@@ -117,7 +116,7 @@ def materialize_all(spec: PipelineSpec, home: Path, deploy: bool = True, verbose
     rows, steps, check_steps = rows_of_assets(assets)
     base_row = f"base model {spec.base_model}"
     view = RunView(out, RunTracker([(base_row, "phase"), *rows], steps, check_steps))
-    log = RunLog(home / "logs", view, verbose=verbose)
+    log = RunLog(Home.at(home).logs, view, verbose=verbose)
     try:
         with view:
             with view.phase(base_row) as phase:
@@ -144,7 +143,7 @@ def _dagster_instance(home: Path):
     """The home's Dagster instance (created on first use, telemetry off), where the UI finds the CLI's runs."""
     import dagster as dg
 
-    dagster_home = home / "dagster_home"
+    dagster_home = Home.at(home).dagster_home
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
         (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -259,7 +258,7 @@ def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
     for line in plan.left_out:
         err.print(f"left out {line}", highlight=False, markup=False)
     err.print("starting: " + " ".join(plan.cmd), highlight=False, markup=False)
-    server = VLLMServer(plan.cmd, plan.env, home / "logs" / "vllm.log", plan.url).start()
+    server = VLLMServer(plan.cmd, plan.env, Home.at(home).logs / "vllm.log", plan.url).start()
     row = "vLLM start-up"
     with RunView(err, RunTracker([(row, "phase")], {}, set())) as view, view.phase(row) as phase:
         server.wait_ready(spec.serving.startup_timeout_s)  # reports each second waited to the view
@@ -339,7 +338,7 @@ def demo(
         materialize_all(s, h, verbose=verbose)
         state = deployment.current(h)
         if state is None:
-            err.print("[red]the deployment is not answering[/red]; see " + str(h / "logs"))
+            err.print("[red]the deployment is not answering[/red]; see " + str(Home.at(h).logs))
             raise typer.Exit(1)
         out.print(_ask_each_adapter(s, h, state))
         out.print(_summary_table(s, h))
@@ -445,7 +444,6 @@ def registry_command(name: str) -> Callable[[Callable[P, None]], Callable[P, Non
 
 def _registry(home: Path | None, actor: str = "cli"):
     """The registry of ``home`` (or the file named by LORAFOUNDRY_REGISTRY)."""
-    from lora_assets.home import Home
     from registry.store import AdapterRegistry
 
     return AdapterRegistry(Home.at(_home(home)).registry, actor=actor)

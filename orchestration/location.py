@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from lora_assets.pipeline import default_home, default_registry_path
+from lora_assets.home import Home
 from lora_assets.spec import PipelineSpec
 from orchestration.assets import build_assets
 from orchestration.keys import AssetKeys
@@ -44,11 +44,11 @@ def _home_resources(home: str, registry: str, serving_url: str | None, admin_key
 
 def home_resources(home: Path | str | None = None) -> dict:
     """The resources for ``home`` (default LORAFOUNDRY_HOME) and the current environment."""
-    home = Path(home).resolve() if home else default_home()
+    home = Home.at(home).root
     return dict(
         _home_resources(
             str(home),
-            str(default_registry_path(home)),
+            str(Home.at(home).registry),
             os.environ.get("LORAFOUNDRY_SERVING_URL") or None,
             bool(os.environ.get("LORAFOUNDRY_ADMIN_KEY")),
         )

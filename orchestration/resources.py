@@ -23,7 +23,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from lora_assets.pipeline import Pipeline, default_home, default_registry_path
+from lora_assets.home import Home
+from lora_assets.pipeline import Pipeline
 from lora_assets.spec import PipelineSpec
 from registry.store import AdapterRegistry
 
@@ -67,10 +68,10 @@ def pipeline(spec: PipelineSpec, home: LoraFoundryHome, registry: RegistryResour
 
 def resources_from_env(home: Path | str | None = None) -> dict[str, dg.ConfigurableResource]:
     """The three resources, configured from the environment (``home`` overrides LORAFOUNDRY_HOME)."""
-    home = Path(home).resolve() if home else default_home()
+    home = Home.at(home).root
     key = dg.EnvVar("LORAFOUNDRY_ADMIN_KEY") if os.environ.get("LORAFOUNDRY_ADMIN_KEY") else None
     return {
         "lorafoundry": LoraFoundryHome(home=str(home)),
-        "registry": RegistryResource(path=str(default_registry_path(home))),
+        "registry": RegistryResource(path=str(Home.at(home).registry)),
         "serving": ServingResource(url=os.environ.get("LORAFOUNDRY_SERVING_URL") or None, admin_key=key),
     }
