@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lora_assets import envs  # noqa: E402 (after the path is set)
+
 LOADS = ("base", "mixed", "adapters")
 
 
@@ -58,7 +60,7 @@ def prompts(spec_dir: Path) -> list[list[dict]]:
 async def run_load(url: str, models: list[str], clients: int, seconds: float, tokens: int, msgs) -> dict:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=os.environ.get("LORAFOUNDRY_API_KEY", "none"), timeout=600)
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=envs.API_KEY.get() or "none", timeout=600)
     latencies: list[float] = []
     done_tokens = 0
     deadline = time.monotonic() + seconds
@@ -153,7 +155,7 @@ def main() -> None:
                     f"{url}/v1/chat/completions",
                     json={"model": m, "messages": msgs[0], "max_tokens": 4},
                     timeout=300,
-                    headers={"Authorization": f"Bearer {os.environ.get('LORAFOUNDRY_API_KEY', 'none')}"},
+                    headers={"Authorization": f"Bearer {envs.API_KEY.get() or 'none'}"},
                 ).raise_for_status()
             print(f"\n{label}: up in {up:.0f} s ({log.name})", flush=True)
             if args.sweep and label == "plain vLLM, LoRA off":  # where does throughput stop growing?

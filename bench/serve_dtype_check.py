@@ -15,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lora_assets import envs  # noqa: E402 (after the path is set)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +42,7 @@ def main() -> None:
         cmd, env, url, *_ = plan_server(served, args.home, args.port)
         i = cmd.index("--max-lora-rank")
         cmd[i + 1] = "64"  # the seed-ablation home's rank
-        env["LORAFOUNDRY_MAX_LORA_RANK"] = "64"
+        env[envs.MAX_LORA_RANK.name] = "64"
         with VLLMServer(cmd, env, args.home / "logs" / f"dtype-check-{dtype}.log", url).start() as server:
             server.wait_ready(600)
             load(url, [served.served_base_name], 5)  # warm up

@@ -34,6 +34,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from lora_assets import envs  # noqa: E402 (after the path is set)
+
 BIN = Path(sys.executable).parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -88,7 +91,7 @@ def start_dagster_dev(spec: Path, home: Path) -> tuple[subprocess.Popen, str]:
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     port = _free_port()
-    env = os.environ | OFFLINE | {"LORAFOUNDRY_SPEC": str(spec), "LORAFOUNDRY_HOME": str(home)}
+    env = os.environ | OFFLINE | {envs.SPEC.name: str(spec), envs.HOME.name: str(home)}
     env["DAGSTER_HOME"] = str(dagster_home)
     log = (home / "dagster-dev.log").open("wb")
     proc = subprocess.Popen(

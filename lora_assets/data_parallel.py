@@ -19,16 +19,17 @@ With the loss summed over labelled tokens and divided by the count over all rank
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_assets import envs
+
 #: Set to a folder, each rank appends the example ids it trains on, per step, to ``rank-<r>.jsonl`` there (a test and
 #: debugging aid: the union over ranks must be the train split, each id once).
-RECORD_EXAMPLES_ENV = "LORAFOUNDRY_RECORD_EXAMPLES"
+RECORD_EXAMPLES_ENV = envs.RECORD_EXAMPLES.name
 #: The id of a padding example (see the module docstring).
 PADDING_ID = -1
 
@@ -134,7 +135,7 @@ class ExampleRecorder:
 
     @classmethod
     def from_env(cls, rank: int) -> ExampleRecorder | None:
-        folder = os.environ.get(RECORD_EXAMPLES_ENV)
+        folder = envs.RECORD_EXAMPLES.get()
         return cls(Path(folder), rank) if folder else None
 
     def record(self, step: int, ids: list[int]) -> None:

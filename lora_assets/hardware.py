@@ -20,7 +20,9 @@ import os
 from functools import cache
 from pathlib import Path
 
-DTYPE_ENV = "LORAFOUNDRY_DTYPE"
+from lora_assets import envs
+
+DTYPE_ENV = envs.DTYPE.name
 AUTO_DTYPES = ("bfloat16", "float32")  # what `auto` may mean, and what DTYPE_ENV may pin it to
 
 
@@ -46,7 +48,7 @@ def resolve_dtype(name: str) -> str:
     else `float32`."""
     if name != "auto":
         return name
-    pinned = os.environ.get(DTYPE_ENV, "").strip()
+    pinned = envs.DTYPE.get() or ""
     if not pinned:
         return "bfloat16" if native_bf16() else "float32"
     if pinned not in AUTO_DTYPES:
@@ -66,8 +68,6 @@ def torch_dtype(name: str):
 
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset), not the machine's count."""
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity API (macOS)
@@ -134,7 +134,7 @@ def compute_record(setting: str = "auto") -> dict:
     except OSError:  # not Linux
         cpu, flags = None, []
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    pinned = os.environ.get(DTYPE_ENV, "").strip()
+    pinned = envs.DTYPE.get() or ""
     if setting != "auto":
         why = "set explicitly"
     elif pinned:

@@ -19,9 +19,10 @@ A home (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``) holds all state::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from lora_assets import envs
 
 #: The home when neither ``--home`` nor ``$LORAFOUNDRY_HOME`` says one.
 DEFAULT_HOME = ".lorafoundry"
@@ -44,8 +45,8 @@ class Home:
     def at(cls, root: Path | str | None = None, registry: Path | str | None = None) -> Home:
         """The home at ``root`` (default ``$LORAFOUNDRY_HOME``, else ``./.lorafoundry``), its registry at
         ``registry`` (default ``$LORAFOUNDRY_REGISTRY``, else inside the home)."""
-        home = Path(root or os.environ.get("LORAFOUNDRY_HOME") or DEFAULT_HOME).resolve()
-        file = registry or os.environ.get("LORAFOUNDRY_REGISTRY") or home / "registry.duckdb"
+        home = Path(root or envs.HOME.get() or DEFAULT_HOME).resolve()
+        file = registry or envs.REGISTRY.get() or home / "registry.duckdb"
         return cls(home, Path(file).resolve())
 
     @property

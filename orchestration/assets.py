@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from lora_assets import envs
 from lora_assets.clean import (
     CLEANER_VERSION,
     CheckOutcome,
@@ -449,7 +450,7 @@ def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.Ass
         for line in left_out:
             context.log.warning(f"left out {line}")
         if serving.admin_key:
-            env["LORAFOUNDRY_ADMIN_KEY"] = serving.admin_key
+            env[envs.ADMIN_KEY.name] = serving.admin_key
         context.log.info("deploying: " + " ".join(cmd))
         state, changed = deploy(home, cmd, env, url, names, spec.serving.startup_timeout_s)
         context.log.info(f"{'started' if changed else 'unchanged'}: {url}/v1 serving {', '.join(names)}")

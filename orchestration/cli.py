@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lora_assets import envs
 from lora_assets.home import Home  # stdlib only: every command resolves its home without torch or dagster
 from orchestration import render
 from registry.errors import (
@@ -274,7 +275,7 @@ def serve(
     api_key: Annotated[
         str | None,
         typer.Option(
-            envvar="LORAFOUNDRY_API_KEY",
+            envvar=envs.API_KEY.name,
             help="Require this client key (Authorization: Bearer) on every route but /health; passed "
             "to vLLM through its environment, never on the command line.",
         ),
@@ -286,7 +287,7 @@ def serve(
 
     _offline()
     if api_key:
-        os.environ["LORAFOUNDRY_API_KEY"] = api_key
+        os.environ[envs.API_KEY.name] = api_key
     s = _load(spec)
     h = _home(home)
     try:

@@ -8,9 +8,9 @@ Several pipelines in one code location are instances of the `LoraFoundryPipeline
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from lora_assets import envs
 from lora_assets.spec import load_spec
 from orchestration.location import RUN_TIMEOUT_S, build_definitions
 
@@ -20,7 +20,7 @@ DEMO_SPEC = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"
 
 
 def spec_path_from_env() -> Path:
-    return Path(os.environ.get("LORAFOUNDRY_SPEC") or DEMO_SPEC)
+    return Path(envs.SPEC.get() or DEMO_SPEC)
 
 
 defs = build_definitions(load_spec(spec_path_from_env()))

@@ -8,11 +8,11 @@ No side effects on import: ``orchestration.definitions`` (what workspace.yaml lo
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import dagster as dg
 
+from lora_assets import envs
 from lora_assets.home import Home
 from lora_assets.spec import PipelineSpec
 from orchestration.assets import build_assets
@@ -49,8 +49,8 @@ def home_resources(home: Path | str | None = None) -> dict:
         _home_resources(
             str(home),
             str(Home.at(home).registry),
-            os.environ.get("LORAFOUNDRY_SERVING_URL") or None,
-            bool(os.environ.get("LORAFOUNDRY_ADMIN_KEY")),
+            envs.SERVING_URL.get(),
+            envs.ADMIN_KEY.is_set(),
         )
     )
 

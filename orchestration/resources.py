@@ -17,12 +17,12 @@ environment variable       meaning
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
+from lora_assets import envs
 from lora_assets.home import Home
 from lora_assets.pipeline import Pipeline
 from lora_assets.spec import PipelineSpec
@@ -69,9 +69,9 @@ def pipeline(spec: PipelineSpec, home: LoraFoundryHome, registry: RegistryResour
 def resources_from_env(home: Path | str | None = None) -> dict[str, dg.ConfigurableResource]:
     """The three resources, configured from the environment (``home`` overrides LORAFOUNDRY_HOME)."""
     home = Home.at(home).root
-    key = dg.EnvVar("LORAFOUNDRY_ADMIN_KEY") if os.environ.get("LORAFOUNDRY_ADMIN_KEY") else None
+    key = dg.EnvVar(envs.ADMIN_KEY.name) if envs.ADMIN_KEY.is_set() else None
     return {
         "lorafoundry": LoraFoundryHome(home=str(home)),
         "registry": RegistryResource(path=str(Home.at(home).registry)),
-        "serving": ServingResource(url=os.environ.get("LORAFOUNDRY_SERVING_URL") or None, admin_key=key),
+        "serving": ServingResource(url=envs.SERVING_URL.get(), admin_key=key),
     }

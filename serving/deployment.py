@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+from lora_assets import envs
 from lora_assets.files import write_json_atomic
 from lora_assets.home import Home
 
@@ -165,7 +166,7 @@ def deploy(
         "cmd": cmd,
         "models": models,
         "started_at": time.time(),
-        "base_hash": env.get("LORAFOUNDRY_BASE_HASH"),
+        "base_hash": envs.BASE_HASH.get(env) or None,
     }  # which adapters it can take (promotion sensor)
     write_json_atomic(state_path(home), state, indent=2)
     return state, True

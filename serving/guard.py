@@ -25,15 +25,15 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
+from lora_assets import envs
 from registry.errors import RegistryError, RegistryInputError
 from registry.rules import parse_ref
 from serving.catalog import catalog
 from serving.resolver import AdapterResolver, Refusal, registry_refusal
-from serving.settings import ADMIN_KEY_ENV, BODY_TIMEOUT_S, VLLM_API_KEY_ENV, ServerSettings
+from serving.settings import BODY_TIMEOUT_S, ServerSettings
 
 log = logging.getLogger(f"vllm.lorafoundry.{__name__}")  # under "vllm": kept and printed by vLLM's logging
 
@@ -74,10 +74,10 @@ class LoraFoundryGuard:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.admin_key = os.environ.get(ADMIN_KEY_ENV, "")
+        self.admin_key = envs.ADMIN_KEY.get() or ""
         # vLLM's own API-key check runs after this middleware, and only under /v1: check the client key here on
         # every route, so that a client without it learns nothing about the registry and causes no lookups
-        self.api_key = os.environ.get(VLLM_API_KEY_ENV, "")
+        self.api_key = envs.VLLM_API_KEY.get() or ""
         settings = ServerSettings.from_env()
         self.resolver = AdapterResolver(settings) if settings else None
         self.base_name = settings.base_name if settings else ""

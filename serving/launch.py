@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import httpx
 
+from lora_assets import envs
 from lora_assets.base_model import resolve_base_model
 from lora_assets.hardware import resolve_dtype
 from lora_assets.home import Home
@@ -27,7 +28,7 @@ from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
 from registry.rules import SERVABLE_STATUSES
 from registry.store import AdapterRecord, AdapterRegistry
 from serving.resolver import AdapterResolver, Refusal
-from serving.settings import API_KEY_ENV, DEFAULT_MAX_LORA_RANK, VLLM_API_KEY_ENV, ServerSettings
+from serving.settings import DEFAULT_MAX_LORA_RANK, ServerSettings
 
 #: The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, MAX_LORA_RANK)  # the spec caps r at the largest
@@ -101,7 +102,7 @@ def build_vllm_command(
 
 def auth_headers() -> dict[str, str]:
     """The client API key (``LORAFOUNDRY_API_KEY``) as a bearer header, when one is set."""
-    key = os.environ.get(API_KEY_ENV)
+    key = envs.API_KEY.get()
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -261,8 +262,8 @@ def plan_server(
     )
     # the registry resolver (serving/vllm_plugin.py) and the guard middleware (serving/guard.py) read the settings
     env = server_env(spec.serving) | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} | settings.to_env()
-    if os.environ.get(API_KEY_ENV):
-        env[VLLM_API_KEY_ENV] = os.environ[API_KEY_ENV]  # in the env, never on the logged command line
+    if envs.API_KEY.is_set():
+        env[envs.VLLM_API_KEY.name] = envs.API_KEY.get()  # in the env, never on the logged command line
     names = [spec.served_base_name] + [a.name for a in adapters]
     return ServerPlan(cmd, env, f"http://{spec.serving.host}:{port}", names, left_out)
 

@@ -4,10 +4,9 @@ through the registry resolver."""
 
 from __future__ import annotations
 
-import os
-
 import httpx
 
+from lora_assets import envs
 from serving.launch import ServerError, auth_headers
 
 
@@ -41,9 +40,9 @@ def notify_unload(url: str, name: str, admin_key: str | None = None, timeout_s: 
 def _admin_post(url: str, path: str, body: dict, what: str, admin_key: str | None, timeout_s: float) -> None:
     """POST to one of vLLM's adapter endpoints with the admin key; :class:`ServerUnavailable` when the server
     cannot be reached or fails (5xx), :class:`ServerError` when it refuses (or there is no key)."""
-    key = admin_key or os.environ.get("LORAFOUNDRY_ADMIN_KEY")
+    key = admin_key or envs.ADMIN_KEY.get()
     if not key:
-        raise ServerError("no admin key: set LORAFOUNDRY_ADMIN_KEY to the key the server was started with.")
+        raise ServerError(f"no admin key: set {envs.ADMIN_KEY.name} to the key the server was started with.")
     try:
         r = httpx.post(
             f"{url.rstrip('/')}{path}", json=body, timeout=timeout_s, headers=auth_headers() | {"X-Admin-Key": key}

@@ -8,35 +8,21 @@ environment of `lorafoundry serve`, which vLLM inherits.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_assets import envs
 from lora_assets.home import Home
 
 #: vLLM's ``--max-lora-rank`` when no adapter on the base says more.
-DEFAULT_MAX_LORA_RANK = 16
+DEFAULT_MAX_LORA_RANK = envs.MAX_LORA_RANK.default
 
-
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
-
-
-#: Seconds a registry answer is reused by the guard and the resolver (``LORAFOUNDRY_RESOLVE_TTL_S``): a moved alias
-#: or an archived version takes effect within that.
-RESOLVE_TTL_S = _env_float("LORAFOUNDRY_RESOLVE_TTL_S", 2)
-#: Seconds a client has to send the whole body once the request head arrived (``LORAFOUNDRY_BODY_TIMEOUT_S``, a
-#: reverse proxy's ``client_body_timeout``): a client that dribbles it gets 408 (serving/guard.py).
-BODY_TIMEOUT_S = _env_float("LORAFOUNDRY_BODY_TIMEOUT_S", 30)
-#: Seconds a connection has to deliver a complete request head (``LORAFOUNDRY_HEAD_TIMEOUT_S``;
-#: serving/http_limits.py).
-HEAD_TIMEOUT_S = _env_float("LORAFOUNDRY_HEAD_TIMEOUT_S", 10)
-#: Open connections one client address may hold (``LORAFOUNDRY_MAX_CONNECTIONS_PER_CLIENT``).
-MAX_CONNECTIONS_PER_CLIENT = int(os.environ.get("LORAFOUNDRY_MAX_CONNECTIONS_PER_CLIENT") or 64)
-#: The key the admin routes require in ``X-Admin-Key``; unset, they are closed.
-ADMIN_KEY_ENV = "LORAFOUNDRY_ADMIN_KEY"
-#: The client key `lorafoundry serve` requires (``Authorization: Bearer``); vLLM reads it as ``VLLM_API_KEY``.
-API_KEY_ENV, VLLM_API_KEY_ENV = "LORAFOUNDRY_API_KEY", "VLLM_API_KEY"
+#: The operator's limits (lora_assets/envs.py says what each means), read once when a server's process starts.
+RESOLVE_TTL_S = envs.RESOLVE_TTL_S.get()
+BODY_TIMEOUT_S = envs.BODY_TIMEOUT_S.get()
+HEAD_TIMEOUT_S = envs.HEAD_TIMEOUT_S.get()
+MAX_CONNECTIONS_PER_CLIENT = envs.MAX_CONNECTIONS_PER_CLIENT.get()
 
 
 @dataclass(frozen=True)
@@ -65,32 +51,31 @@ class ServerSettings:
     def to_env(self) -> dict[str, str]:
         """The environment variables that carry these settings to vLLM's processes."""
         return {
-            "LORAFOUNDRY_REGISTRY": str(self.registry),
-            "LORAFOUNDRY_BASE_HASH": self.base_hash,
-            "LORAFOUNDRY_BASE_NAME": self.base_name,
-            "LORAFOUNDRY_ADAPTER_ROOT": str(self.adapter_root),
-            "LORAFOUNDRY_STAGE_DIR": str(self.stage_root),
-            "LORAFOUNDRY_MAX_LORA_RANK": str(self.max_rank),
-            "LORAFOUNDRY_STATIC_MODELS": ",".join(f"{n}@{v}" for n, v in self.static_models.items()),
+            envs.REGISTRY.name: str(self.registry),
+            envs.BASE_HASH.name: self.base_hash,
+            envs.BASE_NAME.name: self.base_name,
+            envs.ADAPTER_ROOT.name: str(self.adapter_root),
+            envs.STAGE_DIR.name: str(self.stage_root),
+            envs.MAX_LORA_RANK.name: str(self.max_rank),
+            envs.STATIC_MODELS.name: ",".join(f"{n}@{v}" for n, v in self.static_models.items()),
         }
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings | None:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings | None:
         """The settings in ``env`` (default: this process's environment); None for a vLLM that lorafoundry did
-        not start (no ``LORAFOUNDRY_REGISTRY``)."""
-        env = os.environ if env is None else env
-        registry = env.get("LORAFOUNDRY_REGISTRY")
+        not start (no registry named)."""
+        registry = envs.REGISTRY.get(env)
         if not registry:
             return None
         home = Home.at(Path(registry).parent, registry)  # the registry's home, unless told otherwise
         return cls(
             registry=Path(registry),
-            base_hash=env.get("LORAFOUNDRY_BASE_HASH", ""),
-            base_name=env.get("LORAFOUNDRY_BASE_NAME", ""),
-            adapter_root=Path(env.get("LORAFOUNDRY_ADAPTER_ROOT") or home.adapters),
-            stage_root=Path(env.get("LORAFOUNDRY_STAGE_DIR") or home.verified),
-            max_rank=int(env.get("LORAFOUNDRY_MAX_LORA_RANK") or DEFAULT_MAX_LORA_RANK),
-            static_models=_parse_static(env.get("LORAFOUNDRY_STATIC_MODELS", "")),
+            base_hash=envs.BASE_HASH.get(env),
+            base_name=envs.BASE_NAME.get(env),
+            adapter_root=Path(envs.ADAPTER_ROOT.get(env) or home.adapters),
+            stage_root=Path(envs.STAGE_DIR.get(env) or home.verified),
+            max_rank=envs.MAX_LORA_RANK.get(env),
+            static_models=_parse_static(envs.STATIC_MODELS.get(env)),
         )
 
 

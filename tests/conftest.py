@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets import envs
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ADMIN_KEY = "test-admin-key"
-os.environ["LORAFOUNDRY_ADMIN_KEY"] = ADMIN_KEY  # the session's vLLM server guards its adapter endpoints with it
+os.environ[envs.ADMIN_KEY.name] = ADMIN_KEY  # the session's vLLM server guards its adapter endpoints with it
 # short limits on slow clients, so that tests/test_fault_isolation.py sees them pass in seconds (defaults 10 and 30)
-os.environ["LORAFOUNDRY_HEAD_TIMEOUT_S"] = "4"
-os.environ["LORAFOUNDRY_BODY_TIMEOUT_S"] = "6"
+os.environ[envs.HEAD_TIMEOUT_S.name] = "4"
+os.environ[envs.BODY_TIMEOUT_S.name] = "6"
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "examples" / "tiny.yaml"  # the fast spec; examples/demo.yaml is the real-model demo

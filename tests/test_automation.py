@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from lora_assets import envs
 from orchestration.assets import build_assets
 from orchestration.resources import RegistryResource, ServingResource, resources_from_env
 from tests.test_clean_assets import small_spec
@@ -17,9 +18,9 @@ from tests.test_registry import make_adapter_dir
 
 
 def test_resources_come_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAFOUNDRY_REGISTRY", str(tmp_path / "shared" / "reg.duckdb"))
-    monkeypatch.setenv("LORAFOUNDRY_SERVING_URL", "http://lb.internal:8000")
-    monkeypatch.setenv("LORAFOUNDRY_ADMIN_KEY", "s3cret")
+    monkeypatch.setenv(envs.REGISTRY.name, str(tmp_path / "shared" / "reg.duckdb"))
+    monkeypatch.setenv(envs.SERVING_URL.name, "http://lb.internal:8000")
+    monkeypatch.setenv(envs.ADMIN_KEY.name, "s3cret")
     res = resources_from_env(tmp_path / "home")
     assert res["lorafoundry"].home == str((tmp_path / "home").resolve())
     assert res["registry"].path == str(tmp_path / "shared" / "reg.duckdb")
@@ -34,9 +35,9 @@ def test_resources_come_from_the_environment(tmp_path, monkeypatch):
     result = dg.materialize([probe], resources=res)
     assert result.output_for_node("probe") == {"key": "s3cret", "registry": str(tmp_path / "shared" / "reg.duckdb")}
 
-    monkeypatch.delenv("LORAFOUNDRY_REGISTRY")
-    monkeypatch.delenv("LORAFOUNDRY_SERVING_URL")
-    monkeypatch.delenv("LORAFOUNDRY_ADMIN_KEY")
+    monkeypatch.delenv(envs.REGISTRY.name)
+    monkeypatch.delenv(envs.SERVING_URL.name)
+    monkeypatch.delenv(envs.ADMIN_KEY.name)
     res = resources_from_env(tmp_path / "home")
     assert res["registry"].path == str((tmp_path / "home" / "registry.duckdb").resolve())
     assert res["serving"].url is None and res["serving"].admin_key is None
@@ -137,7 +138,7 @@ def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path, mo
     assert notify_new_promotions(reg, tmp_path, moved) == ([], moved)
 
     reg.promote("a", v[2].version)  # a refusal (here: no admin key at all) is reported once, not retried
-    monkeypatch.delenv("LORAFOUNDRY_ADMIN_KEY", raising=False)
+    monkeypatch.delenv(envs.ADMIN_KEY.name, raising=False)
     lines, after = notify_new_promotions(reg, tmp_path, moved, url=dead)
     assert "refused the update (not retried)" in lines[0] and after > moved
 
@@ -167,7 +168,7 @@ def test_promotion_sensor_reloads_or_unloads_when_a_champion_is_rejected(tmp_pat
     server = HTTPServer(("127.0.0.1", 0), Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setenv("LORAFOUNDRY_ADMIN_KEY", "k")
+    monkeypatch.setenv(envs.ADMIN_KEY.name, "k")
     try:
         reg = AdapterRegistry(tmp_path / "registry.duckdb")
         metrics = {"eval_loss": {"base": 2.0, "adapter": 1.0}}

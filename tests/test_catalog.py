@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from lora_assets import envs
 from registry.store import AdapterRegistry, NewAdapter
 from serving.guard import LoraFoundryGuard
 from tests.test_guard import make_resolver
@@ -74,16 +75,16 @@ def registry(tmp_path) -> AdapterRegistry:
 
 @pytest.fixture
 def guard(registry, tmp_path, monkeypatch):
-    for var in ("VLLM_API_KEY", "LORAFOUNDRY_REGISTRY", "LORAFOUNDRY_STATIC_MODELS"):
+    for var in (envs.VLLM_API_KEY.name, envs.REGISTRY.name, envs.STATIC_MODELS.name):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("LORAFOUNDRY_BASE_NAME", "tiny")
+    monkeypatch.setenv(envs.BASE_NAME.name, "tiny")
 
     def make(loaded: list[str], static: str = "", api_key: str = "") -> LoraFoundryGuard:
         resolver = make_resolver(registry.path, BASE_HASH, tmp_path / "adapters", ttl_s=0)
         for var, value in resolver.settings.to_env().items():  # what plan_server hands vLLM
             monkeypatch.setenv(var, value)
-        monkeypatch.setenv("LORAFOUNDRY_STATIC_MODELS", static)
-        monkeypatch.setenv("VLLM_API_KEY", api_key)
+        monkeypatch.setenv(envs.STATIC_MODELS.name, static)
+        monkeypatch.setenv(envs.VLLM_API_KEY.name, api_key)
         app = LoraFoundryGuard(downstream(loaded))
         app.resolver = resolver
         return app

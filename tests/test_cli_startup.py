@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets import envs
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "dagster", "transformers", "peft", "vllm", "datasets", "bitsandbytes", "matplotlib"]
 MARK = "HEAVY_MODULES="
@@ -33,7 +35,7 @@ def run_cli(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProces
     """Run ``lorafoundry ARGS`` in a fresh interpreter; return the finished process and the heavy modules it
     imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFOUNDRY_")}
-    env["LORAFOUNDRY_HOME"] = str(tmp_path / "default-home")  # never the checkout's ./.lorafoundry
+    env[envs.HOME.name] = str(tmp_path / "default-home")  # never the checkout's ./.lorafoundry
     proc = subprocess.run(
         [sys.executable, "-c", WRAPPER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )

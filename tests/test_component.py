@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets import envs
 from tests.conftest import ROOT
 
 DG = str(Path(sys.executable).parent / "dg")
@@ -30,7 +31,7 @@ def _dg(args: list[str], cwd: Path, home: Path, timeout: int = 300) -> subproces
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = os.environ | {"LORAFOUNDRY_HOME": str(home), "DAGSTER_HOME": str(dagster_home), "NO_COLOR": "1"}
+    env = os.environ | {envs.HOME.name: str(home), "DAGSTER_HOME": str(dagster_home), "NO_COLOR": "1"}
     return subprocess.run([DG, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -110,7 +111,7 @@ def test_two_instances_materialize_in_one_run_without_key_clashes(tmp_path, rand
     from registry.store import AdapterRegistry
 
     home = tmp_path / "home"
-    monkeypatch.setenv("LORAFOUNDRY_HOME", str(home))
+    monkeypatch.setenv(envs.HOME.name, str(home))
 
     def instance(adapter: str, topic: str, how: str) -> str:
         spec = {
@@ -239,7 +240,7 @@ def test_dg_scaffold_writes_a_working_instance(tmp_path, materialized, session_h
     checked = _dg(["check", "defs"], project, home)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
-    monkeypatch.setenv("LORAFOUNDRY_HOME", str(home))
+    monkeypatch.setenv(envs.HOME.name, str(home))
     monkeypatch.syspath_prepend(str(project))
     defs = dg.load_from_defs_folder(path_within_project=project)
     result = dg.materialize(list(defs.assets), resources=defs.resources, raise_on_error=False)

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import dagster as dg
 
+from lora_assets import envs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_definitions_module_loads_and_resolves_jobs(tmp_path, monkeypatch):
     import importlib
 
-    monkeypatch.setenv("LORAFOUNDRY_HOME", str(tmp_path))
+    monkeypatch.setenv(envs.HOME.name, str(tmp_path))
     import orchestration.definitions as definitions
 
     defs = importlib.reload(definitions).defs
@@ -94,7 +96,7 @@ def test_dataset_sensor_requests_the_chain_of_a_changed_file(tmp_path):
 
 
 def test_workspace_yaml_validates_with_dagster_cli(tmp_path):
-    env = {**os.environ, "LORAFOUNDRY_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path)}
+    env = {**os.environ, envs.HOME.name: str(tmp_path), "DAGSTER_HOME": str(tmp_path)}
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     res = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],

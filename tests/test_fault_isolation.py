@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lora_assets import envs
 from tests.test_security_serving import _flip_last_byte, _register_copy
 from tests.test_serving import PROMPTS, _post, complete
 
@@ -257,7 +258,7 @@ def test_serve_leaves_out_what_it_cannot_load_and_survives_a_changed_copy(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "LORAFOUNDRY_RESOLVE_TTL_S": "3600"},
+        env={**os.environ, envs.RESOLVE_TTL_S.name: "3600"},
     )
     url, lines = f"http://127.0.0.1:{port}", []
     try:

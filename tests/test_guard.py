@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets import envs
 from lora_assets.home import Home
 from registry.errors import (
     AdapterNotFoundError,
@@ -104,11 +105,11 @@ def ask(app: LoraFoundryGuard, path: str, body: dict, headers: list | None = Non
 
 @pytest.fixture
 def app(resolver, monkeypatch) -> LoraFoundryGuard:
-    monkeypatch.delenv("LORAFOUNDRY_REGISTRY", raising=False)
-    monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    monkeypatch.setenv("LORAFOUNDRY_ADMIN_KEY", "admin")
-    monkeypatch.setenv("LORAFOUNDRY_BASE_NAME", "tiny")
-    monkeypatch.delenv("LORAFOUNDRY_STATIC_MODELS", raising=False)
+    monkeypatch.delenv(envs.REGISTRY.name, raising=False)
+    monkeypatch.delenv(envs.VLLM_API_KEY.name, raising=False)
+    monkeypatch.setenv(envs.ADMIN_KEY.name, "admin")
+    monkeypatch.setenv(envs.BASE_NAME.name, "tiny")
+    monkeypatch.delenv(envs.STATIC_MODELS.name, raising=False)
     app = LoraFoundryGuard(_downstream)
     app.resolver = resolver
     return app

@@ -8,6 +8,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from lora_assets import envs
+
 pytestmark = pytest.mark.slow
 
 QUESTIONS = [
@@ -108,7 +110,7 @@ def test_serve_command_starts_and_stops_on_sigterm(materialized, session_home, d
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
-        env={**os.environ, "LORAFOUNDRY_API_KEY": key},
+        env={**os.environ, envs.API_KEY.name: key},
     )
     try:
         deadline = time.monotonic() + 300
@@ -332,7 +334,7 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
     from registry.store import AdapterRegistry, NewAdapter
     from tests.conftest import ADMIN_KEY
 
-    monkeypatch.setenv("LORAFOUNDRY_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv(envs.ADMIN_KEY.name, ADMIN_KEY)
     url, pid = vllm_server["url"], vllm_server["pid"]
     reg = AdapterRegistry(session_home / "registry.duckdb")
     old = reg.champion("sentiment")

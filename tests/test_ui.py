@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lora_assets import envs
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -61,8 +62,8 @@ def dagster_dev(vllm_server, served_spec, session_home, tmp_path_factory):
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     port = free_port()
     env = os.environ | {
-        "LORAFOUNDRY_SPEC": str(spec_file),
-        "LORAFOUNDRY_HOME": str(session_home),
+        envs.SPEC.name: str(spec_file),
+        envs.HOME.name: str(session_home),
         "DAGSTER_HOME": str(dagster_home),
     }
     log = (work / "dagster-dev.log").open("wb")
