@@ -55,7 +55,7 @@ def child(method: str, args) -> dict:
     pipe = Pipeline(spec, work)
     clean = pipe.clean("bench")
     before = _rss_bytes()
-    r = train_adapter("bench", spec.adapters["bench"], pipe.base, clean, work / "adapters", log_every=1000)
+    r = train_adapter("bench", spec.adapters["bench"], pipe.base, clean, pipe.layout, log_every=1000)
     return {
         "method": r.method,
         "params": r.total_params,

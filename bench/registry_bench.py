@@ -72,7 +72,8 @@ def timed(fn, repeats: int) -> list[float]:
 
 def _writer(args) -> int:
     path, dirs, name = args
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
 
     reg = AdapterRegistry(path, max_wait_s=600)
     for d in dirs:
@@ -89,7 +90,8 @@ def main() -> None:
 
     import duckdb
 
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
 
     work = Path(tempfile.mkdtemp(prefix="registry-bench-"))
     path = work / "registry.duckdb"

@@ -86,8 +86,8 @@ def main() -> None:
 
     from lora_assets.pipeline import Pipeline
     from lora_assets.spec import load_spec
+    from registry.records import NewAdapter
     from registry.rules import SERVABLE_STATUSES
-    from registry.store import NewAdapter
     from serving.launch import VLLMServer, build_vllm_command, plan_server
 
     spec = load_spec(args.spec)

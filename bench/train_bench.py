@@ -46,8 +46,8 @@ def plain_hf(base_path: Path, rows: list[dict], spec, out: Path) -> dict:
         TrainingArguments,
     )
 
+    from lora_assets.chat import tokenize_example
     from lora_assets.hardware import native_bf16
-    from lora_assets.train import tokenize_example
 
     bf16 = native_bf16()
     tok = AutoTokenizer.from_pretrained(base_path)
@@ -134,11 +134,12 @@ def _setup(args):
 def _child(args) -> None:
     """One trainer in this process; prints one JSON line."""
     from lora_assets.clean import read_split
+    from lora_assets.home import Home
     from lora_assets.train import train_adapter
 
     pipe, clean, adapter, work = _setup(args)
     if args.only == "ours":
-        r = train_adapter("bench", adapter, pipe.base, clean, work / "adapters")
+        r = train_adapter("bench", adapter, pipe.base, clean, Home.at(work))
         manifest = json.loads((Path(r.adapter_dir) / "training_manifest.json").read_text())
         res = {
             "wall_s": r.wall_s,

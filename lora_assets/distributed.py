@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lora_assets.base_model import BaseModelRef
 from lora_assets.clean import CleanReport
 from lora_assets.data_parallel import DataParallel
+from lora_assets.home import Home
 from lora_assets.progress import ProgressReport, reporting_to
 from lora_assets.spec import AdapterSpec
 
@@ -51,7 +52,10 @@ class TrainRequest(BaseModel):
     spec: AdapterSpec = Field(description="The adapter's settings; `processes` is the world size it was planned for.")
     base: BaseModelRef = Field(description="The resolved base model (a local dir every process can read).")
     clean: CleanReport = Field(description="The cleaning report of the adapter's dataset (gives the train split).")
-    adapters_root: str = Field(description="The home's `adapters` dir; output goes to `<root>/<job key>/<run key>`.")
+    home: Home = Field(
+        description="The home dir's layout: output goes to `<home>/adapters/<job key>/<run key>`, the tokenized train "
+        "split to its token cache."
+    )
     log_every: int = Field(10, description="Log the loss every this many steps.")
 
 
@@ -243,7 +247,7 @@ def _train(request: TrainRequest, dp: DataParallel, progress) -> None:
         request.spec,
         request.base,
         request.clean,
-        Path(request.adapters_root),
+        request.home,
         log_every=request.log_every,
         progress=progress,
         data_parallel=dp,

@@ -13,24 +13,22 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
-import re
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef
+from lora_assets.chat import tokenize_example
 from lora_assets.clean import CleanReport, read_split
-from lora_assets.evidence import RowScores, gain_interval, row_id, value_interval
+from lora_assets.evidence import BOOTSTRAP_RESAMPLES, RowScores, bootstrap, gain_interval, row_id, value_interval
 from lora_assets.files import write_json_atomic
 from lora_assets.hardware import resolve_dtype, torch_dtype
+from lora_assets.methods import load_nf4_base, nf4_precision
 from lora_assets.progress import report as report_progress
 from lora_assets.spec import AdapterSpec, GateSpec
-from lora_assets.train import tokenize_example
-from registry.rules import LOWER_IS_BETTER
+from registry.metrics import ANSWER_METRICS, LOSS_METRICS, METRICS, Metric
 
 EVAL_FILE = "eval_results.json"
 
@@ -105,51 +103,8 @@ def _eval_key(
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
-BOOTSTRAP_RESAMPLES = 1000
-
-
-def _char_ngrams(text: str, n: int) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for i in range(len(text) - n + 1):
-        g = text[i : i + n]
-        counts[g] = counts.get(g, 0) + 1
-    return counts
-
-
-def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> float:
-    """Sentence chrF in [0, 100] (character n-grams up to ``order``, whitespace ignored, recall weighted by
-    ``beta``), as sacreBLEU defines it: precision and recall averaged over the orders both strings have."""
-    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
-    if hyp == ref:
-        return 100.0
-    precisions, recalls = [], []
-    for n in range(1, order + 1):
-        h, r = _char_ngrams(hyp, n), _char_ngrams(ref, n)
-        if not h or not r:
-            continue
-        match = sum(min(c, r.get(g, 0)) for g, c in h.items())
-        precisions.append(match / sum(h.values()))
-        recalls.append(match / sum(r.values()))
-    if not precisions:
-        return 0.0
-    p, rc = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
-    if p + rc == 0:
-        return 0.0
-    b2 = beta * beta
-    return 100.0 * (1 + b2) * p * rc / (b2 * p + rc)
-
-
-def paired_bootstrap(
-    statistic, n_rows: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
-) -> tuple[float, float]:
-    """95% percentile interval of ``statistic(indices)`` over ``resamples`` resamplings of the rows (the same
-    resampled rows for base and adapter, so the interval is on the paired difference)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    stats = np.array([statistic(rng.integers(0, n_rows, n_rows)) for _ in range(resamples)])
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return float(low), float(high)
+#: The confidence of the gain intervals every evaluation reports (``gain_ci_low``, ``gain_ci_high``).
+GAIN_CONFIDENCE = 0.95
 
 
 def metric_table(
@@ -157,60 +112,43 @@ def metric_table(
     losses: tuple[list[float], list[float], list[int]],
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Base, adapter, gain and the gain's 95% bootstrap CI for every metric.
+    """Base, adapter, gain and the gain's 95% paired bootstrap CI for every metric (gains oriented by the metric
+    table, positive = the adapter is better).
 
     Args:
-        per_row: for row-averaged metrics (exact match, chrF), ``{metric: (base scores, adapter scores)}``.
-        losses: per-row summed token losses of base and adapter, and per-row token counts; eval loss is their
-            token-weighted mean and perplexity its exponential.
+        per_row: for the answer metrics (exact match, contains, chrF), ``{metric: (base scores, adapter scores)}``.
+        losses: per-row summed token losses of base and adapter, and per-row token counts; each loss metric is
+            computed from their token-weighted mean (eval loss is that mean, perplexity its exponential).
         seed: the bootstrap's seed.
     """
     import numpy as np
 
     out: dict[str, dict[str, float]] = {}
-    for metric, (b, a) in per_row.items():
+    for name, (b, a) in per_row.items():
         b_arr, a_arr = np.asarray(b, dtype=float), np.asarray(a, dtype=float)
-        diff = a_arr - b_arr
-        lo, hi = paired_bootstrap(lambda idx, d=diff: float(d[idx].mean()), len(diff), seed)
-        out[metric] = {
+        diff = METRICS[name].gain(a_arr, b_arr)
+        lo, hi = bootstrap(lambda idx, d=diff: float(d[idx].mean()), len(diff), GAIN_CONFIDENCE, seed)
+        out[name] = {
             "base": b_arr.mean(),
             "adapter": a_arr.mean(),
-            "gain": (a_arr - b_arr).mean(),
+            "gain": diff.mean(),
             "gain_ci_low": lo,
             "gain_ci_high": hi,
         }
     b_sum, a_sum, cnt = (np.asarray(x, dtype=float) for x in losses)
 
-    def loss_gain(idx, exp: bool) -> float:
+    def loss_gain(idx, metric: Metric) -> float:
         n = max(cnt[idx].sum(), 1)
         lb, la = b_sum[idx].sum() / n, a_sum[idx].sum() / n
-        return float(np.exp(lb) - np.exp(la)) if exp else float(lb - la)
+        return float(metric.gain(metric.of_loss(la), metric.of_loss(lb)))
 
     total = max(cnt.sum(), 1)
     base_loss, ad_loss = b_sum.sum() / total, a_sum.sum() / total
-    for metric, exp in (("eval_loss", False), ("perplexity", True)):
-        lo, hi = paired_bootstrap(lambda idx, e=exp: loss_gain(idx, e), len(cnt), seed)
-        b, a = (math.exp(base_loss), math.exp(ad_loss)) if exp else (base_loss, ad_loss)
-        out[metric] = {"base": b, "adapter": a, "gain": b - a, "gain_ci_low": lo, "gain_ci_high": hi}
+    for metric in LOSS_METRICS:
+        lo, hi = bootstrap(lambda idx, m=metric: loss_gain(idx, m), len(cnt), GAIN_CONFIDENCE, seed)
+        b, a = metric.of_loss(base_loss), metric.of_loss(ad_loss)
+        out[metric.name] = {"base": b, "adapter": a, "gain": metric.gain(a, b), "gain_ci_low": lo, "gain_ci_high": hi}
     return {m: {k: round(float(v), 4) for k, v in d.items()} for m, d in out.items()}
-
-
-def normalize_answer(text: str) -> str:
-    """Case-, whitespace- and edge-punctuation-insensitive form used by exact match."""
-    text = unicodedata.normalize("NFC", text).casefold().strip()
-    text = re.sub(r"\s+", " ", text)
-    return text.strip(" .!?,;:'\"")
-
-
-def contains_answer(output: str, reference: str) -> bool:
-    """Whether the normalized reference occurs in the normalized output, starting at a word boundary.
-
-    Fair to a chatty model that answers in a sentence ("These are all fruits." for the reference "fruit"), which
-    exact match scores 0; "grapefruit" does not contain "fruit". An output naming several candidates also
-    counts, so read it next to exact match, never alone.
-    """
-    ref = normalize_answer(reference)
-    return bool(ref) and re.search(r"(?<!\w)" + re.escape(ref), normalize_answer(output)) is not None
 
 
 def _row_losses(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> tuple[list[float], list[int]]:
@@ -286,22 +224,22 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, label: 
 def check_gate(
     gate: GateSpec | None, metrics: dict[str, dict[str, float]], per_row: RowScores | None = None, seed: int = 0
 ) -> GateResult | None:
-    """Apply a gate to base/adapter metrics. Lower is better for eval_loss and perplexity. A gate with a
-    ``confidence`` decides on the paired bootstrap interval from ``per_row`` (see lora_assets.evidence)."""
+    """Apply a gate to base/adapter metrics, in the metric's direction (the metric table: lower is better for
+    eval_loss and perplexity). A gate with a ``confidence`` decides on the paired bootstrap interval from
+    ``per_row`` (see lora_assets.evidence)."""
     if gate is None:
         return None
     if gate.confidence is not None:
         return _check_gate_on_evidence(gate, per_row, seed)
     base, adapter = metrics[gate.metric]["base"], metrics[gate.metric]["adapter"]
-    lower_is_better = gate.metric in LOWER_IS_BETTER
+    metric = METRICS[gate.metric]
     if gate.min_gain is not None:
-        gain = (base - adapter) if lower_is_better else (adapter - base)
+        gain = metric.gain(adapter, base)
         passed = gain >= gate.min_gain
         detail = f"{gate.metric} gain {gain:+.4f} vs required {gate.min_gain:+.4f}"
     else:
-        passed = adapter <= gate.min_value if lower_is_better else adapter >= gate.min_value
-        op = "<=" if lower_is_better else ">="
-        detail = f"{gate.metric} {adapter:.4f} vs required {op} {gate.min_value:.4f}"
+        passed = metric.reaches(adapter, gate.min_value)
+        detail = f"{gate.metric} {adapter:.4f} vs required {metric.bound_op} {gate.min_value:.4f}"
     return GateResult(metric=gate.metric, passed=passed, detail=("pass: " if passed else "fail: ") + detail)
 
 
@@ -320,12 +258,12 @@ def _check_gate_on_evidence(gate: GateSpec, per_row: RowScores | None, seed: int
         )
     else:
         value, low, high = value_interval(per_row, gate.metric, gate.confidence, seed)
-        lower_is_better = gate.metric in LOWER_IS_BETTER
-        passed = high <= gate.min_value if lower_is_better else low >= gate.min_value
-        bound = "upper" if lower_is_better else "lower"
+        metric = METRICS[gate.metric]
+        bound, worst = ("upper", high) if metric.lower_is_better else ("lower", low)  # the interval's worse end
+        passed = metric.reaches(worst, gate.min_value)
         detail = (
             f"{gate.metric} {value:.4f}, {level} [{low:.4f}, {high:.4f}]: {bound} bound vs required "
-            f"{'<=' if lower_is_better else '>='} {gate.min_value:.4f}"
+            f"{metric.bound_op} {gate.min_value:.4f}"
         )
     return GateResult(metric=gate.metric, passed=passed, detail=("pass: " if passed else "fail: ") + detail)
 
@@ -340,18 +278,12 @@ def _precision_agreement(
 ) -> dict:
     """Greedy outputs of a QLoRA adapter on its 4-bit training base against those on the served base."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    compute = torch_dtype("auto")
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-    )
-    model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=compute)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(load_nf4_base(base.path), str(adapter_dir)).eval()
     trained = _generate(model, tokenizer, prompts, max_new_tokens, "adapter on the 4-bit base")
     same = sum(a == b for a, b in zip(trained, serving_outputs, strict=True))
     return {
-        "training_precision": f"nf4 (4-bit, double quant) + {resolve_dtype('auto')} compute",
+        "training_precision": nf4_precision(),
         "rows": len(prompts),
         "identical_greedy_outputs": same,
         "share_identical": round(same / len(prompts), 4),
@@ -515,24 +447,13 @@ def _run_base_and_adapter(model, tokenizer, rows: list[dict], max_seq_len: int, 
 
 
 def _answer_scores(runs: _EvalRuns) -> dict[str, tuple[list[float], list[float]]]:
-    """Per-row exact match, contains and chrF of the base's and the adapter's answers (see metric_table)."""
-    refs = runs.references
+    """Per-row scores of the base's and the adapter's answers on every answer metric of the metric table (exact
+    match, contains, chrF; see metric_table)."""
 
-    def em(outs: list[str]) -> list[float]:
-        return [float(normalize_answer(o) == normalize_answer(r)) for o, r in zip(outs, refs, strict=True)]
+    def scores(metric: Metric, outs: list[str]) -> list[float]:
+        return [metric.score_answer(o, r) for o, r in zip(outs, runs.references, strict=True)]
 
-    def contains(outs: list[str]) -> list[float]:
-        return [float(contains_answer(o, r)) for o, r in zip(outs, refs, strict=True)]
-
-    def chrfs(outs: list[str]) -> list[float]:
-        return [chrf(o, r) for o, r in zip(outs, refs, strict=True)]
-
-    base_out, ad_out = runs.base_outputs, runs.adapter_outputs
-    return {
-        "exact_match": (em(base_out), em(ad_out)),
-        "contains": (contains(base_out), contains(ad_out)),
-        "chrf": (chrfs(base_out), chrfs(ad_out)),
-    }
+    return {m.name: (scores(m, runs.base_outputs), scores(m, runs.adapter_outputs)) for m in ANSWER_METRICS}
 
 
 def _samples(rows: list[dict], runs: _EvalRuns, n: int = 10) -> list[dict]:

@@ -9,21 +9,22 @@ Evaluation keeps every held-out row's scores (:class:`RowScores`, in ``eval_resu
   scored on (same row ids), for ``promote: if_significantly_better``, which promotes only when the interval of
   (candidate - champion) lies above zero.
 
-Gains and differences are oriented so that positive means better (lower eval loss and perplexity are better).
+Gains and differences are oriented so that positive means better, by each metric's direction in the metric table
+(``registry.metrics``: lower eval loss and perplexity are better). :func:`bootstrap` is the one bootstrap of the
+product: evaluation's reported gain intervals (``eval_results.json``) are drawn by it too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from registry.rules import LOWER_IS_BETTER
+from registry.metrics import METRICS
 
-#: Bootstrap resamples for every interval here (seeded: same scores, same interval).
-RESAMPLES = 1000
+#: Bootstrap resamples for every interval (seeded: same scores, same interval).
+BOOTSTRAP_RESAMPLES = 1000
 #: Fewer paired rows than this and a comparison decides nothing (an interval over a handful of rows is noise).
 MIN_PAIRED_ROWS = 10
 
@@ -64,32 +65,27 @@ def row_id(messages: list[dict]) -> str:
 
 
 def bootstrap(statistic, n_rows: int, confidence: float, seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of ``statistic(indices)`` over resampled rows (the same rows for both sides of a
-    paired statistic)."""
+    """Percentile interval at ``confidence`` of ``statistic(indices)`` over :data:`BOOTSTRAP_RESAMPLES` resamplings
+    of the rows (the same resampled rows for both sides of a paired statistic)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    stats = np.array([statistic(rng.integers(0, n_rows, n_rows)) for _ in range(RESAMPLES)])
+    stats = np.array([statistic(rng.integers(0, n_rows, n_rows)) for _ in range(BOOTSTRAP_RESAMPLES)])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return float(low), float(high)
 
 
 def _side(scores: RowScores, metric: str, side: str, rows) -> float:
-    """``side``'s value of ``metric`` over ``rows`` (indices): a mean of answer scores, or the token-weighted
-    loss (its exponential for perplexity)."""
+    """``side``'s value of ``metric`` over ``rows`` (indices): a mean of answer scores, or the metric's value of
+    the token-weighted loss (the loss itself, its exponential for perplexity)."""
     import numpy as np
 
     if metric in scores.answers:
         return float(np.asarray(scores.answers[metric][side])[rows].mean())
     sums, tokens = np.asarray(scores.losses[side]), np.asarray(scores.losses["tokens"])
     loss = sums[rows].sum() / max(tokens[rows].sum(), 1)
-    return float(math.exp(loss)) if metric == "perplexity" else float(loss)
-
-
-def _oriented(metric: str, better: float, worse: float) -> float:
-    """``better - worse`` so that positive means the first is better on ``metric``."""
-    return worse - better if metric in LOWER_IS_BETTER else better - worse
+    return float(METRICS[metric].of_loss(loss))
 
 
 def gain_interval(scores: RowScores, metric: str, confidence: float, seed: int = 0) -> tuple[float, float, float]:
@@ -99,7 +95,7 @@ def gain_interval(scores: RowScores, metric: str, confidence: float, seed: int =
     every = np.arange(len(scores.ids))
 
     def gain(rows) -> float:
-        return _oriented(metric, _side(scores, metric, "adapter", rows), _side(scores, metric, "base", rows))
+        return METRICS[metric].gain(_side(scores, metric, "adapter", rows), _side(scores, metric, "base", rows))
 
     return (gain(every), *bootstrap(gain, len(every), confidence, seed))
 
@@ -128,8 +124,7 @@ def compare_with_champion(
     champ_rows = np.array([p[1] for p in pairs], dtype=int)
 
     def diff(sample) -> float:
-        return _oriented(
-            metric,
+        return METRICS[metric].gain(
             _side(candidate, metric, "adapter", cand_rows[sample]),
             _side(champion, metric, "adapter", champ_rows[sample]),
         )

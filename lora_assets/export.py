@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef, resolve_base_model
 from lora_assets.files import sha256_files
-from registry.store import AdapterRecord, adapter_sha256
+from registry.records import AdapterRecord, adapter_sha256
 
 #: The lineage record written into the merged dir (what the model card shows, machine-readable).
 LINEAGE_FILE = "lorafoundry_lineage.json"

@@ -62,6 +62,12 @@ class Home:
         return self.root / "adapters"
 
     @property
+    def imported(self) -> Path:
+        """Where `registry register` and `registry import` copy adapters brought in (under :attr:`adapters`, which
+        a server reads from)."""
+        return self.adapters / "imported"
+
+    @property
     def tokenized(self) -> Path:
         return self.root / "tokenized"
 

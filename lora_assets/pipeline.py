@@ -18,7 +18,8 @@ from lora_assets.files import write_json_atomic
 from lora_assets.home import Home
 from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
 from lora_assets.train import TrainResult, preflight, run_key, train_adapter
-from registry.store import AdapterRecord, AdapterRegistry, NewAdapter
+from registry.records import AdapterRecord, NewAdapter
+from registry.store import AdapterRegistry
 
 CODE_VERSION = "0.1.0"
 
@@ -120,7 +121,7 @@ class Pipeline:
                     raise DistributedTrainingError(launch.failure(done.returncode))
             return self.trained(key, launch)
         clean = current_clean(self.datasets_dir, job.spec.dataset)
-        result = train_adapter(key, job.spec, self.base, clean, self.adapters_dir, progress=self.progress)
+        result = train_adapter(key, job.spec, self.base, clean, self.layout, progress=self.progress)
         write_json_atomic(self.adapters_dir / key / "current.json", {"dir": result.adapter_dir})
         return result
 
@@ -130,9 +131,7 @@ class Pipeline:
         job = self.jobs[key]
         clean = current_clean(self.datasets_dir, job.spec.dataset)
         adapter_dir = self.adapters_dir / key / run_key(job.spec, self.base, clean)
-        request = TrainRequest(
-            job_key=key, spec=job.spec, base=self.base, clean=clean, adapters_root=str(self.adapters_dir)
-        )
+        request = TrainRequest(job_key=key, spec=job.spec, base=self.base, clean=clean, home=self.layout)
         return plan_launch(request, self.layout.launches / key / adapter_dir.name, adapter_dir)
 
     def trained(self, key: str, launch: TrainingLaunch) -> TrainResult:

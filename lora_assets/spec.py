@@ -19,13 +19,16 @@ from pydantic_core import PydanticCustomError
 
 from lora_assets.base_model import BUILTIN_MODELS
 from lora_assets.files import GlobTooBroadError, cut, glob_files, has_magic, is_dir, is_file, unopenable
+from lora_assets.methods import INIT_VARIANTS
+from registry.metrics import METRIC_NAMES
 from registry.rules import is_valid_name  # the name rule is the registry's: adapters are registered by name
 
 #: The seven linear projections of a Llama-style decoder layer: what `target_modules: all-linear` means there.
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-Metric = Literal["exact_match", "contains", "chrf", "eval_loss", "perplexity"]
+#: A metric's name: one of the metric table's (``registry.metrics``), in its order.
+MetricName = Literal[METRIC_NAMES]
 
 #: vLLM's largest --max-lora-rank (the last of serving.launch.VLLM_LORA_RANKS): a larger r could never be served.
 MAX_LORA_RANK = 512
@@ -106,7 +109,7 @@ class DatasetSpec(_Strict):
 class GateSpec(_Strict):
     """A quality gate: an adapter that fails it is registered as `rejected` and never served."""
 
-    metric: Metric = Field(description="The eval metric the gate reads.")
+    metric: MetricName = Field(description="The eval metric the gate reads.")
     min_gain: float | None = Field(
         None,
         ge=-1e6,
@@ -258,7 +261,7 @@ class AdapterSpec(_Strict):
     def _combination_problems(self) -> list[str]:
         """The cross-field problems of one concrete adapter (no sweep)."""
         problems = []
-        if self.variant in ("pissa", "olora") and self.method == "qlora":
+        if self.variant in INIT_VARIANTS and self.method == "qlora":
             problems.append(
                 f"variant {self.variant} initialises the adapter from the base's full-precision weights and is "
                 "converted against them when saved; with a 4-bit base the converted adapter would not match. "

@@ -1,4 +1,6 @@
-"""One-epoch LoRA / QLoRA training with transformers' Trainer and peft.
+"""One-epoch LoRA / QLoRA training with transformers' Trainer and peft, in phases: preflight (nothing loaded or
+tokenized yet), tokenize (:mod:`lora_assets.batching`), load the base and wrap it with LoRA
+(:mod:`lora_assets.methods`), fit, write.
 
 The result is a standard peft adapter dir (``adapter_config.json`` + ``adapter_model.safetensors``) plus
 ``training_manifest.json`` with the resolved config, the base model's content hash, the dataset fingerprint,
@@ -14,7 +16,6 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef
-from lora_assets.clean import CleanReport, read_split
+from lora_assets.batching import PackingCollator, PaddedCollator, attention_width, tokenized_train_split
+from lora_assets.clean import CleanReport
 from lora_assets.data_parallel import (
     CollatorWithExampleIds,
     DataParallel,
@@ -33,6 +35,8 @@ from lora_assets.data_parallel import (
     rank_dataset,
 )
 from lora_assets.hardware import compute_record, resolve_dtype, torch_dtype
+from lora_assets.home import Home
+from lora_assets.methods import INIT_VARIANTS, MethodChoice, choose_method, load_nf4_base, lora_config
 from lora_assets.plot import loss_curve_png
 from lora_assets.progress import listening as progress_listening
 from lora_assets.progress import report as report_progress
@@ -42,25 +46,11 @@ from lora_assets.train_kernels import supervised_lm_loss, use_bits_dropout
 log = logging.getLogger(__name__)
 
 TRAINER_VERSION = 6
-#: Spec fields that do not change the trained weights (left out of the run key and the train code version)
-#: Variants that initialise the adapter from the base's weights (peft ``init_lora_weights``): they change the
-#: base's residual weights, so they are saved converted to a plain LoRA (see _save_adapter).
-INIT_VARIANTS = {"pissa": "pissa_niter_4", "olora": "olora"}
 #: Where the initial PiSSA/OLoRA adapter waits, inside the run's tmp dir, for the conversion at save.
 INITIAL_ADAPTER = "initial_adapter"
+#: Spec fields that do not change the trained weights (left out of the run key and the train code version)
 RUN_KEY_EXCLUDE = {"gate", "sweep", "max_eval_rows", "checkpoint_every", "promote"}
 LOSS_PLOT = "loss_curve.png"  # kept next to the adapter weights; the train asset shows it in the UI
-
-
-class MethodChoice(BaseModel):
-    """Which method trains an adapter, and why (recorded in the manifest and shown in the UI)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: str = Field(description="`lora` or `qlora`: the spec's method, or what `auto` resolved to.")
-    reason: str = Field(description="Why: set in the spec, or the memory estimate against the budget.")
-    estimate_bytes: int = Field(description="Estimated training memory at bf16 (see choose_method).")
-    budget_bytes: int = Field(description="Free accelerator memory, or available RAM on a CPU machine.")
 
 
 class TrainResult(BaseModel):
@@ -85,172 +75,6 @@ class TrainResult(BaseModel):
     peak_memory_kind: str = Field(
         "", description="What peak_memory_bytes measures: CUDA's peak allocation, or the process's sampled RSS."
     )
-
-
-def memory_budget_bytes() -> int:
-    """Free accelerator memory, or available RAM on a CPU machine."""
-    import torch
-
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def choose_method(spec: AdapterSpec, base: BaseModelRef, budget_bytes: int | None = None) -> MethodChoice:
-    """Resolve `method: auto`: QLoRA only when bf16 weights plus training state do not fit the budget.
-
-    The estimate is deliberately simple: bf16 weights (2 bytes/param), LoRA params with fp32 weight, grad and
-    two Adam moments (16 bytes/param), and activations of roughly 34 bytes per hidden unit per token per layer
-    at the configured batch and length (the usual transformer activation rule of thumb, without recompute).
-    """
-    cfg = base.config
-    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    n_modules = len(spec.resolved_target_modules())
-    lora_params = layers * n_modules * spec.r * 2 * max(hidden, cfg.get("intermediate_size", hidden))
-    tokens = spec.batch_size * spec.max_seq_len
-    estimate = base.parameters * 2 + lora_params * 16 + tokens * hidden * layers * 34
-    budget = memory_budget_bytes() if budget_bytes is None else budget_bytes
-    if spec.method != "auto":
-        return MethodChoice(
-            method=spec.method,
-            reason=f"set in the spec (method: {spec.method})",
-            estimate_bytes=estimate,
-            budget_bytes=budget,
-        )
-    gib = 1 << 30
-    if estimate <= 0.9 * budget:
-        reason = f"bf16 fits: estimated {estimate / gib:.2f} GiB <= 90% of {budget / gib:.1f} GiB budget"
-        return MethodChoice(method="lora", reason=reason, estimate_bytes=estimate, budget_bytes=budget)
-    reason = f"bf16 does not fit: estimated {estimate / gib:.2f} GiB > 90% of {budget / gib:.1f} GiB budget"
-    return MethodChoice(method="qlora", reason=reason, estimate_bytes=estimate, budget_bytes=budget)
-
-
-def tokenize_example(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
-    """Token ids and labels for one chat: labels are -100 everywhere except assistant replies.
-
-    The chat template renders the whole conversation once; assistant spans are found by rendering each prefix
-    with the generation prompt, and mapped onto tokens by character offsets.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        # rstrip: the newline a template puts after the end-of-turn token is never generated, so no loss on it
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip())
-        spans.append((start, end))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        tok if any(s <= a < e for s, e in spans) else -100
-        for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    ]
-    ids = enc["input_ids"][:max_seq_len]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[:max_seq_len]}
-
-
-def attention_width(config: dict) -> float:
-    """The row width at which one token's attention costs as much as its projections, from a model's config.
-
-    Per token and layer the projections cost 2 * (their parameters) FLOPs and attention over a row of width W
-    costs 4 * heads * head_dim * W; masked attention on CPU runs at about half the projections' FLOP rate
-    (measured: SmolLM2-135M), hence the factor 2.
-    """
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads", heads)
-    projections = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * config.get("intermediate_size", 4 * hidden)
-    return 2 * projections / (4 * heads * head_dim) / 2
-
-
-class PackingCollator:
-    """Collate a batch by packing its examples into rows of at most ``max_len`` tokens.
-
-    The batch holds the same examples as a padded one (the sampler is unchanged), so the optimization is the
-    same; only the padding goes. ``position_ids`` restart at 0 for every example and no ``attention_mask`` is
-    passed, from which transformers builds a block-diagonal causal mask: an example never attends to another.
-    Padding at the end of a row forms its own segment and carries no loss.
-
-    The row width is chosen per batch by cost, not fixed at ``max_len``: attention runs over a whole row with a
-    block-diagonal mask, so its cost grows with the width squared while the projections' cost grows with the
-    tokens fed. Each candidate width (the longest example times 1, 2, 4, 8, and ``max_len``) is packed, and the one
-    with the least ``rows * width * (1 + width / attention_width)`` is used. ``attention_width`` is the row width
-    at which a token's attention costs as much as its projections (see :func:`attention_width`). Measured on
-    SmolLM2-135M with ~50-token chats: one 376-token row spent 12% of the step in attention, rows of the longest
-    example 2%, at the same padding.
-    """
-
-    def __init__(self, pad_id: int, max_len: int, attention_width: float = 1024.0) -> None:
-        self.pad_id, self.max_len, self.attention_width = pad_id, max_len, attention_width
-        self.real_tokens = 0
-        self.row_tokens = 0
-
-    @staticmethod
-    def _first_fit_decreasing(features: list[dict], width: int) -> list[list[dict]]:
-        # Longest first, each into the first row with room: fewer, fuller rows than filling rows in arrival order
-        # when lengths vary; the order inside a row does not matter to the loss.
-        rows: list[list[dict]] = []
-        used: list[int] = []
-        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
-            n = len(f["input_ids"])
-            i = next((i for i, u in enumerate(used) if u + n <= width), None)
-            if i is None:
-                rows.append([f])
-                used.append(n)
-            else:
-                rows[i].append(f)
-                used[i] += n
-        return rows
-
-    def _cost(self, rows: list[list[dict]]) -> float:
-        width = max(sum(len(x["input_ids"]) for x in row) for row in rows)
-        return len(rows) * width * (1 + width / self.attention_width)
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        widths = sorted({min(self.max_len, max(longest, longest * k)) for k in (1, 2, 4, 8)} | {self.max_len})
-        rows = min((self._first_fit_decreasing(features, w) for w in widths if w >= longest), key=self._cost)
-        width = max(sum(len(x["input_ids"]) for x in row) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            at = 0
-            for f in row:
-                n = len(f["input_ids"])
-                ids[i, at : at + n] = torch.tensor(f["input_ids"])
-                labels[i, at : at + n] = torch.tensor(f["labels"])
-                labels[i, at] = -100  # never predict an example's first token from the previous example
-                pos[i, at : at + n] = torch.arange(n)
-                at += n
-            pos[i, at:] = torch.arange(width - at)
-        self.real_tokens += sum(len(f["input_ids"]) for f in features)
-        self.row_tokens += ids.numel()
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
-
-
-class PaddedCollator:
-    """Pad each batch to its longest example (``packing: false``), counting real and fed tokens like
-    :class:`PackingCollator` so both report a padding fraction and tokens/s."""
-
-    def __init__(self, tokenizer) -> None:
-        from transformers import DataCollatorForSeq2Seq
-
-        self._pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        self.real_tokens = 0
-        self.row_tokens = 0
-
-    def __call__(self, features: list[dict]) -> dict:
-        batch = self._pad([{k: v for k, v in f.items() if k != "length"} for f in features])
-        self.real_tokens += int(batch["attention_mask"].sum())
-        self.row_tokens += batch["attention_mask"].numel()
-        return batch
 
 
 def _release_freed_memory() -> None:
@@ -360,58 +184,6 @@ def make_trainer(recorder: ExampleRecorder | None = None, **kwargs):
     return SupervisedLossTrainer(**kwargs)
 
 
-TOKENIZE_VERSION = 1
-
-
-def tokenized_train_split(
-    tokenizer, base: BaseModelRef, clean: CleanReport, max_seq_len: int, cache_dir: Path
-) -> tuple[list[dict], bool]:
-    """The train split tokenized (labels masked to assistant tokens), cached on disk. Returns (examples, hit).
-
-    Keyed by the dataset fingerprint, the tokenizer files and chat template, and max_seq_len, so adapters and
-    sweep points on the same data tokenize once. Stored as plain int32 arrays in an .npz (no pickles).
-    """
-    import numpy as np
-
-    tok_files = sorted(f for f in Path(base.path).glob("*") if f.name.startswith(("tokenizer", "special_tokens")))
-    h = hashlib.sha256(
-        json.dumps(
-            [clean.fingerprint, max_seq_len, TOKENIZE_VERSION, str(getattr(tokenizer, "chat_template", ""))]
-        ).encode()
-    )
-    for f in tok_files:
-        h.update(f.name.encode() + f.read_bytes())
-    path = Path(cache_dir) / f"{h.hexdigest()[:20]}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            ids, labels, offsets = z["ids"], z["labels"], z["offsets"]
-        return [
-            {"input_ids": ids[a:b].tolist(), "attention_mask": [1] * int(b - a), "labels": labels[a:b].tolist()}
-            for a, b in zip(offsets[:-1], offsets[1:], strict=True)
-        ], True
-    examples = [tokenize_example(tokenizer, r["messages"], max_seq_len) for r in read_split(clean, "train")]
-    examples = [e for e in examples if any(t != -100 for t in e["labels"])]  # nothing to learn from
-    offsets = np.cumsum([0] + [len(e["input_ids"]) for e in examples])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temp name of its own, like lora_assets.files.write_json_atomic: sweep points on the same data may
-    # tokenize at once, and a shared temp file would interleave their writes.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                ids=np.array([t for e in examples for t in e["input_ids"]], dtype=np.int32),
-                labels=np.array([t for e in examples for t in e["labels"]], dtype=np.int32),
-                offsets=offsets,
-            )
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; keep what np.savez on a path would give
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return examples, False
-
-
 def run_config(spec: AdapterSpec) -> dict:
     """The settings that determine the trained weights (a plain-LoRA, one-process spec keys as it did before
     `variant` and `processes` existed, so its finished runs are reused)."""
@@ -449,8 +221,6 @@ def _library_versions() -> dict[str, str]:
 def _load_base_for_training(base: BaseModelRef, method: str):
     from transformers import AutoModelForCausalLM
 
-    dtype = torch_dtype("auto")  # bf16 where the hardware computes in it, else fp32 (see lora_assets.hardware)
-
     if method == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -460,16 +230,12 @@ def _load_base_for_training(base: BaseModelRef, method: str):
                 "method: lora, or install bitsandbytes for this platform."
             ) from e
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
-        model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant, dtype=dtype)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    # With bf16, the frozen base is stored in bf16 (half the memory of fp32, and autocast need not cast its weights
-    # every step); peft keeps the trainable LoRA weights in fp32.
-    return AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+        return prepare_model_for_kbit_training(load_nf4_base(base.path), use_gradient_checkpointing=False)
+    # bf16 where the hardware computes in it, else fp32 (see lora_assets.hardware). With bf16, the frozen base is
+    # stored in bf16 (half the memory of fp32, and autocast need not cast its weights every step); peft keeps the
+    # trainable LoRA weights in fp32.
+    return AutoModelForCausalLM.from_pretrained(base.path, dtype=torch_dtype("auto"))
 
 
 def linear_module_names(base: BaseModelRef) -> set[str]:
@@ -572,7 +338,7 @@ def train_adapter(
     spec: AdapterSpec,
     base: BaseModelRef,
     clean: CleanReport,
-    adapters_root: Path,
+    home: Home,
     log_every: int = 10,
     progress=None,
     data_parallel: DataParallel | None = None,
@@ -589,7 +355,8 @@ def train_adapter(
         spec: the adapter's settings.
         base: the resolved base model.
         clean: the cleaning report of the adapter's dataset (gives the train split and fingerprint).
-        adapters_root: the home's ``adapters`` dir; output goes to ``<root>/<job_key>/<run key>``.
+        home: the home dir's layout: output goes to ``<home>/adapters/<job_key>/<run key>``, the tokenized train
+            split to the token cache ``<home>/tokenized``.
         log_every: log the loss every this many steps.
         progress: optional callable(str) that receives the log lines (Dagster's logger in assets).
         data_parallel: this process's place in a data-parallel run (:mod:`lora_assets.distributed` starts one per
@@ -597,7 +364,7 @@ def train_adapter(
             (see :mod:`lora_assets.data_parallel`); rank 0 alone writes the run dir and publishes the adapter.
     """
     dp = data_parallel
-    out_dir = Path(adapters_root) / job_key / run_key(spec, base, clean)
+    out_dir = home.adapters / job_key / run_key(spec, base, clean)
     reused = _finished_run(out_dir)
     if reused is not None:
         return reused
@@ -611,7 +378,7 @@ def train_adapter(
     torch.manual_seed(spec.seed)
     say = progress or log.info
     with main_first(dp):  # rank 0 tokenizes into the cache, the others read it
-        data = _tokenized_data(spec, base, clean, Path(adapters_root).parent / "tokenized")
+        data = _tokenized_data(spec, base, clean, home.tokenized)
     warnings = _announce_warnings(job_key, spec, len(data.examples), progress)
     model, trainable, total = _lora_model(spec, base, choice.method)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -678,24 +445,13 @@ def _announce_warnings(job_key: str, spec: AdapterSpec, n_examples: int, progres
 def _lora_model(spec: AdapterSpec, base: BaseModelRef, method: str):
     """The base loaded for ``method`` and wrapped with fresh LoRA weights; returns (model, trainable, total)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     model = _load_base_for_training(base, method)
     _release_freed_memory()
     # No KV cache in training: with one, transformers also skips the packed-sequence mask (see PackingCollator)
     model.config.use_cache = False
-    lora = LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        target_modules=spec.resolved_target_modules(),
-        lora_dropout=spec.lora_dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-        use_rslora=spec.variant == "rslora",
-        use_dora=spec.variant == "dora",
-        init_lora_weights=INIT_VARIANTS.get(spec.variant, True),
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(spec))
     trainable, total = model.get_nb_trainable_parameters()
     if not torch.cuda.is_available():
         use_bits_dropout(model)  # same dropout, ~3x cheaper masks on CPU (see lora_assets.train_kernels)

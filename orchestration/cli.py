@@ -157,7 +157,7 @@ def _summary_table(spec: PipelineSpec, home: Path) -> Table:
 
     pipe = Pipeline(spec, home)
     table = Table(title="adapters (metric: base → adapter)")
-    for col in ("adapter", "version", "status", "exact_match", "contains", "chrf", "eval_loss"):
+    for col in ("adapter", "version", "status", *render.SUMMARY_METRICS):
         table.add_column(col)
     for rec in pipe.registry.list():
         if rec.name not in spec.adapters or rec.base_model_hash != pipe.base.content_hash:
@@ -168,9 +168,7 @@ def _summary_table(spec: PipelineSpec, home: Path) -> Table:
             v = m.get(metric)
             return f"{v['base']:.3f} → {v['adapter']:.3f}" if v else "-"
 
-        table.add_row(
-            rec.name, str(rec.version), rec.status, *(cell(k) for k in ("exact_match", "contains", "chrf", "eval_loss"))
-        )
+        table.add_row(rec.name, str(rec.version), rec.status, *(cell(k) for k in render.SUMMARY_METRICS))
     return table
 
 
@@ -597,7 +595,7 @@ def registry_register(
     h = _home(home)
     new = external_adapter(adapter_dir, name, base_model=base_model, dataset=dataset)
     new = new.model_copy(update={"base_model_hash": _base_hash(new.base_model, h)})
-    rec = register_copy(_registry(home), new, h / "adapters")
+    rec = register_copy(_registry(home), new, Home.at(h).adapters, Home.at(h).imported)
     if as_json:
         render.json_lines([rec])
     else:
@@ -642,7 +640,7 @@ def registry_verify(
 
     n, v, _ = parse_ref(name) if name else (None, None, None)
     reg = _registry(home)
-    removed = remove_orphans(reg, _home(home) / "adapters")
+    removed = remove_orphans(reg, Home.at(_home(home)).imported)
     results = reg.verify(n, v)
     for d in removed:
         err.print(f"removed {d} (left by an interrupted register or import)", highlight=False)
@@ -695,7 +693,7 @@ def registry_import(
     """Bring an exported registry in (adapter dirs copied under <home>/adapters/imported, hashes checked)."""
     from registry.portable import import_registry
 
-    counts = import_registry(_registry(home, actor="import"), src, _home(home) / "adapters")
+    counts = import_registry(_registry(home, actor="import"), src, Home.at(_home(home)).imported)
     out.print(f"imported from {src}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
 
 

@@ -14,7 +14,13 @@ from typing import Any
 from pydantic import BaseModel
 from rich.table import Table
 
+from registry.metrics import CHRF, CONTAINS, EVAL_LOSS, EXACT_MATCH
 from registry.rules import SERVABLE_STATUSES
+
+#: The metrics `registry list` shows per version (base → adapter).
+LISTED_METRICS = (EXACT_MATCH.name, EVAL_LOSS.name)
+#: The metrics the summary after `run` and `demo` shows per adapter (base → adapter).
+SUMMARY_METRICS = (EXACT_MATCH.name, CONTAINS.name, CHRF.name, EVAL_LOSS.name)
 
 
 def json_lines(items: Iterable[BaseModel | dict[str, Any]], compact: bool = False) -> None:
@@ -36,7 +42,7 @@ def _pair(metric: dict[str, float], digits: int = 3) -> str:
 def records_table(records: list) -> Table:
     """Registered versions, one row each (`registry list`)."""
     table = Table(title=f"{len(records)} adapter version(s)")
-    for col in ("name", "version", "status", "method", "r", "alpha", "exact_match", "eval_loss", "sha256", "created"):
+    for col in ("name", "version", "status", "method", "r", "alpha", *LISTED_METRICS, "sha256", "created"):
         table.add_column(col)
     for r in records:
         table.add_row(
@@ -46,8 +52,7 @@ def records_table(records: list) -> Table:
             r.method,
             str(r.r),
             str(r.lora_alpha),
-            _pair(r.metrics.get("exact_match", {})),
-            _pair(r.metrics.get("eval_loss", {})),
+            *(_pair(r.metrics.get(m, {})) for m in LISTED_METRICS),
             r.adapter_sha256[:12],
             r.created_at.strftime("%Y-%m-%d %H:%M"),
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from registry.store import AdapterRecord
+from registry.records import AdapterRecord
 
 _METRIC_NAMES = {
     "exact_match": "Exact match",

@@ -3,9 +3,10 @@ machine; registering an adapter dir from anywhere by copying its files into the 
 register or import left half-copied there.
 
 Registering and importing bring files home by one code path (:func:`_copy_home`) into one layout,
-``<adapters root>/imported/<name>/<sha256[:16]>``: content-addressed, so the same files are one dir however often
-and by whichever path they arrive. Imports before this layout wrote ``imported/<name>/v<N>``; such dirs stay
-readable where a row points at them and are removed as orphans where none does.
+``<imported>/<name>/<sha256[:16]>``, where ``<imported>`` is the home's dir for adapters brought in (the caller
+passes it: the home's layout is ``lora_assets.home.Home``'s): content-addressed, so the same files are one dir
+however often and by whichever path they arrive. Imports before this layout wrote ``<imported>/<name>/v<N>``; such
+dirs stay readable where a row points at them and are removed as orphans where none does.
 """
 
 from __future__ import annotations
@@ -20,19 +21,14 @@ from typing import Any
 
 import duckdb
 
+from registry.dbfile import file_lock
 from registry.errors import RegistryBusyError, RegistryConflictError, RegistryInputError
+from registry.records import AdapterRecord, NewAdapter, adapter_sha256
 from registry.rules import check_name, is_valid_name
-from registry.store import (
-    TABLES,
-    AdapterRecord,
-    AdapterRegistry,
-    NewAdapter,
-    adapter_sha256,
-    check_adapter_dir,
-    file_lock,
-)
+from registry.schema import TABLES
+from registry.store import AdapterRegistry, check_adapter_dir
 
-#: What registering and importing create under ``<adapters root>/imported/<name>/``: a copy in progress, a copy
+#: What registering and importing create under ``<imported>/<name>/``: a copy in progress, a copy
 #: named by its sha256 prefix, and (from imports before the one layout) an imported version.
 _IMPORTED_DIR_RE = re.compile(r"\.import-.*|[0-9a-f]{16}|v[0-9]+")
 
@@ -66,22 +62,22 @@ def export_registry(reg: AdapterRegistry, out: Path) -> dict[str, int]:
     return counts
 
 
-def import_registry(reg: AdapterRegistry, src: Path, adapters_root: Path) -> dict[str, int]:
-    """Bring an exported registry in: adapter dirs are copied under ``adapters_root/imported/<name>/<sha256[:16]>``
-    and checked against their sha256; rows keep their versions. A version already present with the same sha256 is
-    skipped; one present with another sha256 is a conflict, and conflicts stop the import before anything is
-    written; so do adapter files that registering would refuse (:func:`registry.store.check_adapter_dir`). Returns
-    rows imported per table."""
+def import_registry(reg: AdapterRegistry, src: Path, imported: Path) -> dict[str, int]:
+    """Bring an exported registry in: adapter dirs are copied under ``imported/<name>/<sha256[:16]>`` (``imported``:
+    the home's dir for adapters brought in) and checked against their sha256; rows keep their versions. A version
+    already present with the same sha256 is skipped; one present with another sha256 is a conflict, and conflicts
+    stop the import before anything is written; so do adapter files that registering would refuse
+    (:func:`registry.store.check_adapter_dir`). Returns rows imported per table."""
     src = Path(src)
     rows, related = _read_export(src)
     new_rows = _new_versions(reg, src, rows)
-    root = Path(adapters_root).resolve()
-    remove_orphans(reg, root)
-    with _importing(reg, root):  # the copies are not orphans until the rows are in
+    imported = Path(imported).resolve()
+    remove_orphans(reg, imported)
+    with _importing(reg, imported):  # the copies are not orphans until the rows are in
         created: list[Path] = []
         try:
             for r in new_rows:
-                dest, made = _copy_home(src / r["path"], root, r["name"], r["adapter_sha256"])
+                dest, made = _copy_home(src / r["path"], imported, r["name"], r["adapter_sha256"])
                 created += [dest] if made else []
                 r["path"] = reg.stored_path(dest)
             return reg.import_rows(new_rows, related)
@@ -154,21 +150,21 @@ def _new_versions(reg: AdapterRegistry, src: Path, rows: list[dict[str, Any]]) -
 
 
 @contextmanager
-def _importing(reg: AdapterRegistry, root: Path) -> Iterator[None]:
-    """Held (shared) by every register and import while it copies files under ``imported/`` until its rows are
+def _importing(reg: AdapterRegistry, imported: Path) -> Iterator[None]:
+    """Held (shared) by every register and import while it copies files under ``imported`` until its rows are
     in; while anyone holds it, nothing there is removed as an orphan."""
-    with file_lock(root / "imported" / ".lock", reg.max_wait_s, shared=True) as held:
+    with file_lock(imported / ".lock", reg.max_wait_s, shared=True) as held:
         if not held:
-            raise RegistryBusyError(f"{root / 'imported'} stayed locked for {reg.max_wait_s:.0f} s. Fix: retry.")
+            raise RegistryBusyError(f"{imported} stayed locked for {reg.max_wait_s:.0f} s. Fix: retry.")
         yield
 
 
-def _copy_home(src: Path, root: Path, name: str, sha: str) -> tuple[Path, bool]:
+def _copy_home(src: Path, imported: Path, name: str, sha: str) -> tuple[Path, bool]:
     """Copy the files of the adapter dir ``src`` (its own files, not checkpoints or other dirs) to
-    ``root/imported/<name>/<sha[:16]>``, through a ``.import-`` dir renamed into place; the caller holds
+    ``imported/<name>/<sha[:16]>``, through a ``.import-`` dir renamed into place; the caller holds
     :func:`_importing`. Returns the dir and whether this call created it (False: the same files were there, or
     another register of them got there first)."""
-    dest = root / "imported" / check_name(name) / sha[:16]
+    dest = imported / check_name(name) / sha[:16]
     if dest.exists():
         return dest, False
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -186,24 +182,25 @@ def _copy_home(src: Path, root: Path, name: str, sha: str) -> tuple[Path, bool]:
     return dest, True
 
 
-def register_copy(reg: AdapterRegistry, new: NewAdapter, adapters_root: Path) -> AdapterRecord:
+def register_copy(reg: AdapterRegistry, new: NewAdapter, adapters_root: Path, imported: Path) -> AdapterRecord:
     """Register an adapter dir from anywhere: its own files (not checkpoints or other dirs) are first copied to
-    ``adapters_root/imported/<name>/<sha256[:16]>`` (a server reads adapters only from under its root); a dir
-    already under the root is registered where it is. Leftovers of registers killed mid-copy are removed first.
+    ``imported/<name>/<sha256[:16]>`` (a server reads adapters only from under its root); a dir already under the
+    root is registered where it is. Leftovers of registers killed mid-copy are removed first.
 
     Args:
         reg: the registry.
         new: what to register; ``new.path`` is the dir to copy.
         adapters_root: the home's adapters dir.
+        imported: the home's dir for adapters brought in (under ``adapters_root``).
     """
     check_name(new.name)  # it names a dir
-    root = Path(adapters_root).resolve()
     src = Path(new.path).resolve()
-    if src.is_relative_to(root):
+    if src.is_relative_to(Path(adapters_root).resolve()):
         return reg.register(new)
-    remove_orphans(reg, root)
-    with _importing(reg, root):
-        dest, created = _copy_home(src, root, new.name, adapter_sha256(src)[0])
+    imported = Path(imported).resolve()
+    remove_orphans(reg, imported)
+    with _importing(reg, imported):
+        dest, created = _copy_home(src, imported, new.name, adapter_sha256(src)[0])
         try:
             return reg.register(new.model_copy(update={"path": dest}))
         except BaseException:
@@ -246,16 +243,16 @@ def external_adapter(
 
 
 def _ours(d: Path) -> bool:
-    """Whether ``d`` (a dir ``imported/<name>/<entry>``) is one that registering or importing creates."""
+    """Whether ``d`` (a dir ``<imported>/<name>/<entry>``) is one that registering or importing creates."""
     return d.is_dir() and is_valid_name(d.parent.name) and _IMPORTED_DIR_RE.fullmatch(d.name) is not None
 
 
-def remove_orphans(reg: AdapterRegistry, adapters_root: Path) -> list[Path]:
-    """Remove what registers and imports killed mid-way left under ``adapters_root/imported``: copies in progress
-    and copies no registered version points at. Only when no register or import is at work (the lock they hold
-    while copying is free), which is what proves a dir an orphan; otherwise nothing is removed this time.
-    Returns the dirs removed."""
-    imported = Path(adapters_root).resolve() / "imported"
+def remove_orphans(reg: AdapterRegistry, imported: Path) -> list[Path]:
+    """Remove what registers and imports killed mid-way left under ``imported`` (the home's dir for adapters
+    brought in): copies in progress and copies no registered version points at. Only when no register or import is
+    at work (the lock they hold while copying is free), which is what proves a dir an orphan; otherwise nothing is
+    removed this time. Returns the dirs removed."""
+    imported = Path(imported).resolve()
     if not imported.is_dir():
         return []
     with file_lock(imported / ".lock", 0.0) as held:

@@ -2,7 +2,7 @@
 aliases, versions, ``name@VERSION`` / ``name:ALIAS`` refs), the statuses and which of them are served, and which
 metrics are lower-is-better.
 
-This module is the lowest layer (it imports nothing but the registry's errors), so the spec
+This module is the lowest layer (it imports nothing but the registry's errors and its metric table), so the spec
 (``lora_assets/spec.py``), the CLI and the server's guard all check names by the same rule.
 """
 
@@ -12,6 +12,7 @@ import re
 from typing import Literal, get_args
 
 from registry.errors import RegistryInputError
+from registry.metrics import METRICS
 
 #: The name rule, for adapter names, dataset names and aliases: 1-64 ASCII letters, digits, '.', '_', '-', starting
 #: with a letter or digit (so a name is always one safe path component: never '.', '..' or hidden).
@@ -26,10 +27,11 @@ Status = Literal["candidate", "champion", "rejected", "archived"]
 STATUSES: tuple[str, ...] = get_args(Status)
 #: The statuses a server may load: a rejected or archived version is never served.
 SERVABLE_STATUSES: tuple[str, ...] = ("candidate", "champion")
-#: Metrics where a lower value is better (the champion rule, gates, leaderboards); every other one is higher-better.
-#: The `leaderboard` view is rendered from this set when its migration runs: changing it needs a new migration that
-#: recreates the view (see ``registry.store.leaderboard_view_sql``).
-LOWER_IS_BETTER: frozenset[str] = frozenset({"eval_loss", "perplexity"})
+#: Metrics where a lower value is better (the champion rule, leaderboards), from the metric table
+#: (``registry.metrics``); every other name, known or not, is higher-better. The `leaderboard` view is rendered from
+#: this set when its migration runs: changing a direction needs a new migration that recreates the view (see
+#: ``registry.schema.leaderboard_view_sql``).
+LOWER_IS_BETTER: frozenset[str] = frozenset(m.name for m in METRICS.values() if m.lower_is_better)
 
 
 def is_valid_name(name: str) -> bool:

@@ -1,392 +1,51 @@
-"""The adapter registry: one DuckDB file, numbered migrations, a typed repository class.
+"""The adapter registry's repository: :class:`AdapterRegistry`, typed operations on the registry file (register,
+list, get, aliases, promote, archive, events, read-only SQL, export and import rows), each in one transaction.
 
-DuckDB lets one process at a time open a file read-write, and no other process can open it meanwhile, not even
-read-only. So writers and readers never share the file:
-
-- writers take turns on an OS lock (``flock``) on ``<file>.lock``; the holder opens the file read-write, does its
-  work in one transaction, checkpoints, closes, and publishes a copy, ``<file>.snapshot``, by write-then-rename;
-- readers attach the latest snapshot read-only. It is never written in place (only replaced), so no reader waits
-  on a writer and no writer waits on a reader. A snapshot older than the file (a writer killed before publishing,
-  the file changed by another program) is republished by the next reader that finds no writer at work.
-
-Adapter paths inside the registry file's dir (the home) are stored relative to it, so a home can be moved, copied
-or restored and keep serving; records always carry the absolute path. Never hold a connection open.
+Who opens the file when is :mod:`registry.dbfile`'s; the tables are :mod:`registry.schema`'s; when a version becomes
+the champion is :mod:`registry.promotion`'s; the records are :mod:`registry.records`'. Adapter paths inside the
+registry file's dir (the home) are stored relative to it, so a home can be moved, copied or restored and keep
+serving; records always carry the absolute path.
 """
 
 from __future__ import annotations
 
-import fcntl
-import glob
-import hashlib
 import json
 import logging
 import math
-import os
-import random
 import re
-import shutil
-import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import duckdb
-from pydantic import BaseModel, ConfigDict, Field
 
 from registry.adapter_files import check_adapter_files
-from registry.errors import (
-    AdapterNotFoundError,
-    RegistryBusyError,
-    RegistryConflictError,
-    RegistryCorruptError,
-    RegistryError,
-    RegistryInputError,
-    RegistrySchemaError,
+from registry.dbfile import RegistryFile, sql_string
+from registry.errors import AdapterNotFoundError, RegistryConflictError, RegistryInputError
+from registry.promotion import (
+    Champion,
+    KeepChampion,
+    Promote,
+    decide_promotion,
+    served_versions,
+    status_after_evaluation,
 )
-from registry.rules import (
-    LOWER_IS_BETTER,
-    SERVABLE_STATUSES,
-    VERSION_RE,
-    Status,
-    check_alias,
-    check_name,
-    check_status,
-    parse_ref,
+from registry.records import (
+    COLUMNS,
+    AdapterRecord,
+    NewAdapter,
+    VerifyResult,
+    adapter_sha256,
+    new_row,
+    to_record,
 )
-
-__all__ = [
-    "ADAPTER_FILES",
-    "MIGRATIONS",
-    "SCHEMA_VERSION",
-    "TABLES",
-    "AdapterRecord",
-    "AdapterRegistry",
-    "NewAdapter",
-    "VerifyResult",
-    "adapter_sha256",
-    "check_adapter_dir",
-    "file_lock",
-    "stored_path",
-]
+from registry.rules import SERVABLE_STATUSES, VERSION_RE, check_alias, check_name, check_status, parse_ref
+from registry.schema import TABLES, current_version, stored_path
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-#: The registry's tables: what `registry export` writes and `registry import` reads, one parquet file each.
-TABLES = ("adapters", "aliases", "alias_history", "events")
-
-T = TypeVar("T")
-
-
-def _m001_initial(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("""
-        CREATE TABLE adapters (
-            name VARCHAR NOT NULL,
-            version INTEGER NOT NULL,
-            status VARCHAR NOT NULL,
-            base_model VARCHAR NOT NULL,
-            base_model_hash VARCHAR,
-            method VARCHAR NOT NULL,
-            r INTEGER NOT NULL,
-            lora_alpha INTEGER NOT NULL,
-            target_modules VARCHAR[] NOT NULL,
-            training_config JSON,
-            dataset VARCHAR,
-            dataset_fingerprint VARCHAR,
-            path VARCHAR NOT NULL,
-            adapter_sha256 VARCHAR NOT NULL,
-            size_bytes BIGINT NOT NULL,
-            trainable_params BIGINT,
-            metrics JSON,
-            created_at TIMESTAMP NOT NULL,
-            run_id VARCHAR,
-            code_version VARCHAR,
-            PRIMARY KEY (name, version)
-        )""")
-    con.execute("""
-        CREATE TABLE events (
-            occurred_at TIMESTAMP NOT NULL,
-            actor VARCHAR NOT NULL,
-            action VARCHAR NOT NULL,
-            name VARCHAR NOT NULL,
-            version INTEGER,
-            detail JSON
-        )""")
-    con.execute("""
-        CREATE VIEW latest_adapters AS
-        SELECT * FROM adapters
-        QUALIFY row_number() OVER (PARTITION BY name ORDER BY version DESC) = 1""")
-
-
-def leaderboard_view_sql() -> str:
-    """The `leaderboard` view: every version ranked within its name by its rank metric (the metric a version is
-    ranked by: its gate's, else eval_loss, kept in training_config), best first by :data:`LOWER_IS_BETTER`,
-    rejected and archived versions last."""
-    lower = ", ".join(f"'{m}'" for m in sorted(LOWER_IS_BETTER))
-    return f"""
-        CREATE VIEW leaderboard AS
-        WITH ranked AS (
-            SELECT name, version, status, method, r, lora_alpha, target_modules, trainable_params,
-                   coalesce(training_config->>'rank_metric', 'eval_loss') AS rank_metric,
-                   training_config->'sweep_point' AS sweep_point,
-                   CAST(training_config->>'train_wall_s' AS DOUBLE) AS train_wall_s,
-                   CAST(training_config->>'peak_memory_mb' AS DOUBLE) AS peak_memory_mb,
-                   metrics, created_at
-            FROM adapters)
-        SELECT * EXCLUDE (metrics),
-               CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE) AS metric_value,
-               row_number() OVER (
-                   PARTITION BY name
-                   ORDER BY CASE WHEN status IN ('rejected', 'archived') THEN 1 ELSE 0 END,
-                            CASE WHEN rank_metric IN ({lower})
-                                 THEN CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE)
-                                 ELSE -CAST(json_extract(metrics, '$."' || rank_metric || '".adapter') AS DOUBLE)
-                            END, version) AS rank
-        FROM ranked"""
-
-
-def _m002_champions_leaderboard(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("""
-        CREATE VIEW champions AS
-        SELECT * FROM adapters WHERE status = 'champion'""")
-    con.execute(leaderboard_view_sql())
-
-
-def _m003_aliases(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("""
-        CREATE TABLE aliases (
-            name VARCHAR NOT NULL,
-            alias VARCHAR NOT NULL,
-            version INTEGER NOT NULL,
-            updated_at TIMESTAMP NOT NULL,
-            PRIMARY KEY (name, alias)
-        )""")
-    con.execute("""
-        CREATE TABLE alias_history (
-            changed_at TIMESTAMP NOT NULL,
-            actor VARCHAR NOT NULL,
-            name VARCHAR NOT NULL,
-            alias VARCHAR NOT NULL,
-            version INTEGER,
-            previous_version INTEGER
-        )""")
-    # champions promoted before aliases existed get their `champion` alias
-    con.execute("""
-        INSERT INTO aliases SELECT name, 'champion', version, now()::TIMESTAMP FROM adapters
-        WHERE status = 'champion'""")
-
-
-def _m004_relative_paths(con: duckdb.DuckDBPyConnection) -> None:
-    # adapter paths inside the file's dir become relative to it; a path into another copy of the same layout (a
-    # home copied before this migration) is rebased onto this one where the adapter is (the server re-hashes it)
-    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-    if not row or not row[0]:
-        return  # an in-memory registry stores nothing
-    base = Path(row[0]).resolve().parent
-    for name, version, path in con.execute("SELECT name, version, path FROM adapters").fetchall():
-        stored = _relocated(Path(path), base)
-        if stored != path:
-            con.execute("UPDATE adapters SET path = ? WHERE name = ? AND version = ?", [stored, name, version])
-
-
-#: Numbered migrations, applied in order on open. Append only; never edit a released one.
-MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
-    (1, "initial schema: adapters, events, latest_adapters", _m001_initial),
-    (2, "views: champions, leaderboard", _m002_champions_leaderboard),
-    (3, "aliases with history", _m003_aliases),
-    (4, "adapter paths relative to the registry's dir", _m004_relative_paths),
-]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-class AdapterRecord(BaseModel):
-    """One registered adapter version (a row of `adapters`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(description="Adapter name (the name rule, `registry.rules.NAME_RULE`); served under it.")
-    version: int = Field(description="1, 2, ... per name, assigned at registration; never reused.")
-    status: Status = Field(
-        description="candidate (servable), champion (servable, what the plain name serves; at most one per name), "
-        "rejected (failed its gate) or archived (retired); never served when rejected or archived."
-    )
-    base_model: str = Field(description="The base model as given: a local dir, a builtin: name or a hub id.")
-    base_model_hash: str | None = Field(
-        None, description="Content hash of the base's weights; a server loads only versions trained on its base."
-    )
-    method: str = Field(description="How it was trained: lora, qlora, dora, ...")
-    r: int = Field(description="LoRA rank, from adapter_config.json.")
-    lora_alpha: int = Field(description="LoRA alpha, from adapter_config.json.")
-    target_modules: list[str] = Field(description="Modules the adapter wraps, sorted, from adapter_config.json.")
-    training_config: dict[str, Any] = Field(
-        default_factory=dict,
-        description="The training settings, plus `rank_metric` (what the leaderboard ranks by), sweep point, "
-        "wall time and peak memory when known.",
-    )
-    dataset: str | None = Field(None, description="The dataset it was trained on (lineage).")
-    dataset_fingerprint: str | None = Field(None, description="Fingerprint of the cleaned dataset it was trained on.")
-    path: str = Field(description="The adapter dir, absolute (stored relative to the registry's dir when inside it).")
-    adapter_sha256: str = Field(description="sha256 over adapter_config.json and adapter_model.safetensors.")
-    size_bytes: int = Field(description="Total size of those two files.")
-    trainable_params: int | None = Field(None, description="Trainable parameters of the adapter, when known.")
-    metrics: dict[str, dict[str, float]] = Field(
-        default_factory=dict,
-        description="Evaluation per metric: {metric: {base, adapter, gain, ...}}, e.g. eval_loss, exact_match.",
-    )
-    created_at: datetime = Field(description="When this version was registered (UTC, naive).")
-    run_id: str | None = Field(None, description="The Dagster run that registered it, if any.")
-    code_version: str | None = Field(None, description="The lorafoundry code version that trained it, if known.")
-
-
-class NewAdapter(BaseModel):
-    """What a caller supplies to register an adapter; version, hash, size and time are assigned here."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="Name to register under (the name rule, `registry.rules.NAME_RULE`).")
-    path: Path = Field(description="A peft LoRA dir: adapter_config.json and adapter_model.safetensors.")
-    status: Literal["candidate", "rejected"] = Field(
-        "candidate", description="`rejected` when it failed its quality gate (registered, never served)."
-    )
-    base_model: str = Field(description="The base model: a local dir, a builtin: name or a hub id.")
-    base_model_hash: str | None = Field(
-        None, description="Content hash of the base's weights; None when the base is not on this machine."
-    )
-    method: str = Field("lora", description="How it was trained: lora, qlora, dora, ...")
-    training_config: dict[str, Any] = Field(default_factory=dict, description="The training settings (lineage).")
-    dataset: str | None = Field(None, description="The dataset it was trained on (lineage).")
-    dataset_fingerprint: str | None = Field(None, description="Fingerprint of the cleaned dataset.")
-    trainable_params: int | None = Field(None, description="Trainable parameters, when known.")
-    metrics: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description="Evaluation per metric: {metric: {base, adapter, ...}}; empty: not evaluated."
-    )
-    run_id: str | None = Field(None, description="The Dagster run registering it, if any.")
-    code_version: str | None = Field(None, description="The lorafoundry code version that trained it, if known.")
-    promote: Literal["if_better", "if_significantly_better", "always", "manual"] = Field(
-        "manual",
-        description="Make a `candidate` the champion of its name: if it beats the current champion on "
-        "`rank_metric`, if `evidence` shows a significant paired win over the current champion, always, or only "
-        "by an explicit promote.",
-    )
-    evidence: dict[str, Any] | None = Field(
-        None,
-        description="For `if_significantly_better`: the comparison with the champion (lora_assets.evidence.Evidence: "
-        "champion_version, significant, the interval, detail); recorded with the promotion or its refusal.",
-    )
-    rank_metric: str = Field("eval_loss", description="Metric the champion rule compares (adapter value).")
-
-
-_COLUMNS = list(AdapterRecord.model_fields)
-
-
-def stored_path(adapter_dir: Path | str, base: Path) -> str:
-    """How an adapter dir is stored: relative to ``base`` (the registry file's dir) when inside it, else absolute."""
-    p = Path(adapter_dir).resolve()
-    return p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p)
-
-
-def _relocated(path: Path, base: Path) -> str:
-    """The stored form of a path written by a registry before migration 4 (see :func:`_m004_relative_paths`)."""
-    if not path.is_absolute():
-        return path.as_posix()
-    if path.resolve().is_relative_to(base):
-        return stored_path(path, base)
-    parts = path.parts
-    for i, part in enumerate(parts):  # .../<old home>/adapters/<rest>: the same <rest> under this home
-        if part == "adapters" and (base.joinpath(*parts[i:]) / "adapter_config.json").is_file():
-            return Path(*parts[i:]).as_posix()
-    return str(path)
-
-
-class VerifyResult(BaseModel):
-    """Whether one registered version's files still hash to the registered sha256."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="Adapter name.")
-    version: int = Field(description="Adapter version.")
-    ok: bool = Field(description="Whether the files hash to the registered sha256.")
-    detail: str = Field(description="`ok`, or what differs (the two hashes) or why the files cannot be read.")
-    path: str = Field(description="The adapter dir that was hashed.")
-
-
-def adapter_sha256(adapter_dir: Path) -> tuple[str, int]:
-    """sha256 over the adapter's config and weights (file names and bytes), and their total size."""
-    h = hashlib.sha256()
-    size = 0
-    for fname in ADAPTER_FILES:
-        f = Path(adapter_dir) / fname
-        h.update(fname.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-                size += len(chunk)
-    return h.hexdigest(), size
-
-
-@contextmanager
-def file_lock(path: Path, wait_s: float, shared: bool = False) -> Iterator[bool]:
-    """Hold an OS lock (``flock``) on ``path`` (created if needed), exclusive unless ``shared``; yields whether it
-    was taken within ``wait_s`` (0: one try). The kernel drops it when its holder dies, so a held lock always
-    belongs to a live process."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + wait_s
-        delay = 0.002
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                held = True
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    held = False
-                    break
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.05)
-        try:
-            yield held
-        finally:
-            if held:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _file_error(path: Path, e: duckdb.Error) -> RegistryError:
-    """The registry error for DuckDB's error on opening or reading ``path``: busy (DuckDB's own lock, held by
-    another program), corrupt, or other. DuckDB raises one exception type for all of them, so its message is the
-    only thing that tells them apart; this is the one place that reads it."""
-    text = str(e)
-    if not (isinstance(e, duckdb.IOException) or type(e) is duckdb.Error):  # a query's own error (syntax, types)
-        return RegistryError(f"registry {path}: {text}")
-    if "Could not set lock" in text:
-        return RegistryBusyError(f"registry {path} is locked by another program ({text})")
-    if any(m in text for m in ("not a valid DuckDB database", "Could not read enough bytes", "Corrupt database")):
-        return RegistryCorruptError(
-            f"registry file {path} is not a valid/complete DuckDB database ({text.splitlines()[0]}). Fix: move it "
-            "aside and restore the registry: put back a backup copy of the file, or import a `lorafoundry registry "
-            "export` dir into the home with `lorafoundry registry import DIR`."
-        )
-    return RegistryError(f"registry {path}: {text}")
-
-
-def _read_every_row(con: duckdb.DuckDBPyConnection) -> None:
-    """Read every column of every row of the open database's tables (each row cast to text, so no column is
-    skipped): raises DuckDB's error on a block that is missing or fails its checksum."""
-    tables = con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()
-    for (table,) in tables:
-        name = table.replace('"', '""')
-        con.execute(f'SELECT max(length(CAST("{name}" AS VARCHAR))) FROM "{name}"').fetchall()
-
-
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 @contextmanager
@@ -469,9 +128,9 @@ class AdapterRegistry:
         self.actor = actor
 
     @property
-    def snapshot_path(self) -> Path:
-        """The read-only copy readers attach (replaced by rename after every write)."""
-        return self.path.with_name(self.path.name + ".snapshot")
+    def file(self) -> RegistryFile:
+        """The file, its snapshot and its writer lock (:mod:`registry.dbfile`)."""
+        return RegistryFile(self.path, self.max_wait_s)
 
     @property
     def base_dir(self) -> Path:
@@ -486,190 +145,6 @@ class AdapterRegistry:
     def stored_path(self, adapter_dir: Path | str) -> str:
         """How ``adapter_dir`` is stored in this registry (relative to :attr:`base_dir` when inside it)."""
         return stored_path(adapter_dir, self.base_dir)
-
-    # -- connection handling ----------------------------------------------------------------------------
-
-    def _write(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        """Run ``fn`` in one read-write transaction on the file, in this writer's turn; then publish the snapshot."""
-        with file_lock(self._lock_path, self.max_wait_s) as held:
-            if not held:
-                raise RegistryBusyError(
-                    f"registry {self.path}: another writer kept it for {self.max_wait_s:.0f} s. Fix: retry when "
-                    "it is done (a long `registry import`?)."
-                )
-            # a file that changed since the last snapshot was changed by someone else (or a writer was killed): read
-            # it whole before writing to it, so a damaged file is reported rather than written on
-            con = self._open_file(self.max_wait_s, validate=not self._snapshot_current())
-            try:
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    out = fn(con)
-                    con.execute("COMMIT")
-                except BaseException:
-                    con.execute("ROLLBACK")
-                    raise
-                con.execute("CHECKPOINT")  # everything in the file itself, so a plain copy is complete
-            except duckdb.Error as e:
-                raise _file_error(self.path, e) from None
-            finally:
-                con.close()
-            if not self._snapshot_current():
-                self._publish()
-            return out
-
-    def _read(self, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: dict[str, str] | None = None) -> T:
-        """Run ``fn`` on the latest snapshot, attached read-only in a fresh in-memory database; with ``sandbox``
-        (settings to take first, such as its memory limit), that database can reach no file, extension or setting
-        (for SQL written by users)."""
-        for attempt in range(3):
-            target = self._read_target()
-            con = duckdb.connect(":memory:")
-            try:
-                if target is None:  # no registry yet: an empty one, read-only like a real one
-                    self._attach(con, _empty_registry())
-                else:
-                    self._attach(con, target)
-                    if _check_version(con, self.path) < SCHEMA_VERSION and attempt < 2:
-                        self._refresh(force=True)  # a snapshot of an older schema: migrate the file, publish again
-                        continue
-                if sandbox is not None:
-                    for name, value in sandbox.items():
-                        con.execute(f"SET {name} = {_sql_string(value)}")
-                    con.execute("SET enable_external_access = false")
-                    con.execute("SET lock_configuration = true")
-                con.execute("BEGIN TRANSACTION")
-                return fn(con)
-            except duckdb.Error as e:
-                problem = _file_error(target or self.path, e)
-                if not isinstance(problem, RegistryCorruptError):
-                    raise
-                if target != self.snapshot_path or attempt == 2:
-                    raise problem from None
-                self._refresh(force=True)  # a damaged snapshot: copy the file again (an error there is the file's)
-            finally:
-                con.close()
-        raise AssertionError("unreachable")
-
-    @property
-    def _lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lock")
-
-    def _read_target(self) -> Path | None:
-        """The file a reader attaches: the snapshot, republished first when it is stale and no writer is at work (a
-        writer at work publishes when it is done, so its readers read the previous snapshot rather than wait);
-        None when there is no registry yet."""
-        if not self.path.exists():
-            return None
-        if self._snapshot_current():
-            return self.snapshot_path
-        have_snapshot = self.snapshot_path.exists()
-        try:
-            self._refresh(force=False, wait=not have_snapshot)
-        except PermissionError:  # a registry dir this process may not write: read what is there
-            return self.snapshot_path if have_snapshot else self.path
-        except RegistryBusyError:
-            if not have_snapshot:
-                raise
-        # no snapshot only when another program kept changing the file while it was copied: read the file itself
-        return self.snapshot_path if self.snapshot_path.exists() else self.path
-
-    def _refresh(self, force: bool, wait: bool = True) -> None:
-        """Open the file (migrating it, replaying a killed writer's log) and publish it, unless the snapshot is
-        current (or ``force``); without ``wait``, do nothing when a writer or another program holds the file."""
-        with file_lock(self._lock_path, self.max_wait_s if wait else 0.0) as held:
-            if not held and wait:
-                raise RegistryBusyError(f"registry {self.path}: another writer kept it for {self.max_wait_s:.0f} s.")
-            if not held or (not force and self._snapshot_current()):
-                return
-            con = self._open_file(self.max_wait_s if wait else 0.0, validate=True)
-            try:
-                con.execute("CHECKPOINT")
-            except duckdb.Error as e:
-                raise _file_error(self.path, e) from None
-            finally:
-                con.close()
-            self._publish()
-
-    def _snapshot_current(self) -> bool:
-        """Whether the snapshot is a copy of the file as it is now: it carries the file's size and modification
-        time, and a write-ahead log next to the file means a writer is at work (or was killed)."""
-        try:
-            file, snap = self.path.stat(), self.snapshot_path.stat()
-        except FileNotFoundError:
-            return False
-        same = (file.st_size, file.st_mtime_ns) == (snap.st_size, snap.st_mtime_ns)
-        return same and not self.path.with_name(self.path.name + ".wal").exists()
-
-    def _publish(self) -> None:
-        """Copy the closed, checkpointed file to the snapshot by write-then-rename; the caller holds the writer
-        lock. The copy takes the file's modification time, which is how readers tell it is current."""
-        snap = self.snapshot_path
-        for leftover in snap.parent.glob(glob.escape(snap.name) + ".tmp-*"):  # a publisher killed mid-copy
-            leftover.unlink(missing_ok=True)
-        tmp = snap.with_name(f"{snap.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
-        try:
-            for _ in range(3):
-                before = self.path.stat()
-                shutil.copyfile(self.path, tmp)
-                os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
-                after = self.path.stat()
-                if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
-                    os.replace(tmp, snap)
-                    return
-            # another program kept changing the file while it was copied: readers republish later
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _open_file(self, wait_s: float, validate: bool = False) -> duckdb.DuckDBPyConnection:
-        """Open the file read-write, created and migrated; the caller holds the writer lock. Another program holding
-        DuckDB's own lock on it (a `duckdb` shell) is waited for, up to ``wait_s``. With ``validate``, every row of
-        every table is read first: a truncated file can open and even answer some queries (its catalog intact),
-        and fails only on the blocks it lost."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + wait_s
-        delay = 0.01
-        while True:
-            try:
-                con = duckdb.connect(str(self.path))
-                break
-            except duckdb.Error as e:
-                problem = _file_error(self.path, e)
-                if not isinstance(problem, RegistryBusyError):
-                    raise problem from None
-                if time.monotonic() >= deadline:
-                    raise RegistryBusyError(
-                        f"registry {self.path} stayed locked by another program for {wait_s:.0f} s ({e}). Fix: "
-                        "close its connection (e.g. a `duckdb` shell on the file) and retry."
-                    ) from None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.5)
-        try:
-            if validate:
-                _read_every_row(con)
-            _migrate(con, self.path)
-        except duckdb.Error as e:
-            con.close()
-            raise _file_error(self.path, e) from None
-        except BaseException:
-            con.close()
-            raise
-        return con
-
-    def _attach(self, con: duckdb.DuckDBPyConnection, target: Path) -> None:
-        """Attach ``target`` read-only as the default catalog `registry`. Only a reader that could not publish a
-        snapshot attaches the file itself, and waits for its lock if a writer holds it."""
-        deadline = time.monotonic() + self.max_wait_s
-        delay = 0.01
-        while True:
-            try:
-                con.execute(f"ATTACH {_sql_string(str(target))} AS registry (READ_ONLY)")
-                con.execute("USE registry")
-                return
-            except duckdb.Error as e:
-                if not isinstance(_file_error(target, e), RegistryBusyError) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.5)
 
     # -- operations --------------------------------------------------------------------------------------
 
@@ -691,15 +166,15 @@ class AdapterRegistry:
             ).fetchone()
             if same is not None:
                 return _reevaluate(con, self.actor, new, same, base)
-            row = _new_row(new, cfg, version, sha, size, now, stored_path(new.path, base))
+            row = new_row(new, cfg, version, sha, size, now, stored_path(new.path, base))
             _insert(con, "adapters", row)
             action = "register" if new.status != "rejected" else "reject"
             _event(con, self.actor, action, new.name, version, {"sha256": sha, "status": new.status})
             if new.status == "candidate" and _apply_promote_rule(con, self.actor, new, version):
                 row["status"] = "champion"
-            return _record(tuple(row[c] for c in _COLUMNS), base)
+            return to_record(tuple(row[c] for c in COLUMNS), base)
 
-        return self._write(op)
+        return self.file.write(op)
 
     def list(
         self,
@@ -738,7 +213,7 @@ class AdapterRegistry:
             for metric, bound in bounds.items():
                 where.append(f"CAST(json_extract(metrics, ?) AS DOUBLE) {op} ?")
                 args += [_metric_path(metric), bound]
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM {table}"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         if order_by:
@@ -750,7 +225,7 @@ class AdapterRegistry:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         base = self.base_dir
-        return self._read(lambda con: [_record(r, base) for r in con.execute(sql, args).fetchall()])
+        return self.file.read(lambda con: [to_record(r, base) for r in con.execute(sql, args).fetchall()])
 
     def get(self, name: str, version: int | str | None = None) -> AdapterRecord:
         """One version of an adapter: by number, by alias (``"champion"``), or the latest when None.
@@ -783,7 +258,7 @@ class AdapterRegistry:
                 )
             return rec
 
-        return self._read(op)
+        return self.file.read(op)
 
     def aliases(self, name: str) -> dict[str, int]:
         """The aliases of ``name`` and the versions they point to."""
@@ -823,7 +298,7 @@ class AdapterRegistry:
                     )
             _set_alias(con, self.actor, name, alias, version)
 
-        self._write(op)
+        self.file.write(op)
 
     def archive(self, name: str, version: int) -> AdapterRecord:
         """Retire ``name@version``: status `archived`, never served; its aliases are removed (with history)."""
@@ -839,7 +314,7 @@ class AdapterRegistry:
             _event(con, self.actor, "archive", name, version, {})
             return _fetch_record(con, name, version, self.base_dir)
 
-        return self._write(op)
+        return self.file.write(op)
 
     def record_event(self, name: str, version: int, action: str, detail: dict[str, Any]) -> None:
         """Record something done with ``name@version`` outside the registry (e.g. ``export_merged``) in its event
@@ -853,7 +328,7 @@ class AdapterRegistry:
                 raise AdapterNotFoundError(f"no adapter {name}@{version}.")
             _event(con, self.actor, action, name, version, detail)
 
-        self._write(op)
+        self.file.write(op)
 
     def events(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
         """The event log of ``name`` (of one version when given), oldest first; ``detail`` decoded."""
@@ -886,21 +361,13 @@ class AdapterRegistry:
     def servable(self, verify: bool = False) -> list[AdapterRecord]:
         """The version served under each name: its champion, else its latest candidate (never a rejected or
         archived one). With ``verify``, a version whose files no longer match its sha256 is left out."""
-        chosen: dict[str, AdapterRecord] = {}
-        for r in self.list():
-            if r.status == "champion" or (r.status == "candidate" and chosen.get(r.name, r).status != "champion"):
-                chosen[r.name] = r
+        chosen = served_versions(self.list())
         if verify:
-            bad = {
-                (v.name, v.version): v.detail
-                for r in chosen.values()
-                for v in self.verify(r.name, r.version)
-                if not v.ok
-            }
+            bad = {(v.name, v.version): v.detail for r in chosen for v in self.verify(r.name, r.version) if not v.ok}
             for (name, version), detail in bad.items():
                 log.warning("not serving %s@%s: %s (run `lorafoundry registry verify`)", name, version, detail)
-            return [r for r in chosen.values() if (r.name, r.version) not in bad]
-        return list(chosen.values())
+            return [r for r in chosen if (r.name, r.version) not in bad]
+        return chosen
 
     def champion(self, name: str) -> AdapterRecord | None:
         """The champion version of ``name``, or None."""
@@ -924,7 +391,7 @@ class AdapterRegistry:
             _promote(con, self.actor, name, version, reason)
             return _fetch_record(con, name, version, self.base_dir)
 
-        return self._write(op)
+        return self.file.write(op)
 
     def leaderboard(self, name: str) -> list[dict[str, Any]]:
         """Every version of ``name`` ranked by its rank metric (best first; rejected and archived last), from
@@ -953,7 +420,7 @@ class AdapterRegistry:
         _check_limits(timeout_s, memory_limit)
         settings = {"temp_directory": ""} | ({"memory_limit": memory_limit} if memory_limit else {})
         try:
-            return self._read(lambda con: _run_limited(con, sql, params or [], timeout_s, memory_limit), settings)
+            return self.file.read(lambda con: _run_limited(con, sql, params or [], timeout_s, memory_limit), settings)
         except duckdb.Error as e:
             raise RegistryInputError(
                 f"query failed: {e}\nFix: `registry sql` runs read-only queries on the tables adapters, aliases, "
@@ -969,7 +436,7 @@ class AdapterRegistry:
             "'reevaluate' AND detail->>'previous_status' = 'champion' AND detail->>'status' = 'rejected'))"
         )
         sql += (" AND occurred_at > ?::TIMESTAMP" if after else "") + " ORDER BY 1"
-        return self._read(lambda con: con.execute(sql, [after] if after else []).fetchall())
+        return self.file.read(lambda con: con.execute(sql, [after] if after else []).fetchall())
 
     def export_tables(self, dest: Path) -> tuple[dict[str, int], list[tuple[str, int, Path]]]:
         """Write ``dest/<table>.parquet`` for every table of :data:`TABLES`, all read in one transaction; the
@@ -984,12 +451,12 @@ class AdapterRegistry:
                     if table == "adapters"
                     else f"SELECT * FROM {table}"
                 )
-                con.execute(f"COPY ({sql}) TO {_sql_string(str(dest / (table + '.parquet')))} (FORMAT parquet)")
+                con.execute(f"COPY ({sql}) TO {sql_string(str(dest / (table + '.parquet')))} (FORMAT parquet)")
                 counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             rows = con.execute("SELECT name, version, path FROM adapters").fetchall()
             return [(name, version, self.adapter_path(path)) for name, version, path in rows]
 
-        sources = self._read(op)
+        sources = self.file.read(op)
         return counts, sources
 
     def import_rows(self, adapters: list[dict[str, Any]], related: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
@@ -1016,57 +483,30 @@ class AdapterRegistry:
                     _insert(con, table, rec)
                     imported[table] += 1
 
-        self._write(op)
+        self.file.write(op)
         return imported
 
     def paths_in_use(self) -> set[Path]:
         """Every registered version's adapter dir, read from the file itself in a writer's turn (so a version
         whose writer was killed before publishing the snapshot counts too)."""
         base = self.base_dir
-        rows = self._write(lambda con: con.execute("SELECT path FROM adapters").fetchall())
+        rows = self.file.write(lambda con: con.execute("SELECT path FROM adapters").fetchall())
         return {(base / p).resolve() for (p,) in rows}
 
     def init(self) -> None:
         """Create the file if needed and apply pending migrations."""
-        self._write(lambda con: None)
+        self.file.write(lambda con: None)
 
     def schema_version(self) -> int:
-        return self._read(lambda con: _current_version(con))
-
-
-_EMPTY: list[tempfile.TemporaryDirectory] = []  # kept alive for the process; removed at exit
-
-
-def _empty_registry() -> Path:
-    """A registry file with the current schema and no rows, made once per process, for reading a registry that
-    does not exist yet: attached read-only like a real one, so `registry sql` refuses writes there too."""
-    if not _EMPTY:
-        scratch = tempfile.TemporaryDirectory(prefix="lorafoundry-empty-registry-")
-        con = duckdb.connect(str(Path(scratch.name) / "empty.duckdb"))
-        try:
-            _migrate(con, Path(scratch.name) / "empty.duckdb")
-        finally:
-            con.close()
-        _EMPTY.append(scratch)
-    return Path(_EMPTY[0].name) / "empty.duckdb"
-
-
-def _record(row: tuple, base: Path) -> AdapterRecord:
-    """A row of `adapters` as a record; a relative ``path`` is resolved against ``base`` (the registry's dir)."""
-    data = dict(zip(_COLUMNS, row, strict=True))
-    if not Path(data["path"]).is_absolute():
-        data["path"] = str(base / data["path"])
-    data["training_config"] = json.loads(data["training_config"] or "{}")
-    data["metrics"] = json.loads(data["metrics"] or "{}")
-    return AdapterRecord.model_validate(data)
+        return self.file.read(current_version)
 
 
 def _find_record(con: duckdb.DuckDBPyConnection, name: str, version: int | None, base: Path) -> AdapterRecord | None:
     """``name@version`` as a record, or None when there is no such version."""
     row = con.execute(
-        f"SELECT {', '.join(_COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, version]
+        f"SELECT {', '.join(COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, version]
     ).fetchone()
-    return None if row is None else _record(row, base)
+    return None if row is None else to_record(row, base)
 
 
 def _fetch_record(con: duckdb.DuckDBPyConnection, name: str, version: int, base: Path) -> AdapterRecord:
@@ -1074,33 +514,6 @@ def _fetch_record(con: duckdb.DuckDBPyConnection, name: str, version: int, base:
     rec = _find_record(con, name, version, base)
     assert rec is not None, f"{name}@{version} vanished inside its own transaction"
     return rec
-
-
-def _new_row(new: NewAdapter, cfg: dict, version: int, sha: str, size: int, now: datetime, path: str) -> dict[str, Any]:
-    """The `adapters` row of a new version (JSON columns as text), in column order."""
-    row = {
-        "name": new.name,
-        "version": version,
-        "status": new.status,
-        "base_model": new.base_model,
-        "base_model_hash": new.base_model_hash,
-        "method": new.method,
-        "r": int(cfg["r"]),
-        "lora_alpha": int(cfg["lora_alpha"]),
-        "target_modules": sorted(cfg["target_modules"]),
-        "training_config": json.dumps({**new.training_config, "rank_metric": new.rank_metric}),
-        "dataset": new.dataset,
-        "dataset_fingerprint": new.dataset_fingerprint,
-        "path": path,
-        "adapter_sha256": sha,
-        "size_bytes": size,
-        "trainable_params": new.trainable_params,
-        "metrics": json.dumps(new.metrics),
-        "created_at": now,
-        "run_id": new.run_id,
-        "code_version": new.code_version,
-    }
-    return {c: row[c] for c in _COLUMNS}
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, row: dict[str, Any]) -> None:
@@ -1122,10 +535,8 @@ def _set_column(con: duckdb.DuckDBPyConnection, name: str, version: int, **value
 
 def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int, base: Path) -> AdapterRecord:
     """The same bytes registered again. Without new metrics: the existing row (plus the base's hash and the new
-    path when the row had no hash yet). With new metrics (a new evaluation): the version takes them, and the new
-    gate outcome: a rejected version that now passes becomes a candidate (and the champion rule applies); a
-    candidate or champion that now fails is rejected (a champion leaves its alias, so the name has no champion
-    until another version earns it). Archived stays archived."""
+    path when the row had no hash yet). With new metrics (a new evaluation): the version takes them, and the status
+    of the new gate outcome (:func:`registry.promotion.status_after_evaluation`)."""
     rec = _fetch_record(con, new.name, version, base)
     # the base's hash and the files' place, when the first registration could not record them (an import
     # before the base was on this machine): registering again with the base present is the fix the CLI names
@@ -1135,87 +546,56 @@ def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, ver
         rec = _fetch_record(con, new.name, version, base)
     # only a new evaluation (metrics) can change the gate outcome: registering files again with no metrics
     # (e.g. `registry register`) never turns a rejected version into a candidate
-    evaluated = bool(new.metrics)
-    passes = new.status != "rejected"
-    status_changes = evaluated and rec.status != "archived" and passes == (rec.status == "rejected")
-    if not evaluated or (new.metrics == rec.metrics and not status_changes):
+    if not new.metrics:
+        return rec
+    status = status_after_evaluation(rec.status, passes=new.status != "rejected")
+    if new.metrics == rec.metrics and status == rec.status:
         return rec
     _set_column(con, new.name, version, metrics=json.dumps(new.metrics))
-    status = rec.status
-    if status_changes:
-        status = "candidate" if passes else "rejected"
+    if status != rec.status:
         _set_column(con, new.name, version, status=status)
         if rec.status == "champion":
             _set_alias(con, actor, new.name, "champion", None)
     _event(con, actor, "reevaluate", new.name, version, {"previous_status": rec.status, "status": status})
-    if status == "candidate" and status_changes:
+    if status == "candidate" and status != rec.status:
         _apply_promote_rule(con, actor, new, version)
     return _fetch_record(con, new.name, version, base)
 
 
 def _apply_promote_rule(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int) -> bool:
-    """Make the candidate ``new.name@version`` the champion when ``new.promote`` says so (``if_better``: it beats
-    the champion on ``new.rank_metric``; ``always``); returns whether it was promoted."""
-    if new.promote == "manual":
+    """Make the candidate ``new.name@version`` the champion when ``new.promote`` decides so
+    (:func:`registry.promotion.decide_promotion`); a refusal on evidence is an event with its reason. Returns
+    whether it was promoted."""
+    if new.promote == "manual":  # nothing to decide: spare the champion's lookup
         return False
-    if new.promote == "if_significantly_better":
-        return _promote_on_evidence(con, actor, new, version)
-    why = _beats(new.metrics, _champion(con, new.name), new.rank_metric) if new.promote == "if_better" else "always"
-    if why:
-        _promote(con, actor, new.name, version, why)
-    return bool(why)
-
-
-def _promote_on_evidence(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int) -> bool:
-    """``if_significantly_better``: promote only on evidence of a significant win over the champion that is the
-    champion now (evidence against an earlier champion decides nothing); a refusal is an event with its reason."""
     champion = _champion(con, new.name)
-    if champion is None:
-        _promote(con, actor, new.name, version, "first version to pass its gate")
-        return True
-    if champion[0] == version:
-        return False
-    evidence = new.evidence or {}
-    if evidence.get("champion_version") != champion[0]:
-        reason = f"no paired evidence against the current champion v{champion[0]}"
-        _event(con, actor, "keep_champion", new.name, version, {"reason": reason, "evidence": new.evidence})
-        return False
-    if not evidence.get("significant"):
-        _event(con, actor, "keep_champion", new.name, version, {"reason": evidence.get("detail"), "evidence": evidence})
-        return False
-    _promote(con, actor, new.name, version, str(evidence.get("detail")), evidence)
-    return True
+    decision = decide_promotion(new.promote, version, new.metrics, new.rank_metric, new.evidence, champion)
+    if isinstance(decision, KeepChampion):
+        detail = {"reason": decision.reason, "evidence": decision.evidence}
+        _event(con, actor, "keep_champion", new.name, version, detail)
+    elif isinstance(decision, Promote):
+        _promote(con, actor, new.name, version, decision.reason, decision.evidence)
+    return isinstance(decision, Promote)
 
 
-def _champion(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, dict] | None:
+def _champion(con: duckdb.DuckDBPyConnection, name: str) -> Champion | None:
+    """The champion of ``name``, or None."""
     row = con.execute("SELECT version, metrics FROM adapters WHERE name = ? AND status = 'champion'", [name]).fetchone()
-    return (row[0], json.loads(row[1] or "{}")) if row else None
-
-
-def _beats(metrics: dict, champion: tuple[int, dict] | None, metric: str) -> str | None:
-    """Why a new version beats the champion on ``metric`` (None when it does not)."""
-    if champion is None:
-        return "first version to pass its gate"
-    new, old = metrics.get(metric, {}).get("adapter"), champion[1].get(metric, {}).get("adapter")
-    if new is None:
-        return None
-    if old is None:
-        return f"champion v{champion[0]} has no {metric}"
-    better = new < old if metric in LOWER_IS_BETTER else new > old
-    return f"{metric} {new:.4f} beats champion v{champion[0]}'s {old:.4f}" if better else None
+    return Champion(row[0], json.loads(row[1] or "{}")) if row else None
 
 
 def _promote(
     con: duckdb.DuckDBPyConnection, actor: str, name: str, version: int, reason: str, evidence: dict | None = None
 ) -> None:
+    """Make ``name@version`` the champion: the previous one becomes a candidate; the `champion` alias moves."""
     old = _champion(con, name)
-    if old is not None and old[0] == version:
+    if old is not None and old.version == version:
         return
     if old is not None:
-        _set_column(con, name, old[0], status="candidate")
+        _set_column(con, name, old.version, status="candidate")
     _set_column(con, name, version, status="champion")
     _set_alias(con, actor, name, "champion", version)
-    detail = {"reason": reason, "previous_champion": old[0] if old else None}
+    detail = {"reason": reason, "previous_champion": old.version if old else None}
     _event(con, actor, "promote", name, version, detail | ({"evidence": evidence} if evidence else {}))
 
 
@@ -1249,43 +629,3 @@ def _event(
         "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
         [datetime.now(UTC).replace(tzinfo=None), actor, action, name, version, json.dumps(detail)],
     )
-
-
-def _current_version(con: duckdb.DuckDBPyConnection) -> int:
-    # one query; asking information_schema first cost more than the rest of a read (it lists every catalog)
-    try:
-        return con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
-    except duckdb.CatalogException:
-        return 0
-
-
-def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
-    current = _current_version(con)
-    if current > SCHEMA_VERSION:
-        raise RegistrySchemaError(
-            f"registry {path} has schema version {current}, newer than this lorafoundry "
-            f"understands ({SCHEMA_VERSION}). Fix: upgrade lorafoundry; do not write to this file "
-            "with an older version."
-        )
-    return current
-
-
-def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """Apply pending migrations in order, each in its own transaction."""
-    con.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)"
-    )
-    current = _check_version(con, path)
-    for number, name, fn in MIGRATIONS:
-        if number <= current:
-            continue
-        con.execute("BEGIN TRANSACTION")
-        try:
-            fn(con)
-            con.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?, ?)", [number, name, datetime.now(UTC).replace(tzinfo=None)]
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from registry.metrics import CHRF, EVAL_LOSS, EXACT_MATCH
+from registry.records import AdapterRecord
 from registry.rules import SERVABLE_STATUSES
-from registry.store import AdapterRecord, AdapterRegistry
+from registry.store import AdapterRegistry
 
 #: The metrics a catalog entry carries (adapter value and gain over the base), when the version has them.
-HEADLINE_METRICS = ("exact_match", "chrf", "eval_loss")
+HEADLINE_METRICS = tuple(m.name for m in (EXACT_MATCH, CHRF, EVAL_LOSS))
 
 
 def variant(rec: AdapterRecord) -> str:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from registry.store import ADAPTER_FILES, adapter_sha256
+from registry.records import ADAPTER_FILES, adapter_sha256
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 #: The ``modules_to_save`` vLLM 0.32's LoRA loader accepts (vllm/lora/utils.py ``parse_fine_tuned_lora_name``):

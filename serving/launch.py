@@ -25,8 +25,9 @@ from lora_assets.hardware import resolve_dtype
 from lora_assets.home import Home
 from lora_assets.progress import report as report_progress
 from lora_assets.spec import MAX_LORA_RANK, PipelineSpec, ServingSpec
+from registry.records import AdapterRecord
 from registry.rules import SERVABLE_STATUSES
-from registry.store import AdapterRecord, AdapterRegistry
+from registry.store import AdapterRegistry
 from serving.resolver import AdapterResolver, Refusal
 from serving.settings import DEFAULT_MAX_LORA_RANK, ServerSettings
 

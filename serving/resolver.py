@@ -27,8 +27,9 @@ from registry.errors import (
     RegistryError,
     RegistryInputError,
 )
+from registry.records import AdapterRecord, adapter_sha256
 from registry.rules import SERVABLE_STATUSES, parse_ref
-from registry.store import AdapterRecord, AdapterRegistry, adapter_sha256
+from registry.store import AdapterRegistry
 from serving.integrity import IntegrityError, multi_lora_problem, stage, weights_problem
 from serving.settings import RESOLVE_TTL_S, ServerSettings
 

@@ -23,7 +23,8 @@ from registry.adapter_files import (
 )
 from registry.errors import RegistryInputError
 from registry.portable import export_registry, import_registry
-from registry.store import AdapterRegistry, NewAdapter, adapter_sha256
+from registry.records import NewAdapter, adapter_sha256
+from registry.store import AdapterRegistry
 
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -250,7 +251,7 @@ def test_random_bytes_in_an_export_are_refused_by_import_and_nothing_is_written(
     home = tmp_path / "home"
     dest = AdapterRegistry(home / "registry.duckdb")
     with pytest.raises(RegistryInputError) as e:
-        import_registry(dest, out, home / "adapters")
+        import_registry(dest, out, home / "adapters" / "imported")
     assert "import refused, nothing written: bad@1:" in str(e.value)
     assert f"{bad_dir / 'adapter_model.safetensors'}: not a safetensors file" in str(e.value)
     res = CliRunner().invoke(app, ["registry", "import", str(out), "--home", str(home)])

@@ -107,10 +107,10 @@ def _registry_relations() -> set[str]:
     """Every table and view the registry's migrations create, read from a fresh in-memory registry."""
     import duckdb
 
-    from registry.store import _migrate
+    from registry.schema import migrate
 
     con = duckdb.connect(":memory:")
-    _migrate(con, Path(":memory:"))
+    migrate(con, Path(":memory:"))
     tables = con.execute(
         "SELECT table_name FROM duckdb_tables() UNION SELECT view_name FROM duckdb_views() WHERE NOT internal"
     )

@@ -107,7 +107,8 @@ def test_automation_follows_upstream_only_after_blocking_checks_pass(tmp_path, r
 
 def test_promotion_sensor_cursor_starts_at_now_and_holds_on_failure(tmp_path, monkeypatch):
     from orchestration.sensors import notify_new_promotions
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
 
     reg = AdapterRegistry(tmp_path / "registry.duckdb")
     v = [
@@ -151,7 +152,8 @@ def test_promotion_sensor_reloads_or_unloads_when_a_champion_is_rejected(tmp_pat
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from orchestration.sensors import notify_new_promotions
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
 
     seen: list[tuple[str, dict]] = []
 

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from lora_assets import envs
-from registry.store import AdapterRegistry, NewAdapter
+from registry.records import NewAdapter
+from registry.store import AdapterRegistry
 from serving.guard import LoraFoundryGuard
 from tests.test_guard import make_resolver
 from tests.test_registry import make_adapter_dir

@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 from lora_assets.data_parallel import PADDING_ID, RECORD_EXAMPLES_ENV, rank_dataset, recorded_examples, shard_plan
 from lora_assets.distributed import failure_reason
 from lora_assets.hardware import DTYPE_ENV
+from lora_assets.home import Home
 from lora_assets.spec import AdapterSpec, SpecError, validate_spec
 from lora_assets.train import run_config
 from orchestration.assets import build_assets
@@ -293,7 +294,7 @@ def test_two_processes_train_the_adapter_one_process_trains_on_the_same_batches(
             pipe.jobs["a"].spec,
             pipe.base,
             current_clean(pipe.datasets_dir, "d"),
-            tmp_path / "adapters",
+            Home.at(tmp_path),
             data_parallel=DataParallel(world_size=1, rank=0),
         )
     finally:

@@ -18,7 +18,9 @@ from registry.errors import (
     RegistryInputError,
     RegistrySchemaError,
 )
-from registry.store import SCHEMA_VERSION, AdapterRegistry, NewAdapter
+from registry.records import NewAdapter
+from registry.schema import SCHEMA_VERSION
+from registry.store import AdapterRegistry
 from tests.test_registry import make_adapter_dir
 
 ERRORS = [

@@ -16,7 +16,8 @@ import pytest
 from lora_assets.evaluate import check_gate, metric_table
 from lora_assets.evidence import MIN_PAIRED_ROWS, RowScores, compare_with_champion, gain_interval, value_interval
 from lora_assets.spec import AdapterSpec, GateSpec
-from registry.store import AdapterRegistry, NewAdapter
+from registry.records import NewAdapter
+from registry.store import AdapterRegistry
 from tests.test_registry import make_adapter_dir
 
 

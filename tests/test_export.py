@@ -10,7 +10,8 @@ import torch
 
 from lora_assets.base_model import resolve_base_model
 from lora_assets.export import LINEAGE_FILE, ExportError, export_merged
-from registry.store import AdapterRegistry, NewAdapter
+from registry.records import NewAdapter
+from registry.store import AdapterRegistry
 
 PROMPTS = ["<|user|>\nWhich category do these words share: tiger, wolf and zebra?<|end|>\n<|assistant|>\n", "apple"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -25,7 +25,7 @@ from registry.errors import (
     RegistryInputError,
     RegistrySchemaError,
 )
-from registry.store import AdapterRecord
+from registry.records import AdapterRecord
 from serving import resolver as resolver_module
 from serving.guard import LoraFoundryGuard
 from serving.resolver import AdapterResolver

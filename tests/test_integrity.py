@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from registry.store import adapter_sha256
+from registry.records import adapter_sha256
 from serving.integrity import IntegrityError, multi_lora_problem, restage, stage, staged_intact, verified_copy
 from tests.test_registry import make_adapter_dir
 

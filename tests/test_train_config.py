@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from lora_assets.base_model import resolve_base_model
+from lora_assets.home import Home
 from lora_assets.pipeline import Pipeline
 from lora_assets.spec import LLAMA_LINEAR_MODULES, AdapterSpec, SpecError, validate_spec
 from lora_assets.train import linear_module_names, preflight, training_warnings
@@ -58,7 +59,8 @@ def test_packed_batch_gives_the_padded_loss(tmp_path, random_base):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-    from lora_assets.train import PackingCollator, tokenize_example
+    from lora_assets.batching import PackingCollator
+    from lora_assets.chat import tokenize_example
 
     tok = AutoTokenizer.from_pretrained(random_base)
     model = AutoModelForCausalLM.from_pretrained(random_base, dtype=torch.float32).eval()
@@ -88,9 +90,10 @@ def test_packed_batch_gives_the_padded_loss(tmp_path, random_base):
 def test_train_split_is_tokenized_once_and_cached(tmp_path, random_base):
     from transformers import AutoTokenizer
 
+    from lora_assets.batching import tokenized_train_split
+    from lora_assets.chat import tokenize_example
     from lora_assets.clean import clean_dataset
     from lora_assets.spec import DatasetSpec
-    from lora_assets.train import tokenize_example, tokenized_train_split
 
     rows = [{"prompt": f"q{i}?", "completion": f"a{i}"} for i in range(50)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -122,13 +125,13 @@ def test_train_adapter_checks_its_settings_before_tokenizing(tmp_path, random_ba
     base = resolve_base_model(str(random_base), tmp_path)
     bad = AdapterSpec(dataset="d", target_modules=["query_key_value"])
     with pytest.raises(ValueError, match=r"adapters\.a\.p0\.target_modules: \['query_key_value'\]"):
-        train_adapter("a.p0", bad, base, clean, tmp_path / "home" / "adapters")
+        train_adapter("a.p0", bad, base, clean, Home.at(tmp_path / "home"))
     assert not (tmp_path / "home").exists()  # nothing tokenized, no run dir
 
 
 def test_packing_fills_rows_first_fit_decreasing():
     """Lengths 30, 40, 30, 20 into rows of 64: arrival order needs three rows, first-fit decreasing two."""
-    from lora_assets.train import PackingCollator
+    from lora_assets.batching import PackingCollator
 
     feats = [{"input_ids": [7] * n, "labels": [7] * n} for n in (30, 40, 30, 20)]
     packer = PackingCollator(pad_id=0, max_len=64)
@@ -141,7 +144,7 @@ def test_packing_fills_rows_first_fit_decreasing():
 def test_packing_width_weighs_attention_against_padding():
     """Eight ~50-token chats: one 400-token row costs more attention than the padding it saves, so each row holds
     one example; with attention free, they go into one row. A model's attention width comes from its config."""
-    from lora_assets.train import PackingCollator, attention_width
+    from lora_assets.batching import PackingCollator, attention_width
 
     feats = [{"input_ids": [7] * n, "labels": [7] * n} for n in (45, 50, 47, 52, 44, 49, 51, 48)]
     smollm2 = {

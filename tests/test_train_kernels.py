@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_assets.train import PackingCollator, make_trainer
+from lora_assets.batching import PackingCollator
+from lora_assets.train import make_trainer
 from lora_assets.train_kernels import HEAD_CHUNK, BitsDropout, supervised_lm_loss, use_bits_dropout
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lora_assets.base_model import resolve_base_model
 from lora_assets.clean import clean_dataset
+from lora_assets.home import Home
 from lora_assets.spec import DatasetSpec
 from lora_assets.train import latest_complete_checkpoint, run_key, train_adapter
 from tests.train_worker import RESUME_SPEC
@@ -37,13 +38,13 @@ def make_data(tmp_path: Path, base: Path):
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, random_base):
     clean = make_data(tmp_path, random_base)
     base = resolve_base_model(str(random_base), tmp_path)
-    killed_root = tmp_path / "killed" / "adapters"
-    killed_root.mkdir(parents=True)
-    ckpts = killed_root / "a" / (run_key(RESUME_SPEC, base, clean) + ".tmp") / "checkpoints"
+    killed = Home.at(tmp_path / "killed")
+    killed.adapters.mkdir(parents=True)
+    ckpts = killed.adapters / "a" / (run_key(RESUME_SPEC, base, clean) + ".tmp") / "checkpoints"
 
     worker = Path(__file__).with_name("train_worker.py")
     proc = subprocess.Popen(
-        [sys.executable, str(worker), str(random_base), str(tmp_path / "datasets"), str(killed_root)],
+        [sys.executable, str(worker), str(random_base), str(tmp_path / "datasets"), str(killed.root)],
         stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "worker.log").open("w"),
     )
@@ -62,14 +63,14 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, r
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (killed_root / "a" / run_key(RESUME_SPEC, base, clean)).exists()  # nothing half-finished published
+    assert not (killed.adapters / "a" / run_key(RESUME_SPEC, base, clean)).exists()  # nothing half-finished published
 
-    resumed = train_adapter("a", RESUME_SPEC, base, clean, killed_root)
+    resumed = train_adapter("a", RESUME_SPEC, base, clean, killed)
     manifest = json.loads((Path(resumed.adapter_dir) / "training_manifest.json").read_text())
     assert manifest["resumed_from_step"] >= 10
     assert resumed.steps == manifest["steps_per_epoch"] == -(-clean.rows_train // 4)  # one epoch, exactly
 
-    reference = train_adapter("a", RESUME_SPEC, base, clean, tmp_path / "reference" / "adapters")
+    reference = train_adapter("a", RESUME_SPEC, base, clean, Home.at(tmp_path / "reference"))
     assert json.loads((Path(reference.adapter_dir) / "training_manifest.json").read_text())["resumed_from_step"] is None
     got = load_file(Path(resumed.adapter_dir) / "adapter_model.safetensors")
     want = load_file(Path(reference.adapter_dir) / "adapter_model.safetensors")
