@@ -12,6 +12,9 @@ from lora_assets.files import sha256_files, write_json_atomic
 
 #: The record a built-in base's builder writes into its dir: its recipe or source, parameters, build time.
 BUILD_RECORD = "lorafoundry_recipe.json"
+#: The key a home's copy of a base from the model cache (lora_assets/builtin.py:build_once) adds to its build record:
+#: the cache entry it was copied from.
+CACHE_NOTE = "copied_from_cache"
 #: Where the content hash of a model dir is kept, keyed by its files' sizes and mtimes.
 HASH_STAMP = ".lorafoundry_hash.json"
 
@@ -29,7 +32,8 @@ class BaseModelRef(BaseModel):
     obtained: str = Field(
         "",
         description="How the dir was obtained by this call: `built` (a built-in base built now, here or by a "
-        "process this one waited for), `cached build`, `local dir` or `Hugging Face cache`.",
+        "process this one waited for), `copied from the model cache` (a built-in base built before, by any home "
+        "sharing the model cache), `cached build` (already in this home), `local dir` or `Hugging Face cache`.",
     )
 
     def build_record(self) -> dict:
@@ -83,8 +87,11 @@ def _locate(base_model: str, home: Path, spec_dir: Path, progress) -> tuple[Path
         started = time.time()
         path = BUILTIN_MODELS[base_model.split(":", 1)[1]](home, progress)
         # The builders publish the dir with a rename after their file lock: a record newer than this call means
-        # the base was built during it (by this process, or by one this process waited for).
-        return path, "built" if (path / BUILD_RECORD).stat().st_mtime >= started else "cached build"
+        # the base was built or copied from the model cache during it (by this process, or by one it waited for).
+        record = path / BUILD_RECORD
+        if record.stat().st_mtime < started:
+            return path, "cached build"
+        return path, "copied from the model cache" if CACHE_NOTE in json.loads(record.read_text()) else "built"
     local = Path(base_model).expanduser()
     local = local if local.is_absolute() else (spec_dir / local)
     if (local / "config.json").exists():
@@ -127,8 +134,9 @@ def resolve_base_model(base_model: str, home: Path, spec_dir: Path = Path("."), 
     Args:
         base_model: the spec's value: `builtin:<name>` (see :data:`BUILTIN_MODELS`), a local dir, or a hub id
             already in the HF cache.
-        home: lorafoundry home (built-in models are cached under it; their build holds a file lock, so two
-            processes never build the same base at once).
+        home: lorafoundry home (built-in models are kept under it; their build holds a file lock, so two
+            processes never build the same base at once; with a model cache set, a base built before by any home
+            is copied from it instead of built).
         spec_dir: folder that relative paths are resolved against.
         progress: optional callable(str) for progress lines while a built-in model is built.
     """

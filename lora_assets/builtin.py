@@ -7,8 +7,10 @@ already knows: the corpus therefore contains the demo tasks' answer vocabulary (
 sentiment) and the chat format, but never the tasks' own question phrasings. One epoch of LoRA then teaches
 the base to answer in the task's format, which the base alone never does.
 
-The build is deterministic and cached under ``<home>/models/builtin-tiny-<recipe hash>``; it is rebuilt only
-when :data:`RECIPE` (or this generator's version) changes.
+The build is deterministic and kept under ``<home>/models/builtin-tiny-<recipe hash>``; it is rebuilt only
+when :data:`RECIPE` (or this generator's version) changes. With a model cache set (:data:`lora_assets.envs.MODEL_CACHE`,
+a directory shared by homes), a home copies a base built before instead of building it (:func:`build_once`, also used
+by :mod:`lora_assets.smollm2`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lora_assets import envs
+from lora_assets.base_model import BUILD_RECORD, CACHE_NOTE
 from lora_assets.home import Home
 from lora_assets.progress import report as report_progress
 
@@ -253,15 +258,89 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def publish_model_dir(out: Path, model, tokenizer, record: dict) -> None:
-    """Write a built-in model dir (safetensors, tokenizer, ``lorafoundry_recipe.json`` with ``record``) beside
-    ``out`` and rename it into place: a half-written model is never seen under the final name."""
+    """Write a built-in model dir (safetensors, tokenizer, its build record ``record``) beside ``out`` and rename it
+    into place: a half-written model is never seen under the final name."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "lorafoundry_recipe.json").write_text(json.dumps(record, indent=2))
+    (tmp / BUILD_RECORD).write_text(json.dumps(record, indent=2))
+    _rename_into_place(tmp, out)
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
+    """Publish the complete dir ``tmp`` as ``out`` with one rename (an incomplete ``out``, without its build record,
+    is removed first; a complete one is never replaced, as every caller holds the lock that checked for it)."""
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def _copy_dir_into_place(src: Path, out: Path, note: dict | None = None) -> None:
+    """Copy the model dir ``src`` (hidden files, such as a hash stamp, left out) to a temporary dir beside ``out``,
+    merge ``note`` into the copy's build record, and rename it into place. A copy cut short leaves nothing under
+    ``out``, and its temporary dir is removed."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
+        if note:
+            record = tmp / BUILD_RECORD
+            record.write_text(json.dumps({**json.loads(record.read_text()), **note}, indent=2))
+        _rename_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_cache() -> Path | None:
+    """The directory of built bases shared by homes (:data:`lora_assets.envs.MODEL_CACHE`), created if needed; None
+    when unset."""
+    value = envs.MODEL_CACHE.get()
+    if value is None:
+        return None
+    path = Path(value).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            f"{envs.MODEL_CACHE.name}={value!r} cannot be used as the model cache ({e}). "
+            "Fix: point it at a writable directory, or unset it to build every base in its home."
+        ) from e
+    return path
+
+
+def build_once(out: Path, build: Callable[[Path], None], say: Callable[[str], None]) -> Path:
+    """Make the built-in base dir ``out`` (``<home>/models/<name>``) exist, building it at most once, and return it.
+
+    A dir is complete when it holds its build record, and every dir is published by a rename, so none is ever seen
+    half-written. Under the home's build lock (two processes never build into one home twice) a complete ``out`` is
+    kept; else, with a model cache set, under the lock of its entry ``<cache>/<name>`` (so homes sharing the cache
+    never build it twice either), a complete entry is copied in; else ``build(out)`` builds and publishes ``out``,
+    and a copy of it goes into the cache.
+    """
+    if (out / BUILD_RECORD).exists():
+        return out
+    with _file_lock(out.parent / ".build.lock"):
+        if (out / BUILD_RECORD).exists():  # another process built it while we waited
+            return out
+        cache = model_cache()
+        if cache is None:
+            build(out)
+            return out
+        with _file_lock(cache / f".{out.name}.lock"):
+            cached = cache / out.name
+            if (cached / BUILD_RECORD).exists():
+                t0 = time.time()
+                _copy_dir_into_place(cached, out, note={CACHE_NOTE: str(cached)})
+                say(f"copied {out.name} from the model cache {cache} in {time.time() - t0:.1f} s (not built)")
+                return out
+            build(out)
+            try:
+                _copy_dir_into_place(out, cached)
+                say(f"put {out.name} into the model cache {cache}")
+            except OSError as e:  # e.g. a full disk: the home has its base all the same
+                say(f"could not put {out.name} into the model cache {cache} ({e}); it is built in this home only")
+    return out
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
@@ -326,7 +405,8 @@ def _pretrain(model, tokenizer, texts: list[str], recipe: dict, say) -> list[flo
 
 
 def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> Path:
-    """Return the dir of the built-in tiny model under ``home``, building it first if needed (2-5 min on 2 cores).
+    """Return the dir of the built-in tiny model under ``home``, building it first if needed (2-5 min on 2 cores),
+    or copying it from the model cache (:func:`build_once`).
 
     Args:
         home: the lorafoundry home dir; the model lives in ``models/builtin-tiny-<hash>``.
@@ -335,55 +415,53 @@ def build_tiny_model(home: Path, recipe: dict | None = None, progress=None) -> P
     """
     say = progress or log.info
     recipe = dict(RECIPE if recipe is None else recipe)
-    models = Home.at(home).models
-    out = models / f"builtin-tiny-{recipe_hash(recipe)}"
-    if (out / "lorafoundry_recipe.json").exists():
-        return out
-    with _file_lock(models / ".build.lock"):
-        if (out / "lorafoundry_recipe.json").exists():  # another process built it while we waited
-            return out
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+    out = Home.at(home).models / f"builtin-tiny-{recipe_hash(recipe)}"
+    return build_once(out, lambda into: _build_tiny_into(into, recipe, say), say)
 
-        t0 = time.time()
-        torch.manual_seed(recipe["seed"])
-        texts = list(corpus_documents(recipe["corpus_documents"], recipe["seed"]))
-        tokenizer = build_tokenizer(texts, recipe["vocab_size"])
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=recipe["hidden_size"],
-            intermediate_size=recipe["intermediate_size"],
-            num_hidden_layers=recipe["num_hidden_layers"],
-            num_attention_heads=recipe["num_attention_heads"],
-            num_key_value_heads=recipe["num_key_value_heads"],
-            head_dim=recipe["head_dim"],
-            max_position_embeddings=recipe["max_position_embeddings"],
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            rms_norm_eps=1e-5,
-        )
-        model = LlamaForCausalLM(config)
-        say(f"building builtin:tiny into {out} (once per recipe)")
-        losses = _pretrain(model, tokenizer, texts, recipe, say)
-        model.eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        publish_model_dir(
-            out,
-            model.to(torch.bfloat16),
-            tokenizer,
-            {
-                "recipe": recipe,
-                "recipe_hash": recipe_hash(recipe),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-                "build_seconds": round(time.time() - t0, 1),
-            },
-        )
-        say(f"built {out} in {time.time() - t0:.0f} s")
-        return out
+
+def _build_tiny_into(out: Path, recipe: dict, say) -> None:
+    """Pretrain the tiny model of ``recipe`` and publish it as ``out`` (the caller holds the build lock)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t0 = time.time()
+    torch.manual_seed(recipe["seed"])
+    texts = list(corpus_documents(recipe["corpus_documents"], recipe["seed"]))
+    tokenizer = build_tokenizer(texts, recipe["vocab_size"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe["hidden_size"],
+        intermediate_size=recipe["intermediate_size"],
+        num_hidden_layers=recipe["num_hidden_layers"],
+        num_attention_heads=recipe["num_attention_heads"],
+        num_key_value_heads=recipe["num_key_value_heads"],
+        head_dim=recipe["head_dim"],
+        max_position_embeddings=recipe["max_position_embeddings"],
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+    )
+    model = LlamaForCausalLM(config)
+    say(f"building builtin:tiny into {out} (once per recipe)")
+    losses = _pretrain(model, tokenizer, texts, recipe, say)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    publish_model_dir(
+        out,
+        model.to(torch.bfloat16),
+        tokenizer,
+        {
+            "recipe": recipe,
+            "recipe_hash": recipe_hash(recipe),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "build_seconds": round(time.time() - t0, 1),
+        },
+    )
+    say(f"built {out} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":  # regenerate examples/data (tiny.yaml) and examples/data/smollm2 (demo.yaml)

