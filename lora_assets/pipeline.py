@@ -18,6 +18,7 @@ from lora_assets.files import write_json_atomic
 from lora_assets.home import Home
 from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
 from lora_assets.train import TrainResult, preflight, run_key, train_adapter
+from registry.metrics import DEFAULT_RANK_METRIC
 from registry.records import AdapterRecord, NewAdapter
 from registry.store import AdapterRegistry
 
@@ -226,4 +227,4 @@ def launch_record(manifest: dict) -> dict:
 
 def rank_metric(spec: AdapterSpec) -> str:
     """The metric versions of an adapter are ranked by: its gate's, else eval loss."""
-    return spec.gate.metric if spec.gate else "eval_loss"
+    return spec.gate.metric if spec.gate else DEFAULT_RANK_METRIC

@@ -33,7 +33,8 @@ from orchestration import metadata_keys as mk
 from orchestration.keys import AssetKeys
 from orchestration.resources import LoraFoundryHome, RegistryResource, ServingResource, pipeline
 from registry import leaderboard
-from registry.rules import LOWER_IS_BETTER, SERVABLE_STATUSES
+from registry.metrics import METRICS
+from registry.rules import SERVABLE_STATUSES
 from serving.deployment import deploy
 from serving.launch import plan_server
 
@@ -359,7 +360,7 @@ def _gate_check(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
         + (
             f"gain >= {gate.min_gain}"
             if gate.min_gain is not None
-            else f"{'<=' if gate.metric in LOWER_IS_BETTER else '>='} {gate.min_value}"
+            else f"{METRICS[gate.metric].bound_op} {gate.min_value}"
         )
         if gate
         else "no gate set (always passes)"

@@ -7,15 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from registry.metrics import METRICS
 from registry.records import AdapterRecord
-
-_METRIC_NAMES = {
-    "exact_match": "Exact match",
-    "contains": "Contains the reference",
-    "chrf": "chrF",
-    "eval_loss": "Eval loss",
-    "perplexity": "Perplexity",
-}
 
 
 def front_matter(rec: AdapterRecord) -> dict:
@@ -23,7 +16,7 @@ def front_matter(rec: AdapterRecord) -> dict:
     metrics = [
         {
             "type": m,
-            "name": f"{_METRIC_NAMES.get(m, m)} (adapter; base {v['base']:.4f})",
+            "name": f"{METRICS[m].title if m in METRICS else m} (adapter; base {v['base']:.4f})",
             "value": round(float(v["adapter"]), 4),
         }
         for m, v in rec.metrics.items()

@@ -85,6 +85,8 @@ class Metric:
 
     name: str
     """The metric's key in every ``metrics`` dict: evaluation results, registry records, gates, the catalog."""
+    title: str
+    """The metric's name for people (model cards)."""
     lower_is_better: bool
     """The direction; gains and differences are oriented by it so that positive always means better."""
     score_answer: Callable[[str, str], float] | None = None
@@ -110,11 +112,11 @@ class Metric:
         return "<=" if self.lower_is_better else ">="
 
 
-EXACT_MATCH = Metric("exact_match", lower_is_better=False, score_answer=_exact_match_score)
-CONTAINS = Metric("contains", lower_is_better=False, score_answer=_contains_score)
-CHRF = Metric("chrf", lower_is_better=False, score_answer=chrf)
-EVAL_LOSS = Metric("eval_loss", lower_is_better=True, of_loss=float)
-PERPLEXITY = Metric("perplexity", lower_is_better=True, of_loss=math.exp)
+EXACT_MATCH = Metric("exact_match", "Exact match", lower_is_better=False, score_answer=_exact_match_score)
+CONTAINS = Metric("contains", "Contains the reference", lower_is_better=False, score_answer=_contains_score)
+CHRF = Metric("chrf", "chrF", lower_is_better=False, score_answer=chrf)
+EVAL_LOSS = Metric("eval_loss", "Eval loss", lower_is_better=True, of_loss=float)
+PERPLEXITY = Metric("perplexity", "Perplexity", lower_is_better=True, of_loss=math.exp)
 
 #: The table, by name, in the order results list them (and the spec's error messages name them).
 METRICS: dict[str, Metric] = {m.name: m for m in (EXACT_MATCH, CONTAINS, CHRF, EVAL_LOSS, PERPLEXITY)}
@@ -122,3 +124,5 @@ METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 #: The metrics scored on generated answers, and those computed from the token losses.
 ANSWER_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS.values() if m.score_answer is not None)
 LOSS_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS.values() if m.of_loss is not None)
+#: The metric a version is ranked by when its adapter has no gate (the champion rule, the leaderboard view).
+DEFAULT_RANK_METRIC = EVAL_LOSS.name

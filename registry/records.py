@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from registry.metrics import DEFAULT_RANK_METRIC
 from registry.promotion import PromoteRule
 from registry.rules import Status
 
@@ -97,7 +98,7 @@ class NewAdapter(BaseModel):
         description="For `if_significantly_better`: the comparison with the champion (lora_assets.evidence.Evidence: "
         "champion_version, significant, the interval, detail); recorded with the promotion or its refusal.",
     )
-    rank_metric: str = Field("eval_loss", description="Metric the champion rule compares (adapter value).")
+    rank_metric: str = Field(DEFAULT_RANK_METRIC, description="Metric the champion rule compares (adapter value).")
 
 
 #: The columns of `adapters`, in order: the fields of :class:`AdapterRecord`.

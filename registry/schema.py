@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 
 from registry.errors import RegistrySchemaError
+from registry.metrics import DEFAULT_RANK_METRIC
 from registry.rules import LOWER_IS_BETTER
 
 #: The registry's tables: what `registry export` writes and `registry import` reads, one parquet file each.
@@ -69,7 +70,7 @@ def leaderboard_view_sql() -> str:
         CREATE VIEW leaderboard AS
         WITH ranked AS (
             SELECT name, version, status, method, r, lora_alpha, target_modules, trainable_params,
-                   coalesce(training_config->>'rank_metric', 'eval_loss') AS rank_metric,
+                   coalesce(training_config->>'rank_metric', '{DEFAULT_RANK_METRIC}') AS rank_metric,
                    training_config->'sweep_point' AS sweep_point,
                    CAST(training_config->>'train_wall_s' AS DOUBLE) AS train_wall_s,
                    CAST(training_config->>'peak_memory_mb' AS DOUBLE) AS peak_memory_mb,
