@@ -90,34 +90,39 @@ def test_short_training_and_evaluation_on_the_real_model(real_pipeline):
 
 
 def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
-    """`lorafoundry serve` on the real base: the base knows facts, the adapter answers under its name."""
+    """`lorafoundry serve` on the real base, started with SIGTERM ignored (as processes in CI may be) and a client
+    key in LORAFOUNDRY_API_KEY: the key is required, the base knows facts, the adapter answers under its name, and
+    SIGTERM stops it with exit 0 (tests/test_serve_command.py proves the other exit path, vLLM dying under it)."""
+    import os
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
+    import httpx
     from openai import OpenAI
+
+    from lora_assets import envs
+    from tests.test_serve_command import stop_serve, wait_until_serving
 
     spec_file = real_home / "real.yaml"
     spec_file.write_text(json.dumps(real_spec.model_dump(mode="json")))  # JSON is YAML
-    port = real_spec.serving.port
+    port, key = real_spec.serving.port, "real-model-client-key"
     cli = Path(sys.executable).parent / "lorafoundry"
     proc = subprocess.Popen(
         [str(cli), "serve", str(spec_file), "--home", str(real_home)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+        env={**os.environ, envs.API_KEY.name: key},
     )
     try:
-        deadline, lines = time.monotonic() + 400, []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if f":{port}/v1" in line or proc.poll() is not None:
-                break
-        assert proc.poll() is None, "".join(lines[-40:])
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        output = wait_until_serving(proc, port)
+        assert proc.poll() is None, output[-4000:]
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        client = OpenAI(base_url=f"{url}/v1", api_key=key)
         assert {m.id for m in client.models.list()} == {real_spec.served_base_name, "categories"}
         ask = [{"role": "user", "content": "What is the capital of France?"}]
         base = (
@@ -133,9 +138,9 @@ def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
             messages=[{"role": "user", "content": "Which category do these words share: apple, mango and pear?"}],
         )
         assert adapter.choices[0].message.content.strip()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve(proc)

@@ -22,10 +22,11 @@ QUESTIONS = [
 PROMPTS = [f"<|user|>\n{q}<|end|>\n<|assistant|>\n" for q in QUESTIONS[:2]] + QUESTIONS[2:]
 
 
-def complete(url: str, model: str, prompt: str) -> str:
+def complete(url: str, model: str, prompt: str, headers: dict[str, str] | None = None) -> str:
     r = httpx.post(
         f"{url}/v1/completions",
         json={"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0},
+        headers=headers,
         timeout=120,
     )
     r.raise_for_status()
@@ -89,69 +90,6 @@ def test_deployment_is_kept_when_nothing_changed(vllm_server, session_home, serv
     assert meta["restarted"].value is False and meta["pid"].value == vllm_server["pid"]
 
 
-def test_serve_command_starts_and_stops_on_sigterm(materialized, session_home, demo_spec):
-    """`lorafoundry serve` in the foreground: ready, answers, and exits 0 on SIGTERM (even if started with
-    SIGTERM ignored, as processes in CI may be)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from tests.conftest import DEMO_SPEC, free_port
-
-    port = free_port()
-    cli = Path(sys.executable).parent / "lorafoundry"
-    key = "client-key-for-this-test"
-    proc = subprocess.Popen(
-        [str(cli), "serve", str(DEMO_SPEC), "--home", str(session_home), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
-        env={**os.environ, envs.API_KEY.name: key},
-    )
-    try:
-        deadline = time.monotonic() + 300
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "serving" in line and f":{port}/v1" in line or proc.poll() is not None:
-                break
-        assert proc.poll() is None, "".join(lines)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
-        reply = client.chat.completions.create(
-            model="sentiment", max_tokens=8, temperature=0, messages=[{"role": "user", "content": QUESTIONS[1]}]
-        )
-        assert reply.choices[0].message.content.strip() == "positive"
-        # the client key is required on every route but /health; routes outside the allowlist are closed
-        base = f"http://127.0.0.1:{port}"
-        chat = {"model": "sentiment", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
-        for method, path, body in [
-            ("GET", "/v1/models", None),
-            ("POST", "/v1/chat/completions", chat),
-            ("POST", "/v1/completions", {"model": "sentiment", "prompt": "hi", "max_tokens": 2}),
-            ("POST", "/v1/load_lora_adapter", {"lora_name": "sentiment"}),
-        ]:
-            for headers in ({}, {"Authorization": "Bearer wrong"}):
-                r = httpx.request(method, f"{base}{path}", json=body, headers=headers, timeout=30)
-                assert r.status_code == 401, (method, path, headers, r.text)
-        for path in ("/invocations", "/tokenize", "/detokenize", "/scale_elastic_ep", "/v1/messages"):
-            for headers in ({}, {"Authorization": f"Bearer {key}"}):
-                r = httpx.post(f"{base}{path}", json=chat, headers=headers, timeout=30)
-                assert r.status_code == 404, (path, headers, r.text)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(60) == 0
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 def _copy_adapter(src: str, dest, **config_changes):
     """A copy of a trained adapter with a changed adapter_config.json (so another sha256) under ``dest``."""
     import json
@@ -206,7 +144,8 @@ def test_adapter_endpoints_need_the_admin_key(vllm_server, session_home):
 def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, session_home, demo_spec):
     """`name@VERSION` registered after the server started is loaded on first use; unknown, rejected, changed,
     foreign-base, too-large-rank and malformed references get typed 4xx and the server keeps serving."""
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
 
     url = vllm_server["url"]
     reg = AdapterRegistry(session_home / "registry.duckdb")
@@ -276,7 +215,8 @@ def test_aliases_follow_moves_and_archived_versions_stop_answering(vllm_server, 
     archived after it was loaded is refused, both within the guard's cache time."""
     import time
 
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
 
     url = vllm_server["url"]
     reg = AdapterRegistry(session_home / "registry.duckdb")
@@ -331,7 +271,8 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
     from typer.testing import CliRunner
 
     from orchestration.cli import app
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
     from tests.conftest import ADMIN_KEY
 
     monkeypatch.setenv(envs.ADMIN_KEY.name, ADMIN_KEY)
@@ -392,9 +333,13 @@ def deployment_pid(home) -> int:
     return deployment.current(home)["pid"]
 
 
-def test_sixteen_clients_for_a_minute_get_their_solo_answers(vllm_server, session_home, demo_spec):
-    """16 concurrent clients for 60 s over the base, both adapters and two registry-resolved versions: no 5xx, and
-    every greedy answer equals the one the same request gets alone."""
+def test_sixteen_clients_for_twenty_seconds_get_their_solo_answers(vllm_server, session_home, demo_spec):
+    """16 concurrent clients for 20 s over the base, both adapters and two registry-resolved versions: no 5xx, and
+    every greedy answer equals the one the same request gets alone.
+
+    What is checked is each answer against its solo answer, over more than 100 requests in mixed batches; a longer
+    run only adds samples of the same thing. 20 s still spans ten expiries of the guard's 2 s lookup cache
+    (LORAFOUNDRY_RESOLVE_TTL_S), so the registry-resolved names are looked up again under load many times."""
     import random
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -410,7 +355,7 @@ def test_sixteen_clients_for_a_minute_get_their_solo_answers(vllm_server, sessio
     ]  # 4 adapter names + base
     jobs = [(m, p) for m in models for p in PROMPTS]
     solo = {job: complete(url, *job) for job in jobs}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 20
     failures: list[str] = []
     counts = {"requests": 0}
 
@@ -432,89 +377,6 @@ def test_sixteen_clients_for_a_minute_get_their_solo_answers(vllm_server, sessio
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(client, range(16)))
     assert counts["requests"] > 100 and not failures, (counts, failures[:5])
-
-
-def test_serve_exits_nonzero_when_vllm_dies(materialized, session_home, tmp_path):
-    """`lorafoundry serve --api-key` in the foreground: the client key is required (401 without it or with a wrong
-    one); vLLM killed under it makes `serve` exit 1 with the log tail, leaving no vLLM process behind."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
-    from tests.conftest import DEMO_SPEC, free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestration.cli",
-            "serve",
-            str(DEMO_SPEC),
-            "--home",
-            str(session_home),
-            "--port",
-            str(port),
-            "--api-key",
-            "client-secret",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=os.environ | {"COLUMNS": "200"},
-    )
-    try:
-        lines = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if line.startswith("serving ") or not line and proc.poll() is not None:
-                break
-        assert any(ln.startswith("serving ") for ln in lines), "".join(lines)
-        assert "client-secret" not in "".join(lines)  # the key is not on the printed command line
-        # this server was started with --api-key: the client endpoints want it
-        models = f"http://127.0.0.1:{port}/v1/models"
-        assert httpx.get(models, timeout=30).status_code == 401
-        assert httpx.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-        assert httpx.get(models, headers={"Authorization": "Bearer client-secret"}, timeout=30).status_code == 200
-        probe = httpx.post(
-            f"http://127.0.0.1:{port}/v1/completions",
-            timeout=30,
-            json={"model": "categories@1", "prompt": "hi", "max_tokens": 2},
-        )
-        assert probe.status_code == 401 and "registry" not in probe.text  # no lookup before the key is checked
-        (vllm,) = psutil.Process(proc.pid).children()
-        os.kill(vllm.pid, signal.SIGKILL)
-        group = vllm.pid
-        rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 1
-        assert "vLLM exited unexpectedly with code -9" in rest, rest
-        time.sleep(1)
-        left = [
-            p
-            for p in psutil.process_iter(["pid", "status"])
-            if _pgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE
-        ]
-        assert not left, f"vLLM processes left behind: {left}"
-    finally:  # only this test's processes: the session's own server is also a child of this process
-        if proc.poll() is None:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-            proc.kill()
-
-
-def _pgid(pid: int) -> int | None:
-    import os
-
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
 
 
 def test_same_command_tolerates_the_interpreter_name(tmp_path):
@@ -540,7 +402,8 @@ def test_same_command_tolerates_the_interpreter_name(tmp_path):
 def test_catalog_lists_every_servable_version(vllm_server, session_home, demo_spec):
     """GET /v1/adapters lists versions vLLM has not loaded, with every name that reaches them; after a request the
     version shows as loaded. /v1/models stays vLLM's own OpenAI-shaped list."""
-    from registry.store import AdapterRegistry, NewAdapter
+    from registry.records import NewAdapter
+    from registry.store import AdapterRegistry
 
     url = vllm_server["url"]
     reg = AdapterRegistry(session_home / "registry.duckdb")
