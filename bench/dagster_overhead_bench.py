@@ -59,13 +59,14 @@ def main() -> None:
         return
 
     from lora_assets.base_model import resolve_base_model
+    from lora_assets.home import Home
 
     resolve_base_model("builtin:tiny", args.home)  # build once, outside the timings
     times: dict[str, list[float]] = {"plain": [], "dagster": []}
     for i in range(args.repeats):
         for kind in ("plain", "dagster") if i % 2 == 0 else ("dagster", "plain"):
             home = Path(tempfile.mkdtemp(prefix=f"overhead-{kind}-"))
-            (home / "models").symlink_to((args.home / "models").resolve())
+            Home.at(home).models.symlink_to(Home.at(args.home).models)
             t0 = time.perf_counter()
             subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--home", str(home)],

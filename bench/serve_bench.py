@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     args = ap.parse_args()
 
+    from lora_assets.home import Home
     from lora_assets.pipeline import Pipeline
     from lora_assets.spec import load_spec
     from registry.records import NewAdapter
@@ -107,11 +108,11 @@ def main() -> None:
             pipe.base.path, base, recs, spec.serving, port=port, loadable_ranks=[v.r for v in versions]
         )
         t0 = time.perf_counter()
-        with VLLMServer(c, env, args.home / "logs" / f"bench-{n}.log", url).start() as server:
+        with VLLMServer(c, env, Home.at(args.home).logs / f"bench-{n}.log", url).start() as server:
             server.wait_ready(600)
             starts[n] = (time.perf_counter() - t0, tree_rss(server.proc.pid))
 
-    with VLLMServer(cmd, env, args.home / "logs" / "bench.log", url).start() as server:
+    with VLLMServer(cmd, env, Home.at(args.home).logs / "bench.log", url).start() as server:
         server.wait_ready(600)
         mix = [f"{v.name}@{v.version}" for v in versions[:4]]
         for m in mix:  # load them once (resolver) before timing
@@ -123,7 +124,7 @@ def main() -> None:
 
         # 2. register while serving, then first answer through the resolver
         src = Path(versions[0].path)
-        dest = args.home / "adapters" / "bench-copies" / f"v{int(time.time())}"
+        dest = Home.at(args.home).adapters / "bench-copies" / f"v{int(time.time())}"
         shutil.copytree(src, dest)
         cfg = json.loads((dest / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = f"bench-{dest.name}"

@@ -105,6 +105,7 @@ def main() -> None:
 
     import httpx
 
+    from lora_assets.home import Home
     from lora_assets.pipeline import Pipeline
     from lora_assets.spec import load_spec
     from serving.launch import VLLMServer, build_vllm_command, plan_server, server_env
@@ -145,7 +146,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     counts = [int(c) for c in args.clients.split(",")]
     for label, (cmd, env, loads) in servers.items():
-        log = args.home / "logs" / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
+        log = Home.at(args.home).logs / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
         t0 = time.perf_counter()
         with VLLMServer(cmd, env, log, url).start() as server:
             server.wait_ready(600)

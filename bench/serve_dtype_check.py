@@ -30,6 +30,7 @@ def main() -> None:
 
     from bench.serve_bench import load
     from lora_assets.hardware import resolve_dtype
+    from lora_assets.home import Home
     from lora_assets.pipeline import Pipeline
     from lora_assets.spec import load_spec
     from serving.launch import VLLMServer, plan_server
@@ -43,7 +44,7 @@ def main() -> None:
         i = cmd.index("--max-lora-rank")
         cmd[i + 1] = "64"  # the seed-ablation home's rank
         env[envs.MAX_LORA_RANK.name] = "64"
-        with VLLMServer(cmd, env, args.home / "logs" / f"dtype-check-{dtype}.log", url).start() as server:
+        with VLLMServer(cmd, env, Home.at(args.home).logs / f"dtype-check-{dtype}.log", url).start() as server:
             server.wait_ready(600)
             load(url, [served.served_base_name], 5)  # warm up
             base = load(url, [served.served_base_name], args.seconds)

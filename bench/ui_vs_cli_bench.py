@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lora_assets import envs  # noqa: E402 (after the path is set)
+from lora_assets.home import Home  # noqa: E402
 
 BIN = Path(sys.executable).parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -55,7 +56,7 @@ GRAPH = """{ repositoriesOrError { __typename ... on RepositoryConnection { node
 
 def fresh_home(kind: str, models_home: Path) -> Path:
     home = Path(tempfile.mkdtemp(prefix=f"ui-vs-cli-{kind}-"))
-    (home / "models").symlink_to((models_home / "models").resolve())
+    Home.at(home).models.symlink_to(Home.at(models_home).models)
     return home
 
 
@@ -87,7 +88,7 @@ def _gql(url: str, query: str, variables: dict | None = None) -> dict:
 def start_dagster_dev(spec: Path, home: Path) -> tuple[subprocess.Popen, str]:
     """`dagster dev` on a free port over ``home``, with no concurrency config in its instance; returns when the
     code location answers."""
-    dagster_home = home / "dagster_home"
+    dagster_home = Home.at(home).dagster_home
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     port = _free_port()
