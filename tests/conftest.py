@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,90 @@ def vllm_server(materialized, session_home):
     state = deployment.current(session_home)
     assert state is not None, "the deployment is not answering"
     return state
+
+
+#: What a test may change under the session's served home: (name, version) -> status, and (name, alias) -> version.
+ServingState = tuple[dict[tuple[str, int], str], dict[tuple[str, str], int]]
+
+
+def serving_state(reg) -> ServingState:
+    """Every version's status and every alias of the registry ``reg``."""
+    statuses = {(r.name, r.version): r.status for r in reg.list()}
+    aliases = {(n, a): v for (n, v), names in reg.every_alias().items() for a in names}
+    return statuses, aliases
+
+
+def put_back(reg, before: ServingState) -> list[str]:
+    """Bring ``reg`` back to ``before`` as a deployment sees it: champions promoted back, aliases moved back, every
+    version added since archived (versions are never reused, as in production). Returns the versions archived."""
+    statuses, aliases = before
+    for (name, version), status in statuses.items():
+        if status == "champion" and reg.get(name, version).status != "champion":
+            reg.promote(name, version, reason="test teardown: the session's champion back")
+    added = [key for key, status in serving_state(reg)[0].items() if key not in statuses and status != "archived"]
+    for name, version in added:
+        reg.archive(name, version)
+    now = serving_state(reg)[1]
+    for (name, alias), version in now.items():
+        if alias != "champion" and aliases.get((name, alias)) != version:
+            reg.set_alias(name, alias, aliases.get((name, alias)))
+    for (name, alias), version in aliases.items():
+        if alias != "champion" and now.get((name, alias)) != version:
+            reg.set_alias(name, alias, version)
+    after_statuses, after_aliases = serving_state(reg)
+    changed = {k: (s, after_statuses.get(k)) for k, s in statuses.items() if after_statuses.get(k) != s}
+    assert not changed and after_aliases == aliases, f"the test left the session registry changed: {changed}"
+    return [f"{name}@{version}" for name, version in added]
+
+
+@pytest.fixture
+def served_registry(vllm_server, session_home):
+    """The session server's registry, for a test that registers, promotes, aliases or archives on it (the server
+    has to see the change, so it cannot be a copy). Afterwards the fixture puts the serving state back: champions
+    and aliases moved back, every version the test added archived and unloaded from vLLM, every served version's
+    files checked against their sha256, and the guard's lookup cache given its time. So no test restores the
+    session registry by hand, and none depends on which ran before it."""
+    import httpx
+
+    from lora_assets.home import Home
+    from registry.store import AdapterRegistry
+
+    reg = AdapterRegistry(Home.at(session_home).registry)
+    before = serving_state(reg)
+    yield reg
+    archived = put_back(reg, before)
+    for ref in archived:  # free vLLM's LoRA slots for the next test (404 when it was never loaded)
+        httpx.post(
+            f"{vllm_server['url']}/v1/unload_lora_adapter",
+            json={"lora_name": ref},
+            headers={"X-Admin-Key": ADMIN_KEY},
+            timeout=30,
+        )
+    bad = [
+        f"{v.name}@{v.version}: {v.detail}" for r in reg.servable() for v in reg.verify(r.name, r.version) if not v.ok
+    ]
+    assert not bad, f"the test left served weights changed: {bad}"
+    time.sleep(envs.RESOLVE_TTL_S.get())  # the guard's lookup cache forgets what the test saw
+
+
+@pytest.fixture
+def home_copy(materialized, session_home, tmp_path) -> Path:
+    """A copy of the session's materialized home (registry, datasets, adapters, token cache; the built models
+    hard-linked, they are only read), for a test that changes a home and needs no server: whatever it trains,
+    registers or promotes there, the session home never sees."""
+    from lora_assets.home import Home
+    from registry.store import AdapterRegistry
+
+    src, home = Home.at(session_home), Home.at(tmp_path / "home")
+    home.root.mkdir()
+    registry = AdapterRegistry(src.registry)
+    registry.list()  # a read republishes the snapshot if it is stale: a complete copy of the file, never written
+    shutil.copy2(registry.file.snapshot_path, home.registry)
+    for part in ("datasets", "adapters", "tokenized"):
+        if (src.root / part).is_dir():
+            shutil.copytree(src.root / part, home.root / part, symlinks=True)
+    shutil.copytree(src.models, home.models, copy_function=os.link)
+    return home.root
 
 
 @pytest.fixture(scope="session")

@@ -127,61 +127,56 @@ def test_the_registry_promotes_only_on_significant_evidence_against_the_current_
 
 
 @pytest.mark.slow
-def test_a_significantly_better_adapter_is_promoted_and_an_equal_one_is_not(materialized, session_home, demo_spec):
-    """On the session's tiny base and its categories data: a barely trained version is the champion; a fully
-    trained one wins significantly (paired on the same held-out rows) and is promoted; a copy of that one (same
-    weights, other bytes in its config) is no better, and the champion stays."""
+def test_a_significantly_better_adapter_is_promoted_and_an_equal_one_is_not(home_copy, demo_spec):
+    """On a copy of the session's home (its tiny base, its categories data): a barely trained version is the
+    champion; a fully trained one wins significantly (paired on the same held-out rows) and is promoted; a copy of
+    that one (same weights, other bytes in its config) is no better, and the champion stays."""
     from lora_assets.pipeline import Pipeline
 
     settings = {"dataset": "categories", "learning_rate": 2e-3, "max_eval_rows": 60}
     settings |= {"promote": "if_significantly_better", "gate": {"metric": "exact_match", "min_value": 0.0}}
     weak = {"evidence": {**settings, "max_steps": 2}}
     spec = demo_spec.model_copy(update={"adapters": {"evidence": AdapterSpec(**weak["evidence"])}})
-    pipe = Pipeline(spec, session_home)
+    pipe = Pipeline(spec, home_copy)
     reg = pipe.registry
-    try:
-        pipe.train("evidence")
-        pipe.evaluate("evidence")
-        first = pipe.register("evidence")
-        assert first.status == "champion"
+    pipe.train("evidence")
+    pipe.evaluate("evidence")
+    first = pipe.register("evidence")
+    assert first.status == "champion"
 
-        spec = demo_spec.model_copy(update={"adapters": {"evidence": AdapterSpec(**settings)}})
-        pipe = Pipeline(spec, session_home)
-        pipe.train("evidence")
-        ev = pipe.evaluate("evidence")
-        assert ev.per_row is not None and len(ev.per_row.ids) == ev.rows
-        strong = pipe.register("evidence")
-        assert strong.status == "champion", reg.events("evidence", strong.version)
-        evidence = reg.events("evidence", strong.version)[-1]["detail"]["evidence"]
-        assert evidence["significant"] and evidence["ci_low"] > 0 and evidence["champion_version"] == first.version
+    spec = demo_spec.model_copy(update={"adapters": {"evidence": AdapterSpec(**settings)}})
+    pipe = Pipeline(spec, home_copy)
+    pipe.train("evidence")
+    ev = pipe.evaluate("evidence")
+    assert ev.per_row is not None and len(ev.per_row.ids) == ev.rows
+    strong = pipe.register("evidence")
+    assert strong.status == "champion", reg.events("evidence", strong.version)
+    evidence = reg.events("evidence", strong.version)[-1]["detail"]["evidence"]
+    assert evidence["significant"] and evidence["ci_low"] > 0 and evidence["champion_version"] == first.version
 
-        # the same weights as a new version: another sha256 (its config has one more key), same answers
-        copy_dir = session_home / "adapters" / "test-copies" / "evidence-copy"
-        shutil.copytree(strong.path, copy_dir)
-        cfg = json.loads((copy_dir / "adapter_config.json").read_text())
-        (copy_dir / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "copy"}))
-        job = pipe.jobs["evidence"]
-        candidate = reg.register(
-            NewAdapter(
-                name="evidence",
-                path=copy_dir,
-                base_model=spec.base_model,
-                base_model_hash=pipe.base.content_hash,
-                metrics=ev.metrics,
-                promote="if_significantly_better",
-                rank_metric="exact_match",
-                evidence=pipe._evidence(job, ev, Path(copy_dir)),
-            )
+    # the same weights as a new version: another sha256 (its config has one more key), same answers
+    copy_dir = home_copy / "adapters" / "test-copies" / "evidence-copy"
+    shutil.copytree(strong.path, copy_dir)
+    cfg = json.loads((copy_dir / "adapter_config.json").read_text())
+    (copy_dir / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "copy"}))
+    job = pipe.jobs["evidence"]
+    candidate = reg.register(
+        NewAdapter(
+            name="evidence",
+            path=copy_dir,
+            base_model=spec.base_model,
+            base_model_hash=pipe.base.content_hash,
+            metrics=ev.metrics,
+            promote="if_significantly_better",
+            rank_metric="exact_match",
+            evidence=pipe._evidence(job, ev, Path(copy_dir)),
         )
-        assert candidate.status == "candidate"
-        kept = reg.events("evidence", candidate.version)[-1]
-        assert kept["action"] == "keep_champion" and not kept["detail"]["evidence"]["significant"]
-        assert kept["detail"]["evidence"]["difference"] == 0
-        assert reg.champion("evidence").version == strong.version
-    finally:
-        for rec in reg.list(name="evidence"):
-            if rec.status != "archived":
-                reg.archive("evidence", rec.version)  # leave the session registry as the other tests expect
+    )
+    assert candidate.status == "candidate"
+    kept = reg.events("evidence", candidate.version)[-1]
+    assert kept["action"] == "keep_champion" and not kept["detail"]["evidence"]["significant"]
+    assert kept["detail"]["evidence"]["difference"] == 0
+    assert reg.champion("evidence").version == strong.version
 
 
 @pytest.mark.slow

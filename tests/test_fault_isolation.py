@@ -34,18 +34,18 @@ def _evict(url: str, copies, prompt: str, headers: dict[str, str] | None = None)
         assert complete(url, f"{c.name}@{c.version}", prompt, headers)
 
 
-def test_a_changed_verified_copy_is_staged_again_and_the_server_stays_up(vllm_server, session_home, demo_spec):
+def test_a_changed_verified_copy_is_staged_again_and_the_server_stays_up(
+    vllm_server, served_registry, session_home, demo_spec
+):
     """Flip a byte of the champion's staged copy, evict it, ask for it: the guard finds the copy changed, stages it
     again from the registered files, and the same answer comes back; the same server process still answers the
     base and the other adapter."""
     from lora_assets.home import Home
-    from registry.store import AdapterRegistry
     from serving import deployment
     from serving.integrity import staged_intact
-    from tests.conftest import ADMIN_KEY
 
     url, pid = vllm_server["url"], vllm_server["pid"]
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     sen, cat = reg.champion("sentiment"), reg.champion("categories")
     prompt, base = PROMPTS[1], demo_spec.served_base_name
     before = {m: complete(url, m, prompt) for m in ("sentiment", "categories", base)}
@@ -54,21 +54,14 @@ def test_a_changed_verified_copy_is_staged_again_and_the_server_stays_up(vllm_se
         for i in range(demo_spec.serving.max_loras + 2)
     ]
     staged = Home.at(session_home).verified / sen.adapter_sha256
-    try:
-        _evict(url, copies, prompt)
-        _flip_staged(staged)
-        time.sleep(2.5)  # the guard's lookup cache: the next request checks the copy
-        assert complete(url, "sentiment", prompt) == before["sentiment"]
-        assert staged_intact(staged)
-        for model, answer in before.items():
-            assert complete(url, model, prompt) == answer, model
-        assert deployment.current(session_home)["pid"] == pid  # the same process, never restarted
-    finally:
-        for c in copies:
-            reg.archive("categories", c.version)
-            _post(
-                url, "/v1/unload_lora_adapter", {"lora_name": f"categories@{c.version}"}, **{"X-Admin-Key": ADMIN_KEY}
-            )
+    _evict(url, copies, prompt)
+    _flip_staged(staged)
+    time.sleep(2.5)  # the guard's lookup cache: the next request checks the copy
+    assert complete(url, "sentiment", prompt) == before["sentiment"]
+    assert staged_intact(staged)
+    for model, answer in before.items():
+        assert complete(url, model, prompt) == answer, model
+    assert deployment.current(session_home)["pid"] == pid  # the same process, never restarted
     log = (session_home / "logs" / "vllm-deployment.log").read_text(errors="replace")
     assert "changed on disk" in log
 
@@ -169,22 +162,18 @@ def test_one_client_holds_a_bounded_number_of_connections(vllm_server, demo_spec
     assert complete(url, demo_spec.served_base_name, "hi")  # a closed connection frees its place
 
 
-def test_clients_see_names_not_paths(vllm_server, session_home, demo_spec):
+def test_clients_see_names_not_paths(vllm_server, served_registry, session_home, demo_spec):
     """/v1/models says each model's served name where vLLM puts the model dir and the verified store's path; a
     version outside the adapter root is refused without naming the root."""
-    from registry.store import AdapterRegistry
 
     url = vllm_server["url"]
     assert complete(url, "sentiment", PROMPTS[1])
     models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
     assert models and all(m["root"] == m["id"] for m in models), models
     assert str(session_home) not in json.dumps(models)
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     cat = reg.champion("categories")
     outside = _register_copy(reg, cat, session_home / "outside-the-root")
-    try:
-        r = _post(url, "/v1/completions", {"model": f"categories@{outside.version}", "prompt": "hi"})
-        assert (r.status_code, r.json()["error"]["type"]) == (403, "PathNotAllowed"), r.text
-        assert str(session_home) not in r.text
-    finally:
-        reg.archive("categories", outside.version)
+    r = _post(url, "/v1/completions", {"model": f"categories@{outside.version}", "prompt": "hi"})
+    assert (r.status_code, r.json()["error"]["type"]) == (403, "PathNotAllowed"), r.text
+    assert str(session_home) not in r.text

@@ -13,11 +13,12 @@ from lora_assets.pipeline import Pipeline
 pytestmark = pytest.mark.slow
 
 
-def test_qlora_adapter_beats_the_base(materialized, session_home, demo_spec):
+def test_qlora_adapter_beats_the_base(home_copy, demo_spec):
+    """Trained in a copy of the session's home: the session's adapters dir stays as the session trained it."""
     spec = demo_spec.model_copy(
         update={"adapters": {"sentiment-qlora": demo_spec.adapters["sentiment"].model_copy(update={"method": "qlora"})}}
     )
-    pipe = Pipeline(spec, session_home)
+    pipe = Pipeline(spec, home_copy)
     result = pipe.train("sentiment-qlora")
     assert result.method == "qlora" and "set in the spec" in result.method_reason
     manifest = json.loads((Path(result.adapter_dir) / "training_manifest.json").read_text())

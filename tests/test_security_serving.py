@@ -97,14 +97,13 @@ def _register_copy(reg, src, dest: Path, **fields):
     )
 
 
-def test_admin_load_takes_only_what_the_registry_serves(vllm_server, session_home):
+def test_admin_load_takes_only_what_the_registry_serves(vllm_server, served_registry, session_home):
     """An archived version cannot be loaded in place under the champion's name, nor under its own; the champion
     can, and the server then reads it from the verified store."""
-    from registry.store import AdapterRegistry
     from tests.conftest import ADMIN_KEY
 
     url, admin = vllm_server["url"], {"X-Admin-Key": ADMIN_KEY}
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     champion = reg.champion("categories")
     old = _register_copy(reg, champion, session_home / "adapters" / "test-copies" / "admin-archived")
     reg.archive("categories", old.version)
@@ -136,18 +135,16 @@ def _flip_last_byte(path: Path) -> bytes:
     return data
 
 
-def test_tampered_weights_are_never_served_after_eviction(vllm_server, session_home, demo_spec):
+def test_tampered_weights_are_never_served_after_eviction(vllm_server, served_registry, session_home, demo_spec):
     """Overwrite the champion's weights (same size, old mtime restored) and push it out of vLLM's LoRA cache:
     no name serves it (409 for `sentiment` and `sentiment@V`, `registry verify` says CHANGED); restored, the
     same answer comes back, reloaded by the worker from the verified copy (its log line says so)."""
     from typer.testing import CliRunner
 
     from orchestration.cli import app
-    from registry.store import AdapterRegistry
-    from tests.conftest import ADMIN_KEY
 
-    url, admin = vllm_server["url"], {"X-Admin-Key": ADMIN_KEY}
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    url = vllm_server["url"]
+    reg = served_registry
     sen, cat = reg.champion("sentiment"), reg.champion("categories")
     prompt = PROMPTS[1]
     before = complete(url, "sentiment", prompt)
@@ -169,10 +166,7 @@ def test_tampered_weights_are_never_served_after_eviction(vllm_server, session_h
         res = CliRunner().invoke(app, ["registry", "verify", "sentiment", "--home", str(session_home)])
         assert "CHANGED" in res.output, res.output
     finally:
-        weights.write_bytes(original)
-        for c in copies:  # leave the server and the registry as the other tests expect them
-            reg.archive("categories", c.version)
-            _post(url, "/v1/unload_lora_adapter", {"lora_name": f"categories@{c.version}"}, **admin)
+        weights.write_bytes(original)  # the owner puts the bytes back: served again, from a checked copy
     time.sleep(2.5)
     assert complete(url, "sentiment", prompt) == before
     loads_after = log.read_text(errors="replace").count(f"(sha256 {sen.adapter_sha256})")

@@ -141,14 +141,13 @@ def test_adapter_endpoints_need_the_admin_key(vllm_server, session_home):
     assert httpx.delete(f"{url}/adapters/categories", headers={"X-Admin-Key": ADMIN_KEY}, timeout=30).status_code == 404
 
 
-def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, session_home, demo_spec):
+def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, served_registry, session_home, demo_spec):
     """`name@VERSION` registered after the server started is loaded on first use; unknown, rejected, changed,
     foreign-base, too-large-rank and malformed references get typed 4xx and the server keeps serving."""
     from registry.records import NewAdapter
-    from registry.store import AdapterRegistry
 
     url = vllm_server["url"]
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     current = reg.champion("categories")  # not the latest version: other tests register copies of other weights
     root = session_home / "adapters" / "test-copies"
 
@@ -177,49 +176,45 @@ def test_registry_resolver_serves_versions_and_refuses_bad_ones(vllm_server, ses
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    try:
-        prompt = PROMPTS[0]
-        ref = f"categories@{fresh.version}"
-        r = _post(url, "/v1/completions", {"model": ref, "prompt": prompt, "max_tokens": 24, "temperature": 0})
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == complete(url, "categories", prompt)  # same weights, same answer
-        listed = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
-        assert listed[ref]["parent"] == demo_spec.served_base_name
+    prompt = PROMPTS[0]
+    ref = f"categories@{fresh.version}"
+    r = _post(url, "/v1/completions", {"model": ref, "prompt": prompt, "max_tokens": 24, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == complete(url, "categories", prompt)  # same weights, same answer
+    listed = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+    assert listed[ref]["parent"] == demo_spec.served_base_name
 
-        expected = {
-            "no-such-adapter": (404, "NotFoundError"),
-            "categories@999": (404, "NotFoundError"),
-            "categories:nosuchalias": (404, "NotFoundError"),
-            "../../etc/passwd": (400, "InvalidModelName"),
-            f"categories@{rejected.version}": (403, "AdapterNotServable"),
-            f"categories@{foreign.version}": (400, "BaseModelMismatch"),
-            f"categories@{big.version}": (400, "RankTooLarge"),
-            f"categories@{changed.version}": (409, "AdapterIntegrityError"),
-        }
-        for model, (status, kind) in expected.items():
-            r = _post(
-                url,
-                "/v1/chat/completions",
-                {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
-            )
-            assert (r.status_code, r.json()["error"]["type"]) == (status, kind), (model, r.text)
-        complete(url, demo_spec.served_base_name, prompt)  # still serving: raises unless it answers 200
-    finally:
-        for rec in (fresh, rejected, foreign, big, changed):
-            if rec.status != "rejected":
-                reg.archive("categories", rec.version)  # leave the session registry as the other tests expect
+    expected = {
+        "no-such-adapter": (404, "NotFoundError"),
+        "categories@999": (404, "NotFoundError"),
+        "categories:nosuchalias": (404, "NotFoundError"),
+        "../../etc/passwd": (400, "InvalidModelName"),
+        f"categories@{rejected.version}": (403, "AdapterNotServable"),
+        f"categories@{foreign.version}": (400, "BaseModelMismatch"),
+        f"categories@{big.version}": (400, "RankTooLarge"),
+        f"categories@{changed.version}": (409, "AdapterIntegrityError"),
+    }
+    for model, (status, kind) in expected.items():
+        r = _post(
+            url,
+            "/v1/chat/completions",
+            {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert (r.status_code, r.json()["error"]["type"]) == (status, kind), (model, r.text)
+    complete(url, demo_spec.served_base_name, prompt)  # still serving: raises unless it answers 200
 
 
-def test_aliases_follow_moves_and_archived_versions_stop_answering(vllm_server, session_home, demo_spec):
+def test_aliases_follow_moves_and_archived_versions_stop_answering(
+    vllm_server, served_registry, session_home, demo_spec
+):
     """`name:ALIAS` answers with the version the alias points at now (the answer's model names it), and a version
     archived after it was loaded is refused, both within the guard's cache time."""
     import time
 
     from registry.records import NewAdapter
-    from registry.store import AdapterRegistry
 
     url = vllm_server["url"]
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     cat, sen = reg.get("categories:champion"), reg.get("sentiment:champion")
     root = session_home / "adapters" / "test-copies"
     # two "categories" versions that answer differently: its own weights, and the sentiment weights
@@ -243,41 +238,35 @@ def test_aliases_follow_moves_and_archived_versions_stop_answering(vllm_server, 
     def ask(model: str) -> httpx.Response:
         return _post(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0})
 
-    try:
-        reg.set_alias("categories", "canary", a.version)
-        r = ask("categories:canary")
-        assert r.status_code == 200, r.text
-        assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{a.version}", as_a)
-        reg.set_alias("categories", "canary", b.version)
-        time.sleep(2.5)  # the guard's lookup cache (LORAFOUNDRY_RESOLVE_TTL_S, 2 s)
-        r = ask("categories:canary")
-        assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{b.version}", as_b)
+    reg.set_alias("categories", "canary", a.version)
+    r = ask("categories:canary")
+    assert r.status_code == 200, r.text
+    assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{a.version}", as_a)
+    reg.set_alias("categories", "canary", b.version)
+    time.sleep(2.5)  # the guard's lookup cache (LORAFOUNDRY_RESOLVE_TTL_S, 2 s)
+    r = ask("categories:canary")
+    assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{b.version}", as_b)
 
-        assert ask(f"categories@{a.version}").status_code == 200  # loaded in vLLM now
-        reg.archive("categories", a.version)
-        time.sleep(2.5)
-        r = ask(f"categories@{a.version}")
-        assert (r.status_code, r.json()["error"]["type"]) == (403, "AdapterNotServable"), r.text
-        assert complete(url, "categories", prompt) == as_a  # the champion is untouched
-    finally:
-        for rec in (a, b):
-            if reg.get("categories", rec.version).status != "archived":
-                reg.archive("categories", rec.version)
+    assert ask(f"categories@{a.version}").status_code == 200  # loaded in vLLM now
+    reg.archive("categories", a.version)
+    time.sleep(2.5)
+    r = ask(f"categories@{a.version}")
+    assert (r.status_code, r.json()["error"]["type"]) == (403, "AdapterNotServable"), r.text
+    assert complete(url, "categories", prompt) == as_a  # the champion is untouched
 
 
-def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_spec, monkeypatch):
+def test_promotion_reaches_the_running_server(vllm_server, served_registry, session_home, demo_spec, monkeypatch):
     """`registry promote … --notify URL`: the plain name answers with the new champion at once, the old version
-    stays addressable as name@VERSION, and nothing restarts."""
+    stays addressable as name@VERSION, and nothing restarts; a rejected champion is replaced through the sensor."""
     from typer.testing import CliRunner
 
     from orchestration.cli import app
     from registry.records import NewAdapter
-    from registry.store import AdapterRegistry
     from tests.conftest import ADMIN_KEY
 
     monkeypatch.setenv(envs.ADMIN_KEY.name, ADMIN_KEY)
     url, pid = vllm_server["url"], vllm_server["pid"]
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     old = reg.champion("sentiment")
     # a new "sentiment" version that behaves differently: the categories weights
     other = _copy_adapter(reg.get("categories:champion").path, session_home / "adapters" / "test-copies" / "swap")
@@ -297,33 +286,30 @@ def test_promotion_reaches_the_running_server(vllm_server, session_home, demo_sp
     assert before != expected_new
     run = CliRunner()
     home = ["--home", str(session_home)]
-    try:
-        res = run.invoke(app, ["registry", "promote", "sentiment", str(new.version), "--notify", url, *home])
-        assert res.exit_code == 0, res.output
-        assert complete(url, "sentiment", prompt) == expected_new  # the plain name follows the champion
-        assert complete(url, f"sentiment@{old.version}", prompt) == before  # the old one is still there
-        assert deployment_pid(session_home) == pid  # no restart
-    finally:
-        # back through the Dagster sensor's path: the new champion fails a re-evaluation (same files, rejected),
-        # and the sensor reloads what a deployment would serve now: the old version, a candidate again
-        from orchestration.sensors import notify_new_promotions
+    res = run.invoke(app, ["registry", "promote", "sentiment", str(new.version), "--notify", url, *home])
+    assert res.exit_code == 0, res.output
+    assert complete(url, "sentiment", prompt) == expected_new  # the plain name follows the champion
+    assert complete(url, f"sentiment@{old.version}", prompt) == before  # the old one is still there
+    assert deployment_pid(session_home) == pid  # no restart
 
-        _, cursor = notify_new_promotions(reg, session_home, None)  # everything so far is handled
-        demoted = reg.register(
-            NewAdapter(
-                name="sentiment",
-                path=other,
-                base_model=old.base_model,
-                status="rejected",
-                base_model_hash=old.base_model_hash,
-                metrics=old.metrics,
-            )
+    # back through the Dagster sensor's path: the new champion fails a re-evaluation (same files, rejected), and
+    # the sensor reloads what a deployment would serve now: the old version, a candidate again
+    from orchestration.sensors import notify_new_promotions
+
+    _, cursor = notify_new_promotions(reg, session_home, None)  # everything so far is handled
+    demoted = reg.register(
+        NewAdapter(
+            name="sentiment",
+            path=other,
+            base_model=old.base_model,
+            status="rejected",
+            base_model_hash=old.base_model_hash,
+            metrics=old.metrics,
         )
-        assert (demoted.version, demoted.status) == (new.version, "rejected")
-        lines, _ = notify_new_promotions(reg, session_home, cursor)
-        assert lines == [f"sentiment@{old.version}: the server at {url} now serves it as sentiment"], lines
-        reg.promote("sentiment", old.version)
-        reg.archive("sentiment", new.version)
+    )
+    assert (demoted.version, demoted.status) == (new.version, "rejected")
+    lines, _ = notify_new_promotions(reg, session_home, cursor)
+    assert lines == [f"sentiment@{old.version}: the server at {url} now serves it as sentiment"], lines
     assert complete(url, "sentiment", prompt) == before
 
 
@@ -399,14 +385,13 @@ def test_same_command_tolerates_the_interpreter_name(tmp_path):
     assert not same_command([str(tmp_path / "bin" / "python"), *args], [str(tmp_path / "bin" / "python"), "-m", "x"])
 
 
-def test_catalog_lists_every_servable_version(vllm_server, session_home, demo_spec):
+def test_catalog_lists_every_servable_version(vllm_server, served_registry, session_home, demo_spec):
     """GET /v1/adapters lists versions vLLM has not loaded, with every name that reaches them; after a request the
     version shows as loaded. /v1/models stays vLLM's own OpenAI-shaped list."""
     from registry.records import NewAdapter
-    from registry.store import AdapterRegistry
 
     url = vllm_server["url"]
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     current = reg.champion("categories")
     d = _copy_adapter(current.path, session_home / "adapters" / "test-copies" / "catalog")
     fresh = reg.register(
@@ -421,19 +406,15 @@ def test_catalog_lists_every_servable_version(vllm_server, session_home, demo_sp
     )
     ref = f"categories@{fresh.version}"
     reg.set_alias("categories", "catalog-canary", fresh.version)
-    try:
-        listed = {e["id"]: e for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
-        assert listed[ref]["loaded"] is False
-        assert listed[ref]["model_names"] == [ref, "categories:catalog-canary"]
-        champion = listed[f"categories@{current.version}"]
-        assert champion["loaded"] is True and champion["model_names"][0] == "categories"
-        assert {"exact_match", "eval_loss"} <= set(champion["metrics"])
-        r = _post(url, "/v1/completions", {"model": "categories:catalog-canary", "prompt": PROMPTS[0], "max_tokens": 4})
-        assert r.status_code == 200, r.text
-        listed = {e["id"]: e for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
-        assert listed[ref]["loaded"] is True
-        models = httpx.get(f"{url}/v1/models", timeout=10).json()
-        assert models["object"] == "list" and all(m["object"] == "model" for m in models["data"])
-    finally:
-        reg.set_alias("categories", "catalog-canary", None)
-        reg.archive("categories", fresh.version)
+    listed = {e["id"]: e for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
+    assert listed[ref]["loaded"] is False
+    assert listed[ref]["model_names"] == [ref, "categories:catalog-canary"]
+    champion = listed[f"categories@{current.version}"]
+    assert champion["loaded"] is True and champion["model_names"][0] == "categories"
+    assert {"exact_match", "eval_loss"} <= set(champion["metrics"])
+    r = _post(url, "/v1/completions", {"model": "categories:catalog-canary", "prompt": PROMPTS[0], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    listed = {e["id"]: e for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
+    assert listed[ref]["loaded"] is True
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()
+    assert models["object"] == "list" and all(m["object"] == "model" for m in models["data"])

@@ -294,7 +294,7 @@ def _merged_dora_served_greedy(rec, session_home: Path, demo_spec, tmp_path: Pat
 
 @pytest.mark.slow
 def test_served_variants_answer_like_peft_and_dora_is_refused_with_its_fix(
-    vllm_server, session_home, demo_spec, tmp_path
+    vllm_server, served_registry, session_home, demo_spec, tmp_path
 ):
     """rsLoRA and PiSSA adapters trained on the session's tiny base, registered and asked for as name@VERSION: the
     served greedy tokens equal peft's (and the rsLoRA weights read with plain alpha/r scaling answer otherwise, so
@@ -305,76 +305,71 @@ def test_served_variants_answer_like_peft_and_dora_is_refused_with_its_fix(
 
     from lora_assets.pipeline import Pipeline
     from registry.records import NewAdapter
-    from registry.store import AdapterRegistry
 
     pipe = Pipeline(demo_spec, session_home)
     base, clean = pipe.base, current_clean(session_home / "datasets", "categories")
-    reg = AdapterRegistry(session_home / "registry.duckdb")
+    reg = served_registry
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     prompts = _eval_prompts(session_home, tokenizer)
     url = vllm_server["url"]
     registered = []
-    try:
-        trained = {}
-        for variant in ("rslora", "pissa", "dora"):
-            spec = AdapterSpec(
-                dataset="categories", variant=variant, r=8, learning_rate=2e-3, max_seq_len=128, max_steps=SERVED_STEPS
-            )
-            result = train_adapter(f"variants-{variant}", spec, base, clean, pipe.layout)
-            rec = reg.register(
-                NewAdapter(
-                    name="variants",
-                    path=result.adapter_dir,
-                    base_model=demo_spec.base_model,
-                    base_model_hash=base.content_hash,
-                    training_config={"variant": variant},
-                )
-            )
-            registered.append(rec)
-            trained[variant] = (rec, Path(result.adapter_dir))
-
-        for variant in ("rslora", "pissa"):
-            rec, adapter_dir = trained[variant]
-            served = _served_greedy(url, f"variants@{rec.version}", prompts)
-            want = _peft_greedy(base.path, adapter_dir, prompts)
-            if isinstance(served[0], str):  # a vLLM without token ids in the answer: compare the text
-                want = [tokenizer.decode(w, skip_special_tokens=True) for w in want]
-            same = sum(s == w for s, w in zip(served, want, strict=True))
-            assert same >= len(prompts) - 1, (variant, same, served, want)
-        # vLLM applies rsLoRA's scale (alpha/sqrt(r)), not plain LoRA's (alpha/r): its log-probabilities of the
-        # first token are nearer peft's with rsLoRA than without. Compared on log-probabilities, not greedy tokens:
-        # a well-trained adapter can give the same greedy tokens at both scales (seen with bf16 training on an
-        # AVX-512-BF16 EPYC), while the runner-up tokens' log-probabilities still move by nats.
-        rec, adapter_dir = trained["rslora"]
-        served = _served_first_logprobs(url, f"variants@{rec.version}", prompts)
-        near = _logprob_distance(served, _peft_first_logprobs(base.path, adapter_dir, prompts, rslora=True))
-        far = _logprob_distance(served, _peft_first_logprobs(base.path, adapter_dir, prompts, rslora=False))
-        assert near < far / 3, (near, far)  # bf16 serving moves log-probabilities by hundredths, the scale by nats
-
-        rec, _ = trained["dora"]
-        r = httpx.post(
-            f"{url}/v1/completions",
-            json={"model": f"variants@{rec.version}", "prompt": "hi", "max_tokens": 4},
-            timeout=60,
+    trained = {}
+    for variant in ("rslora", "pissa", "dora"):
+        spec = AdapterSpec(
+            dataset="categories", variant=variant, r=8, learning_rate=2e-3, max_seq_len=128, max_steps=SERVED_STEPS
         )
-        assert r.status_code == 400 and r.json()["error"]["type"] == "VariantNotServable", r.text
-        assert "export-merged" in r.json()["error"]["message"]
-        listed = {e["id"] for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
-        assert f"variants@{trained['rslora'][0].version}" in listed and f"variants@{rec.version}" not in listed
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # still serving
+        result = train_adapter(f"variants-{variant}", spec, base, clean, pipe.layout)
+        rec = reg.register(
+            NewAdapter(
+                name="variants",
+                path=result.adapter_dir,
+                base_model=demo_spec.base_model,
+                base_model_hash=base.content_hash,
+                training_config={"variant": variant},
+            )
+        )
+        registered.append(rec)
+        trained[variant] = (rec, Path(result.adapter_dir))
 
-        # the fix the refusal names: export the DoRA version merged, serve that dir as vLLM's --model
-        _, dora_dir = trained["dora"]
-        merged = _merged_dora_served_greedy(rec, session_home, demo_spec, tmp_path, prompts)
-        want = _peft_greedy(base.path, dora_dir, prompts)
-        if isinstance(merged[0], str):
+    for variant in ("rslora", "pissa"):
+        rec, adapter_dir = trained[variant]
+        served = _served_greedy(url, f"variants@{rec.version}", prompts)
+        want = _peft_greedy(base.path, adapter_dir, prompts)
+        if isinstance(served[0], str):  # a vLLM without token ids in the answer: compare the text
             want = [tokenizer.decode(w, skip_special_tokens=True) for w in want]
-        same = sum(s == w for s, w in zip(merged, want, strict=True))
-        assert same >= len(prompts) - 1, ("merged dora", same, merged, want)
-        assert want != _peft_greedy(base.path, dora_dir, prompts, disable=True)  # DoRA did change the answers
-    finally:
-        for rec in registered:
-            reg.archive("variants", rec.version)  # leave the session registry as the other tests expect
+        same = sum(s == w for s, w in zip(served, want, strict=True))
+        assert same >= len(prompts) - 1, (variant, same, served, want)
+    # vLLM applies rsLoRA's scale (alpha/sqrt(r)), not plain LoRA's (alpha/r): its log-probabilities of the
+    # first token are nearer peft's with rsLoRA than without. Compared on log-probabilities, not greedy tokens:
+    # a well-trained adapter can give the same greedy tokens at both scales (seen with bf16 training on an
+    # AVX-512-BF16 EPYC), while the runner-up tokens' log-probabilities still move by nats.
+    rec, adapter_dir = trained["rslora"]
+    served = _served_first_logprobs(url, f"variants@{rec.version}", prompts)
+    near = _logprob_distance(served, _peft_first_logprobs(base.path, adapter_dir, prompts, rslora=True))
+    far = _logprob_distance(served, _peft_first_logprobs(base.path, adapter_dir, prompts, rslora=False))
+    assert near < far / 3, (near, far)  # bf16 serving moves log-probabilities by hundredths, the scale by nats
+
+    rec, _ = trained["dora"]
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": f"variants@{rec.version}", "prompt": "hi", "max_tokens": 4},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "VariantNotServable", r.text
+    assert "export-merged" in r.json()["error"]["message"]
+    listed = {e["id"] for e in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
+    assert f"variants@{trained['rslora'][0].version}" in listed and f"variants@{rec.version}" not in listed
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # still serving
+
+    # the fix the refusal names: export the DoRA version merged, serve that dir as vLLM's --model
+    _, dora_dir = trained["dora"]
+    merged = _merged_dora_served_greedy(rec, session_home, demo_spec, tmp_path, prompts)
+    want = _peft_greedy(base.path, dora_dir, prompts)
+    if isinstance(merged[0], str):
+        want = [tokenizer.decode(w, skip_special_tokens=True) for w in want]
+    same = sum(s == w for s, w in zip(merged, want, strict=True))
+    assert same >= len(prompts) - 1, ("merged dora", same, merged, want)
+    assert want != _peft_greedy(base.path, dora_dir, prompts, disable=True)  # DoRA did change the answers
 
 
 def test_plain_lora_keeps_its_run_key_and_code_version_and_a_variant_changes_them(demo_spec):
