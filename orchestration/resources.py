@@ -36,13 +36,21 @@ class LoraFoundryHome(dg.ConfigurableResource):
 
 
 class RegistryResource(dg.ConfigurableResource):
-    """The adapter registry: one DuckDB file that the assets write and the server reads."""
+    """The adapter registry that the assets write and the server reads: a DuckDB file, or a registry and an
+    adapter store that several machines share (docs/scale-out.md)."""
 
-    path: str = Field(description="The registry file; LORAFOUNDRY_REGISTRY, default <home>/registry.duckdb.")
+    path: str = Field(
+        description="The registry: LORAFOUNDRY_REGISTRY_URL (postgresql://USER@HOST:PORT/DB, no password), else "
+        "the file LORAFOUNDRY_REGISTRY, default <home>/registry.duckdb."
+    )
+    store: str | None = Field(
+        default=None,
+        description="The adapter store, s3://BUCKET/PREFIX (LORAFOUNDRY_ARTIFACTS); unset: the home's dirs.",
+    )
 
     def open(self, actor: str = "dagster") -> AdapterRegistry:
         """The registry, with ``actor`` recorded on the events it writes."""
-        return AdapterRegistry(self.path, actor=actor)
+        return AdapterRegistry(self.path, actor=actor, store=self.store)
 
 
 class ServingResource(dg.ConfigurableResource):
@@ -72,6 +80,6 @@ def resources_from_env(home: Path | str | None = None) -> dict[str, dg.Configura
     key = dg.EnvVar(envs.ADMIN_KEY.name) if envs.ADMIN_KEY.is_set() else None
     return {
         "lorafoundry": LoraFoundryHome(home=str(home)),
-        "registry": RegistryResource(path=str(Home.at(home).registry)),
+        "registry": RegistryResource(path=str(Home.at(home).registry), store=Home.at(home).store),
         "serving": ServingResource(url=envs.SERVING_URL.get(), admin_key=key),
     }

@@ -157,10 +157,7 @@ class RegistryFile:
                         self._refresh(force=True)  # a snapshot of an older schema: migrate the file, publish again
                         continue
                 if sandbox is not None:
-                    for name, value in sandbox.items():
-                        con.execute(f"SET {name} = {sql_string(value)}")
-                    con.execute("SET enable_external_access = false")
-                    con.execute("SET lock_configuration = true")
+                    close_off(con, sandbox)
                 con.execute("BEGIN TRANSACTION")
                 return fn(con)
             except duckdb.Error as e:
@@ -294,6 +291,15 @@ class RegistryFile:
                     raise
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
+
+
+def close_off(con: duckdb.DuckDBPyConnection, settings: dict[str, str]) -> None:
+    """Take ``settings`` (its memory limit, ...), then close the database off: no file, extension or setting can be
+    reached from it any more (for SQL written by users, on a registry attached read-only)."""
+    for name, value in settings.items():
+        con.execute(f"SET {name} = {sql_string(value)}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 _EMPTY: list[tempfile.TemporaryDirectory] = []  # kept alive for the process; removed at exit

@@ -15,6 +15,7 @@ failed, the bad value and the fix; they may be reworded freely.
     │                                 other bytes, files that no longer match their sha256, a status that forbids
     │                                 the change (promoting a rejected version, aliasing an archived one)
     ├── RegistryBusyError             another writer or program kept the registry past the wait (retry later)
+    ├── RegistryUnavailableError      the shared registry's server cannot be reached or refused this machine
     └── RegistryFileError             the registry file itself cannot be used as it is
         ├── RegistryCorruptError      not a valid or complete DuckDB database (restore a backup)
         └── RegistrySchemaError       written by a newer lorafoundry (upgrade)
@@ -45,6 +46,10 @@ class RegistryBusyError(RegistryError):
     """The registry stayed locked by another writer or program for longer than the wait allowed."""
 
 
+class RegistryUnavailableError(RegistryError):
+    """The shared registry's server (Postgres) cannot be reached, or refused this machine's credentials."""
+
+
 class RegistryFileError(RegistryError):
     """The registry file itself cannot be used as it is (the base of the two below)."""
 
@@ -66,4 +71,5 @@ __all__ = [
     "RegistryFileError",
     "RegistryInputError",
     "RegistrySchemaError",
+    "RegistryUnavailableError",
 ]

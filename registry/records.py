@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from registry.location import is_object_url
 from registry.metrics import DEFAULT_RANK_METRIC
 from registry.promotion import PromoteRule
 from registry.rules import Status
@@ -131,10 +132,11 @@ def adapter_sha256(adapter_dir: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def to_record(row: tuple, base: Path) -> AdapterRecord:
-    """A row of `adapters` as a record; a relative ``path`` is resolved against ``base`` (the registry's dir)."""
+def to_record(row: tuple, base: Path | None) -> AdapterRecord:
+    """A row of `adapters` as a record; a relative ``path`` is resolved against ``base`` (the registry's dir; None
+    for a shared registry, which stores absolute paths only)."""
     data = dict(zip(COLUMNS, row, strict=True))
-    if not Path(data["path"]).is_absolute():
+    if base is not None and not is_object_url(data["path"]) and not Path(data["path"]).is_absolute():
         data["path"] = str(base / data["path"])
     data["training_config"] = json.loads(data["training_config"] or "{}")
     data["metrics"] = json.loads(data["metrics"] or "{}")

@@ -142,10 +142,11 @@ MIGRATIONS: list[tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]] =
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-def stored_path(adapter_dir: Path | str, base: Path) -> str:
-    """How an adapter dir is stored: relative to ``base`` (the registry file's dir) when inside it, else absolute."""
+def stored_path(adapter_dir: Path | str, base: Path | None) -> str:
+    """How an adapter dir is stored: relative to ``base`` (the registry file's dir) when inside it, else absolute
+    (always, for a shared registry, which has no dir: ``base`` None)."""
     p = Path(adapter_dir).resolve()
-    return p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p)
+    return p.relative_to(base).as_posix() if base is not None and p.is_relative_to(base) else str(p)
 
 
 def _relocated(path: Path, base: Path) -> str:

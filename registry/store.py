@@ -25,6 +25,8 @@ import duckdb
 from registry.adapter_files import check_adapter_files
 from registry.dbfile import RegistryFile, sql_string
 from registry.errors import AdapterNotFoundError, RegistryConflictError, RegistryInputError
+from registry.location import is_object_url, is_shared, mask_url
+from registry.objects import AdapterStore
 from registry.promotion import (
     Champion,
     KeepChampion,
@@ -44,6 +46,7 @@ from registry.records import (
 )
 from registry.rules import SERVABLE_STATUSES, VERSION_RE, check_alias, check_name, check_status, parse_ref
 from registry.schema import TABLES, current_version, stored_path
+from registry.shared import SharedRegistry
 
 log = logging.getLogger(__name__)
 
@@ -114,33 +117,51 @@ def check_adapter_dir(adapter_dir: Path, base_model: str | None = None) -> dict:
 
 
 class AdapterRegistry:
-    """Typed access to the registry file. Every method opens, works in one transaction, and closes.
+    """Typed access to the registry: a local file, or a Postgres database that several machines share. Every
+    method opens, works in one transaction, and closes.
 
     Args:
-        path: the DuckDB file (created and migrated on first use).
+        path: the DuckDB file (created and migrated on first use), or a shared registry's
+            ``postgresql://USER@HOST:PORT/DATABASE`` URL (:mod:`registry.shared`; its tables made on first write).
         max_wait_s: how long a writer waits for its turn (another writer, or another program holding the file).
         actor: who is acting, recorded in the events log.
+        store: the adapter store, ``s3://BUCKET/PREFIX`` (:mod:`registry.objects`): registering puts the adapter's
+            files there, by sha256, before its row commits, and the row points at them. None: rows point at the
+            adapter dir on this machine (or a filesystem every machine mounts).
     """
 
-    def __init__(self, path: Path | str, max_wait_s: float = 60.0, actor: str = "lorafoundry") -> None:
-        self.path = Path(path)
+    def __init__(
+        self, path: Path | str, max_wait_s: float = 60.0, actor: str = "lorafoundry", store: str | None = None
+    ) -> None:
+        self.shared = is_shared(path)
+        self.path: Path | str = path if self.shared else Path(path)
         self.max_wait_s = max_wait_s
         self.actor = actor
+        self.store = AdapterStore(store) if store else None
 
     @property
-    def file(self) -> RegistryFile:
-        """The file, its snapshot and its writer lock (:mod:`registry.dbfile`)."""
+    def file(self) -> RegistryFile | SharedRegistry:
+        """Where the rows live and how writers take turns: the file, its snapshot and its writer lock
+        (:mod:`registry.dbfile`), or the shared database (:mod:`registry.shared`)."""
+        if isinstance(self.path, str):
+            return SharedRegistry(self.path, self.max_wait_s)
         return RegistryFile(self.path, self.max_wait_s)
 
     @property
-    def base_dir(self) -> Path:
-        """The dir that relative adapter paths are stored against: the registry file's (the home, by default)."""
-        return self.path.resolve().parent
+    def shown(self) -> str:
+        """The registry as messages name it: the file, or the URL with its password masked."""
+        return mask_url(self.path) if isinstance(self.path, str) else str(self.path)
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The dir that relative adapter paths are stored against: the registry file's (the home, by default);
+        None for a shared registry, which stores absolute paths only."""
+        return None if isinstance(self.path, str) else self.path.resolve().parent
 
     def adapter_path(self, stored: str) -> Path:
         """The absolute adapter dir of a stored ``path`` value."""
         p = Path(stored)
-        return p if p.is_absolute() else self.base_dir / p
+        return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
 
     def stored_path(self, adapter_dir: Path | str) -> str:
         """How ``adapter_dir`` is stored in this registry (relative to :attr:`base_dir` when inside it)."""
@@ -156,6 +177,13 @@ class AdapterRegistry:
         sha, size = adapter_sha256(new.path)
         now = datetime.now(UTC).replace(tzinfo=None)
         base = self.base_dir
+        marker = None
+        if self.store is not None:  # the files first, whole; the row that points at them after
+            self._remove_orphans()
+            marker = self.store.begin_upload(new.path, sha)
+            where = self.store.object_url(sha)
+        else:
+            where = stored_path(new.path, base)
 
         def op(con: duckdb.DuckDBPyConnection) -> AdapterRecord:
             # one round trip: the version with these bytes, if any, and the next free version of the name
@@ -165,8 +193,8 @@ class AdapterRegistry:
                 [sha, new.name],
             ).fetchone()
             if same is not None:
-                return _reevaluate(con, self.actor, new, same, base)
-            row = new_row(new, cfg, version, sha, size, now, stored_path(new.path, base))
+                return _reevaluate(con, self.actor, new, same, base, where)
+            row = new_row(new, cfg, version, sha, size, now, where)
             _insert(con, "adapters", row)
             action = "register" if new.status != "rejected" else "reject"
             _event(con, self.actor, action, new.name, version, {"sha256": sha, "status": new.status})
@@ -174,7 +202,19 @@ class AdapterRegistry:
                 row["status"] = "champion"
             return to_record(tuple(row[c] for c in COLUMNS), base)
 
-        return self.file.write(op)
+        record = self.file.write(op)
+        if marker is not None:  # kept when the write failed: the next writer removes what it put
+            self.store.end_upload(marker)
+        return record
+
+    def _remove_orphans(self) -> None:
+        """Remove the store's objects of uploads interrupted before their row committed (registry/objects.py);
+        the registry is read only when a stale upload marker exists."""
+        if self.store is not None and self.store.stale_uploads():
+            _, rows = self.query("SELECT DISTINCT adapter_sha256 FROM adapters")
+            removed = self.store.remove_orphans({sha for (sha,) in rows})
+            if removed:
+                log.warning("removed the objects of %d interrupted upload(s) from %s", len(removed), self.store.url)
 
     def list(
         self,
@@ -350,9 +390,15 @@ class AdapterRegistry:
             if version is not None and rec.version != version:
                 continue
             try:
-                sha, _ = adapter_sha256(Path(rec.path))
-                ok = sha == rec.adapter_sha256
-                detail = "ok" if ok else f"sha256 {sha[:16]}… differs from the registered {rec.adapter_sha256[:16]}…"
+                if is_object_url(rec.path):
+                    problem = self._object_store(rec.path).check(rec.path, rec.adapter_sha256)
+                    ok, detail = problem is None, problem or "ok"
+                else:
+                    sha, _ = adapter_sha256(Path(rec.path))
+                    ok = sha == rec.adapter_sha256
+                    detail = (
+                        "ok" if ok else f"sha256 {sha[:16]}… differs from the registered {rec.adapter_sha256[:16]}…"
+                    )
             except OSError as e:
                 ok, detail = False, f"cannot read the adapter files: {e}"
             results.append(VerifyResult(name=rec.name, version=rec.version, ok=ok, detail=detail, path=rec.path))
@@ -489,9 +535,15 @@ class AdapterRegistry:
     def paths_in_use(self) -> set[Path]:
         """Every registered version's adapter dir, read from the file itself in a writer's turn (so a version
         whose writer was killed before publishing the snapshot counts too)."""
-        base = self.base_dir
         rows = self.file.write(lambda con: con.execute("SELECT path FROM adapters").fetchall())
-        return {(base / p).resolve() for (p,) in rows}
+        return {self.adapter_path(p).resolve() for (p,) in rows if not is_object_url(p)}
+
+    def _object_store(self, url: str) -> AdapterStore:
+        """The store holding the object ``url``: this registry's, or (reading a row another machine wrote with
+        another prefix) one for that URL's bucket and prefix."""
+        if self.store is not None and url.rsplit("/", 1)[0] == self.store.object_url(""):
+            return self.store
+        return AdapterStore(url.rsplit("/", 1)[0])
 
     def init(self) -> None:
         """Create the file if needed and apply pending migrations."""
@@ -501,7 +553,9 @@ class AdapterRegistry:
         return self.file.read(current_version)
 
 
-def _find_record(con: duckdb.DuckDBPyConnection, name: str, version: int | None, base: Path) -> AdapterRecord | None:
+def _find_record(
+    con: duckdb.DuckDBPyConnection, name: str, version: int | None, base: Path | None
+) -> AdapterRecord | None:
     """``name@version`` as a record, or None when there is no such version."""
     row = con.execute(
         f"SELECT {', '.join(COLUMNS)} FROM adapters WHERE name = ? AND version = ?", [name, version]
@@ -509,7 +563,7 @@ def _find_record(con: duckdb.DuckDBPyConnection, name: str, version: int | None,
     return None if row is None else to_record(row, base)
 
 
-def _fetch_record(con: duckdb.DuckDBPyConnection, name: str, version: int, base: Path) -> AdapterRecord:
+def _fetch_record(con: duckdb.DuckDBPyConnection, name: str, version: int, base: Path | None) -> AdapterRecord:
     """``name@version`` as a record; the caller knows it exists (it just wrote or checked it)."""
     rec = _find_record(con, name, version, base)
     assert rec is not None, f"{name}@{version} vanished inside its own transaction"
@@ -533,7 +587,9 @@ def _set_column(con: duckdb.DuckDBPyConnection, name: str, version: int, **value
     con.execute(f"UPDATE adapters SET {sets} WHERE name = ? AND version = ?", [*values.values(), name, version])
 
 
-def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int, base: Path) -> AdapterRecord:
+def _reevaluate(
+    con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, version: int, base: Path | None, where: str
+) -> AdapterRecord:
     """The same bytes registered again. Without new metrics: the existing row (plus the base's hash and the new
     path when the row had no hash yet). With new metrics (a new evaluation): the version takes them, and the status
     of the new gate outcome (:func:`registry.promotion.status_after_evaluation`)."""
@@ -541,7 +597,7 @@ def _reevaluate(con: duckdb.DuckDBPyConnection, actor: str, new: NewAdapter, ver
     # the base's hash and the files' place, when the first registration could not record them (an import
     # before the base was on this machine): registering again with the base present is the fix the CLI names
     if rec.base_model_hash is None and new.base_model_hash is not None:
-        _set_column(con, new.name, version, base_model_hash=new.base_model_hash, path=stored_path(new.path, base))
+        _set_column(con, new.name, version, base_model_hash=new.base_model_hash, path=where)
         _event(con, actor, "update", new.name, version, {"base_model_hash": new.base_model_hash})
         rec = _fetch_record(con, new.name, version, base)
     # only a new evaluation (metrics) can change the gate outcome: registering files again with no metrics

@@ -245,10 +245,11 @@ def plan_server(
     """
     layout = Home.at(home, registry_path)
     base = resolve_base_model(spec.base_model, layout.root, spec.spec_dir)
-    registry = AdapterRegistry(layout.registry)
+    registry = layout.open_registry()
     same_base = [r for r in registry.list() if r.base_model_hash == base.content_hash and r.status in SERVABLE_STATUSES]
     settings = ServerSettings(
         registry=layout.registry,
+        store=layout.store,
         base_hash=base.content_hash,
         base_name=spec.served_base_name,
         adapter_root=layout.adapters,

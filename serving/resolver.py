@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Hashable, Iterator
@@ -26,11 +27,13 @@ from registry.errors import (
     RegistryCorruptError,
     RegistryError,
     RegistryInputError,
+    RegistryUnavailableError,
 )
+from registry.location import is_object_url
 from registry.records import AdapterRecord, adapter_sha256
 from registry.rules import SERVABLE_STATUSES, parse_ref
 from registry.store import AdapterRegistry
-from serving.integrity import IntegrityError, multi_lora_problem, stage, weights_problem
+from serving.integrity import IntegrityError, multi_lora_problem, stage, staged_intact, weights_problem
 from serving.settings import RESOLVE_TTL_S, ServerSettings
 
 log = logging.getLogger(f"vllm.lorafoundry.{__name__}")  # under "vllm": kept and printed by vLLM's logging
@@ -45,6 +48,7 @@ REGISTRY_ERRORS: dict[type[RegistryError], tuple[int, str]] = {
     RegistryConflictError: (409, "RegistryConflict"),
     RegistryBusyError: (503, "RegistryUnavailable"),
     RegistryCorruptError: (503, "RegistryUnavailable"),
+    RegistryUnavailableError: (503, "RegistryUnavailable"),
 }
 
 #: What a client is told when the registry fails on the server's side (the details, with paths, go to the log).
@@ -119,7 +123,7 @@ class AdapterResolver:
 
     def __init__(self, settings: ServerSettings, ttl_s: float | None = None) -> None:
         self.settings = settings
-        self.registry = AdapterRegistry(settings.registry, max_wait_s=10, actor="vllm")
+        self.registry = AdapterRegistry(settings.registry, max_wait_s=10, actor="vllm", store=settings.store)
         self.base_hash, self.max_rank = settings.base_hash, settings.max_rank
         self.adapter_root = Path(settings.adapter_root).resolve()
         self.stage_root = Path(settings.stage_root)
@@ -229,7 +233,16 @@ class AdapterResolver:
                 f"--max-lora-rank {self.max_rank}. Fix: restart the server (`lorafoundry serve`) so it "
                 "sizes the rank for every registered adapter.",
             )
-        if not Path(rec.path).resolve().is_relative_to(self.adapter_root):
+        if is_object_url(rec.path):
+            if self.registry.store is None or not self.registry.store.holds(rec.path):
+                log.warning("%s@%s: %s is not in this server's adapter store", rec.name, rec.version, rec.path)
+                return Refusal(
+                    403,
+                    "PathNotAllowed",
+                    f"{rec.name}@{rec.version} lives outside this server's adapter store; the server reads nothing "
+                    "else.",
+                )
+        elif not Path(rec.path).resolve().is_relative_to(self.adapter_root):
             log.warning("%s@%s: %s is outside the adapter root %s", rec.name, rec.version, rec.path, self.adapter_root)
             return Refusal(
                 403,
@@ -240,7 +253,11 @@ class AdapterResolver:
 
     def registered_copies(self, sha256: str) -> list[Path]:
         """The registered dirs inside the adapter root whose version has these bytes (to stage them again)."""
-        dirs = [Path(r.path).resolve() for r in self.registry.list() if r.adapter_sha256 == sha256]
+        dirs = [
+            Path(r.path).resolve()
+            for r in self.registry.list()
+            if r.adapter_sha256 == sha256 and not is_object_url(r.path)
+        ]
         return [d for d in dirs if d.is_relative_to(self.adapter_root)]
 
     def listable(self, rec: AdapterRecord) -> Refusal | None:
@@ -249,6 +266,9 @@ class AdapterResolver:
         refusal = self.refuse_record(rec)
         if refusal is not None:
             return refusal
+        if is_object_url(rec.path):  # not downloaded to be listed: its staged copy if any, else a request checks it
+            staged = self.stage_root / rec.adapter_sha256
+            return _unservable(rec, staged) if staged.is_dir() else None
         return _unservable(rec, Path(rec.path))
 
     def _verify_and_stage(self, rec: AdapterRecord) -> Path | Refusal:
@@ -260,6 +280,8 @@ class AdapterResolver:
             f"{rec.name}@{rec.version}: files changed after registration (sha256 mismatch); refused. "
             "Fix: `lorafoundry registry verify`.",
         )
+        if is_object_url(rec.path):
+            return self._pull_and_stage(rec, changed)
         path = Path(rec.path).resolve()
         try:
             if adapter_sha256(path)[0] != rec.adapter_sha256:
@@ -272,6 +294,35 @@ class AdapterResolver:
             return Refusal(
                 409, "AdapterIntegrityError", f"{rec.name}@{rec.version}: files unreadable (see the server log)."
             )
+
+    def _pull_and_stage(self, rec: AdapterRecord, changed: Refusal) -> Path | Refusal:
+        """The verified copy of a version in the adapter store. The objects' ETags are asked every time (a HEAD
+        each): when they are the ones this process pulled and checked, the intact staged copy is used; otherwise
+        the objects are pulled again and their sha256 checked before they are staged, so an object changed in the
+        store after registration is refused under every name."""
+        store, sha = self.registry.store, rec.adapter_sha256
+        assert store is not None  # refuse_record refused an object URL without a store
+        try:
+            tags = store.etags(sha)
+            staged = self.stage_root / sha
+            if _PULLED.get(sha) == tags and staged_intact(staged):
+                return staged
+            pulled = store.pull(rec.path, sha, self.stage_root)
+            try:
+                out = stage(pulled, sha, self.stage_root)
+            finally:
+                shutil.rmtree(pulled, ignore_errors=True)
+            _PULLED[sha] = tags
+            return out
+        except (RegistryConflictError, IntegrityError) as e:
+            log.error("%s@%s: %s", rec.name, rec.version, e)
+            return changed
+        except RegistryError as e:
+            return registry_refusal(e)
+
+
+#: sha256 -> the ETags of the store's objects when this process last pulled and checked them.
+_PULLED: dict[str, tuple[str, ...]] = {}
 
 
 def _unservable(rec: AdapterRecord, adapter_dir: Path) -> Refusal | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lora_assets import envs
 from lora_assets.home import Home
+from registry.location import is_shared
 
 #: vLLM's ``--max-lora-rank`` when no adapter on the base says more.
 DEFAULT_MAX_LORA_RANK = envs.MAX_LORA_RANK.default
@@ -30,7 +31,8 @@ class ServerSettings:
     """What one server serves and from where, as `plan_server` decided it.
 
     Args:
-        registry: the registry file (``LORAFOUNDRY_REGISTRY``), opened read-only, briefly, per lookup.
+        registry: the registry file (``LORAFOUNDRY_REGISTRY``), opened read-only, briefly, per lookup; or a shared
+            registry's URL (``LORAFOUNDRY_REGISTRY_URL``).
         base_hash: content hash of the served base (``LORAFOUNDRY_BASE_HASH``); adapters of another base are refused.
         base_name: the base's served name (``LORAFOUNDRY_BASE_NAME``).
         adapter_root: no adapter outside this dir is ever read (``LORAFOUNDRY_ADAPTER_ROOT``).
@@ -38,20 +40,24 @@ class ServerSettings:
         max_rank: vLLM's ``--max-lora-rank`` (``LORAFOUNDRY_MAX_LORA_RANK``).
         static_models: adapter name -> the version loaded under that name at start (``LORAFOUNDRY_STATIC_MODELS``,
             comma-separated ``name@VERSION``).
+        store: the adapter store versions are pulled from (``LORAFOUNDRY_ARTIFACTS``, registry/objects.py); an
+            object outside it is never read. None: only adapter dirs under ``adapter_root``.
     """
 
-    registry: Path
+    registry: Path | str
     base_hash: str
     base_name: str
     adapter_root: Path
     stage_root: Path
     max_rank: int = DEFAULT_MAX_LORA_RANK
     static_models: dict[str, int] = field(default_factory=dict)
+    store: str | None = None
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that carry these settings to vLLM's processes."""
         return {
             envs.REGISTRY.name: str(self.registry),
+            envs.ARTIFACTS.name: self.store or "",
             envs.BASE_HASH.name: self.base_hash,
             envs.BASE_NAME.name: self.base_name,
             envs.ADAPTER_ROOT.name: str(self.adapter_root),
@@ -67,9 +73,11 @@ class ServerSettings:
         registry = envs.REGISTRY.get(env)
         if not registry:
             return None
-        home = Home.at(Path(registry).parent, registry)  # the registry's home, unless told otherwise
+        # the registry's home, unless told otherwise (a shared registry has none: the home names the dirs)
+        home = Home.at(envs.HOME.get(env) if is_shared(registry) else Path(registry).parent, registry)
         return cls(
-            registry=Path(registry),
+            registry=registry if is_shared(registry) else Path(registry),
+            store=envs.ARTIFACTS.get(env) or None,
             base_hash=envs.BASE_HASH.get(env),
             base_name=envs.BASE_NAME.get(env),
             adapter_root=Path(envs.ADAPTER_ROOT.get(env) or home.adapters),

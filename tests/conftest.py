@@ -168,6 +168,65 @@ def home_copy(materialized, session_home, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A real Postgres (the pgserver wheel's binaries) on 127.0.0.1 for the session, password authentication on;
+    each test that needs a shared registry gets its own database (:func:`shared_registry`)."""
+    from tests.servers import Postgres, running
+
+    with running(Postgres, Postgres.init) as server:
+        yield server
+
+
+@pytest.fixture
+def shared_registry(postgres, monkeypatch):
+    """The URL of a new, empty registry database on the session's Postgres, the password in ``PGPASSWORD`` as a
+    client machine would have it."""
+    import uuid
+
+    import psycopg
+
+    name = f"registry_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.admin_url, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name} OWNER lorafoundry")
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    yield url
+    from registry.shared import SharedRegistry
+
+    shutil.rmtree(SharedRegistry(url, 1).snapshot_dir, ignore_errors=True)  # this machine's cache of it
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    """A real S3-compatible store (SeaweedFS's `weed mini`) on 127.0.0.1 for the session, keys required; each test
+    that needs an adapter store gets its own prefix (:func:`adapter_store`)."""
+    from tests.servers import ObjectStore, running
+
+    with running(ObjectStore, ObjectStore.start) as server:
+        yield server
+
+
+@pytest.fixture
+def adapter_store(object_store, monkeypatch) -> str:
+    """``s3://BUCKET/PREFIX`` of an empty prefix on the session's store, its endpoint and keys in the standard AWS
+    variables, as a machine of the team would have them."""
+    import uuid
+
+    for name, value in object_store.env().items():
+        monkeypatch.setenv(name, value)
+    return f"{object_store.url}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["file", "shared"])
+def registry_location(request, tmp_path) -> Path | str:
+    """Where a test's registry lives: a DuckDB file, or a shared registry on Postgres; a test that takes it proves
+    the same behaviour on both."""
+    if request.param == "file":
+        return tmp_path / "r.duckdb"
+    return request.getfixturevalue("shared_registry")
+
+
+@pytest.fixture(scope="session")
 def random_base(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Llama with the built-in tokenizer, saved as a local HF model dir in ~2 s:
     for tests that need a real model dir and tokenizer but not a model that knows anything."""

@@ -17,6 +17,7 @@ from registry.errors import (
     RegistryFileError,
     RegistryInputError,
     RegistrySchemaError,
+    RegistryUnavailableError,
 )
 from registry.records import NewAdapter
 from registry.schema import SCHEMA_VERSION
@@ -100,6 +101,7 @@ DOCUMENTED_EXIT_CODES = {
     RegistryFileError: 1,
     RegistryCorruptError: 1,
     RegistrySchemaError: 1,
+    RegistryUnavailableError: 1,
 }
 
 

@@ -47,8 +47,8 @@ def new(path: Path, name: str = "a", **kw) -> NewAdapter:
     )
 
 
-def test_register_assigns_versions_and_is_idempotent(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_register_assigns_versions_and_is_idempotent(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     d1, d2 = make_adapter_dir(tmp_path / "a1"), make_adapter_dir(tmp_path / "a2", seed=1)
     v1 = reg.register(new(d1))
     assert (v1.version, v1.status, v1.r, v1.lora_alpha) == (1, "candidate", 4, 8)
@@ -63,16 +63,16 @@ def test_register_assigns_versions_and_is_idempotent(tmp_path):
     assert dict(rows) == {"register": 3}
 
 
-def test_rejected_adapters_are_not_servable(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_rejected_adapters_are_not_servable(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     reg.register(new(make_adapter_dir(tmp_path / "a1")))
     reg.register(new(make_adapter_dir(tmp_path / "a2", seed=1), status="rejected"))
     reg.register(new(make_adapter_dir(tmp_path / "b1", seed=2), name="b", status="rejected"))
     assert [(r.name, r.version) for r in reg.servable()] == [("a", 1)]
 
 
-def test_refuses_non_lora_or_pickled_dirs(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_refuses_non_lora_or_pickled_dirs(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     with pytest.raises(RegistryError, match="no adapter_config.json"):
         reg.register(new(tmp_path))
     d = make_adapter_dir(tmp_path / "p")
@@ -158,8 +158,8 @@ def _metrics(loss: float) -> dict:
     return {"eval_loss": {"base": 9.0, "adapter": loss}, "exact_match": {"base": 0.0, "adapter": 1.0}}
 
 
-def test_champion_rule_promotes_only_better_versions(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_champion_rule_promotes_only_better_versions(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     dirs = [make_adapter_dir(tmp_path / f"d{i}", seed=i) for i in range(5)]
 
     def add(i: int, loss: float, **kw):
@@ -198,10 +198,10 @@ def test_champion_rule_promotes_only_better_versions(tmp_path):
     assert champs == [("a", 5)]
 
 
-def test_same_bytes_re_evaluated_take_the_new_gate_outcome(tmp_path):
+def test_same_bytes_re_evaluated_take_the_new_gate_outcome(tmp_path, registry_location):
     """A changed gate re-registers the same weights: rejected -> candidate (and champion by the rule), and a
     champion that now fails is rejected and leaves the champion alias; nothing else changes, no new version."""
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    reg = AdapterRegistry(registry_location)
     d = make_adapter_dir(tmp_path / "d")
 
     def again(status: str, loss: float):
@@ -235,8 +235,8 @@ def test_same_bytes_re_evaluated_take_the_new_gate_outcome(tmp_path):
     assert plain.status == "rejected"  # only an evaluation can pass a gate
 
 
-def test_registering_again_with_the_base_present_records_its_hash(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_registering_again_with_the_base_present_records_its_hash(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     d = make_adapter_dir(tmp_path / "outside")
     first = reg.register(NewAdapter(name="x", path=d, base_model="b"))
     assert first.base_model_hash is None
@@ -248,8 +248,8 @@ def test_registering_again_with_the_base_present_records_its_hash(tmp_path):
     )  # a recorded hash is never replaced
 
 
-def test_champion_rule_higher_is_better_and_always(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_champion_rule_higher_is_better_and_always(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     d = [make_adapter_dir(tmp_path / f"d{i}", seed=i) for i in range(3)]
     em = [0.8, 0.6, 0.9]
     recs = [
@@ -315,8 +315,8 @@ def test_leaderboard_across_seeds():
     assert groups[1]["mean"] == mean
 
 
-def test_aliases_move_with_history_and_resolve(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb", actor="tester")
+def test_aliases_move_with_history_and_resolve(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location, actor="tester")
     for i in range(3):
         reg.register(new(make_adapter_dir(tmp_path / f"d{i}", seed=i)))
     reg.set_alias("a", "prod", 1)
@@ -340,8 +340,8 @@ def test_aliases_move_with_history_and_resolve(tmp_path):
         reg.promote("a", 3)
 
 
-def test_verify_catches_one_flipped_byte_and_serving_skips_it(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_verify_catches_one_flipped_byte_and_serving_skips_it(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     d = make_adapter_dir(tmp_path / "d")
     reg.register(new(d))
     assert [v.ok for v in reg.verify()] == [True]
@@ -354,8 +354,8 @@ def test_verify_catches_one_flipped_byte_and_serving_skips_it(tmp_path):
     assert [r.name for r in reg.servable()] == ["a"] and reg.servable(verify=True) == []
 
 
-def test_list_filters_and_metric_order(tmp_path):
-    reg = AdapterRegistry(tmp_path / "r.duckdb")
+def test_list_filters_and_metric_order(tmp_path, registry_location):
+    reg = AdapterRegistry(registry_location)
     for i, (em, ds) in enumerate([(0.2, "d1"), (0.9, "d1"), (0.5, "d2")]):
         reg.register(
             NewAdapter(

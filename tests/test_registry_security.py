@@ -70,25 +70,26 @@ def home(tmp_path) -> Path:
 # -- 9. `registry sql` sees the registry and nothing else ------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "COPY (SELECT * FROM adapters) TO '{out}'",
-        "SELECT * FROM read_text('/etc/hostname')",
-        "SELECT content FROM read_blob('/etc/hostname')",
-        "SELECT * FROM read_csv('/etc/passwd')",
-        "SELECT * FROM glob('/etc/*')",
-        "ATTACH '{out}' AS other",
-        "SET enable_external_access = true",
-        "RESET lock_configuration",
-        "SET allowed_directories = ['/']",
-        "INSTALL httpfs",
-        "LOAD httpfs",
-        "EXPORT DATABASE '{out}'",
-        "DELETE FROM adapters",
-        "SELECT 1; COPY (SELECT 1) TO '{out}'",
-    ],
-)
+#: Statements `registry sql` must refuse without touching anything outside the registry ({out}: a path outside it).
+HOSTILE_SQL = [
+    "COPY (SELECT * FROM adapters) TO '{out}'",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT content FROM read_blob('/etc/hostname')",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM glob('/etc/*')",
+    "ATTACH '{out}' AS other",
+    "SET enable_external_access = true",
+    "RESET lock_configuration",
+    "SET allowed_directories = ['/']",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "EXPORT DATABASE '{out}'",
+    "DELETE FROM adapters",
+    "SELECT 1; COPY (SELECT 1) TO '{out}'",
+]
+
+
+@pytest.mark.parametrize("sql", HOSTILE_SQL)
 def test_sql_cannot_reach_files_or_settings(home, tmp_path, sql):
     out = tmp_path / "outside" / "leak.csv"
     out.parent.mkdir()
