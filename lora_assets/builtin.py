@@ -51,7 +51,7 @@ RECIPE: dict = {
     "corpus_documents": 24000,
     "block_size": 128,
     "batch_size": 16,
-    "steps": 400,  # the loss flattens after ~110 steps; 700 cost 8 min of fp32 on an AVX2-only CPU
+    "steps": 200,  # the loss flattens after ~110 steps (0.879 at 101, 0.822 at 200); 700 cost 8 min of fp32 on AVX2
     "learning_rate": 2e-3,
     "warmup_steps": 50,
 }
