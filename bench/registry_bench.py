@@ -1,6 +1,7 @@
-"""Registry latency and contention with many registered versions.
+"""Registry latency and contention with many registered versions; and the local file against the shared registry.
 
     python bench/registry_bench.py [--versions 10000] [--writers 8] [--per-writer 25]
+    python bench/registry_bench.py --shared [--repeats 100]
 
 Fills a fresh registry with N versions (spread over 100 names, random metrics) by bulk SQL, then measures:
 - `list` with a filter (status, metric threshold) and an order by a metric: median and p95 of 50 calls;
@@ -9,6 +10,13 @@ Fills a fresh registry with N versions (spread over 100 names, random metrics) b
 - contended throughput: W processes registering K adapters each at the same moment.
 The baseline for the two latencies is the same query or insert on an already-open DuckDB connection, measured
 in the same run, so the ratio shows what the open-per-operation design costs.
+
+With ``--shared`` it compares, in one run, the three places a registry can live: the local file (the baseline),
+the shared registry on Postgres, and the shared registry with its adapters in an S3-compatible store. It starts a
+real Postgres (pgserver's binaries) and SeaweedFS's S3 gateway on 127.0.0.1, as the tests do (tests/servers.py), and
+prints p50/p99 of `register` (a new adapter each time), of resolving `name@VERSION` and the plain name in a
+registry that has not changed since the last read (what a server does between promotions), and of the first
+resolve after a register (a new snapshot of the shared registry is copied then).
 """
 
 from __future__ import annotations
@@ -81,12 +89,76 @@ def _writer(args) -> int:
     return len(dirs)
 
 
+def _percentiles(ms: list[float]) -> str:
+    ms = sorted(ms)
+    return f"p50 {statistics.median(ms):7.1f} ms  p99 {ms[min(len(ms) - 1, int(0.99 * len(ms)))]:7.1f} ms"
+
+
+def _backend_latencies(reg, work: Path, repeats: int) -> dict[str, list[float]]:
+    """register, resolve (unchanged registry) and resolve-after-register latencies of one registry."""
+    from registry.records import NewAdapter
+
+    dirs = iter([adapter_dir(work / f"a{i}", i) for i in range(2 * repeats)])
+    register = timed(lambda: reg.register(NewAdapter(name="bench", path=next(dirs), base_model="b")), repeats)
+    versions = iter(range(1, repeats + 1))
+    resolve = timed(lambda: reg.get(f"bench@{next(versions)}"), repeats)
+    plain = timed(lambda: next(r for r in reg.servable() if r.name == "bench"), repeats)
+    after = []
+    for _ in range(repeats // 4):
+        reg.register(NewAdapter(name="bench", path=next(dirs), base_model="b"))
+        after += timed(lambda: reg.get("bench@1"), 1)
+    return {"register": register, "resolve name@V": resolve, "resolve name": plain, "resolve after a write": after}
+
+
+def compare_shared(repeats: int) -> None:
+    """The local file against the shared registry (and its adapter store), on real servers, in one run."""
+    import os
+    import uuid
+
+    import psycopg
+
+    from lora_assets.hardware import cpu_identity
+    from registry.store import AdapterRegistry
+    from tests.servers import ObjectStore, Postgres, running
+
+    work = Path(tempfile.mkdtemp(prefix="registry-bench-"))
+    results = {}
+    with running(Postgres, Postgres.init) as pg, running(ObjectStore, ObjectStore.start) as s3:
+        os.environ.update(pg.env() | s3.env())
+        with psycopg.connect(pg.admin_url, autocommit=True) as con:
+            names = [f"bench_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+            for name in names:
+                con.execute(f"CREATE DATABASE {name} OWNER lorafoundry")
+        urls = [pg.url.rsplit("/", 1)[0] + "/" + name for name in names]
+        backends = {
+            "local file": AdapterRegistry(work / "registry.duckdb"),
+            "shared (Postgres)": AdapterRegistry(urls[0]),
+            "shared + store (Postgres, S3)": AdapterRegistry(urls[1], store=f"{s3.url}/bench"),
+        }
+        for i, (label, reg) in enumerate(backends.items()):
+            results[label] = _backend_latencies(reg, work / f"backend{i}", repeats)
+    model, flags = cpu_identity(Path("/proc/cpuinfo").read_text())
+    cpu = f"CPU {model} ({os.cpu_count()} cores; {' '.join(flags)})"
+    print(f"registry: local file against shared, {repeats} calls each; {cpu}")
+    base = results["local file"]
+    for what in base:
+        print(what)
+        for label, res in results.items():
+            ratio = statistics.median(res[what]) / statistics.median(base[what])
+            print(f"  {label:30s} {_percentiles(res[what])}   {ratio:5.1f}x the local file's p50")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--versions", type=int, default=10_000)
     ap.add_argument("--writers", type=int, default=8)
     ap.add_argument("--per-writer", type=int, default=25)
+    ap.add_argument("--shared", action="store_true", help="compare the local file with the shared registry")
+    ap.add_argument("--repeats", type=int, default=100, help="calls per measurement with --shared")
     args = ap.parse_args()
+    if args.shared:
+        compare_shared(args.repeats)
+        return
 
     import duckdb
 

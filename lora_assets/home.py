@@ -55,8 +55,14 @@ class Home:
         ``registry`` (default ``$LORAFOUNDRY_REGISTRY_URL``, else ``$LORAFOUNDRY_REGISTRY``, else inside the
         home)."""
         home = Path(root or envs.HOME.get() or DEFAULT_HOME).resolve()
-        where = registry or envs.REGISTRY_URL.get() or envs.REGISTRY.get() or home / "registry.duckdb"
+        where = registry or envs.REGISTRY_URL.get() or _registry_file(home)
         return cls(home, str(where) if is_shared(str(where)) else Path(where).resolve(), envs.ARTIFACTS.get())
+
+    @property
+    def registry_file(self) -> Path:
+        """The home's own registry file, whatever :attr:`registry` names (a shared registry's URL, maybe): what
+        `registry migrate` copies to a shared registry."""
+        return _registry_file(self.root)
 
     def open_registry(self, actor: str = "lorafoundry", max_wait_s: float = 60.0) -> AdapterRegistry:
         """This home's registry (a file or a shared one), with its adapter store."""
@@ -106,3 +112,8 @@ class Home:
     @property
     def dagster_home(self) -> Path:
         return self.root / "dagster_home"
+
+
+def _registry_file(root: Path) -> Path:
+    """``$LORAFOUNDRY_REGISTRY``, else ``<root>/registry.duckdb``."""
+    return Path(envs.REGISTRY.get() or root / "registry.duckdb").resolve()

@@ -635,7 +635,8 @@ def registry_verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Recompute every adapter's sha256; exit 1 if any files changed after registration. Also removes what
-    registers killed mid-copy left under <home>/adapters/imported (only when no register is at work)."""
+    registers killed mid-copy left under <home>/adapters/imported (only when no register is at work, and only for the
+    home's own registry file)."""
     from registry.portable import remove_orphans
     from registry.rules import parse_ref
 
@@ -696,6 +697,37 @@ def registry_import(
 
     counts = import_registry(_registry(home, actor="import"), src, Home.at(_home(home)).imported)
     out.print(f"imported from {src}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+
+
+@registry_command("migrate")
+def registry_migrate(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="The shared registry: postgresql://USER@HOST:PORT/DATABASE; its password in PGPASSWORD or "
+            "PGPASSFILE, never in the URL.",
+        ),
+    ],
+    artifacts: Annotated[
+        str | None, typer.Option(help="The adapter store: s3://BUCKET/PREFIX. Default: $LORAFOUNDRY_ARTIFACTS.")
+    ] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Copy this home's registry file into a shared registry (docs/scale-out.md): every version, its aliases and
+    their history, its events, and its weights (put in the adapter store); then every sha256 is checked there,
+    reading the stored objects back. What is there already is skipped: running it again adds nothing."""
+    from registry.portable import migrate_registry
+    from registry.store import AdapterRegistry
+
+    h = Home.at(_home(home))
+    if not h.registry_file.is_file():
+        raise RegistryInputError(f"no registry file at {h.registry_file}. Fix: pass the --home that holds it.")
+    src = AdapterRegistry(h.registry_file, actor="migrate")
+    dest = AdapterRegistry(to, actor="migrate", store=artifacts or h.store)
+    counts = migrate_registry(src, dest)
+    added = ", ".join(f"{t} {n}" for t, n in counts.items() if t != "verified")
+    out.print(f"migrated {src.shown} to {dest.shown}: added {added}; {counts['verified']} versions verified there")
 
 
 @registry_command("export-merged")

@@ -71,6 +71,8 @@ def import_registry(reg: AdapterRegistry, src: Path, imported: Path) -> dict[str
     src = Path(src)
     rows, related = _read_export(src)
     new_rows = _new_versions(reg, src, rows)
+    if reg.store is not None:
+        return _import_to_store(reg, src, new_rows, related)
     imported = Path(imported).resolve()
     remove_orphans(reg, imported)
     with _importing(reg, imported):  # the copies are not orphans until the rows are in
@@ -85,6 +87,54 @@ def import_registry(reg: AdapterRegistry, src: Path, imported: Path) -> dict[str
             for dest in created:
                 shutil.rmtree(dest, ignore_errors=True)
             raise
+
+
+def _import_to_store(
+    reg: AdapterRegistry, src: Path, new_rows: list[dict[str, Any]], related: dict[str, list[dict[str, Any]]]
+) -> dict[str, int]:
+    """Import into a registry with an adapter store (registry/objects.py): every new version's files are put in the
+    store first, whole, and the rows that point at them are inserted after, in one transaction; the upload markers
+    are removed only once the rows are in (kept after a failure, so the next writer removes what was put)."""
+    reg.remove_store_orphans()
+    markers = []
+    for r in new_rows:
+        markers.append(reg.store.begin_upload(src / str(r["path"]), r["adapter_sha256"]))
+        r["path"] = reg.store.object_url(r["adapter_sha256"])
+    counts = reg.import_rows(new_rows, related)
+    for marker in markers:
+        reg.store.end_upload(marker)
+    return counts
+
+
+def migrate_registry(src: AdapterRegistry, dest: AdapterRegistry) -> dict[str, int]:
+    """Copy the registry ``src`` (a home's file) into ``dest`` (a shared registry with an adapter store): every
+    version with its aliases, their history and its events, its weights put in ``dest``'s store; then every
+    migrated version's sha256 is checked in ``dest``, reading its objects back in full. What ``dest`` already holds
+    with the same sha256 is skipped, so migrating twice adds nothing. Returns the rows added per table and the
+    number of versions verified (``verified``)."""
+    if not dest.shared or dest.store is None:
+        raise RegistryInputError(
+            f"migrate copies into a shared registry with an adapter store, not {dest.shown} "
+            f"({'no adapter store' if dest.shared else 'a local file'}). Fix: --to postgresql://USER@HOST:PORT/DB "
+            "and --artifacts s3://BUCKET/PREFIX (or LORAFOUNDRY_ARTIFACTS)."
+        )
+    with tempfile.TemporaryDirectory(prefix="lorafoundry-migrate-") as tmp:
+        export_registry(src, Path(tmp) / "export")
+        counts = import_registry(dest, Path(tmp) / "export", Path(tmp) / "unused")
+    wanted = {(r.name, r.version): r.adapter_sha256 for r in src.list()}
+    have = {(r.name, r.version): r for r in dest.list()}
+    problems = [f"{n}@{v}: missing" for (n, v) in wanted if (n, v) not in have]
+    problems += [
+        f"{n}@{v}: another sha256"
+        for (n, v), sha in wanted.items()
+        if (n, v) in have and have[n, v].adapter_sha256 != sha
+    ]
+    problems += [
+        f"{v.name}@{v.version}: {v.detail}" for v in dest.verify() if (v.name, v.version) in wanted and not v.ok
+    ]
+    if problems:
+        raise RegistryConflictError(f"migrated to {dest.shown}, but: " + "; ".join(problems))
+    return {**counts, "verified": len(wanted)}
 
 
 def _read_export(src: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
@@ -251,10 +301,11 @@ def remove_orphans(reg: AdapterRegistry, imported: Path) -> list[Path]:
     """Remove what registers and imports killed mid-way left under ``imported`` (the home's dir for adapters
     brought in): copies in progress and copies no registered version points at. Only when no register or import is
     at work (the lock they hold while copying is free), which is what proves a dir an orphan; otherwise nothing is
-    removed this time. Returns the dirs removed."""
+    removed this time. Never for a shared registry: whether a dir of this home is in use is its own file's business
+    (after `registry migrate` it still points at them). Returns the dirs removed."""
     imported = Path(imported).resolve()
-    if not imported.is_dir():
-        return []
+    if reg.shared or not imported.is_dir():
+        return []  # a shared registry's rows are not this home's business: its file may still point at these dirs
     with file_lock(imported / ".lock", 0.0) as held:
         if not held:
             return []

@@ -179,7 +179,7 @@ class AdapterRegistry:
         base = self.base_dir
         marker = None
         if self.store is not None:  # the files first, whole; the row that points at them after
-            self._remove_orphans()
+            self.remove_store_orphans()
             marker = self.store.begin_upload(new.path, sha)
             where = self.store.object_url(sha)
         else:
@@ -207,7 +207,7 @@ class AdapterRegistry:
             self.store.end_upload(marker)
         return record
 
-    def _remove_orphans(self) -> None:
+    def remove_store_orphans(self) -> None:
         """Remove the store's objects of uploads interrupted before their row committed (registry/objects.py);
         the registry is read only when a stale upload marker exists."""
         if self.store is not None and self.store.stale_uploads():

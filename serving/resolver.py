@@ -33,7 +33,14 @@ from registry.location import is_object_url
 from registry.records import AdapterRecord, adapter_sha256
 from registry.rules import SERVABLE_STATUSES, parse_ref
 from registry.store import AdapterRegistry
-from serving.integrity import IntegrityError, multi_lora_problem, stage, staged_intact, weights_problem
+from serving.integrity import (
+    IntegrityError,
+    multi_lora_problem,
+    restage,
+    stage,
+    staged_intact,
+    weights_problem,
+)
 from serving.settings import RESOLVE_TTL_S, ServerSettings
 
 log = logging.getLogger(f"vllm.lorafoundry.{__name__}")  # under "vllm": kept and printed by vLLM's logging
@@ -251,14 +258,25 @@ class AdapterResolver:
             )
         return None
 
-    def registered_copies(self, sha256: str) -> list[Path]:
-        """The registered dirs inside the adapter root whose version has these bytes (to stage them again)."""
-        dirs = [
-            Path(r.path).resolve()
-            for r in self.registry.list()
-            if r.adapter_sha256 == sha256 and not is_object_url(r.path)
-        ]
-        return [d for d in dirs if d.is_relative_to(self.adapter_root)]
+    def restage(self, sha256: str) -> Path:
+        """Stage ``sha256`` again from its registered files (its verified copy changed on disk): a registered dir
+        inside the adapter root with those bytes, else the store's objects, pulled and checked first. Raises
+        :class:`IntegrityError` when no registered copy has those bytes."""
+        records = [r for r in self.registry.list() if r.adapter_sha256 == sha256]
+        dirs = [Path(r.path).resolve() for r in records if not is_object_url(r.path)]
+        dirs = [d for d in dirs if d.is_relative_to(self.adapter_root)]
+        store = self.registry.store
+        objects = [r.path for r in records if is_object_url(r.path) and store is not None and store.holds(r.path)]
+        if dirs or not objects:
+            return restage(sha256, self.stage_root, dirs)
+        try:
+            pulled = store.pull(objects[0], sha256, self.stage_root)
+        except RegistryError as e:
+            raise IntegrityError(f"verified adapter {sha256[:12]}… changed on disk; pulling it failed: {e}") from None
+        try:
+            return restage(sha256, self.stage_root, [pulled])
+        finally:
+            shutil.rmtree(pulled, ignore_errors=True)
 
     def listable(self, rec: AdapterRecord) -> Refusal | None:
         """The catalog's filter: :meth:`refuse_record`, and weights vLLM cannot serve, read from the registered

@@ -74,7 +74,7 @@ def _check_adapter_loads() -> None:
             except (IntegrityError, OSError) as e:
                 log.error("lorafoundry: adapter %r: %s; staging it again", lora_request.lora_name, e)
                 try:
-                    _restage(lora_request.lora_path, stage_root)
+                    _restage(lora_request.lora_path)
                     copy = verified_copy(lora_request.lora_path, stage_root, tmp / "again")
                 except (IntegrityError, OSError) as again:
                     log.error("lorafoundry: refused to load adapter %r: %s", lora_request.lora_name, again)
@@ -92,18 +92,18 @@ def _check_adapter_loads() -> None:
     WorkerLoRAManager._load_adapter = load_verified
 
 
-def _restage(lora_path: str, stage_root) -> None:
-    """Stage the adapter at ``lora_path`` (``<stage_root>/<sha256>``) again from its registered files."""
+def _restage(lora_path: str) -> None:
+    """Stage the adapter at ``lora_path`` (``<stage_root>/<sha256>``) again from its registered files (a dir on this
+    machine, or the adapter store's objects)."""
     from pathlib import Path
 
-    from serving.integrity import IntegrityError, restage
+    from serving.integrity import IntegrityError
     from serving.resolver import AdapterResolver
 
     resolver = AdapterResolver.from_env()
     if resolver is None:
         raise IntegrityError("no registry to stage the adapter again from (LORAFOUNDRY_REGISTRY is not set).")
-    sha = Path(lora_path).name
-    restage(sha, stage_root, resolver.registered_copies(sha))
+    resolver.restage(Path(lora_path).name)
 
 
 def _register_resolver() -> None:

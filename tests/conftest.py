@@ -63,14 +63,24 @@ def materialized(session_home, served_spec):
 
     from orchestration.assets import build_assets
     from orchestration.resources import resources_from_env
+    from registry.portable import export_registry
+    from registry.store import AdapterRegistry
     from serving import deployment
 
     try:
         result = dg.materialize(build_assets(served_spec), resources=resources_from_env(session_home))
         assert result.success
+        export_registry(AdapterRegistry(session_home / "registry.duckdb"), session_home.parent / "demo-export")
         yield result
     finally:
         deployment.stop(session_home)
+
+
+@pytest.fixture(scope="session")
+def demo_export(materialized, session_home) -> Path:
+    """The session home's registry as the materialization left it, before any test changed it: `registry export`
+    output (every table as parquet, the adapter dirs)."""
+    return session_home.parent / "demo-export"
 
 
 @pytest.fixture(scope="session")

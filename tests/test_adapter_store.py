@@ -124,3 +124,22 @@ def test_the_store_stopped_mid_register_leaves_nothing_the_next_writer_keeps(
     other = make_adapter_dir(tmp_path / "y1", seed=5)
     rec = next_writer.register(NewAdapter(name="y", path=other, base_model="b"))
     assert _objects(store) == [f"{rec.adapter_sha256}/{name}" for name in sorted(ADAPTER_FILES)]
+
+
+def test_a_changed_verified_copy_is_staged_again_from_the_store(shared_registry, adapter_store, tmp_path):
+    """What vLLM's worker does when the verified copy it is about to load changed on disk (serving/vllm_plugin.py):
+    on a machine whose registry rows point at the store, the copy is staged again from the pulled objects."""
+    from serving.integrity import staged_intact
+    from tests.test_fault_isolation import _flip_staged
+
+    reg = AdapterRegistry(shared_registry, store=adapter_store)
+    rec = reg.register(
+        NewAdapter(name="x", path=make_adapter_dir(tmp_path / "x1"), base_model="b", base_model_hash="h" * 64)
+    )
+    resolver = _resolver(shared_registry, adapter_store, tmp_path / "server")
+    staged = resolver.admit(rec)
+    assert not isinstance(staged, Refusal)
+    _flip_staged(staged)
+    assert not staged_intact(staged)
+    assert resolver.restage(rec.adapter_sha256) == staged
+    assert staged_intact(staged) and adapter_sha256(staged)[0] == rec.adapter_sha256
