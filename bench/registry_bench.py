@@ -43,7 +43,8 @@ def adapter_dir(path: Path, seed: int) -> Path:
         json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
     )
     rng = np.random.default_rng(seed)
-    save_file({"lora_A": rng.standard_normal((8, 256), dtype=np.float32)}, str(path / "adapter_model.safetensors"))
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"  # a name peft writes: register checks
+    save_file({name: rng.standard_normal((8, 256), dtype=np.float32)}, str(path / "adapter_model.safetensors"))
     return path
 
 
