@@ -12,6 +12,7 @@ imports nothing of ours.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -28,12 +29,14 @@ class EnvVar(Generic[T]):
         default: the value when it is unset or empty.
         parse: turns the text into the typed value (e.g. ``float``); a value it refuses raises ``ValueError``.
         doc: what it sets, for the table in docs and for errors.
+        shown: whether an error may show the value (False: it may carry a credential).
     """
 
     name: str
     default: T
     parse: Callable[[str], T]
     doc: str
+    shown: bool = True
 
     def get(self, env: Mapping[str, str] | None = None) -> T:
         """The value in ``env`` (default: this process's environment), or the default when unset or empty."""
@@ -43,7 +46,8 @@ class EnvVar(Generic[T]):
         try:
             return self.parse(text)
         except ValueError as exc:
-            raise ValueError(f"{self.name}={text!r} is not valid ({exc}). Fix: {self.doc}") from None
+            value = f"={text!r}" if self.shown else " (its value not shown)"
+            raise ValueError(f"{self.name}{value} is not valid ({exc}). Fix: {self.doc}") from None
 
     def is_set(self, env: Mapping[str, str] | None = None) -> bool:
         """True when the variable holds a non-empty value."""
@@ -61,6 +65,25 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _postgres_url(value: str) -> str:
+    """A shared registry's URL (registry/shared.py), refused when it carries a password: a URL shows in logs,
+    process lists and Dagster's UI."""
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("not a postgresql:// URL")
+    if re.match(r"^[a-z]+://[^:/@]*:[^@/]*@", value):
+        raise ValueError(
+            "it carries a password; put that in PGPASSWORD or a PGPASSFILE (~/.pgpass), where libpq reads it"
+        )
+    return value
+
+
+def _s3_url(value: str) -> str:
+    """An adapter store's URL (registry/objects.py)."""
+    if not value.startswith("s3://") or not value.removeprefix("s3://").split("/")[0]:
+        raise ValueError("not an s3://BUCKET/PREFIX URL; the endpoint goes in AWS_ENDPOINT_URL")
+    return value
+
+
 def _count(value: str) -> int:
     count = int(value)
     if count < 1:
@@ -76,12 +99,12 @@ REGISTRY: EnvVar[str | None] = EnvVar("LORAFOUNDRY_REGISTRY", None, _text, "the 
 #: A registry shared by several machines (registry/shared.py): ``postgresql://USER@HOST:PORT/DATABASE``, its
 #: password in ``PGPASSWORD`` or ``PGPASSFILE`` (never printed: messages mask it). Wins over LORAFOUNDRY_REGISTRY.
 REGISTRY_URL: EnvVar[str | None] = EnvVar(
-    "LORAFOUNDRY_REGISTRY_URL", None, _text, "a postgresql://USER@HOST:PORT/DATABASE URL."
+    "LORAFOUNDRY_REGISTRY_URL", None, _postgres_url, "a postgresql://USER@HOST:PORT/DATABASE URL.", shown=False
 )
 #: The adapter store several machines share (registry/objects.py): ``s3://BUCKET/PREFIX``; its endpoint and keys
 #: come from the usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws). Unset:
 #: registry rows point at adapter dirs on this machine.
-ARTIFACTS: EnvVar[str | None] = EnvVar("LORAFOUNDRY_ARTIFACTS", None, _text, "an s3://BUCKET/PREFIX URL.")
+ARTIFACTS: EnvVar[str | None] = EnvVar("LORAFOUNDRY_ARTIFACTS", None, _s3_url, "an s3://BUCKET/PREFIX URL.")
 #: The spec `workspace.yaml`'s code location loads (orchestration/definitions.py); unset: the embedded demo spec.
 SPEC: EnvVar[str | None] = EnvVar("LORAFOUNDRY_SPEC", None, _text, "the path of a spec YAML file.")
 #: Where built base models are kept between runs and homes, keyed by their recipe hash (lora_assets/builtin.py);
@@ -138,3 +161,15 @@ STATIC_MODELS: EnvVar[str] = EnvVar("LORAFOUNDRY_STATIC_MODELS", "", _text, "set
 
 #: Every variable above, by name.
 ALL: dict[str, EnvVar] = {var.name: var for var in globals().copy().values() if isinstance(var, EnvVar)}
+
+
+def problems(env: Mapping[str, str] | None = None) -> list[str]:
+    """Every variable of :data:`ALL` whose value is refused, one message each (name, reason, fix); the CLI checks
+    them all before any command runs."""
+    found = []
+    for var in ALL.values():
+        try:
+            var.get(env)
+        except ValueError as e:
+            found.append(str(e))
+    return found

@@ -45,9 +45,21 @@ app = typer.Typer(
 registry_app = typer.Typer(help="Query and manage the adapter registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 
+
 # Piped output is not squeezed to 80 columns, so tables stay one row per adapter in logs and tests.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+@app.callback()
+def _environment() -> None:
+    # Every LORAFOUNDRY_* variable is checked before any command runs: all refused values at once, exit 2.
+    problems = envs.problems()
+    if problems:
+        for problem in problems:
+            err.print(f"[red]error[/red] {escape(problem)}", highlight=False)
+        raise typer.Exit(2)
+
 
 HomeOpt = Annotated[
     Path | None,

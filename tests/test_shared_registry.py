@@ -16,12 +16,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
 from lora_assets import envs
+from orchestration.cli import app
 from registry.errors import RegistryInputError
 from registry.records import NewAdapter
 from registry.shared import SharedRegistry
 from registry.store import AdapterRegistry
+from tests.conftest import ROOT
 from tests.test_registry_security import HOSTILE_SQL, cli, make_adapter_dir, refused
 
 
@@ -59,9 +62,14 @@ def test_a_password_in_the_url_is_refused_and_never_shown(postgres, tmp_path, mo
     with pytest.raises(RegistryInputError, match="PGPASSWORD") as e:
         AdapterRegistry(url).list()
     assert postgres.password not in str(e.value) and "lorafoundry:***@" in str(e.value)
-    _use(monkeypatch, url)
-    text = refused(cli(tmp_path / "home", "list"), "PGPASSWORD")
-    assert postgres.password not in text
+    _use(monkeypatch, url)  # in the environment: every command refuses to start, exit 2, the value not shown
+    monkeypatch.setenv(envs.ARTIFACTS.name, "/not/a/bucket")
+    for args in (["registry", "list"], ["validate", str(ROOT / "examples" / "tiny.yaml")], ["stop"]):
+        res = CliRunner().invoke(app, args)
+        flat = " ".join(res.output.split())
+        assert res.exit_code == 2 and "Traceback" not in flat, res.output
+        assert f"{envs.REGISTRY_URL.name} (its value not shown)" in flat and "PGPASSWORD" in flat, flat
+        assert f"{envs.ARTIFACTS.name}='/not/a/bucket'" in flat and postgres.password not in flat, flat
 
 
 def test_a_wrong_password_or_no_server_is_a_clear_error(postgres, shared_registry, monkeypatch, tmp_path):
