@@ -242,3 +242,31 @@ def test_a_snapshot_dir_others_may_write_is_refused(shared_registry, tmp_path):
     shared.snapshot_dir.chmod(0o777)
     with pytest.raises(Exception, match="others may write"):
         shared.snapshot()
+
+
+def test_a_writer_killed_inside_its_transaction_leaves_nothing_and_frees_the_turn(postgres, shared_registry, tmp_path):
+    """SIGKILL of a writer that holds the writers' turn with a row inserted: Postgres rolls its transaction back when
+    the connection drops, the row is gone, and the next writer gets the turn at once and the next version."""
+    reg = AdapterRegistry(shared_registry)
+    reg.register(NewAdapter(name="a", path=make_adapter_dir(tmp_path / "a1"), base_model="b"))
+    script = (
+        "import sys, time\n"
+        "from registry.shared import SharedRegistry\n"
+        "def op(con):\n"
+        "    con.execute(\"INSERT INTO events VALUES (now(), 'killed', 'register', 'a', 2, '{}')\")\n"
+        "    print('inside', flush=True)\n"
+        "    time.sleep(600)\n"
+        "SharedRegistry(sys.argv[1], 60).write(op)\n"
+    )
+    env = {**os.environ, "PGPASSWORD": postgres.password}
+    proc = subprocess.Popen([sys.executable, "-c", script, shared_registry], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "inside"
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.kill()
+    started = time.monotonic()
+    rec = reg.register(NewAdapter(name="a", path=make_adapter_dir(tmp_path / "a2", seed=2), base_model="b"))
+    assert rec.version == 2 and time.monotonic() - started < 5
+    assert "killed" not in {e["actor"] for e in reg.events("a")}
