@@ -15,7 +15,9 @@ that says why; when the checks pass, the request goes on for the version the nam
 the answer's ``model`` says which version answered; a name loaded at start keeps its name while it still means the
 version loaded). Admin loads are accepted only for what the registry serves under that name, and vLLM is given
 the verified copy. ``GET /v1/adapters`` is answered here: the catalog of every version this server would serve
-(serving/catalog.py). Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds (default 2). Bodies are bounded
+(serving/catalog.py); ``GET /metrics`` (admin key) too: lorafoundry's metrics, then vLLM's, and every request
+writes one access-log line (serving/observe.py). Lookups are cached for ``LORAFOUNDRY_RESOLVE_TTL_S`` seconds
+(default 2). Bodies are bounded
 in size, nesting and time to arrive; the request head's time and connections per client in serving/http_limits.py.
 """
 
@@ -28,10 +30,13 @@ import logging
 import time
 from pathlib import Path
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from lora_assets import envs
 from registry.errors import RegistryError, RegistryInputError
 from registry.rules import parse_ref
 from serving.catalog import catalog
+from serving.observe import Exchange, metrics_text
 from serving.resolver import AdapterResolver, Refusal, registry_refusal
 from serving.settings import BODY_TIMEOUT_S, ServerSettings
 
@@ -39,7 +44,8 @@ log = logging.getLogger(f"vllm.lorafoundry.{__name__}")  # under "vllm": kept an
 
 #: Every route the server answers, and who may call it: `open` (anyone), `client` (the client key when one is
 #: set), `catalog` (client key; answered here, serving/catalog.py), `model` (client key, and the body's model is
-#: checked), `admin` (client key and the admin key).
+#: checked), `admin` (client key and the admin key), `metrics` (client key and the admin key; answered here:
+#: serving/observe.py's metrics, then vLLM's own).
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/health"): "open",
     ("GET", "/v1/models"): "client",
@@ -48,6 +54,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/completions"): "model",
     ("POST", "/v1/load_lora_adapter"): "admin",
     ("POST", "/v1/unload_lora_adapter"): "admin",
+    ("GET", "/metrics"): "metrics",
 }
 #: Largest `n` / `best_of` a request may ask for (each choice is a full generation).
 MAX_CHOICES = 16
@@ -59,11 +66,15 @@ MAX_JSON_DEPTH = 64
 
 
 async def _send_json(send, status: int, body: bytes) -> None:
+    await _send(send, status, body, "application/json")
+
+
+async def _send(send, status: int, body: bytes, content_type: str) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -93,18 +104,28 @@ class LoraFoundryGuard:
         kind = ROUTES.get((method, path))
         if kind == "open":
             return await self.app(scope, receive, send)
+        exchange = Exchange(method, path[:200])
+        try:
+            await self._handle(kind, scope, receive, exchange.wrap(send), exchange)
+        finally:
+            exchange.finish()
+
+    async def _handle(self, kind: str | None, scope, receive, send, exchange: Exchange) -> None:
+        path, method = scope.get("path", ""), scope.get("method", "")
         refusal = self._check_caller(kind, method, path, dict(scope.get("headers") or []))
         if refusal:
-            return await self._refuse(send, refusal)
+            return await self._refuse(send, refusal, exchange)
         if kind == "catalog":
             return await self._catalog(scope, send)
+        if kind == "metrics":
+            return await self._metrics(scope, send)
         if path == "/v1/models":
             return await self._models(scope, send)
         if kind == "client" or self.resolver is None:
             return await self.app(scope, receive, send)
-        payload = await self._checked_payload(kind, path, receive)
+        payload = await self._checked_payload(kind, path, receive, exchange)
         if isinstance(payload, Refusal):
-            return await self._refuse(send, payload)
+            return await self._refuse(send, payload, exchange)
         return await self._forward(scope, receive, send, payload)
 
     def _check_caller(self, kind: str | None, method: str, path: str, headers: dict) -> Refusal | None:
@@ -121,9 +142,9 @@ class LoraFoundryGuard:
             headers.get(b"authorization", b""), b"Bearer " + self.api_key.encode()
         ):
             return Refusal(401, "AuthenticationError", "missing or wrong API key (Authorization: Bearer …).", None)
-        return self._check_admin_key(headers) if kind == "admin" else None
+        return self._check_admin_key(headers) if kind in ("admin", "metrics") else None
 
-    async def _checked_payload(self, kind: str, path: str, receive) -> dict | Refusal:
+    async def _checked_payload(self, kind: str, path: str, receive, exchange: Exchange) -> dict | Refusal:
         """The request body as vLLM should get it (model names resolved), or why it is refused."""
         body = await _read_body(receive)
         if isinstance(body, Refusal):
@@ -138,7 +159,7 @@ class LoraFoundryGuard:
             return Refusal(
                 400, "BadRequestError", f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels.", None
             )
-        return await (self._admin(path, payload) if kind == "admin" else self._model(payload))
+        return await (self._admin(path, payload) if kind == "admin" else self._model(payload, exchange))
 
     async def _forward(self, scope, receive, send, payload: dict) -> None:
         """Pass the request on with exactly what was checked: the parsed and re-serialized body (no duplicate keys,
@@ -190,9 +211,23 @@ class LoraFoundryGuard:
         data = (models or {}).get("data", [])
         return {m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)}
 
+    async def _metrics(self, scope, send) -> None:
+        """``GET /metrics``: lorafoundry's metrics (serving/observe.py), then vLLM's own, in Prometheus' text format."""
+        status, vllm = await self._inner_get(scope, "/metrics")
+        await _send(send, 200, metrics_text() + (vllm if status == 200 else b""), CONTENT_TYPE_LATEST)
+
     async def _inner_models(self, scope) -> tuple[int, dict | None]:
         """vLLM's own ``GET /v1/models`` (status, parsed body), asked in-process with the caller's headers."""
-        inner = {**scope, "method": "GET", "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b""}
+        status, body = await self._inner_get(scope, "/v1/models")
+        try:
+            models = json.loads(body) if status == 200 else None
+        except ValueError:
+            return status, None
+        return status, models if isinstance(models, dict) else None
+
+    async def _inner_get(self, scope, path: str) -> tuple[int, bytes]:
+        """vLLM's own answer to ``GET path`` (status, body), asked in-process with the caller's headers."""
+        inner = {**scope, "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b""}
         status, chunks = 0, []
 
         async def receive():
@@ -206,14 +241,12 @@ class LoraFoundryGuard:
                 chunks.append(message.get("body", b""))
 
         await self.app(inner, receive, collect)
-        try:
-            models = json.loads(b"".join(chunks)) if status == 200 else None
-        except ValueError:
-            return status, None
-        return status, models if isinstance(models, dict) else None
+        return status, b"".join(chunks)
 
     @staticmethod
-    async def _refuse(send, refusal: Refusal) -> None:
+    async def _refuse(send, refusal: Refusal, exchange: Exchange | None = None) -> None:
+        if exchange is not None:
+            exchange.refused(refusal.status, refusal.type)
         await _send_json(send, refusal.status, refusal.body())
 
     def _check_admin_key(self, headers: dict) -> Refusal | None:
@@ -226,7 +259,7 @@ class LoraFoundryGuard:
             )
         return None
 
-    async def _model(self, payload: dict) -> dict | Refusal:
+    async def _model(self, payload: dict, exchange: Exchange) -> dict | Refusal:
         """Check a generation request: `n`/`best_of` bounds, and the model it names (see the module doc)."""
         for field in ("n", "best_of"):
             value = payload.get(field)
@@ -239,13 +272,16 @@ class LoraFoundryGuard:
                     field,
                 )
         model = payload.get("model")
+        exchange.asked = model if isinstance(model, str) else None
         if model is None or model == self.base_name:
+            exchange.resolved(self.base_name)
             return payload
         if not isinstance(model, str):
             return Refusal(400, "InvalidModelName", "model must be a string.")
         rec = await asyncio.to_thread(self.resolver.resolve, model)
         if isinstance(rec, Refusal):
             return rec
+        exchange.resolved(rec.name, rec.version, rec.adapter_sha256)
         if self.held.get(model) == rec.version:  # loaded under this name, and it still means that version
             return payload
         return {**payload, "model": f"{rec.name}@{rec.version}"}

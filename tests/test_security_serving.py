@@ -55,6 +55,9 @@ def test_every_vllm_route_is_allowlisted_or_closed(vllm_server, session_home, se
     assert {("POST", "/v1/messages"), ("POST", "/invocations"), ("POST", "/tokenize")} <= routes  # the inventory
     own = {route for route, kind in ROUTES.items() if kind == "catalog"}  # answered by the guard, not vLLM
     assert own == {("GET", "/v1/adapters")} and own.isdisjoint(routes)  # and it shadows no vLLM route
+    # GET /metrics is answered by the guard too, behind the admin key (vLLM's own metrics follow lorafoundry's)
+    assert {r for r, kind in ROUTES.items() if kind == "metrics"} == {("GET", "/metrics")}
+    assert httpx.get(f"{url}/metrics", timeout=30).status_code == 401
     assert set(ROUTES) - own <= routes | {("GET", "/health")}, set(ROUTES) - routes  # no phantom allowlist entries
     closed = sorted(routes - set(ROUTES))
     assert len(closed) > 20, closed
@@ -71,7 +74,8 @@ def test_every_vllm_route_is_allowlisted_or_closed(vllm_server, session_home, se
         ("POST", "/score"),
         ("POST", "/detokenize"),
         ("POST", "/scale_elastic_ep"),
-        ("GET", "/metrics"),
+        ("GET", "/metrics/"),
+        ("POST", "/metrics"),
         ("GET", "/openapi.json"),
         ("HEAD", "/health"),
         ("POST", "/v1/models"),

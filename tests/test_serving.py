@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -124,6 +126,75 @@ def _pad_rank(adapter_dir, r: int) -> None:
 
 def _post(url: str, path: str, body: dict, **headers) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
+
+
+def test_metrics_and_access_log_on_the_running_server(vllm_server, session_home):
+    """`GET /metrics` (admin key) counts each request under the adapter name and the registry version it was
+    answered with, its tokens as the answers report them (a streamed one too) and its latency, followed by vLLM's
+    own metrics; each request writes one JSON access-log line with the same facts and no prompt text or key."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from registry.store import AdapterRegistry
+    from tests.conftest import ADMIN_KEY
+
+    url = vllm_server["url"]
+    champion = AdapterRegistry(session_home / "registry.duckdb").champion("categories")
+
+    def scrape() -> dict[tuple, float]:
+        r = httpx.get(f"{url}/metrics", headers={"X-Admin-Key": ADMIN_KEY}, timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:200]
+        assert "vllm:" in r.text  # vLLM's own metrics follow
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+            if s.name.startswith("lorafoundry_")
+        }
+
+    log = session_home / "logs" / "vllm-deployment.log"  # the deployment asset's server
+    offset = log.stat().st_size
+    before = scrape()
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    secret = "do not log this prompt"
+    for model in ("categories", f"categories@{champion.version}"):
+        r = _post(url, "/v1/completions", {"model": model, "prompt": PROMPTS[1] + secret, "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        for k in usage:
+            usage[k] += r.json()["usage"][k]
+    stream = {
+        "model": "categories", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 8,
+        "messages": [{"role": "user", "content": QUESTIONS[0] + secret}],
+    }  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=stream, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for k in usage:
+        usage[k] += chunks[-1]["usage"][k]
+    assert _post(url, "/v1/completions", {"model": "no-such-adapter", "prompt": "hi"}).status_code == 404
+    time.sleep(0.5)  # the last line reaches the log file
+    after = scrape()
+    got = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+    def at(name: str, **labels: str) -> float:
+        return got.get((name, tuple(sorted(labels.items()))), 0)
+
+    adapter = {"model": "categories", "version": str(champion.version)}
+    assert at("lorafoundry_requests_total", route="/v1/completions", status="200", **adapter) == 2
+    assert at("lorafoundry_requests_total", route="/v1/chat/completions", status="200", **adapter) == 1
+    assert at("lorafoundry_prompt_tokens_total", **adapter) == usage["prompt_tokens"]
+    assert at("lorafoundry_completion_tokens_total", **adapter) == usage["completion_tokens"]
+    assert at("lorafoundry_request_duration_seconds_count", **adapter) == 3
+    assert at("lorafoundry_time_to_first_token_seconds_count", **adapter) == 3
+    assert at("lorafoundry_refusals_total", status="404", type="NotFoundError") >= 1
+
+    with log.open() as f:
+        f.seek(offset)
+        text = f.read()
+    lines = [json.loads(line.split("] access ", 1)[1]) for line in text.splitlines() if "] access {" in line]
+    ours = [entry for entry in lines if entry["route"] in ("/v1/completions", "/v1/chat/completions")]
+    assert [(e["resolved"], e["status"]) for e in ours] == [(f"categories@{champion.version}", 200)] * 3 + [(None, 404)]
+    assert all(e["sha256"] == champion.adapter_sha256[:12] for e in ours[:3])
+    assert sum(e["completion_tokens"] for e in ours[:3]) == usage["completion_tokens"]
+    assert secret not in text and ADMIN_KEY not in text
 
 
 def test_adapter_endpoints_need_the_admin_key(vllm_server, session_home):

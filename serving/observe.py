@@ -1,0 +1,166 @@
+"""What an operator sees of the running server: Prometheus metrics per adapter version and one JSON access-log line
+per request, both written by the guard (serving/guard.py), which alone knows which registry version a request was
+answered with.
+
+Metrics (``GET /metrics``, admin key; vLLM's own metrics follow ours in the same answer):
+
+- ``lorafoundry_requests_total{route, model, version, status}``: every request the guard passed on or refused on a
+  model route; ``model`` and ``version`` are what the registry resolved (the base: its served name, version ``""``),
+  never the text a client sent: a refused name is counted under ``model="-"``, so hostile names cannot grow the
+  label set;
+- ``lorafoundry_refusals_total{status, type}``: every refusal on any route (401, 403, 404, 408, 409, 413, ...), by
+  its HTTP status and OpenAI error type; ``lorafoundry_integrity_refusals_total`` those whose weights failed their
+  sha256 (a subset, for alerting);
+- ``lorafoundry_prompt_tokens_total`` / ``lorafoundry_completion_tokens_total{model, version}``: from each answer's
+  ``usage`` (a streamed answer reports it when the client asks for ``stream_options: {include_usage: true}``);
+- ``lorafoundry_time_to_first_token_seconds`` / ``lorafoundry_request_duration_seconds{model, version}``: the time
+  from the request's head to the first and to the last byte of the answer.
+
+The access log (logger ``vllm.lorafoundry.access``, so it lands in vLLM's log) writes one line ``access {json}`` per
+request: time, method, route, status, the model as asked (cut to 100 characters), ``name@version`` and the first 12
+hex digits of the sha256 it resolved to, the process (``replica``), tokens, latency and time to first token. Never
+a key, a header or prompt text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+access_log = logging.getLogger("vllm.lorafoundry.access")
+
+#: lorafoundry's own metrics; not prometheus_client's default registry, which vLLM may run in multiprocess mode.
+REGISTRY = CollectorRegistry(auto_describe=True)
+_ADAPTER = ("model", "version")
+#: Latency buckets (seconds): from a cached short answer on a GPU to a long CPU generation.
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+
+REQUESTS = Counter(
+    "lorafoundry_requests", "Requests on model routes", ("route", *_ADAPTER, "status"), registry=REGISTRY
+)
+REFUSALS = Counter("lorafoundry_refusals", "Requests refused by the guard", ("status", "type"), registry=REGISTRY)
+INTEGRITY_REFUSALS = Counter(
+    "lorafoundry_integrity_refusals", "Requests refused because weights failed their sha256", registry=REGISTRY
+)
+PROMPT_TOKENS = Counter("lorafoundry_prompt_tokens", "Prompt tokens answered", _ADAPTER, registry=REGISTRY)
+COMPLETION_TOKENS = Counter("lorafoundry_completion_tokens", "Completion tokens generated", _ADAPTER, registry=REGISTRY)
+FIRST_TOKEN = Histogram(
+    "lorafoundry_time_to_first_token_seconds", "Request head to the answer's first byte", _ADAPTER,
+    buckets=_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+DURATION = Histogram(
+    "lorafoundry_request_duration_seconds", "Request head to the answer's last byte", _ADAPTER,
+    buckets=_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+
+#: How much of a non-streamed answer is kept to read its ``usage`` (an answer is far smaller).
+_MAX_KEPT = 1 << 20
+
+
+def metrics_text() -> bytes:
+    """lorafoundry's metrics in Prometheus' text format."""
+    return generate_latest(REGISTRY)
+
+
+@dataclass
+class Exchange:
+    """One request as the guard sees it, from its head to its answer's last byte."""
+
+    method: str
+    route: str
+    started: float = field(default_factory=time.monotonic)
+    asked: str | None = None  # the model as the client sent it
+    model: str = "-"  # what it resolved to: adapter name or the base's served name
+    version: str = ""
+    sha256: str = ""
+    status: int = 0
+    refusal_type: str | None = None
+    first_byte: float | None = None
+    usage: dict = field(default_factory=dict)
+    _kept: list[bytes] = field(default_factory=list)
+    _kept_size: int = 0
+
+    def resolved(self, model: str, version: int | str = "", sha256: str = "") -> None:
+        self.model, self.version, self.sha256 = model, str(version), sha256
+
+    def refused(self, status: int, kind: str) -> None:
+        self.status, self.refusal_type = status, kind
+
+    def wrap(self, send):
+        """``send`` that also notes the answer's status, its first byte and its ``usage``."""
+
+        async def observed(message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if self.first_byte is None and chunk:
+                    self.first_byte = time.monotonic()
+                if self._kept_size + len(chunk) <= _MAX_KEPT:
+                    self._kept.append(chunk)
+                    self._kept_size += len(chunk)
+            await send(message)
+
+        return observed
+
+    def finish(self) -> None:
+        """Count the request in the metrics and write its access-log line."""
+        ended = time.monotonic()
+        self.usage = _usage(b"".join(self._kept)) if self.status == 200 else {}
+        labels = (self.model, self.version)
+        if self.refusal_type is not None:
+            REFUSALS.labels(str(self.status), self.refusal_type).inc()
+            if self.refusal_type == "AdapterIntegrityError":
+                INTEGRITY_REFUSALS.inc()
+        if self.route in ("/v1/completions", "/v1/chat/completions"):
+            REQUESTS.labels(self.route, *labels, str(self.status)).inc()
+            if self.status == 200:
+                PROMPT_TOKENS.labels(*labels).inc(_count(self.usage.get("prompt_tokens")))
+                COMPLETION_TOKENS.labels(*labels).inc(_count(self.usage.get("completion_tokens")))
+                DURATION.labels(*labels).observe(ended - self.started)
+                if self.first_byte is not None:
+                    FIRST_TOKEN.labels(*labels).observe(self.first_byte - self.started)
+        access_log.info("access %s", json.dumps(self._line(ended), separators=(",", ":")))
+
+    def _line(self, ended: float) -> dict:
+        return {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "method": self.method,
+            "route": self.route,
+            "status": self.status,
+            "model": self.asked[:100] if isinstance(self.asked, str) else None,
+            "resolved": f"{self.model}@{self.version}" if self.version else (None if self.model == "-" else self.model),
+            "sha256": self.sha256[:12] or None,
+            "replica": os.getpid(),
+            "prompt_tokens": self.usage.get("prompt_tokens"),
+            "completion_tokens": self.usage.get("completion_tokens"),
+            "latency_s": round(ended - self.started, 4),
+            "ttft_s": None if self.first_byte is None else round(self.first_byte - self.started, 4),
+            "refusal": self.refusal_type,
+        }
+
+
+def _usage(body: bytes) -> dict:
+    """The ``usage`` of an OpenAI answer: a JSON object, or server-sent events whose last ``usage`` counts."""
+    try:
+        if body.lstrip().startswith(b"{"):
+            usage = json.loads(body).get("usage")
+            return usage if isinstance(usage, dict) else {}
+        found: dict = {}
+        for line in body.split(b"\n"):
+            if line.startswith(b"data: {") and b'"usage"' in line:
+                usage = json.loads(line[6:]).get("usage")
+                found = usage if isinstance(usage, dict) else found
+        return found
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _count(value: object) -> int:
+    return value if type(value) is int and value >= 0 else 0

@@ -1,0 +1,100 @@
+"""serving/observe.py through the guard with a stand-in for vLLM: what a request adds to the metrics and the access
+log, that refused names never become label values, and that `usage` is read from plain and streamed answers. The
+same on the real server: tests/test_serving.py::test_metrics_and_access_log_on_the_running_server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import observe
+from tests.test_guard import app, ask, resolver  # noqa: F401  (fixtures)
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def samples() -> dict[tuple, float]:
+    """Every sample of lorafoundry's registry: (name, sorted labels) -> value."""
+    out = {}
+    for family in text_string_to_metric_families(observe.metrics_text().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before: dict, after: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+async def _answers_with_usage(scope, receive, send) -> None:
+    """Stands in for vLLM: a completion with its usage."""
+    await receive()
+    body = json.dumps({"choices": [{"text": "ok"}], "usage": USAGE}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_base_request_and_a_refused_name_in_the_metrics_and_the_log(app, caplog):  # noqa: F811
+    app.app, app.base_name = _answers_with_usage, "tiny"
+    before = samples()
+    with caplog.at_level(logging.INFO, logger="vllm.lorafoundry.access"):
+        assert ask(app, "/v1/completions", {"model": "tiny", "prompt": "secret prompt text"})[0] == 200
+        assert ask(app, "/v1/completions", {"model": "../../etc/passwd" + "x" * 500, "prompt": "hi"})[0] == 400
+        assert ask(app, "/nope", {})[0] == 404
+    got = delta(before, samples())
+
+    def at(name: str, **labels: str) -> float:
+        return got[(name, tuple(sorted(labels.items())))]
+
+    base = {"model": "tiny", "version": ""}
+    assert at("lorafoundry_requests_total", route="/v1/completions", status="200", **base) == 1
+    assert at("lorafoundry_prompt_tokens_total", **base) == 7
+    assert at("lorafoundry_completion_tokens_total", **base) == 3
+    assert at("lorafoundry_request_duration_seconds_count", **base) == 1
+    assert at("lorafoundry_time_to_first_token_seconds_count", **base) == 1
+    # the hostile name is no label value: refused requests count under model "-"
+    assert at("lorafoundry_requests_total", route="/v1/completions", status="400", model="-", version="") == 1
+    assert at("lorafoundry_refusals_total", status="400", type="InvalidModelName") == 1
+    assert at("lorafoundry_refusals_total", status="404", type="NotFoundError") == 1
+    assert not any("passwd" in str(labels) for _, labels in got)
+    lines = [json.loads(r.getMessage().removeprefix("access ")) for r in caplog.records]
+    assert [(line["route"], line["status"]) for line in lines] == [
+        ("/v1/completions", 200), ("/v1/completions", 400), ("/nope", 404)
+    ]  # fmt: skip
+    assert (lines[0]["resolved"], lines[0]["prompt_tokens"], lines[0]["completion_tokens"]) == ("tiny", 7, 3)
+    assert lines[1]["model"] == ("../../etc/passwd" + "x" * 500)[:100] and lines[1]["refusal"] == "InvalidModelName"
+    assert "secret prompt text" not in caplog.text
+
+
+def test_metrics_need_the_admin_key(app):  # noqa: F811
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    def get(headers: list) -> int:
+        sent.clear()
+        asyncio.run(app({"type": "http", "method": "GET", "path": "/metrics", "headers": headers}, receive, send))
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    assert get([]) == 401
+    assert get([(b"x-admin-key", b"wrong")]) == 403
+    assert get([(b"x-admin-key", b"admin")]) == 200
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert b"lorafoundry_requests_total" in body or b"lorafoundry_refusals_total" in body
+
+
+def test_usage_is_read_from_plain_and_streamed_answers():
+    assert observe._usage(json.dumps({"usage": USAGE}).encode()) == USAGE
+    stream = b"".join(
+        f"data: {json.dumps(chunk)}\n\n".encode()
+        for chunk in ({"choices": [{"text": "a"}]}, {"choices": [], "usage": USAGE})
+    )
+    assert observe._usage(stream + b"data: [DONE]\n\n") == USAGE
+    assert observe._usage(b"not json") == {} and observe._usage(b'{"usage": "x"}') == {}
