@@ -19,6 +19,9 @@ os.environ[envs.ADMIN_KEY.name] = ADMIN_KEY  # the session's vLLM server guards 
 # short limits on slow clients, so that tests/test_fault_isolation.py sees them pass in seconds (defaults 10 and 30)
 os.environ[envs.HEAD_TIMEOUT_S.name] = "4"
 os.environ[envs.BODY_TIMEOUT_S.name] = "6"
+# the guard's lookup cache: 1 s instead of 2, so that the tests that wait for a registry change to reach the session's
+# server wait half as long
+os.environ[envs.RESOLVE_TTL_S.name] = "1"
 # built bases (builtin:tiny's pretraining, the SmolLM2 conversion) outlive the run in the user's cache dir, keyed by
 # their recipe; set the variable to use another dir. An empty cache (a clean CI machine) is filled by the first build.
 os.environ.setdefault(
@@ -154,7 +157,12 @@ def served_registry(vllm_server, session_home):
         f"{v.name}@{v.version}: {v.detail}" for r in reg.servable() for v in reg.verify(r.name, r.version) if not v.ok
     ]
     assert not bad, f"the test left served weights changed: {bad}"
-    time.sleep(envs.RESOLVE_TTL_S.get())  # the guard's lookup cache forgets what the test saw
+    lookup_cache_expired()  # the guard's lookup cache forgets what the test saw
+
+
+def lookup_cache_expired() -> None:
+    """Wait until the session server's guard has forgotten every lookup made so far (LORAFOUNDRY_RESOLVE_TTL_S)."""
+    time.sleep(envs.RESOLVE_TTL_S.get() + 0.5)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import lookup_cache_expired
 from tests.test_security_serving import _flip_last_byte, _register_copy
 from tests.test_serving import PROMPTS, _post, complete
 
@@ -56,7 +57,7 @@ def test_a_changed_verified_copy_is_staged_again_and_the_server_stays_up(
     staged = Home.at(session_home).verified / sen.adapter_sha256
     _evict(url, copies, prompt)
     _flip_staged(staged)
-    time.sleep(2.5)  # the guard's lookup cache: the next request checks the copy
+    lookup_cache_expired()  # the guard's lookup cache: the next request checks the copy
     assert complete(url, "sentiment", prompt) == before["sentiment"]
     assert staged_intact(staged)
     for model, answer in before.items():

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import lookup_cache_expired
 from tests.test_serving import PROMPTS, _copy_adapter, _post, complete
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_admin_load_takes_only_what_the_registry_serves(vllm_server, served_regi
     champion = reg.champion("categories")
     old = _register_copy(reg, champion, session_home / "adapters" / "test-copies" / "admin-archived")
     reg.archive("categories", old.version)
-    time.sleep(2.5)  # the guard's lookup cache
+    lookup_cache_expired()  # the guard's lookup cache
     before = complete(url, "categories", PROMPTS[0])
     r = _post(
         url, "/v1/load_lora_adapter", {"lora_name": "categories", "lora_path": old.path, "load_inplace": True}, **admin
@@ -163,7 +163,7 @@ def test_tampered_weights_are_never_served_after_eviction(vllm_server, served_re
     try:
         for c in copies:  # the copies take every slot of vLLM's LoRA caches: sentiment is evicted
             assert complete(url, f"categories@{c.version}", prompt)
-        time.sleep(2.5)  # the guard's lookup cache
+        lookup_cache_expired()  # the guard's lookup cache
         for model in ("sentiment", f"sentiment@{sen.version}", "sentiment:champion"):
             r = _post(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8})
             assert (r.status_code, r.json()["error"]["type"]) == (409, "AdapterIntegrityError"), (model, r.text)
@@ -171,7 +171,7 @@ def test_tampered_weights_are_never_served_after_eviction(vllm_server, served_re
         assert "CHANGED" in res.output, res.output
     finally:
         weights.write_bytes(original)  # the owner puts the bytes back: served again, from a checked copy
-    time.sleep(2.5)
+    lookup_cache_expired()
     assert complete(url, "sentiment", prompt) == before
     loads_after = log.read_text(errors="replace").count(f"(sha256 {sen.adapter_sha256})")
     assert loads_after > loads_before, "the evicted adapter was reloaded without the worker's check"

@@ -11,6 +11,7 @@ import pytest
 from openai import OpenAI
 
 from lora_assets import envs
+from tests.conftest import lookup_cache_expired
 
 pytestmark = pytest.mark.slow
 
@@ -280,7 +281,6 @@ def test_aliases_follow_moves_and_archived_versions_stop_answering(
 ):
     """`name:ALIAS` answers with the version the alias points at now (the answer's model names it), and a version
     archived after it was loaded is refused, both within the guard's cache time."""
-    import time
 
     from registry.records import NewAdapter
 
@@ -314,13 +314,13 @@ def test_aliases_follow_moves_and_archived_versions_stop_answering(
     assert r.status_code == 200, r.text
     assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{a.version}", as_a)
     reg.set_alias("categories", "canary", b.version)
-    time.sleep(2.5)  # the guard's lookup cache (LORAFOUNDRY_RESOLVE_TTL_S, 2 s)
+    lookup_cache_expired()  # the guard's lookup cache
     r = ask("categories:canary")
     assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"categories@{b.version}", as_b)
 
     assert ask(f"categories@{a.version}").status_code == 200  # loaded in vLLM now
     reg.archive("categories", a.version)
-    time.sleep(2.5)
+    lookup_cache_expired()
     r = ask(f"categories@{a.version}")
     assert (r.status_code, r.json()["error"]["type"]) == (403, "AdapterNotServable"), r.text
     assert complete(url, "categories", prompt) == as_a  # the champion is untouched
@@ -395,7 +395,7 @@ def test_sixteen_clients_for_twenty_seconds_get_their_solo_answers(vllm_server, 
     every greedy answer equals the one the same request gets alone.
 
     What is checked is each answer against its solo answer, over more than 100 requests in mixed batches; a longer
-    run only adds samples of the same thing. 20 s still spans ten expiries of the guard's 2 s lookup cache
+    run only adds samples of the same thing. 20 s still spans twenty expiries of the guard's 1 s lookup cache
     (LORAFOUNDRY_RESOLVE_TTL_S), so the registry-resolved names are looked up again under load many times."""
     import random
     import time

@@ -33,7 +33,7 @@ from tests.test_serving import PROMPTS, _copy_adapter, _post, complete
 pytestmark = pytest.mark.slow
 
 #: B's resolve interval (LORAFOUNDRY_RESOLVE_TTL_S): how long a change on A may take to reach B's answers.
-RESOLVE_S = 2.0
+RESOLVE_S = 1.0
 
 
 class Team(NamedTuple):
