@@ -159,7 +159,9 @@ class LoraFoundryGuard:
             return Refusal(
                 400, "BadRequestError", f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels.", None
             )
-        return await (self._admin(path, payload) if kind == "admin" else self._model(payload, exchange))
+        if kind == "admin":
+            return await self._admin(path, payload, exchange)
+        return await self._model(payload, exchange)
 
     async def _forward(self, scope, receive, send, payload: dict) -> None:
         """Pass the request on with exactly what was checked: the parsed and re-serialized body (no duplicate keys,
@@ -286,7 +288,7 @@ class LoraFoundryGuard:
             return payload
         return {**payload, "model": f"{rec.name}@{rec.version}"}
 
-    async def _admin(self, path: str, payload: dict) -> dict | Refusal:
+    async def _admin(self, path: str, payload: dict, exchange: Exchange) -> dict | Refusal:
         """Admin loads take only what the registry serves under that name, from the verified store."""
         name = payload.get("lora_name")
         if not isinstance(name, str):
@@ -312,6 +314,7 @@ class LoraFoundryGuard:
                 "Fix: promote the version first (`lorafoundry registry promote`), or load it as NAME@VERSION.",
                 "lora_path",
             )
+        exchange.resolved(rec.name, rec.version, rec.adapter_sha256)
         plain = version is None and alias is None
         lora_name = name if plain else f"{rec.name}@{rec.version}"
         if plain:

@@ -14,7 +14,10 @@ Metrics (``GET /metrics``, admin key; vLLM's own metrics follow ours in the same
 - ``lorafoundry_prompt_tokens_total`` / ``lorafoundry_completion_tokens_total{model, version}``: from each answer's
   ``usage`` (a streamed answer reports it when the client asks for ``stream_options: {include_usage: true}``);
 - ``lorafoundry_time_to_first_token_seconds`` / ``lorafoundry_request_duration_seconds{model, version}``: the time
-  from the request's head to the first and to the last byte of the answer.
+  from the request's head to the first and to the last byte of the answer;
+- ``lorafoundry_adapter_loads_total{model, version, via}``: versions made known to vLLM after start-up, by the
+  registry resolver on first use (``via="registry"``, serving/vllm_plugin.py) or by an admin load (``"admin"``).
+  Evictions happen in vLLM's worker process and are not counted here.
 
 The access log (logger ``vllm.lorafoundry.access``, so it lands in vLLM's log) writes one line ``access {json}`` per
 request: time, method, route, status, the model as asked (cut to 100 characters), ``name@version`` and the first 12
@@ -48,6 +51,10 @@ REFUSALS = Counter("lorafoundry_refusals", "Requests refused by the guard", ("st
 INTEGRITY_REFUSALS = Counter(
     "lorafoundry_integrity_refusals", "Requests refused because weights failed their sha256", registry=REGISTRY
 )
+ADAPTER_LOADS = Counter(
+    "lorafoundry_adapter_loads", "Adapter versions made known to vLLM after start-up", (*_ADAPTER, "via"),
+    registry=REGISTRY,
+)  # fmt: skip
 PROMPT_TOKENS = Counter("lorafoundry_prompt_tokens", "Prompt tokens answered", _ADAPTER, registry=REGISTRY)
 COMPLETION_TOKENS = Counter("lorafoundry_completion_tokens", "Completion tokens generated", _ADAPTER, registry=REGISTRY)
 FIRST_TOKEN = Histogram(
@@ -118,6 +125,8 @@ class Exchange:
             REFUSALS.labels(str(self.status), self.refusal_type).inc()
             if self.refusal_type == "AdapterIntegrityError":
                 INTEGRITY_REFUSALS.inc()
+        if self.route == "/v1/load_lora_adapter" and self.status == 200 and self.version:
+            ADAPTER_LOADS.labels(*labels, "admin").inc()
         if self.route in ("/v1/completions", "/v1/chat/completions"):
             REQUESTS.labels(self.route, *labels, str(self.status)).inc()
             if self.status == 200:

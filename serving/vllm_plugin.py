@@ -121,11 +121,15 @@ def _register_resolver() -> None:
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             import asyncio
 
+            from serving.observe import ADAPTER_LOADS
             from serving.resolver import Refusal
 
             staged = await asyncio.to_thread(core.resolve_staged, lora_name)
             if isinstance(staged, Refusal):
                 return None
+            name, _, version = lora_name.rpartition("@")  # the guard asks for every version as name@VERSION
+            if name and version.isdigit():
+                ADAPTER_LOADS.labels(name, version, "registry").inc()
             # vLLM passes the base's path; /v1/models should show the served base name as the parent
             parent = core.settings.base_name or base_model_name
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(staged), base_model_name=parent)

@@ -21,7 +21,8 @@ def samples() -> dict[tuple, float]:
     out = {}
     for family in text_string_to_metric_families(observe.metrics_text().decode()):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            if not s.name.endswith("_created"):  # when each series began, not a count
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
 
 
@@ -98,3 +99,14 @@ def test_usage_is_read_from_plain_and_streamed_answers():
     )
     assert observe._usage(stream + b"data: [DONE]\n\n") == USAGE
     assert observe._usage(b"not json") == {} and observe._usage(b'{"usage": "x"}') == {}
+
+
+def test_an_accepted_admin_load_counts_as_a_load_of_its_version():
+    before = samples()
+    for status in (200, 403):
+        exchange = observe.Exchange("POST", "/v1/load_lora_adapter")
+        exchange.resolved("x", 3, "a" * 64)
+        exchange.status = status
+        exchange.finish()
+    got = delta(before, samples())
+    assert got == {("lorafoundry_adapter_loads_total", (("model", "x"), ("version", "3"), ("via", "admin"))): 1}

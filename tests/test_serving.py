@@ -129,7 +129,7 @@ def _post(url: str, path: str, body: dict, **headers) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
 
 
-def test_metrics_and_access_log_on_the_running_server(vllm_server, session_home):
+def test_metrics_and_access_log_on_the_running_server(vllm_server, served_registry, session_home):
     """`GET /metrics` (admin key) counts each request under the adapter name and the registry version it was
     answered with, its tokens as the answers report them (a streamed one too) and its latency, followed by vLLM's
     own metrics; each request writes one JSON access-log line with the same facts and no prompt text or key."""
@@ -137,6 +137,7 @@ def test_metrics_and_access_log_on_the_running_server(vllm_server, session_home)
 
     from registry.store import AdapterRegistry
     from tests.conftest import ADMIN_KEY
+    from tests.test_security_serving import _register_copy
 
     url = vllm_server["url"]
     champion = AdapterRegistry(session_home / "registry.duckdb").champion("categories")
@@ -170,6 +171,8 @@ def test_metrics_and_access_log_on_the_running_server(vllm_server, session_home)
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     for k in usage:
         usage[k] += chunks[-1]["usage"][k]
+    copy = _register_copy(served_registry, champion, session_home / "adapters" / "test-copies" / "metrics-load")
+    assert _post(url, "/v1/completions", {"model": f"categories@{copy.version}", "prompt": "hi"}).status_code == 200
     assert _post(url, "/v1/completions", {"model": "no-such-adapter", "prompt": "hi"}).status_code == 404
     time.sleep(0.5)  # the last line reaches the log file
     after = scrape()
@@ -186,13 +189,17 @@ def test_metrics_and_access_log_on_the_running_server(vllm_server, session_home)
     assert at("lorafoundry_request_duration_seconds_count", **adapter) == 3
     assert at("lorafoundry_time_to_first_token_seconds_count", **adapter) == 3
     assert at("lorafoundry_refusals_total", status="404", type="NotFoundError") >= 1
+    assert at("lorafoundry_adapter_loads_total", model="categories", version=str(copy.version), via="registry") == 1
 
     with log.open() as f:
         f.seek(offset)
         text = f.read()
     lines = [json.loads(line.split("] access ", 1)[1]) for line in text.splitlines() if "] access {" in line]
     ours = [entry for entry in lines if entry["route"] in ("/v1/completions", "/v1/chat/completions")]
-    assert [(e["resolved"], e["status"]) for e in ours] == [(f"categories@{champion.version}", 200)] * 3 + [(None, 404)]
+    assert [(e["resolved"], e["status"]) for e in ours] == [(f"categories@{champion.version}", 200)] * 3 + [
+        (f"categories@{copy.version}", 200),
+        (None, 404),
+    ]
     assert all(e["sha256"] == champion.adapter_sha256[:12] for e in ours[:3])
     assert sum(e["completion_tokens"] for e in ours[:3]) == usage["completion_tokens"]
     assert secret not in text and ADMIN_KEY not in text
