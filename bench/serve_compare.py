@@ -87,7 +87,8 @@ async def run_load(url: str, models: list[str], clients: int, seconds: float, to
     wall = time.perf_counter() - t0
     await client.close()
     latencies.sort()
-    return {"tok_s": done_tokens / wall, "p50": statistics.median(latencies), "requests": len(latencies)}
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return {"tok_s": done_tokens / wall, "p50": statistics.median(latencies), "p99": p99, "requests": len(latencies)}
 
 
 def main() -> None:

@@ -389,6 +389,18 @@ class ServingSpec(_Strict):
     )
     kv_cache_gib: int = Field(1, gt=0, le=4096, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     startup_timeout_s: int = Field(300, gt=0, le=86_400, description="How long to wait for the server to answer.")
+    replicas: int = Field(
+        1,
+        gt=0,
+        le=64,
+        description="vLLM processes `lorafoundry serve` starts; above 1 they listen on loopback, each on its share "
+        "of the CPUs, behind vllm-router, and `host`:`port` is the guard in front of them (serving/fleet.py).",
+    )
+    router_policy: Literal["consistent_hash", "round_robin", "power_of_two", "random"] = Field(
+        "consistent_hash",
+        description="How vllm-router spreads requests over the replicas: `consistent_hash` keeps each adapter "
+        "version on one replica (fewer loads and evictions); the others ignore the adapter.",
+    )
 
 
 class PipelineSpec(_Strict):

@@ -291,6 +291,15 @@ def serve(
             "to vLLM through its environment, never on the command line.",
         ),
     ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="vLLM replicas behind vllm-router, each on its share of the CPUs; the port is then the guard in "
+            "front of them (default: serving.replicas in the spec, 1).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the base model and each adapter name's champion (else latest candidate) until Ctrl-C or SIGTERM;
     other registered versions load on first use as NAME@VERSION or NAME:ALIAS."""
@@ -301,6 +310,8 @@ def serve(
         os.environ[envs.API_KEY.name] = api_key
     s = _load(spec)
     h = _home(home)
+    if (replicas or s.serving.replicas) > 1:
+        return _serve_fleet(s, h, port, replicas or s.serving.replicas)
     try:
         server, names = start_server(s, h, port)
     except ServerError as e:
@@ -308,6 +319,58 @@ def serve(
         raise typer.Exit(1) from None
     out.print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible); Ctrl-C stops")
     _serve_until_signal(server)
+    out.print("stopped")
+
+
+def _serve_fleet(spec: PipelineSpec, home: Path, port: int | None, replicas: int) -> None:
+    """`serve --replicas N`: N vLLM replicas and vllm-router on loopback, the guard on the public port
+    (serving/fleet.py, serving/front.py), until Ctrl-C or SIGTERM; a replica that dies is restarted."""
+    import logging
+    import socket
+
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from serving import http_limits
+    from serving.fleet import Fleet
+    from serving.front import front_app
+    from serving.launch import ServerError, plan_server
+
+    plan = plan_server(spec, home, port)
+    for line in plan.left_out:
+        err.print(f"left out {line}", highlight=False, markup=False)
+    logs = Home.at(home).logs
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "front.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    front_log = logging.getLogger("vllm.lorafoundry")  # the guard's and the access log's logger, as in vLLM
+    front_log.addHandler(handler)
+    front_log.setLevel(logging.INFO)
+    err.print(f"starting {replicas} replicas: " + " ".join(plan.cmd), highlight=False, markup=False)
+    try:
+        fleet = Fleet(plan, replicas, logs, spec.serving.router_policy).start(spec.serving.startup_timeout_s)
+    except ServerError as e:
+        err.print(f"[red]vLLM failed to start[/red]\n{e}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    try:
+        port = port or spec.serving.port
+        sock = socket.create_server((spec.serving.host, port))  # bound and listening before we say so
+        http_limits.apply(H11Protocol)
+        config = uvicorn.Config(
+            front_app(fleet, plan.env), log_level="warning", lifespan="on", http="h11", timeout_keep_alive=5
+        )
+        names = ", ".join(plan.names)
+        out.print(
+            f"serving {names} at http://{spec.serving.host}:{port}/v1 (OpenAI-compatible; {replicas} replicas "
+            f"behind vllm-router at {fleet.router_url}); Ctrl-C stops"
+        )
+        # uvicorn restores the handlers it found and raises the signal again once it has shut down: with the
+        # default handler there, SIGTERM would end this process before the replicas are stopped
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: None)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        fleet.stop()
     out.print("stopped")
 
 

@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -83,13 +84,15 @@ async def _send(send, status: int, body: bytes, content_type: str) -> None:
 class LoraFoundryGuard:
     """ASGI middleware in front of vLLM: the route allowlist, both keys, and registry checks on model names."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, env: Mapping[str, str] | None = None) -> None:
+        """``env``: where the keys and the server's settings are read (default: this process's environment, as
+        in vLLM's process; the fleet's front passes the replicas' environment)."""
         self.app = app
-        self.admin_key = envs.ADMIN_KEY.get() or ""
+        self.admin_key = envs.ADMIN_KEY.get(env) or ""
         # vLLM's own API-key check runs after this middleware, and only under /v1: check the client key here on
         # every route, so that a client without it learns nothing about the registry and causes no lookups
-        self.api_key = envs.VLLM_API_KEY.get() or ""
-        settings = ServerSettings.from_env()
+        self.api_key = envs.VLLM_API_KEY.get(env) or ""
+        settings = ServerSettings.from_env(env)
         self.resolver = AdapterResolver(settings) if settings else None
         self.base_name = settings.base_name if settings else ""
         self.held = dict(settings.static_models) if settings else {}  # adapter name -> the version vLLM holds

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,6 +100,13 @@ def build_vllm_command(
     if loadable_ranks is not None:
         cmd += ["--middleware", "serving.guard.LoraFoundryGuard"]
     return cmd
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def auth_headers() -> dict[str, str]:

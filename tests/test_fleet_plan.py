@@ -1,0 +1,85 @@
+"""The fleet's pure parts: CPU shares, the replica and router command lines, the routing key, the merged replica
+metrics. The fleet itself runs on real processes in tests/test_team.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.fleet import cpu_shares, replica_command, router_command
+from serving.front import _ReplicaCollector, _routing_key
+
+
+@pytest.mark.parametrize(
+    ("cpus", "replicas", "shares"),
+    [
+        ([0, 1], 2, ["0", "1"]),
+        ([0, 1, 2, 3, 4], 2, ["0,1,2", "3,4"]),
+        ([3, 1, 2, 0], 4, ["0", "1", "2", "3"]),
+        ([0, 1], 3, ["0", "1", "0"]),  # more replicas than CPUs: shared round robin
+        ([0, 1, 2, 3], 1, ["0,1,2,3"]),
+    ],
+)
+def test_each_replica_gets_its_share_of_the_cpus(cpus, replicas, shares):
+    assert cpu_shares(cpus, replicas) == shares
+
+
+def test_replicas_listen_on_loopback_whatever_the_spec_says():
+    cmd = ["python", "-m", "vllm", "--host", "0.0.0.0", "--port", "8000", "--model", "m"]
+    assert replica_command(cmd, 41000) == ["python", "-m", "vllm", "--host", "127.0.0.1", "--port", "41000"] + [
+        "--model",
+        "m",
+    ]
+    assert cmd[4] == "0.0.0.0"  # the plan's command is not changed
+
+
+def test_the_router_listens_on_loopback_and_hashes_the_resolved_version():
+    cmd = router_command(["http://127.0.0.1:1", "http://127.0.0.1:2"], 9000, 9001)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--prometheus-host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--policy") + 1] == "consistent_hash"
+    assert cmd[cmd.index("--worker-urls") + 1 : cmd.index("--worker-urls") + 3] == [
+        "http://127.0.0.1:1",
+        "http://127.0.0.1:2",
+    ]
+    other = router_command(["u"], 1, 2, "round_robin")
+    assert other[other.index("--policy") + 1] == "round_robin"
+
+
+def test_the_routing_key_is_the_model_the_guard_passed_on():
+    assert _routing_key(json.dumps({"model": "sentiment@7", "prompt": "x"}).encode()) == "sentiment@7"
+    assert _routing_key(b'{"prompt": "x"}') == ""
+    assert _routing_key(b"not json") == ""
+    assert _routing_key(b'{"model": 5}') == ""
+
+
+REPLICA_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="base"} 2.0
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="length",model_name="base"} 7.0
+# HELP lorafoundry_requests_total Requests
+# TYPE lorafoundry_requests_total counter
+lorafoundry_requests_total{model="x",route="/v1/completions",status="200",version="1"} 3.0
+"""
+
+
+def test_replica_metrics_are_merged_under_a_replica_label():
+    """Each replica's own vLLM metrics, one family each with a `replica` label; the replicas' lorafoundry metrics
+    are left out (the public port's guard counts every request once); up and restarts per replica."""
+    registry = CollectorRegistry(auto_describe=False)
+    status = [{"replica": 0, "up": True, "restarts": 0}, {"replica": 1, "up": False, "restarts": 2}]
+    registry.register(_ReplicaCollector(status, {0: REPLICA_METRICS, 1: REPLICA_METRICS.replace("7.0", "5.0")}))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert {s.labels["replica"]: s.value for s in families["lorafoundry_replica_up"].samples} == {"0": 1.0, "1": 0.0}
+    restarts = families["lorafoundry_replica_restarts"].samples
+    assert {s.labels["replica"]: s.value for s in restarts if s.name.endswith("_total")} == {"0": 0.0, "1": 2.0}
+    done = families["vllm:request_success"].samples
+    assert {s.labels["replica"]: s.value for s in done} == {"0": 7.0, "1": 5.0}
+    assert all(s.labels["model_name"] == "base" for s in done)
+    assert "lorafoundry_requests" not in families
