@@ -11,11 +11,12 @@ other. The client is the `openai` package (AsyncOpenAI, bench/serve_compare.py's
    p50/p99 latency, windows interleaved between the two is not possible (one machine), so each runs --reps windows.
 2. **The router's cost**: base-only load (one routing key, so one replica gets it all), sent to that replica's own
    port against the fleet's public port (guard + router + the same replica), windows interleaved; goal >= 0.95x.
-3. **Adapter affinity against round robin**: 8 versions registered for the bench (copies of the categories
-   adapter with one weight changed, so 8 distinct sha256s; archived at the end), more than a replica's
-   `--max-cpu-loras` (4): the same load over the 8 versions on a fleet with `router_policy: consistent_hash` and
-   one with `round_robin`; adapter loads per 1,000 requests, counted from the replicas' logs (the plugin logs
-   every load, at start, on first use and after an eviction).
+3. **Adapter affinity against round robin**: --versions (default 6) versions registered for the bench (copies of
+   the categories adapter with one weight changed, so distinct sha256s; archived at the end), more than a
+   replica's `--max-loras` / `--max-cpu-loras` (4): the same load over them on a fleet with
+   `router_policy: consistent_hash` and one with `round_robin`; adapter loads per 1,000 requests, counted from the
+   replicas' logs (the plugin logs every load: at start, on first use and after an eviction), and how many of the
+   versions each replica loaded. `--only affinity` runs this part alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -100,9 +102,11 @@ class Serve:
 
 def warm(url: str, models: list[str], msgs) -> None:
     for m in models:
-        httpx.post(
+        r = httpx.post(
             f"{url}/v1/chat/completions", json={"model": m, "messages": msgs[0], "max_tokens": 4}, timeout=600
-        ).raise_for_status()
+        )
+        if r.status_code != 200:
+            sys.exit(f"{m}: {r.status_code} {r.text}")
 
 
 def window(url: str, models: list[str], clients: int, seconds: float, msgs) -> dict:
@@ -118,7 +122,7 @@ def successes(url: str) -> float:
 
 
 def bench_copies(home: Path, spec, n: int) -> list[str]:
-    """n versions of `fleetbench` on the demo base, each the categories champion with one weight scaled."""
+    """n versions of `fleetbench` on the demo base, each the categories champion with one weight changed."""
     from safetensors.torch import load_file, save_file
 
     from lora_assets.home import Home
@@ -128,12 +132,14 @@ def bench_copies(home: Path, spec, n: int) -> list[str]:
     src = reg.champion("categories")
     refs = []
     for i in range(n):
-        d = home / "bench-copies" / f"fleetbench-{time.time_ns()}-{i}"
+        d = home / "adapters" / "bench-copies" / f"fleetbench-{time.time_ns()}-{i}"
         d.mkdir(parents=True)
         tensors = load_file(str(Path(src.path) / "adapter_model.safetensors"))
         first = sorted(tensors)[0]
         tensors[first] = tensors[first].clone()
-        tensors[first].view(-1)[0] *= 1 + 1e-3 * (i + 1)
+        flat = tensors[first].view(-1)
+        k = random.randrange(flat.numel())  # a weight no earlier run changed (register dedupes equal bytes)
+        flat[k] = flat[k] * 1.5 + 0.01  # a change bf16 keeps
         save_file(tensors, str(d / "adapter_model.safetensors"))
         (d / "adapter_config.json").write_text((Path(src.path) / "adapter_config.json").read_text())
         rec = reg.register(
@@ -143,6 +149,7 @@ def bench_copies(home: Path, spec, n: int) -> list[str]:
             )
         )  # fmt: skip
         refs.append(f"fleetbench@{rec.version}")
+    assert len(set(refs)) == n, refs
     return refs
 
 
@@ -150,13 +157,16 @@ def log_sizes(home: Path) -> dict[Path, int]:
     return {p: p.stat().st_size for p in (home / "logs").glob("vllm-replica-*.log")}
 
 
-def loads_since(sizes: dict[Path, int]) -> int:
-    count = 0
-    for path, size in sizes.items():
+def loads_since(sizes: dict[Path, int]) -> tuple[int, list[int]]:
+    """Adapter loads logged since ``sizes``, and how many distinct bench versions each replica loaded."""
+    count, spread = 0, []
+    for path, size in sorted(sizes.items()):
         with path.open("rb") as f:
             f.seek(size)
-            count += f.read().count(LOADED)
-    return count
+            lines = [line for line in f.read().splitlines() if LOADED in line]
+        count += len(lines)
+        spread.append(len({line.split(b"'")[1] for line in lines if b"'fleetbench@" in line}))
+    return count, spread
 
 
 def summary(rs: list[dict]) -> str:
@@ -175,15 +185,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="windows per measurement")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--port", type=int, default=8781)
+    ap.add_argument("--versions", type=int, default=6, help="bench versions for the affinity part")
+    ap.add_argument("--only", choices=["affinity"], help="run one part alone")
     args = ap.parse_args()
 
-    from lora_assets.home import Home
     from lora_assets.spec import load_spec
 
     spec = load_spec(args.spec)
-    base, names = spec.served_base_name, list(spec.adapters)
+    names = list(spec.adapters)
     msgs = prompts(args.spec.parent)
-    mixed = load_models("mixed", base, names)
     scratch = args.home / "bench-specs"
     scratch.mkdir(exist_ok=True)
     print(
@@ -192,7 +202,25 @@ def main() -> None:
         flush=True,
     )
 
-    # 1. one server on both CPUs
+    tok = lambda rs: statistics.median(r["tok_s"] for r in rs)  # noqa: E731
+    if args.only != "affinity":
+        single, two, direct, routed = throughput(args, spec, msgs, scratch)
+    affinity = adapter_affinity(args, spec, msgs, scratch)
+    print("\nratios (same run, same machine)")
+    if args.only != "affinity":
+        print(f"  2 replicas x 1 CPU / 1 server x 2 CPUs, mixed: {tok(two) / tok(single):.2f}x tokens/s")
+        ratio = tok(routed) / tok(direct)
+        print(f"  through the router / straight to the replica, base-only: {ratio:.2f}x (goal >= 0.95)")
+    print(
+        f"  adapter loads per 1,000 requests over {args.versions} versions: consistent_hash "
+        f"{affinity['consistent_hash']:.0f}, round_robin {affinity['round_robin']:.0f}"
+    )
+
+
+def throughput(args, spec, msgs, scratch: Path) -> tuple[list, list, list, list]:
+    """Parts 1 and 2: one server against the fleet on mixed load, and the router's cost on base-only load."""
+    base, names = spec.served_base_name, list(spec.adapters)
+    mixed = load_models("mixed", base, names)
     one = Serve(write_spec(spec, scratch / "one.yaml", args.port, 1, "consistent_hash"), args.home, args.port)
     print(f"\n1 server x 2 CPUs: up in {one.up_s:.0f} s", flush=True)
     try:
@@ -201,8 +229,6 @@ def main() -> None:
         print(f"  mixed: {summary(single)}", flush=True)
     finally:
         one.stop()
-
-    # 2. the fleet: mixed load, then the router's cost on base-only load
     fleet = Serve(write_spec(spec, scratch / "fleet.yaml", args.port, 2, "consistent_hash"), args.home, args.port)
     print(f"\n2 replicas x 1 CPU behind vllm-router: up in {fleet.up_s:.0f} s", flush=True)
     try:
@@ -220,10 +246,15 @@ def main() -> None:
         print(f"  base-only, through guard + router:   {summary(routed)}", flush=True)
     finally:
         fleet.stop()
+    return single, two, direct, routed
 
-    # 3. affinity against round robin, over more versions than a replica's LoRA cache holds
-    refs = bench_copies(args.home, spec, 8)
-    affinity = {}
+
+def adapter_affinity(args, spec, msgs, scratch: Path) -> dict[str, float]:
+    """Part 3: adapter loads per 1,000 requests over more versions than a replica's LoRA cache, by policy."""
+    from lora_assets.home import Home
+
+    refs = bench_copies(args.home, spec, args.versions)
+    loads = {}
     try:
         for policy in ("consistent_hash", "round_robin"):
             serve = Serve(write_spec(spec, scratch / f"{policy}.yaml", args.port, 2, policy), args.home, args.port)
@@ -231,11 +262,11 @@ def main() -> None:
                 warm(serve.url, refs, msgs)
                 sizes = log_sizes(args.home)
                 rs = [window(serve.url, refs, args.clients, args.seconds, msgs) for _ in range(args.reps)]
-                requests = sum(r["requests"] for r in rs)
-                affinity[policy] = (1000 * loads_since(sizes) / requests, rs)
+                count, spread = loads_since(sizes)
+                loads[policy] = 1000 * count / sum(r["requests"] for r in rs)
                 print(
-                    f"\n{policy}: 8 versions, {affinity[policy][0]:.0f} adapter loads per 1,000 requests; "
-                    f"{summary(rs)}",
+                    f"\n{policy}: {len(refs)} versions, {loads[policy]:.0f} adapter loads per 1,000 requests "
+                    f"(distinct versions loaded per replica: {spread}); {summary(rs)}",
                     flush=True,
                 )
             finally:
@@ -244,15 +275,7 @@ def main() -> None:
         reg = Home.at(args.home).open_registry()
         for ref in refs:
             reg.archive("fleetbench", int(ref.split("@")[1]))
-
-    tok = lambda rs: statistics.median(r["tok_s"] for r in rs)  # noqa: E731
-    print("\nratios (same run, same machine)")
-    print(f"  2 replicas x 1 CPU / 1 server x 2 CPUs, mixed: {tok(two) / tok(single):.2f}x tokens/s")
-    print(f"  through the router / straight to the replica, base-only: {tok(routed) / tok(direct):.2f}x (goal >= 0.95)")
-    print(
-        f"  adapter loads per 1,000 requests: consistent_hash {affinity['consistent_hash'][0]:.0f}, "
-        f"round_robin {affinity['round_robin'][0]:.0f}"
-    )
+    return loads
 
 
 if __name__ == "__main__":
