@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_compare import load_models, prompts, run_load  # noqa: E402 (after the path is set)
+from lora_assets import envs  # noqa: E402
 
 ADMIN = "fleet-bench-admin"
 LOADED = b"lorafoundry: loading adapter"
@@ -68,7 +69,7 @@ class Serve:
 
     def __init__(self, spec_file: Path, home: Path, port: int) -> None:
         cli = Path(sys.executable).parent / "lorafoundry"
-        env = {**os.environ, "LORAFOUNDRY_ADMIN_KEY": ADMIN, "COLUMNS": "300"}
+        env = {**os.environ, envs.ADMIN_KEY.name: ADMIN, "COLUMNS": "300"}
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [str(cli), "serve", str(spec_file), "--home", str(home)],
