@@ -13,8 +13,9 @@ The client is the `openai` package (AsyncOpenAI), not ours: closed-loop clients,
 exactly --tokens tokens (`ignore_eos`), greedy, prompts taken from the demo's data, keep-alive connections. Loads:
 `base` (every request to the base), `mixed` (half to the base, half to the adapters in equal shares) and
 `adapters` (the adapters in equal shares). Each load runs --reps times for --seconds, interleaved with the other
-loads on the same server, at each client count of --clients (default 8 and 32). With --sweep, base-only
-throughput at 4..64 clients is measured first on the plain LoRA-off server, to see where it stops growing.
+loads on the same server, at each client count of --clients (default 8 and 32). With --curve, instead, each
+server's saturating-load curve: clients from 8, doubled until throughput grows by less than 5% (or 256 clients),
+base-only on each server and mixed on the two with LoRA on.
 Tokens/s counts completion tokens over the window's wall time (in-flight requests are waited for).
 """
 
@@ -91,6 +92,24 @@ async def run_load(url: str, models: list[str], clients: int, seconds: float, to
     return {"tok_s": done_tokens / wall, "p50": statistics.median(latencies), "p99": p99, "requests": len(latencies)}
 
 
+def saturate(url: str, models: list[str], seconds: float, tokens: int, msgs, growth: float = 1.05) -> list[dict]:
+    """Throughput at 8, 16, 32 ... clients, until one doubling adds less than ``growth`` - 1 (or at 256)."""
+    rows: list[dict] = []
+    clients = 8
+    while clients <= 256:
+        r = asyncio.run(run_load(url, models, clients, seconds, tokens, msgs)) | {"clients": clients}
+        rows.append(r)
+        print(
+            f"  curve {'+'.join(sorted(set(models)))[:40]:40s} {clients:3d} clients: {r['tok_s']:6.1f} tok/s, "
+            f"p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s",
+            flush=True,
+        )
+        if len(rows) > 1 and r["tok_s"] < growth * rows[-2]["tok_s"]:
+            break
+        clients *= 2
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", type=Path, default=ROOT / "examples" / "demo.yaml")
@@ -100,7 +119,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
     ap.add_argument("--port", type=int, default=8771)
     ap.add_argument("--clients", default="8,32", help="comma-separated concurrent client counts")
-    ap.add_argument("--sweep", action="store_true", help="first measure base-only throughput at 4..64 clients")
+    ap.add_argument("--curve", action="store_true", help="saturating-load curves instead of the --clients table")
     ap.add_argument("--out", type=Path, help="write the raw results here as JSON")
     args = ap.parse_args()
 
@@ -160,12 +179,11 @@ def main() -> None:
                     headers={"Authorization": f"Bearer {envs.API_KEY.get() or 'none'}"},
                 ).raise_for_status()
             print(f"\n{label}: up in {up:.0f} s ({log.name})", flush=True)
-            if args.sweep and label == "plain vLLM, LoRA off":  # where does throughput stop growing?
-                for c in (4, 8, 16, 32, 64):
-                    r = asyncio.run(run_load(url, [base], c, args.seconds, args.tokens, msgs))
-                    print(
-                        f"  sweep base-only, {c:2d} clients: {r['tok_s']:6.1f} tok/s, p50 {r['p50']:.2f} s", flush=True
-                    )
+            if args.curve:  # where does throughput stop growing?
+                for load in loads[:2]:
+                    models = load_models(load, base, names)
+                    results.setdefault(label, {})[load] = saturate(url, models, args.seconds, args.tokens, msgs)
+                continue
             for clients in counts:
                 for rep in range(args.reps):
                     for load in loads:
@@ -178,6 +196,11 @@ def main() -> None:
                             f"p50 {r['p50']:.2f} s, {r['requests']} requests",
                             flush=True,
                         )
+
+    if args.curve:
+        if args.out:
+            args.out.write_text(json.dumps({"curve": results}, indent=1))
+        return
 
     def med(label: str, key: str) -> float:
         return statistics.median(r["tok_s"] for r in results[label][key])

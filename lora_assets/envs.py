@@ -145,6 +145,26 @@ MAX_CONNECTIONS_PER_CLIENT: EnvVar[int] = EnvVar(
     "LORAFOUNDRY_MAX_CONNECTIONS_PER_CLIENT", 64, _count, "a whole number of at least 1."
 )
 
+# --- OpenTelemetry's own variables, read to decide whether the guard traces (serving/tracing.py) -----------------
+#: Where spans go (OTLP); set, the guard writes one span per request. The SDK reads it too, as it does the rest of
+#: its ``OTEL_EXPORTER_OTLP_*`` settings (headers, timeout, certificates).
+OTEL_TRACES_ENDPOINT: EnvVar[str | None] = EnvVar(
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None, _text, "an OTLP URL, e.g. http://127.0.0.1:4318/v1/traces."
+)
+#: The OTLP endpoint of every signal (traces at ``/v1/traces`` under it); used when the traces' own is unset.
+OTEL_ENDPOINT: EnvVar[str | None] = EnvVar(
+    "OTEL_EXPORTER_OTLP_ENDPOINT", None, _text, "an OTLP base URL, e.g. http://127.0.0.1:4318."
+)
+#: ``grpc`` or ``http/protobuf`` (the default) for traces; else :data:`OTEL_PROTOCOL`.
+OTEL_TRACES_PROTOCOL: EnvVar[str | None] = EnvVar(
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", None, _text, "grpc or http/protobuf."
+)
+OTEL_PROTOCOL: EnvVar[str | None] = EnvVar("OTEL_EXPORTER_OTLP_PROTOCOL", None, _text, "grpc or http/protobuf.")
+#: The ``service.name`` of the spans.
+OTEL_SERVICE_NAME: EnvVar[str] = EnvVar("OTEL_SERVICE_NAME", "lorafoundry", _text, "a service name.")
+#: ``true`` turns traces off whatever the endpoint.
+OTEL_SDK_DISABLED: EnvVar[str] = EnvVar("OTEL_SDK_DISABLED", "false", _text, "true or false.")
+
 # --- What `plan_server` decided (written by lorafoundry into vLLM's environment; serving/settings.py) ------------
 #: Content hash of the served base; adapters of another base are refused.
 BASE_HASH: EnvVar[str] = EnvVar("LORAFOUNDRY_BASE_HASH", "", _text, "set by `lorafoundry serve`.")
@@ -156,6 +176,9 @@ ADAPTER_ROOT: EnvVar[str | None] = EnvVar("LORAFOUNDRY_ADAPTER_ROOT", None, _tex
 STAGE_DIR: EnvVar[str | None] = EnvVar("LORAFOUNDRY_STAGE_DIR", None, _text, "set by `lorafoundry serve`.")
 #: vLLM's ``--max-lora-rank``: no adapter of a higher rank is served.
 MAX_LORA_RANK: EnvVar[int] = EnvVar("LORAFOUNDRY_MAX_LORA_RANK", 16, _count, "set by `lorafoundry serve`.")
+#: Which replica of a fleet this server is (``serve --replicas N``: 0 to N-1, serving/fleet.py); its guard names it
+#: in each answer's ``X-LoraFoundry-Replica`` header and its access log. Unset: a single server.
+REPLICA: EnvVar[int | None] = EnvVar("LORAFOUNDRY_REPLICA", None, int, "set by `lorafoundry serve --replicas N`.")
 #: The adapters loaded at start, comma-separated ``name@VERSION``.
 STATIC_MODELS: EnvVar[str] = EnvVar("LORAFOUNDRY_STATIC_MODELS", "", _text, "set by `lorafoundry serve`.")
 

@@ -154,7 +154,8 @@ class Pipeline:
         """Evaluate the last trained version of one adapter job against the base."""
         job = self.jobs[key]
         clean = current_clean(self.datasets_dir, job.spec.dataset)
-        return evaluate_adapter(self.adapter_dir(key), job.spec, self.base, clean, dtype=self.spec.serving.dtype)
+        dtype = self.spec.serving.compute_dtype
+        return evaluate_adapter(self.adapter_dir(key), job.spec, self.base, clean, dtype=dtype)
 
     def register(self, key: str, run_id: str | None = None) -> AdapterRecord:
         """Register the last trained and evaluated version; `rejected` when its gate failed."""

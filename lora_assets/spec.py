@@ -401,6 +401,28 @@ class ServingSpec(_Strict):
         description="How vllm-router spreads requests over the replicas: `consistent_hash` keeps each adapter "
         "version on one replica (fewer loads and evictions); the others ignore the adapter.",
     )
+    deterministic: bool = Field(
+        False,
+        description="The same greedy answer to a request whatever else is in its batch: serve (and evaluate) in "
+        "float32. In bf16 a near-tie between the two likeliest tokens can go either way with the batch's "
+        "make-up; float32 costs throughput where bf16 is native (docs/benchmarks.md, 'Deterministic mode').",
+    )
+
+    @model_validator(mode="after")
+    def _deterministic_is_float32(self) -> ServingSpec:
+        if self.deterministic and self.dtype in ("bfloat16", "float16"):
+            raise PydanticCustomError(
+                "serving_problems",
+                "deterministic: true computes in float32, but dtype is {dtype!r}. Fix: remove dtype (or set it to "
+                "auto or float32), or set deterministic: false to serve in {dtype}.",
+                {"dtype": self.dtype},
+            )
+        return self
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype setting serving and evaluation use: `float32` when deterministic, else `dtype`."""
+        return "float32" if self.deterministic else self.dtype
 
 
 class PipelineSpec(_Strict):

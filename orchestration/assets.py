@@ -289,7 +289,9 @@ def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
         op_tags=MODEL_STEP_TAG,
         automation_condition=FOLLOW_UPSTREAM,
         code_version=code_version(
-            job.spec.max_eval_rows, job.spec.gate and job.spec.gate.model_dump(), resolve_dtype(spec.serving.dtype)
+            job.spec.max_eval_rows,
+            job.spec.gate and job.spec.gate.model_dump(),
+            resolve_dtype(spec.serving.compute_dtype),
         ),
         description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
         "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.",

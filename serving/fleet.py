@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from lora_assets import envs
 from serving.launch import ServerError, ServerPlan, VLLMServer, free_port
 
 #: How often the supervisor looks at the replicas, and the router at their ``/health`` (seconds).
@@ -131,7 +132,7 @@ class Fleet:
         try:
             for i, cpus in enumerate(shares):
                 port = free_port()
-                env = self.plan.env | {"VLLM_CPU_OMP_THREADS_BIND": cpus}
+                env = self.plan.env | {"VLLM_CPU_OMP_THREADS_BIND": cpus, envs.REPLICA.name: str(i)}
                 server = VLLMServer(
                     replica_command(self.plan.cmd, port),
                     env,

@@ -96,6 +96,7 @@ class LoraFoundryGuard:
         self.resolver = AdapterResolver(settings) if settings else None
         self.base_name = settings.base_name if settings else ""
         self.held = dict(settings.static_models) if settings else {}  # adapter name -> the version vLLM holds
+        self.replica = envs.REPLICA.get(env)  # this server's index in a fleet, None alone
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -107,7 +108,8 @@ class LoraFoundryGuard:
         kind = ROUTES.get((method, path))
         if kind == "open":
             return await self.app(scope, receive, send)
-        exchange = Exchange(method, path[:200])
+        exchange = Exchange(method, path[:200], replica=self.replica)
+        scope = exchange.traced(scope)
         try:
             await self._handle(kind, scope, receive, exchange.wrap(send), exchange)
         finally:

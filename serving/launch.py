@@ -75,7 +75,7 @@ def build_vllm_command(
         "--port",
         str(port or serving.port),
         "--dtype",
-        resolve_dtype(serving.dtype),
+        resolve_dtype(serving.compute_dtype),
         "--max-model-len",
         str(serving.max_model_len),
         "--generation-config",

@@ -21,8 +21,11 @@ Metrics (``GET /metrics``, admin key; vLLM's own metrics follow ours in the same
 
 The access log (logger ``vllm.lorafoundry.access``, so it lands in vLLM's log) writes one line ``access {json}`` per
 request: time, method, route, status, the model as asked (cut to 100 characters), ``name@version`` and the first 12
-hex digits of the sha256 it resolved to, the process (``replica``), tokens, latency and time to first token. Never
-a key, a header or prompt text.
+hex digits of the sha256 it resolved to, the fleet's replica that answered (``replica``: its index; None on a single
+server) and the process that wrote the line (``pid``), tokens, latency and time to first token. Never a key, a
+header or prompt text. A replica names itself in each answer's ``X-LoraFoundry-Replica`` header, which is how the
+fleet's public port (serving/front.py) knows which replica the router picked. With an OTLP endpoint configured, the
+same facts go into one OpenTelemetry span per request (serving/tracing.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from serving import tracing
 
 access_log = logging.getLogger("vllm.lorafoundry.access")
 
@@ -66,6 +71,9 @@ DURATION = Histogram(
     buckets=_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
 
+#: The answer header in which a fleet's replica names itself (its index).
+REPLICA_HEADER = b"x-lorafoundry-replica"
+
 #: How much of a non-streamed answer is kept to read its ``usage`` (an answer is far smaller).
 _MAX_KEPT = 1 << 20
 
@@ -90,6 +98,8 @@ class Exchange:
     refusal_type: str | None = None
     first_byte: float | None = None
     usage: dict = field(default_factory=dict)
+    replica: int | None = None  # this server's index in a fleet; at the public port, the replica that answered
+    span: object = None  # its OpenTelemetry span, when traces are on (serving/tracing.py)
     _kept: list[bytes] = field(default_factory=list)
     _kept_size: int = 0
 
@@ -99,12 +109,20 @@ class Exchange:
     def refused(self, status: int, kind: str) -> None:
         self.status, self.refusal_type = status, kind
 
+    def traced(self, scope: dict) -> dict:
+        """Start the request's span when traces are on; returns the scope to pass on (carrying the span's
+        ``traceparent``)."""
+        self.span, scope = tracing.start_span(f"{self.method} {self.route}", scope)
+        return scope
+
     def wrap(self, send):
-        """``send`` that also notes the answer's status, its first byte and its ``usage``."""
+        """``send`` that also notes the answer's status, its first byte and its ``usage``, and names the replica:
+        a fleet's replica adds its index to the answer's headers; the public port reads it from them."""
 
         async def observed(message) -> None:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
+                message = self._name_replica(message)
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
                 if self.first_byte is None and chunk:
@@ -115,6 +133,15 @@ class Exchange:
             await send(message)
 
         return observed
+
+    def _name_replica(self, start: dict) -> dict:
+        headers = list(start.get("headers") or [])
+        if self.replica is not None:
+            return {**start, "headers": [*headers, (REPLICA_HEADER, str(self.replica).encode())]}
+        named = [v for k, v in headers if k.lower() == REPLICA_HEADER]
+        if named and named[-1].isdigit() and len(named[-1]) < 6:
+            self.replica = int(named[-1])
+        return start
 
     def finish(self) -> None:
         """Count the request in the metrics and write its access-log line."""
@@ -135,7 +162,27 @@ class Exchange:
                 DURATION.labels(*labels).observe(ended - self.started)
                 if self.first_byte is not None:
                     FIRST_TOKEN.labels(*labels).observe(self.first_byte - self.started)
-        access_log.info("access %s", json.dumps(self._line(ended), separators=(",", ":")))
+        line = self._line(ended)
+        access_log.info("access %s", json.dumps(line, separators=(",", ":")))
+        if self.span is not None:
+            tracing.end_span(self.span, self._attributes(line), self.status)
+
+    def _attributes(self, line: dict) -> dict:
+        """The span's attributes: OpenTelemetry's HTTP and GenAI names where they exist, the adapter's in
+        ``lorafoundry.adapter.*``."""
+        return {
+            "http.request.method": self.method,
+            "http.route": self.route,
+            "http.response.status_code": self.status,
+            "gen_ai.request.model": line["model"],
+            "gen_ai.usage.input_tokens": line["prompt_tokens"],
+            "gen_ai.usage.output_tokens": line["completion_tokens"],
+            "lorafoundry.adapter.name": None if self.model == "-" else self.model,
+            "lorafoundry.adapter.version": self.version or None,
+            "lorafoundry.adapter.sha256": self.sha256 or None,
+            "lorafoundry.replica": self.replica,
+            "lorafoundry.refusal": self.refusal_type,
+        }
 
     def _line(self, ended: float) -> dict:
         return {
@@ -146,7 +193,8 @@ class Exchange:
             "model": self.asked[:100] if isinstance(self.asked, str) else None,
             "resolved": f"{self.model}@{self.version}" if self.version else (None if self.model == "-" else self.model),
             "sha256": self.sha256[:12] or None,
-            "replica": os.getpid(),
+            "replica": self.replica,
+            "pid": os.getpid(),
             "prompt_tokens": self.usage.get("prompt_tokens"),
             "completion_tokens": self.usage.get("completion_tokens"),
             "latency_s": round(ended - self.started, 4),

@@ -59,9 +59,20 @@ def served_spec(demo_spec):
 
 
 @pytest.fixture(scope="session")
-def materialized(session_home, served_spec):
+def trace_receiver():
+    """An OTLP/HTTP receiver for the session (tests/servers.py): the session's server sends it its spans."""
+    from tests.servers import TraceReceiver
+
+    receiver = TraceReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def materialized(session_home, served_spec, trace_receiver):
     """The whole demo asset graph materialized once through dg.materialize: real cleaning, real training on the
-    tiny base, real registry rows, and a real vLLM deployment that stays up for the session."""
+    tiny base, real registry rows, and a real vLLM deployment that stays up for the session, sending its traces
+    to ``trace_receiver`` (only the server's environment names it)."""
     import dagster as dg
 
     from orchestration.assets import build_assets
@@ -71,7 +82,10 @@ def materialized(session_home, served_spec):
     from serving import deployment
 
     try:
-        result = dg.materialize(build_assets(served_spec), resources=resources_from_env(session_home))
+        with pytest.MonkeyPatch.context() as m:  # the deployment asset starts vLLM with this environment
+            m.setenv(envs.OTEL_TRACES_ENDPOINT.name, trace_receiver.endpoint)
+            m.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export every 0.2 s, not 5 s: the tests wait for spans
+            result = dg.materialize(build_assets(served_spec), resources=resources_from_env(session_home))
         assert result.success
         export_registry(AdapterRegistry(session_home / "registry.duckdb"), session_home.parent / "demo-export")
         yield result

@@ -211,3 +211,62 @@ def scratch_dir(prefix: str) -> Path:
     root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
     return root
+
+
+class TraceReceiver:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (``POST /v1/traces``, protobuf, as an OpenTelemetry Collector's
+    ``otlp`` receiver takes it): each export is decoded with the protocol's own messages (``opentelemetry-proto``)
+    and its spans kept, for the tests of serving/tracing.py. Spans are OTLP protobuf objects."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        self.spans: list = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
+                    self.send_error(404 if self.path != "/v1/traces" else 415)
+                    return
+                request = ExportTraceServiceRequest.FromString(body)
+                with receiver._lock:
+                    for resource in request.resource_spans:
+                        for scoped in resource.scope_spans:
+                            receiver.spans.extend(scoped.spans)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, name="otlp-receiver", daemon=True).start()
+
+    def of_trace(self, trace_id: str, count: int = 1, timeout_s: float = 30) -> list:
+        """The spans of trace ``trace_id`` (32 hex digits), once at least ``count`` arrived (the exporters send
+        every few seconds)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                found = [s for s in self.spans if s.trace_id.hex() == trace_id]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -110,3 +110,65 @@ def test_an_accepted_admin_load_counts_as_a_load_of_its_version():
         exchange.finish()
     got = delta(before, samples())
     assert got == {("lorafoundry_adapter_loads_total", (("model", "x"), ("version", "3"), ("via", "admin"))): 1}
+
+
+def test_the_access_line_names_the_replica_that_answered(caplog):
+    """A fleet's replica (LORAFOUNDRY_REPLICA) names itself in its answer's headers and its log line; the public
+    port reads the name from the answer it passes on; a header that is not a small number names nothing."""
+
+    def answered(exchange: observe.Exchange, headers: list) -> tuple[list, dict]:
+        sent: list[dict] = []
+
+        async def send(message) -> None:
+            sent.append(message)
+
+        async def run() -> None:
+            wrapped = exchange.wrap(send)
+            await wrapped({"type": "http.response.start", "status": 200, "headers": headers})
+            await wrapped({"type": "http.response.body", "body": b"{}"})
+
+        with caplog.at_level(logging.INFO, logger="vllm.lorafoundry.access"):
+            caplog.clear()
+            asyncio.run(run())
+            exchange.finish()
+        return sent[0]["headers"], json.loads(caplog.records[-1].getMessage().removeprefix("access "))
+
+    headers, line = answered(observe.Exchange("GET", "/v1/models", replica=1), [])
+    assert headers == [(observe.REPLICA_HEADER, b"1")] and line["replica"] == 1
+    headers, line = answered(observe.Exchange("GET", "/v1/models"), [(b"x-lorafoundry-replica", b"1")])
+    assert line["replica"] == 1 and line["pid"] > 0
+    for hostile in (b"-1", b"1e9", b"9" * 40, b"\xd9\xa3"):
+        assert (
+            answered(observe.Exchange("GET", "/v1/models"), [(observe.REPLICA_HEADER, hostile)])[1]["replica"] is None
+        )
+    assert answered(observe.Exchange("GET", "/v1/models"), [])[1]["replica"] is None
+
+
+def test_traces_are_off_without_an_endpoint_and_a_bad_traceparent_starts_a_new_trace(monkeypatch):
+    """No OTLP endpoint: no span and the scope passed on unchanged. With one (a real receiver): a ``traceparent``
+    that is not W3C's format is ignored, and the scope passed on carries the new span's context, not the
+    client's text."""
+    from serving import tracing
+    from tests.servers import TraceReceiver
+
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    tracing.tracer.cache_clear()
+    scope = {"type": "http", "headers": [(b"traceparent", b"00-zz-zz-01")]}
+    assert tracing.start_span("GET /v1/models", scope) == (None, scope)
+    receiver = TraceReceiver()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        tracing.tracer.cache_clear()
+        span, passed_on = tracing.start_span("GET /v1/models", scope)
+        tracing.end_span(span, {"lorafoundry.adapter.name": "x", "lorafoundry.adapter.version": None}, 503)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        (got,) = receiver.of_trace(trace_id)
+        assert got.parent_span_id == b"" and got.status.code == 2  # a root span; a 5xx is an error
+        assert [kv.key for kv in got.attributes] == ["lorafoundry.adapter.name"]
+        (sent,) = [v for k, v in passed_on["headers"] if k == b"traceparent"]
+        assert sent.decode().startswith(f"00-{trace_id}-{got.span_id.hex()}-")
+    finally:
+        tracing.tracer.cache_clear()
+        receiver.close()

@@ -51,7 +51,7 @@ def real_spec():
                     "max_eval_rows": 4,
                 }
             },
-            "serving": {"port": free_port(), "max_model_len": 512},
+            "serving": {"port": free_port(), "max_model_len": 512, "deterministic": True},
         }
     )
 
@@ -91,8 +91,9 @@ def test_short_training_and_evaluation_on_the_real_model(real_pipeline):
 
 def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
     """`lorafoundry serve` on the real base, started with SIGTERM ignored (as processes in CI may be) and a client
-    key in LORAFOUNDRY_API_KEY: the key is required, the base knows facts, the adapter answers under its name, and
-    SIGTERM stops it with exit 0 (tests/test_serve_command.py proves the other exit path, vLLM dying under it)."""
+    key in LORAFOUNDRY_API_KEY: the key is required, the base knows facts, the adapter answers under its name, in
+    `serving.deterministic` mode every answer in a mixed batch is token for token the answer alone, and SIGTERM
+    stops it with exit 0 (tests/test_serve_command.py proves the other exit path, vLLM dying under it)."""
     import os
     import signal
     import subprocess
@@ -138,9 +139,34 @@ def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
             messages=[{"role": "user", "content": "Which category do these words share: apple, mango and pear?"}],
         )
         assert adapter.choices[0].message.content.strip()
+        assert_batch_invariant(url, key, real_spec)
+        assert "dtype=torch.float32" in (real_home / "logs" / "vllm.log").read_text()
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/health", timeout=2)
     finally:
         stop_serve(proc)
+
+
+def assert_batch_invariant(url: str, key: str, spec) -> None:
+    """`serving.deterministic` on a real model: six greedy requests (base and adapter) sent at once, twice, give
+    exactly the tokens each gives alone. Issue 28 saw "Tom went to the" flip in a batch on an AMX Xeon in bf16
+    (top two log-probabilities 0.13 nats apart); in float32 no near-tie may flip (``TIE_NATS["float32"] == 0``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_serving import batch_flips, greedy
+
+    prompts = ["Tom went to the", "The capital of France is", "Apples, mangoes and pears are all"]
+    jobs = [(m, p) for m in (spec.served_base_name, "categories") for p in prompts]
+    auth = {"Authorization": f"Bearer {key}"}
+    alone = {job: greedy(url, *job, headers=auth, max_tokens=16) for job in jobs}
+    for _ in range(2):
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = pool.map(lambda job: greedy(url, *job, headers=auth, max_tokens=16), jobs)
+        flips = {
+            job: why
+            for job, got in zip(jobs, together, strict=True)
+            if (why := batch_flips(alone[job], got, "float32"))
+        }
+        assert not flips, flips

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -36,6 +37,75 @@ def complete(url: str, model: str, prompt: str, headers: dict[str, str] | None =
     return r.json()["choices"][0]["text"]
 
 
+#: How far apart (in nats) the two likeliest tokens of an answer given alone may be for the same request inside a
+#: batch to pick the runner-up, by the format the server computes in; the tests of batch invariance assert this
+#: bound, not a bare equality, so they hold on every machine of this kind. float32: 0, every token the same
+#: (`serving.deterministic`; on an AMX Xeon, 4 rounds of 12 mixed requests on SmolLM2 gave no flip, issue 28).
+#: bfloat16 keeps 8 significant bits, so a logit in [32, 64) is stored to 0.25: a batch's other kernel blocking
+#: can move each of two logits by an ulp, and 0.5 (two ulps) is what rounding alone can swap (seen: -3.49 / -3.62
+#: alone, tied in a batch). An adapter applied to the wrong request, the leak the plugin fixes, moves logits by
+#: nats and fails at any of these bounds.
+TIE_NATS = {"float32": 0.0, "bfloat16": 0.5, "float16": 0.5}
+
+
+class Greedy(NamedTuple):
+    """A greedy completion token by token, with the two likeliest tokens at each position."""
+
+    text: str
+    tokens: list[str]
+    top2: list[dict[str, float]]  # at each position: the two likeliest tokens and their log-probabilities
+
+    @classmethod
+    def of(cls, answer: dict) -> Greedy:
+        choice = answer["choices"][0]
+        lp = choice["logprobs"]
+        top2 = [dict(sorted(top.items(), key=lambda kv: -kv[1])[:2]) for top in lp["top_logprobs"]]
+        return cls(choice["text"], lp["tokens"], top2)
+
+    def margin(self, i: int) -> float:
+        """Log-probability of the likeliest token at position ``i`` minus the runner-up's."""
+        best = sorted(self.top2[i].values(), reverse=True) + [float("-inf")]
+        return best[0] - best[1]
+
+
+def greedy(url: str, model: str, prompt: str, headers: dict[str, str] | None = None, max_tokens: int = 24) -> Greedy:
+    """``prompt`` completed greedily by ``model``, with the top-2 log-probabilities of every token."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 2}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+    r.raise_for_status()
+    return Greedy.of(r.json())
+
+
+def batch_flips(alone: Greedy, batched: Greedy, dtype: str) -> str | None:
+    """Why ``batched`` is not an answer the server computing in ``dtype`` may give when ``alone`` is the answer to
+    the same request on its own; None when it may: the same tokens, or the first other token is the runner-up at
+    a near-tie (``TIE_NATS``). After that token the two answers continue from different texts: not compared."""
+    if batched.tokens == alone.tokens:
+        return None
+    i = next((k for k, (a, b) in enumerate(zip(alone.tokens, batched.tokens, strict=False)) if a != b), None)
+    if i is None:  # the same tokens until one answer stopped: in the batch, the end of text beat alone's token
+        i = len(batched.tokens)
+        if i >= len(alone.tokens):
+            return f"{len(alone.tokens)} tokens alone, {len(batched.tokens)} in a batch: it went on after alone stopped"
+        runner_up, margin = True, alone.margin(i)
+    else:
+        runner_up, margin = batched.tokens[i] in alone.top2[i], alone.margin(i)
+    if runner_up and margin <= TIE_NATS[dtype]:
+        return None
+    return (
+        f"token {i}: {alone.tokens[i]!r} alone, {batched.tokens[i : i + 1]} in a batch "
+        f"({'the runner-up' if runner_up else 'not in the top 2'} alone, margin {margin:.3f} nats, "
+        f"bound {TIE_NATS[dtype]} in {dtype})"
+    )
+
+
+def served_dtype(spec) -> str:
+    """The format the session's server computes in: the spec's setting resolved on this machine, as `serve` does."""
+    from lora_assets.hardware import resolve_dtype
+
+    return resolve_dtype(spec.serving.compute_dtype)
+
+
 def test_models_lists_base_and_adapters(vllm_server, demo_spec):
     """The base and every adapter of the spec are listed from the start; anything else listed is a version other
     tests of the session loaded through the registry resolver (``name@VERSION``)."""
@@ -65,18 +135,19 @@ def test_chat_completion_per_adapter(vllm_server, demo_spec):
 
 
 def test_mixed_batches_match_solo_outputs(vllm_server, demo_spec):
-    """Base and adapter requests in one batch give exactly what each gives alone (vLLM CPU LoRA bug fixed)."""
-    url = vllm_server["url"]
+    """Base and adapter requests in one batch give what each gives alone (vLLM CPU LoRA bug fixed): the same
+    tokens, or in bf16 at most a runner-up at a near-tie (``TIE_NATS``; exact in float32)."""
+    url, dtype = vllm_server["url"], served_dtype(demo_spec)
     models = [demo_spec.served_base_name, *demo_spec.adapters]
     jobs = [(m, p) for m in models for p in PROMPTS]
-    solo = {job: complete(url, *job) for job in jobs}
-    assert solo[("sentiment", PROMPTS[1])].strip() == "positive"  # the adapter really is applied
-    assert len({solo[(m, PROMPTS[1])] for m in models}) > 1
+    solo = {job: greedy(url, *job) for job in jobs}
+    assert solo[("sentiment", PROMPTS[1])].text.strip() == "positive"  # the adapter really is applied
+    assert len({solo[(m, PROMPTS[1])].text for m in models}) > 1
     for _ in range(2):
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            mixed = dict(zip(jobs, pool.map(lambda j: complete(url, *j), jobs), strict=True))
-        diffs = [j for j in jobs if mixed[j] != solo[j]]
-        assert not diffs, diffs
+            mixed = dict(zip(jobs, pool.map(lambda j: greedy(url, *j), jobs), strict=True))
+        flips = {j: why for j in jobs if (why := batch_flips(solo[j], mixed[j], dtype))}
+        assert not flips, flips
 
 
 def test_deployment_is_kept_when_nothing_changed(vllm_server, session_home, served_spec):
@@ -399,7 +470,8 @@ def deployment_pid(home) -> int:
 
 def test_sixteen_clients_for_twenty_seconds_get_their_solo_answers(vllm_server, session_home, demo_spec):
     """16 concurrent clients for 20 s over the base, both adapters and two registry-resolved versions: no 5xx, and
-    every greedy answer equals the one the same request gets alone.
+    every greedy answer is the one the same request gets alone (in bf16, up to a runner-up at a near-tie:
+    ``batch_flips``).
 
     What is checked is each answer against its solo answer, over more than 100 requests in mixed batches; a longer
     run only adds samples of the same thing. 20 s still spans twenty expiries of the guard's 1 s lookup cache
@@ -410,7 +482,7 @@ def test_sixteen_clients_for_twenty_seconds_get_their_solo_answers(vllm_server, 
 
     from registry.store import AdapterRegistry
 
-    url = vllm_server["url"]
+    url, dtype = vllm_server["url"], served_dtype(demo_spec)
     reg = AdapterRegistry(session_home / "registry.duckdb")
     models = [
         demo_spec.served_base_name,
@@ -418,7 +490,7 @@ def test_sixteen_clients_for_twenty_seconds_get_their_solo_answers(vllm_server, 
         *(f"{n}@{reg.champion(n).version}" for n in demo_spec.adapters),
     ]  # 4 adapter names + base
     jobs = [(m, p) for m in models for p in PROMPTS]
-    solo = {job: complete(url, *job) for job in jobs}
+    solo = {job: greedy(url, *job) for job in jobs}
     deadline = time.monotonic() + 20
     failures: list[str] = []
     counts = {"requests": 0}
@@ -429,14 +501,14 @@ def test_sixteen_clients_for_twenty_seconds_get_their_solo_answers(vllm_server, 
             model, prompt = rng.choice(jobs)
             r = httpx.post(
                 f"{url}/v1/completions",
-                json={"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0},
+                json={"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 2},
                 timeout=120,
             )
             counts["requests"] += 1
             if r.status_code >= 500:
                 failures.append(f"{model}: {r.status_code} {r.text[:200]}")
-            elif r.json()["choices"][0]["text"] != solo[(model, prompt)]:
-                failures.append(f"{model} / {prompt[:30]!r}: batch answer differs from solo")
+            elif why := batch_flips(solo[(model, prompt)], Greedy.of(r.json()), dtype):
+                failures.append(f"{model} / {prompt[:30]!r}: {why}")
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(client, range(16)))
@@ -496,3 +568,53 @@ def test_catalog_lists_every_servable_version(vllm_server, served_registry, sess
     assert listed[ref]["loaded"] is True
     models = httpx.get(f"{url}/v1/models", timeout=10).json()
     assert models["object"] == "list" and all(m["object"] == "model" for m in models["data"])
+
+
+def test_batch_flips_allows_only_a_runner_up_at_a_near_tie():
+    """The rule the batch-invariance tests assert, on answers written by hand: a runner-up within the format's
+    tie bound passes; anything else, and every difference in float32, is named."""
+    alone = Greedy(" pub", [" local", " pub"], [{" local": -3.49, " top": -3.62}, {" pub": -0.1, " bar": -3.0}])
+    tie = Greedy(" top", [" top", " of"], [{" top": -3.54, " local": -3.54}, {" of": -0.2, " end": -2.0}])
+    assert batch_flips(alone, alone, "float32") is None
+    assert batch_flips(alone, tie, "bfloat16") is None
+    assert "margin 0.130 nats, bound 0.0 in float32" in batch_flips(alone, tie, "float32")
+    other = Greedy(" zoo", [" zoo"], [{" zoo": -1.0, " top": -2.0}])
+    assert "not in the top 2" in batch_flips(alone, other, "bfloat16")
+    wide = Greedy(" pub bar", [" local", " bar"], [{" local": -3.49, " top": -3.62}, {" bar": -1.0, " pub": -1.1}])
+    assert "margin 2.900 nats" in batch_flips(alone, wide, "bfloat16")
+    longer = Greedy(" pub more", [*alone.tokens, " more"], [*alone.top2, {" more": -1.0, " less": -1.2}])
+    assert "went on after alone stopped" in batch_flips(alone, longer, "bfloat16")
+
+
+def span_attributes(span) -> dict:
+    """An OTLP span's attributes as a dict of plain values."""
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in span.attributes}
+
+
+def test_each_request_is_a_span_with_the_adapter_it_resolved_to(vllm_server, trace_receiver, session_home):
+    """Traces (the session server's environment names the session's OTLP receiver): each request the guard
+    handles is one server span in the caller's trace (its ``traceparent``), with the adapter name, version and
+    sha256 the request resolved to; a refused name is a span with the refusal and no adapter."""
+    import secrets
+
+    from registry.store import AdapterRegistry
+
+    champion = AdapterRegistry(session_home / "registry.duckdb").champion("sentiment")
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    traced = {"traceparent": f"00-{trace_id}-{parent}-01"}
+    url = vllm_server["url"]
+    assert _post(
+        url, "/v1/completions", {"model": "sentiment", "prompt": PROMPTS[1], "max_tokens": 3}, **traced
+    ).is_success
+    assert _post(url, "/v1/completions", {"model": "no-such-adapter", "prompt": "x"}, **traced).status_code == 404
+    spans = sorted(trace_receiver.of_trace(trace_id, 2), key=lambda s: s.start_time_unix_nano)
+    assert len(spans) == 2, spans
+    assert {(s.name, s.parent_span_id.hex(), s.kind) for s in spans} == {("POST /v1/completions", parent, 2)}
+    answered, refused = map(span_attributes, spans)
+    assert {k: answered.get(k) for k in ("lorafoundry.adapter.name", "lorafoundry.adapter.version")} == {
+        "lorafoundry.adapter.name": "sentiment", "lorafoundry.adapter.version": str(champion.version)
+    }  # fmt: skip
+    assert answered["lorafoundry.adapter.sha256"] == champion.adapter_sha256
+    assert (answered["http.response.status_code"], answered["gen_ai.usage.output_tokens"]) == (200, 3)
+    assert refused["http.response.status_code"] == 404 and refused["lorafoundry.refusal"]
+    assert "lorafoundry.adapter.name" not in refused and refused["gen_ai.request.model"] == "no-such-adapter"

@@ -107,3 +107,20 @@ def test_cli_validate_exit_codes(tmp_path):
     res = runner.invoke(app, ["validate", str(bad)])
     assert res.exit_code == 2
     assert "adapters.x.r" in res.output and "adapters.x.dataset" in res.output
+
+
+def test_deterministic_serving_computes_in_float32_and_refuses_a_lower_precision():
+    """`serving.deterministic` means float32 for vLLM's `--dtype` and for evaluation; with an explicit bf16/fp16
+    `dtype` the two settings contradict each other, and the problem names both fields and the fix."""
+    from lora_assets.hardware import resolve_dtype
+    from serving.launch import build_vllm_command
+
+    spec = validate_spec({**good_raw(), "serving": {"deterministic": True}}, ROOT)
+    assert spec.serving.compute_dtype == "float32"
+    cmd = build_vllm_command(Path("/m"), "m", [], spec.serving)
+    assert cmd[cmd.index("--dtype") + 1] == "float32"
+    default = validate_spec(good_raw(), ROOT).serving
+    assert default.compute_dtype == "auto" and resolve_dtype(default.compute_dtype) in ("bfloat16", "float32")
+    assert validate_spec({**good_raw(), "serving": {"deterministic": True, "dtype": "float32"}}, ROOT)
+    (msg,) = problems({**good_raw(), "serving": {"deterministic": True, "dtype": "bfloat16"}})
+    assert msg.startswith("serving:") and "deterministic: true" in msg and "'bfloat16'" in msg and "Fix:" in msg

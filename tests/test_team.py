@@ -38,7 +38,7 @@ from registry.store import AdapterRegistry
 from tests.test_migrate import contents
 from tests.test_registry_security import cli
 from tests.test_serve_command import stop_serve, wait_until_serving
-from tests.test_serving import PROMPTS, _copy_adapter, _post, complete
+from tests.test_serving import PROMPTS, _copy_adapter, _post, batch_flips, complete, greedy, served_dtype
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def _new_database(postgres) -> str:
 
 
 @pytest.fixture(scope="module")
-def team(vllm_server, demo_export, postgres, object_store, tmp_path_factory):
+def team(vllm_server, demo_export, postgres, object_store, trace_receiver, tmp_path_factory):
     from tests.conftest import DEMO_SPEC, free_port
 
     root = tmp_path_factory.mktemp("team")
@@ -97,7 +97,14 @@ def team(vllm_server, demo_export, postgres, object_store, tmp_path_factory):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, **shared_env, envs.RESOLVE_TTL_S.name: str(RESOLVE_S), "COLUMNS": "200"},
+            env={
+                **os.environ,
+                **shared_env,
+                envs.RESOLVE_TTL_S.name: str(RESOLVE_S),
+                envs.OTEL_TRACES_ENDPOINT.name: trace_receiver.endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "COLUMNS": "200",
+            },
         )
         try:
             output = wait_until_serving(proc, port)
@@ -168,15 +175,15 @@ def test_a_promotion_on_home_a_reaches_every_replica_of_b_under_load(team, tmp_p
     assert complete(team.url, "sentiment", PROMPTS[1]) == team.expected["sentiment"]
     try:
         seen, (asked, promoted) = _under_load(team.url, "sentiment", 16, lambda: reg.promote("sentiment", new.version))
-        assert seen and all(status == 200 for _, status, _, _ in seen), {s for _, s, _, _ in seen}
-        assert {model for _, _, model, _ in seen} <= {
+        assert seen and all(a.status == 200 for a in seen), {a.status for a in seen}
+        assert {a.model for a in seen} <= {
             "sentiment",
             f"sentiment@{old.version}",
             f"sentiment@{new.version}",
         }
-        late = [(model, text) for sent, _, model, text in seen if sent > promoted + RESOLVE_S + 0.2]
+        late = [(a.model, a.text) for a in seen if a.sent > promoted + RESOLVE_S + 0.2]
         assert late and set(late) == {(f"sentiment@{new.version}", team.expected["categories"])}
-        early = {text for sent, _, _, text in seen if sent < asked}
+        early = {a.text for a in seen if a.answered < asked}  # answered before the promotion began
         assert early == {team.expected["sentiment"]}
         assert complete(team.url, f"sentiment@{old.version}", PROMPTS[1]) == team.expected["sentiment"]
     finally:
@@ -188,10 +195,19 @@ def test_a_promotion_on_home_a_reaches_every_replica_of_b_under_load(team, tmp_p
     assert r.status_code == 403 and r.json()["error"]["type"] == "AdapterNotServable", r.text
 
 
+class Answer(NamedTuple):
+    """One request of :func:`_under_load`: when it was sent and answered (monotonic seconds), and the answer."""
+
+    sent: float
+    status: int | str  # the HTTP status, or the name of the exception the client got
+    model: str | None  # the answer's ``model``
+    text: str | None
+    answered: float
+
+
 def _under_load(url: str, model: str, clients: int, action, after_s: float = RESOLVE_S + 2.0):
     """``clients`` threads ask ``model`` for PROMPTS[1] without pause; ``action`` runs 1 s in, and the load goes on
-    ``after_s`` more. Returns each request's (time sent, status, the answer's model, its text) and when ``action``
-    was called and returned."""
+    ``after_s`` more. Returns each request's :class:`Answer` and when ``action`` was called and returned."""
     stop, seen = threading.Event(), []
 
     def client() -> None:
@@ -202,11 +218,11 @@ def _under_load(url: str, model: str, clients: int, action, after_s: float = RES
                 try:
                     r = c.post(f"{url}/v1/completions", json=body)
                 except httpx.HTTPError as e:
-                    seen.append((sent, type(e).__name__, None, None))
+                    seen.append(Answer(sent, type(e).__name__, None, None, time.monotonic()))
                     continue
                 answer = r.json() if r.status_code == 200 else {}
                 text = answer.get("choices", [{}])[0].get("text")
-                seen.append((sent, r.status_code, answer.get("model"), text))
+                seen.append(Answer(sent, r.status_code, answer.get("model"), text, time.monotonic()))
 
     with ThreadPoolExecutor(clients) as pool:
         running = [pool.submit(client) for _ in range(clients)]
@@ -319,15 +335,17 @@ def test_the_public_port_closes_the_routers_routes_and_the_replicas(team, sessio
     assert httpx.get(f"{team.router}/readiness", timeout=10).json()["healthy_workers"] == 2
 
 
-def test_base_and_adapters_sent_together_through_the_router_answer_as_alone(team, vllm_server):
+def test_base_and_adapters_sent_together_through_the_router_answer_as_alone(team, vllm_server, demo_spec):
     """Batch invariance through the router: the base and both adapters, 4 prompts each, sent at once to the
-    fleet, give the session's single server's greedy answers to each request sent alone."""
+    fleet, give the session's single server's greedy answers to each request sent alone (in bf16, up to a
+    runner-up at a near-tie: ``batch_flips``)."""
     versions = {r.name: f"{r.name}@{r.version}" for r in team.local.list() if r.status == "champion"}
     jobs = [(m, p) for m in ("builtin-tiny", "categories", "sentiment") for p in PROMPTS[:4]]
-    alone = {(m, p): complete(vllm_server["url"], versions.get(m, m), p) for m, p in jobs}
+    alone = {(m, p): greedy(vllm_server["url"], versions.get(m, m), p) for m, p in jobs}
     with ThreadPoolExecutor(len(jobs)) as pool:
-        together = dict(zip(jobs, pool.map(lambda job: complete(team.url, *job), jobs), strict=True))
-    assert together == alone
+        together = dict(zip(jobs, pool.map(lambda job: greedy(team.url, *job), jobs), strict=True))
+    flips = {job: why for job in jobs if (why := batch_flips(alone[job], together[job], served_dtype(demo_spec)))}
+    assert not flips, flips
 
 
 def test_metrics_at_the_public_port_count_each_version_and_each_replica(team):
@@ -356,6 +374,42 @@ def test_metrics_at_the_public_port_count_each_version_and_each_replica(team):
             complete(team.url, model, PROMPTS[0])
     after = requests()
     assert {k: after.get(k, 0) - before.get(k, 0) for k in sent} == sent
+    # the public port's access log names the replica that answered (its X-LoraFoundry-Replica header): the router's
+    # consistent hash keeps one version on one replica
+    log = (team.home_b / "logs" / "front.log").read_text().splitlines()
+    lines = [json.loads(line.split("access ", 1)[1]) for line in log if "access {" in line]
+    lines = [line for line in lines if line["route"] == "/v1/completions"][-5:]
+    by_model = {(line["resolved"], line["replica"]) for line in lines}
+    assert by_model in ({(f"categories@{cat.version}", r), ("builtin-tiny", b)} for r in (0, 1) for b in (0, 1)), (
+        by_model
+    )
+
+
+def test_one_trace_holds_the_public_port_and_the_replica_that_answered(team, trace_receiver):
+    """A request with a ``traceparent`` through the fleet: the public port's span is the caller's child, the
+    replica's span is the public port's child (its context went through vllm-router), and both name the adapter
+    version and the replica that answered."""
+    import secrets
+
+    from tests.test_serving import span_attributes
+
+    cat = team.registry.champion("categories")
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    body = {"model": "categories", "prompt": PROMPTS[1], "max_tokens": 3}
+    r = httpx.post(f"{team.url}/v1/completions", json=body, headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    assert r.status_code == 200, r.text
+    spans = trace_receiver.of_trace(trace_id, 2)
+    (front,) = [s for s in spans if s.parent_span_id.hex() == parent]
+    (replica,) = [s for s in spans if s.parent_span_id == front.span_id]
+    assert len(spans) == 2
+    seen = [span_attributes(s) for s in (front, replica)]
+    for attrs in seen:
+        assert (attrs["lorafoundry.adapter.name"], attrs["lorafoundry.adapter.version"]) == (
+            "categories",
+            str(cat.version),
+        )
+    assert seen[0]["lorafoundry.replica"] == seen[1]["lorafoundry.replica"] in (0, 1)
+    assert r.headers["x-lorafoundry-replica"] == str(seen[1]["lorafoundry.replica"])
 
 
 def test_an_admin_load_reaches_every_replica(team, tmp_path):
@@ -409,9 +463,9 @@ def test_a_replica_killed_under_load_costs_no_request_and_comes_back(team):
         killed["at"] = time.monotonic()
 
     seen, _ = _under_load(team.url, "categories", 8, kill, after_s=4.0)
-    failed = [(round(sent - killed["at"], 2), status) for sent, status, _, _ in seen if status != 200]
+    failed = [(round(a.sent - killed["at"], 2), a.status) for a in seen if a.status != 200]
     assert failed == [], failed
-    assert {text for _, _, _, text in seen} == {team.expected["categories"]}
+    assert {a.text for a in seen} == {team.expected["categories"]}
     deadline = time.monotonic() + 240
     while httpx.get(f"{team.router}/readiness", timeout=10).json().get("healthy_workers") != 2:
         assert time.monotonic() < deadline, "the killed replica did not come back"
