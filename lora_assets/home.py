@@ -13,6 +13,7 @@ A home (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``) holds all state::
     registry.duckdb                     the adapter registry (unless $LORAFOUNDRY_REGISTRY names another file)
     serving/verified/<sha256>/          read-only adapter copies that vLLM reads (serving/integrity.py)
     serving/deployment.json             the vLLM server the serving/deployment asset left running
+    serving/serve.json                  the `lorafoundry serve` running in the foreground (its pid), for `stop`
     logs/                               run logs and vLLM logs
     dagster_home/                       Dagster's instance (runs, event logs) for the CLI and the UI
 """
@@ -104,6 +105,11 @@ class Home:
     @property
     def deployment_state(self) -> Path:
         return self.root / "serving" / "deployment.json"
+
+    @property
+    def serve_state(self) -> Path:
+        """The `lorafoundry serve` running in the foreground on this home, for `lorafoundry stop`."""
+        return self.root / "serving" / "serve.json"
 
     @property
     def logs(self) -> Path:

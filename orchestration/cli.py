@@ -254,11 +254,14 @@ def run(
 
 @app.command()
 def stop(home: HomeOpt = None) -> None:
-    """Stop the vLLM server that the serving/deployment asset left running for this home."""
+    """Stop what serves this home: the vLLM server the serving/deployment asset left running, and a `lorafoundry
+    serve` running in the foreground (with --replicas N: its router and every replica, by the PIDs it started)."""
     from serving import deployment
 
     h = _home(home)
-    out.print("stopped the deployment" if deployment.stop(h) else f"no deployment is running for {h}")
+    stopped = [what for what, done in (("the deployment", deployment.stop(h)),
+                                       ("`lorafoundry serve`", deployment.stop_foreground(h))) if done]  # fmt: skip
+    out.print(f"stopped {' and '.join(stopped)}" if stopped else f"nothing is serving {h}")
 
 
 def start_server(spec: PipelineSpec, home: Path, port: int | None = None):
@@ -303,6 +306,7 @@ def serve(
 ) -> None:
     """Serve the base model and each adapter name's champion (else latest candidate) until Ctrl-C or SIGTERM;
     other registered versions load on first use as NAME@VERSION or NAME:ALIAS."""
+    from serving import deployment
     from serving.launch import ServerError
 
     _offline()
@@ -318,7 +322,8 @@ def serve(
         err.print(f"[red]vLLM failed to start[/red]\n{e}", markup=True, highlight=False)
         raise typer.Exit(1) from None
     out.print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible); Ctrl-C stops")
-    _serve_until_signal(server)
+    with deployment.foreground(h, server.url, 1):
+        _serve_until_signal(server)
     out.print("stopped")
 
 
@@ -331,7 +336,7 @@ def _serve_fleet(spec: PipelineSpec, home: Path, port: int | None, replicas: int
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    from serving import http_limits
+    from serving import deployment, http_limits
     from serving.fleet import Fleet
     from serving.front import front_app
     from serving.launch import ServerError, plan_server
@@ -368,7 +373,8 @@ def _serve_fleet(spec: PipelineSpec, home: Path, port: int | None, replicas: int
         # default handler there, SIGTERM would end this process before the replicas are stopped
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: None)
-        uvicorn.Server(config).run(sockets=[sock])
+        with deployment.foreground(home, f"http://{spec.serving.host}:{port}", replicas):
+            uvicorn.Server(config).run(sockets=[sock])
     finally:
         fleet.stop()
     out.print("stopped")

@@ -1,8 +1,9 @@
 """The long-running deployment: one vLLM server per home dir, started or updated from the registry.
 
-`lorafoundry serve` runs vLLM in the foreground; the `serving/deployment` asset instead leaves a server running
-after the materialization ends, and records it in ``<home>/serving/deployment.json`` (pid, url, command, served
-models). Materializing again keeps a healthy server whose command is unchanged, and otherwise replaces it.
+`lorafoundry serve` runs vLLM in the foreground (recorded in ``<home>/serving/serve.json`` while it runs); the
+`serving/deployment` asset instead leaves a server running after the materialization ends, and records it in
+``<home>/serving/deployment.json`` (pid, url, command, served models). Materializing again keeps a healthy server
+whose command is unchanged, and otherwise replaces it. `lorafoundry stop` stops either.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from lora_assets import envs
@@ -88,6 +90,58 @@ def stop(home: Path, timeout_s: float = 30) -> bool:
     _kill_group_leftovers(pid)
     path.unlink(missing_ok=True)
     return stopped
+
+
+@contextmanager
+def foreground(home: Path, url: str, replicas: int):
+    """Record this process as the home's foreground `lorafoundry serve` while the block runs (``serving/serve.json``:
+    pid, its start time, url, replicas), so that `lorafoundry stop` can stop it; removed after, if still ours."""
+    import psutil
+
+    me = psutil.Process()
+    path = Home.at(home).serve_state
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"pid": me.pid, "started": me.create_time(), "url": url, "replicas": replicas})
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(path.read_text()).get("pid") == me.pid:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def stop_foreground(home: Path, timeout_s: float = 90) -> bool:
+    """SIGTERM the home's foreground `serve` (which stops its router and replicas by their PIDs) and wait for it to
+    exit; after ``timeout_s``, SIGKILL it and every process under it. Only the process the record names: the same
+    pid and start time, and a `serve` command line; a record that names another process is removed. True when a
+    `serve` was stopped."""
+    import psutil
+
+    path = Home.at(home).serve_state
+    try:
+        state = json.loads(path.read_text())
+        proc = psutil.Process(int(state["pid"]))
+        ours = abs(proc.create_time() - float(state["started"])) < 0.01 and "serve" in proc.cmdline()
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        ours = False
+    if not ours:
+        path.unlink(missing_ok=True)
+        return False
+    under = proc.children(recursive=True)
+    proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    while _alive(proc.pid) and time.monotonic() < deadline:  # a zombie counts as gone: its parent reaps it
+        time.sleep(0.2)
+    if _alive(proc.pid):
+        for p in [proc, *under]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    path.unlink(missing_ok=True)
+    return True
 
 
 def _kill_group_leftovers(pgid: int) -> None:

@@ -51,7 +51,7 @@ def run_cli(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProces
         (["registry", "--help"], "list"),
         (["registry", "list", "--home", "{home}"], ""),
         (["validate", "examples/tiny.yaml"], "ok: examples/tiny.yaml"),
-        (["stop", "--home", "{home}"], "no deployment is running"),
+        (["stop", "--home", "{home}"], "nothing is serving"),
     ],
     ids=["help", "registry-help", "registry-list", "validate", "stop"],
 )

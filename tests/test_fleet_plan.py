@@ -83,3 +83,33 @@ def test_replica_metrics_are_merged_under_a_replica_label():
     assert {s.labels["replica"]: s.value for s in done} == {"0": 7.0, "1": 5.0}
     assert all(s.labels["model_name"] == "base" for s in done)
     assert "lorafoundry_requests" not in families
+
+
+def test_stop_stops_only_the_serve_its_record_names(tmp_path):
+    """`lorafoundry stop` with a record of a foreground `serve` that names another process (this test's, with
+    another start time; a `sleep` with its own start time but no `serve` command line) stops nothing and removes
+    the record; with none it says nothing is serving."""
+    import os
+    import subprocess
+
+    import psutil
+    from typer.testing import CliRunner
+
+    from lora_assets.home import Home
+    from orchestration.cli import app
+
+    record = Home.at(tmp_path).serve_state
+    record.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for pid, started in ((os.getpid(), 1.0), (sleeper.pid, psutil.Process(sleeper.pid).create_time())):
+            record.write_text(json.dumps({"pid": pid, "started": started, "url": "http://x", "replicas": 2}))
+            res = CliRunner().invoke(app, ["stop", "--home", str(tmp_path)])
+            assert res.exit_code == 0 and "nothing is serving" in res.output, res.output
+            assert not record.exists()
+        assert sleeper.poll() is None
+        record.write_text("{not json")
+        assert "nothing is serving" in CliRunner().invoke(app, ["stop", "--home", str(tmp_path)]).output
+    finally:
+        sleeper.kill()
+        sleeper.wait()

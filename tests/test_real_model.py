@@ -92,8 +92,9 @@ def test_short_training_and_evaluation_on_the_real_model(real_pipeline):
 def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
     """`lorafoundry serve` on the real base, started with SIGTERM ignored (as processes in CI may be) and a client
     key in LORAFOUNDRY_API_KEY: the key is required, the base knows facts, the adapter answers under its name, in
-    `serving.deterministic` mode every answer in a mixed batch is token for token the answer alone, and SIGTERM
-    stops it with exit 0 (tests/test_serve_command.py proves the other exit path, vLLM dying under it)."""
+    `serving.deterministic` mode every answer in a mixed batch is token for token the answer alone, and `lorafoundry
+    stop` (SIGTERM to the recorded process) stops it with exit 0 (tests/test_serve_command.py proves the other exit
+    path, vLLM dying under it)."""
     import os
     import signal
     import subprocess
@@ -141,8 +142,9 @@ def test_real_model_served_by_vllm(real_pipeline, real_spec, real_home):
         assert adapter.choices[0].message.content.strip()
         assert_batch_invariant(url, key, real_spec)
         assert "dtype=torch.float32" in (real_home / "logs" / "vllm.log").read_text()
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(60) == 0
+        stop = subprocess.run([str(cli), "stop", "--home", str(real_home)], capture_output=True, text=True, timeout=120)
+        assert "stopped `lorafoundry serve`" in stop.stdout, stop.stdout + stop.stderr  # SIGTERM, by the recorded pid
+        assert proc.wait(60) == 0 and not (real_home / "serving" / "serve.json").exists()
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/health", timeout=2)
     finally:

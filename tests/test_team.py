@@ -113,10 +113,15 @@ def team(vllm_server, demo_export, postgres, object_store, trace_receiver, tmp_p
             yield Team(
                 f"http://127.0.0.1:{port}", shared, home_a, home_b, local, migrated, moved, expected, proc, router
             )
-            # SIGTERM stops the router and every replica by the PIDs `serve` started, and `serve` exits 0
+            # `lorafoundry stop` (SIGTERM to `serve`) stops the router and every replica by the PIDs `serve` started,
+            # and `serve` exits 0
             started = psutil.Process(proc.pid).children(recursive=True)
-            stop_serve(proc)
-            assert proc.returncode == 0, proc.stdout.read()[-2000:]
+            stop = subprocess.run(
+                [str(Path(sys.executable).parent / "lorafoundry"), "stop", "--home", str(home_b)],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert "stopped `lorafoundry serve`" in stop.stdout, stop.stdout + stop.stderr
+            assert proc.wait(60) == 0, proc.stdout.read()[-2000:]
             time.sleep(1)
             left = [p.pid for p in started if _alive(p)]
             assert not left, f"processes of `serve` left behind: {left}"
