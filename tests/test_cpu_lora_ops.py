@@ -182,3 +182,22 @@ def test_fused_add_lora_linear_leaves_other_shapes_to_vllm():
     y = torch.zeros(3, 10)
     _fused_add_lora_linear(orig)(punica(idx), y, torch.randn(3, 12), *lora_weights((10,)), 1.0, (10,))
     assert len(calls) == 1
+
+
+def test_logprob_ranks_are_counted_eagerly_on_cpu():
+    """The plugin replaces vLLM's torch.compile'd rank count (a 13-18 s compile on a fresh server's first request
+    with logprobs) by the same comparison, eager, where the sampler calls it; ranks count ties as vLLM's does."""
+    import vllm.v1.sample.ops.logprobs as ops
+    import vllm.v1.sample.sampler as sampler
+
+    from serving.vllm_plugin import _eager_logprob_ranks
+
+    compiled = ops.batched_count_greater_than
+    try:
+        _eager_logprob_ranks()
+        assert sampler.batched_count_greater_than is ops.batched_count_greater_than is not compiled
+        assert not hasattr(sampler.batched_count_greater_than, "_torchdynamo_orig_callable")
+        x = torch.tensor([[0.1, 0.5, 0.5, -1.0], [0.0, -2.0, 3.0, 1.0]])
+        assert sampler.batched_count_greater_than(x, torch.tensor([[0.5], [-2.0]])).tolist() == [2, 4]
+    finally:
+        ops.batched_count_greater_than = sampler.batched_count_greater_than = compiled
