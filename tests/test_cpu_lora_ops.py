@@ -145,6 +145,21 @@ def test_fused_add_lora_linear_matches_the_per_token_reference(case, layer, scal
     torch.testing.assert_close(y, linear_reference(y0, x, a, b, idx, scale, slices))
 
 
+@pytest.mark.parametrize("layer", SLICES)
+def test_fused_add_lora_linear_in_bf16_rounds_once_per_output(layer):
+    """A bf16 model (what `dtype: auto` serves on bf16 CPUs): the products run in fp32 and each delta is rounded
+    once, where it is added to the bf16 output, so the result is the fp32 reference rounded to bf16."""
+    torch.manual_seed(2)
+    idx, slices = torch.tensor(INDEX_SETS["mixed"]), SLICES[layer]
+    a, b = (tuple(t.bfloat16() for t in ts) for ts in lora_weights(slices))
+    x, y0 = torch.randn(len(idx), 12).bfloat16(), torch.randn(len(idx), sum(slices)).bfloat16()
+    y = y0.clone()
+    fused_op()(punica(idx), y, x, a, b, 2.0, slices)
+    want = linear_reference(y0.float(), x.float(), [t.float() for t in a], [t.float() for t in b], idx, 2.0, slices)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.bfloat16().float(), rtol=1 / 128, atol=1e-6)
+
+
 def test_fused_add_lora_linear_follows_new_indices_and_reloaded_weights():
     """The per-step and per-layer caches are dropped when vLLM writes new token indices or loads an adapter into a
     slot (both in place, as vLLM does them)."""
