@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8771)
     ap.add_argument("--clients", default="8,32", help="comma-separated concurrent client counts")
     ap.add_argument("--curve", action="store_true", help="saturating-load curves instead of the --clients table")
+    ap.add_argument("--servers", default="off,on,lorafoundry", help="which servers: off, on, lorafoundry")
     ap.add_argument("--out", type=Path, help="write the raw results here as JSON")
     args = ap.parse_args()
 
@@ -157,6 +158,10 @@ def main() -> None:
         ),
         "lorafoundry serve": (lf_cmd, lf_env, LOADS),
     }
+    if args.curve:  # one load generator on one address: lift the guard's per-address connection cap (64), as an
+        lf_env[envs.MAX_CONNECTIONS_PER_CLIENT.name] = "1024"  # operator does for a load balancer in front
+    wanted = {"off": "plain vLLM, LoRA off", "on": "plain vLLM, LoRA on", "lorafoundry": "lorafoundry serve"}
+    servers = {label: v for label, v in servers.items() if label in {wanted[k] for k in args.servers.split(",")}}
     print(
         f"base {spec.base_model} ({pipe.base.path.name}), adapters {names}, {os.cpu_count()} cores, "
         f"{args.tokens}-token greedy chat completions (ignore_eos), {args.seconds:.0f} s windows x {args.reps}",
@@ -214,7 +219,7 @@ def main() -> None:
                 f"p50 latency {statistics.median(r['p50'] for r in rs):.2f} s"
             )
     lf, off, on = "lorafoundry serve", "plain vLLM, LoRA off", "plain vLLM, LoRA on"
-    for c in counts:
+    for c in counts if len(results) == 3 else ():  # the ratios need all three servers
         print(f"\n{c} clients:")
         for label in (on, lf):
             print(
