@@ -159,6 +159,7 @@ OTEL_ENDPOINT: EnvVar[str | None] = EnvVar(
 OTEL_TRACES_PROTOCOL: EnvVar[str | None] = EnvVar(
     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", None, _text, "grpc or http/protobuf."
 )
+#: ``grpc`` or ``http/protobuf`` (the default) for every signal.
 OTEL_PROTOCOL: EnvVar[str | None] = EnvVar("OTEL_EXPORTER_OTLP_PROTOCOL", None, _text, "grpc or http/protobuf.")
 #: The ``service.name`` of the spans.
 OTEL_SERVICE_NAME: EnvVar[str] = EnvVar("OTEL_SERVICE_NAME", "lorafoundry", _text, "a service name.")

@@ -47,6 +47,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _gone_within(pid: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``pid`` to exit (a zombie counts as gone: its parent reaps it)."""
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _alive(pid)
+
+
 def current(home: Path) -> dict | None:
     """The recorded deployment if its process is alive and answers on /v1/models, else None."""
     import httpx  # here, not at the top: `lorafoundry stop` reads the state file only
@@ -79,10 +87,7 @@ def stop(home: Path, timeout_s: float = 30) -> bool:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(pid):
+        if not _gone_within(pid, timeout_s):
             os.killpg(pid, signal.SIGKILL)
             while _alive(pid):
                 time.sleep(0.1)
@@ -131,10 +136,7 @@ def stop_foreground(home: Path, timeout_s: float = 90) -> bool:
         return False
     under = proc.children(recursive=True)
     proc.terminate()
-    deadline = time.monotonic() + timeout_s
-    while _alive(proc.pid) and time.monotonic() < deadline:  # a zombie counts as gone: its parent reaps it
-        time.sleep(0.2)
-    if _alive(proc.pid):
+    if not _gone_within(proc.pid, timeout_s):
         for p in [proc, *under]:
             try:
                 p.kill()
