@@ -3,11 +3,13 @@
     lorafoundry run examples/demo.yaml --no-deploy --home /tmp/demo-home      # once: the two demo adapters
     python bench/serve_compare.py --home /tmp/demo-home
 
-Three servers, started one after the other on the same base model dir and the same registered adapters:
-1. plain vLLM, LoRA off: `python -m vllm.entrypoints.openai.api_server --model BASE` with `VLLM_PLUGINS=none`
-   (lorafoundry's vLLM plugin is not loaded);
-2. plain vLLM, LoRA on: the same plus `--enable-lora --lora-modules NAME=PATH ...` (no plugin, no guard);
-3. `lorafoundry serve`: the command and environment `lorafoundry serve` uses (plugin, registry resolver, guard).
+Servers, started one after the other on the same base model dir and the same registered adapters (--servers):
+1. `off`, plain vLLM, LoRA off: `python -m vllm.entrypoints.openai.api_server --model BASE` with
+   `VLLM_PLUGINS=none` (lorafoundry's vLLM plugin is not loaded);
+2. `on`, plain vLLM, LoRA on: the same plus `--enable-lora --lora-modules NAME=PATH ...` (no plugin, no guard);
+3. `lorafoundry`, `lorafoundry serve`: the command and environment `lorafoundry serve` uses (plugin, registry
+   resolver, guard), compiled (`serving.compile`, the default);
+4. `eager`, the same with `serving.compile: false` (`--enforce-eager`), not run unless asked for.
 
 The client is the `openai` package (AsyncOpenAI), not ours: closed-loop clients, each sending chat completions of
 exactly --tokens tokens (`ignore_eos`), greedy, prompts taken from the demo's data, keep-alive connections. Loads:
@@ -120,7 +122,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8771)
     ap.add_argument("--clients", default="8,32", help="comma-separated concurrent client counts")
     ap.add_argument("--curve", action="store_true", help="saturating-load curves instead of the --clients table")
-    ap.add_argument("--servers", default="off,on,lorafoundry", help="which servers: off, on, lorafoundry")
+    ap.add_argument(
+        "--servers", default="off,on,lorafoundry", help="which servers: off, on, lorafoundry (compiled), eager"
+    )
     ap.add_argument("--out", type=Path, help="write the raw results here as JSON")
     args = ap.parse_args()
 
@@ -145,6 +149,8 @@ def main() -> None:
     url = f"http://{spec.serving.host}:{args.port}"
     plain_env = server_env(spec.serving) | {"VLLM_PLUGINS": "none"}
     lf_cmd, lf_env, *_ = plan_server(spec, args.home, args.port)
+    eager = spec.model_copy(update={"serving": spec.serving.model_copy(update={"compile": False})})
+    eager_cmd, eager_env, *_ = plan_server(eager, args.home, args.port)
     servers = {
         "plain vLLM, LoRA off": (
             build_vllm_command(pipe.base.path, base, [], spec.serving, port=args.port),
@@ -157,10 +163,17 @@ def main() -> None:
             LOADS,
         ),
         "lorafoundry serve": (lf_cmd, lf_env, LOADS),
+        "lorafoundry serve, eager": (eager_cmd, eager_env, LOADS),
     }
     if args.curve:  # one load generator on one address: lift the guard's per-address connection cap (64), as an
-        lf_env[envs.MAX_CONNECTIONS_PER_CLIENT.name] = "1024"  # operator does for a load balancer in front
-    wanted = {"off": "plain vLLM, LoRA off", "on": "plain vLLM, LoRA on", "lorafoundry": "lorafoundry serve"}
+        for env in (lf_env, eager_env):  # operator does for a load balancer in front
+            env[envs.MAX_CONNECTIONS_PER_CLIENT.name] = "1024"
+    wanted = {
+        "off": "plain vLLM, LoRA off",
+        "on": "plain vLLM, LoRA on",
+        "lorafoundry": "lorafoundry serve",
+        "eager": "lorafoundry serve, eager",
+    }
     servers = {label: v for label, v in servers.items() if label in {wanted[k] for k in args.servers.split(",")}}
     print(
         f"base {spec.base_model} ({pipe.base.path.name}), adapters {names}, {os.cpu_count()} cores, "
@@ -219,9 +232,10 @@ def main() -> None:
                 f"p50 latency {statistics.median(r['p50'] for r in rs):.2f} s"
             )
     lf, off, on = "lorafoundry serve", "plain vLLM, LoRA off", "plain vLLM, LoRA on"
-    for c in counts if len(results) == 3 else ():  # the ratios need all three servers
+    lf_eager = "lorafoundry serve, eager"
+    for c in counts if {lf, off} <= set(results) else ():  # the ratios need lorafoundry serve and plain LoRA off
         print(f"\n{c} clients:")
-        for label in (on, lf):
+        for label in (x for x in (on, lf_eager, lf) if x in results):
             print(
                 f"  {label:22s} mixed / its base-only: {med(label, f'mixed@{c}') / med(label, f'base@{c}'):.2f}x "
                 f"(goal >= 0.85); adapters / base-only: "
@@ -231,7 +245,12 @@ def main() -> None:
             f"  lorafoundry base-only / plain vLLM LoRA off: {med(lf, f'base@{c}') / med(off, f'base@{c}'):.2f}x "
             "(goal >= 0.9)"
         )
-        print(f"  plain LoRA on base-only / plain LoRA off:    {med(on, f'base@{c}') / med(off, f'base@{c}'):.2f}x")
+        for label in (x for x in (on, lf_eager) if x in results):
+            print(f"  {label} base-only / plain LoRA off: {med(label, f'base@{c}') / med(off, f'base@{c}'):.2f}x")
+        if lf_eager in results:
+            for load in LOADS:
+                ratio = med(lf, f"{load}@{c}") / med(lf_eager, f"{load}@{c}")
+                print(f"  lorafoundry compiled / eager, {load}: {ratio:.2f}x")
     if args.out:
         args.out.write_text(json.dumps({"clients": counts, "results": results}, indent=1))
 

@@ -408,6 +408,15 @@ class ServingSpec(_Strict):
         "make-up; float32 costs throughput where bf16 is native (docs/benchmarks.md, 'Deterministic mode').",
     )
 
+    compile: bool = Field(
+        True,
+        description="Let vLLM compile the model (torch.compile) with LoRA on, as it does without: on CPU vLLM "
+        "runs every LoRA model eagerly, and lorafoundry's vLLM plugin makes its LoRA layers compilable "
+        "(serving/cpu_lora_fix.py; tokens/s in docs/benchmarks.md, 'Compiled LoRA on CPU'). The compile makes "
+        "the server's start slower (on 2 cores: SmolLM2 ~100 s more the first time, less once inductor's cache "
+        "in /tmp holds it). false: vLLM's --enforce-eager.",
+    )
+
     @model_validator(mode="after")
     def _deterministic_is_float32(self) -> ServingSpec:
         if self.deterministic and self.dtype in ("bfloat16", "float16"):

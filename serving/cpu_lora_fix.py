@@ -154,7 +154,7 @@ def apply() -> bool:
         n,
         version,
     )
-    return apply_fused(logger) and ok
+    return apply_fused(logger) and apply_compiled(logger) and ok
 
 
 def _originals(lora_ops, version: str, logger) -> dict | bool:
@@ -337,4 +337,125 @@ def apply_fused(logger=None) -> bool:
         return False
     PunicaWrapperCPU.add_lora_linear = _fused_add_lora_linear(orig)
     logger.info("lorafoundry LoRA fix: PunicaWrapperCPU.add_lora_linear fused (two products per layer per step)")
+    return True
+
+
+# -- LoRA inside vLLM's compiled model on CPU --------------------------------------------------------------------------
+#
+# vLLM compiles a model on CPU (torch.compile, inductor; one Dynamo trace) unless LoRA is enabled: then
+# CpuPlatform.check_and_update_config sets CompilationMode.NONE, because vLLM's torch LoRA ops (and the grouped ones
+# above) branch on the batch's adapter indices, which one trace cannot follow. Here the two LoRA entry points the
+# compiled forward reaches, PunicaWrapperCPU.add_lora_linear and add_lora_embedding, become opaque custom ops while
+# Dynamo traces (``torch.compiler.is_compiling()``): inside the graph they are one call that mutates the layer's
+# output, and at run time they call the eager code above, with this step's indices. The logits' LoRA runs outside the
+# compiled forward, as before. Then the platform's LoRA rule is lifted; `--enforce-eager` (serving.compile: false)
+# still turns compilation off. Measured in docs/benchmarks.md ("Compiled LoRA on CPU").
+
+_COMPILE_MARK = "_lfx_compiled_lora"
+_wrappers: list = []  # weak references to this process's PunicaWrapperCPU (vLLM makes one per model runner)
+
+
+def _the_wrapper():
+    live = [w for w in (ref() for ref in _wrappers) if w is not None]
+    if len(live) != 1:
+        raise RuntimeError(f"lorafoundry: expected one PunicaWrapperCPU in this process, found {len(live)}")
+    return live[0]
+
+
+def _register_ops(eager_linear, eager_embedding) -> None:
+    """``lorafoundry::cpu_lora_linear`` and ``lorafoundry::cpu_lora_embedding``: the eager methods as custom ops
+    that mutate ``y`` (what inductor needs to keep them in order and in place)."""
+    import torch
+
+    if hasattr(torch.ops.lorafoundry, "cpu_lora_linear"):
+        return
+    linear_schema = "(Tensor(a!) y, Tensor x, Tensor[] a, Tensor[] b, float scale, int[] slices, bool add) -> ()"
+
+    @torch.library.custom_op("lorafoundry::cpu_lora_linear", mutates_args=("y",), schema=linear_schema)
+    def cpu_lora_linear(y, x, a, b, scale, slices, add):
+        eager_linear(_the_wrapper(), y, x, tuple(a), tuple(b), scale, tuple(slices), add_inputs=add)
+
+    cpu_lora_linear.register_fake(lambda y, x, a, b, scale, slices, add: None)
+
+    embedding_schema = "(Tensor(a!) y, Tensor x, Tensor b, bool add) -> ()"
+
+    @torch.library.custom_op("lorafoundry::cpu_lora_embedding", mutates_args=("y",), schema=embedding_schema)
+    def cpu_lora_embedding(y, x, b, add):
+        eager_embedding(_the_wrapper(), y, x, b, add)
+
+    cpu_lora_embedding.register_fake(lambda y, x, b, add: None)
+
+
+def _traceable(eager_linear, eager_embedding):
+    """add_lora_linear and add_lora_embedding that emit the custom ops while Dynamo traces, else run eagerly."""
+    import torch
+
+    @functools.wraps(eager_linear)
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        a, b, slices = lora_a_stacked, lora_b_stacked, output_slices
+        if not torch.compiler.is_compiling() or buffer is not None:
+            return eager_linear(self, y, x, a, b, scale, slices, buffer=buffer, **kwargs)
+        add = bool(kwargs.get("add_inputs", True))
+        torch.ops.lorafoundry.cpu_lora_linear(y, x, list(a), list(b), float(scale), list(slices), add)
+        return None
+
+    @functools.wraps(eager_embedding)
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        if not torch.compiler.is_compiling():
+            return eager_embedding(self, y, x, lora_b_stacked, add_inputs, **kwargs)
+        torch.ops.lorafoundry.cpu_lora_embedding(y, x, lora_b_stacked, bool(add_inputs))
+        return None
+
+    return add_lora_linear, add_lora_embedding
+
+
+def _lift_platform_rule(logger) -> None:
+    """CpuPlatform.check_and_update_config without its one LoRA rule (LoRA -> CompilationMode.NONE)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__
+
+    @functools.wraps(original)
+    def check_and_update_config(cls, vllm_config):
+        lora = vllm_config.lora_config
+        vllm_config.lora_config = None  # the only use of lora_config there is the rule this lifts
+        try:
+            original(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    setattr(check_and_update_config, _COMPILE_MARK, True)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+def apply_compiled(logger=None) -> bool:
+    """Let vLLM compile a LoRA model on CPU (idempotent); False, and nothing changed, if vLLM's shape differs."""
+    import weakref
+
+    logger = logger or _logger()
+    try:
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+        from vllm.platforms.cpu import CpuPlatform
+    except Exception as e:
+        logger.warning("lorafoundry LoRA fix: vLLM's CPU platform not importable (%s); LoRA stays eager", e)
+        return False
+    if getattr(CpuPlatform.check_and_update_config, _COMPILE_MARK, False):
+        return True
+    source = inspect.getsource(CpuPlatform.check_and_update_config)
+    if source.count("lora_config") != 1 or "CompilationMode.NONE" not in source:
+        logger.warning("lorafoundry LoRA fix: CpuPlatform's LoRA rule changed; LoRA stays eager")
+        return False
+    eager_linear, eager_embedding = PunicaWrapperCPU.add_lora_linear, PunicaWrapperCPU.add_lora_embedding
+    _register_ops(eager_linear, eager_embedding)
+    init = PunicaWrapperCPU.__init__
+
+    @functools.wraps(init)
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _wrappers.append(weakref.ref(self))
+
+    PunicaWrapperCPU.__init__ = tracked_init
+    PunicaWrapperCPU.add_lora_linear, PunicaWrapperCPU.add_lora_embedding = _traceable(eager_linear, eager_embedding)
+    _lift_platform_rule(logger)
+    logger.info("lorafoundry LoRA fix: LoRA layers are custom ops in vLLM's compiled model on CPU")
     return True

@@ -83,6 +83,8 @@ def build_vllm_command(
     ]
     if serving.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(serving.tensor_parallel_size)]
+    if not serving.compile:
+        cmd += ["--enforce-eager"]
     ranks = [a.r for a in adapters] + list(loadable_ranks or [])
     if adapters or loadable_ranks is not None:
         cmd += [

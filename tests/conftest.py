@@ -54,8 +54,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def served_spec(demo_spec):
-    """The demo spec on a free port, so the session's server never collides with anything else."""
-    return demo_spec.model_copy(update={"serving": demo_spec.serving.model_copy(update={"port": free_port()})})
+    """The demo spec on a free port, so the session's server never collides with anything else, and compiled
+    (`serving.compile`, which examples/tiny.yaml turns off for the suite's other servers): the tests on the session's
+    server check the compiled LoRA path."""
+    serving = demo_spec.serving.model_copy(update={"port": free_port(), "compile": True})
+    return demo_spec.model_copy(update={"serving": serving})
 
 
 @pytest.fixture(scope="session")

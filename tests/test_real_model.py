@@ -51,7 +51,8 @@ def real_spec():
                     "max_eval_rows": 4,
                 }
             },
-            "serving": {"port": free_port(), "max_model_len": 512, "deterministic": True},
+            # eager: compiling SmolLM2 would add ~100 s; the session's server on builtin:tiny checks the compiled path
+            "serving": {"port": free_port(), "max_model_len": 512, "deterministic": True, "compile": False},
         }
     )
 

@@ -109,6 +109,16 @@ def test_cli_validate_exit_codes(tmp_path):
     assert "adapters.x.r" in res.output and "adapters.x.dataset" in res.output
 
 
+def test_compile_false_serves_eagerly():
+    """`serving.compile` is on by default (vLLM compiles; the plugin makes its CPU LoRA layers compilable); false
+    passes vLLM's own switch, `--enforce-eager`."""
+    from serving.launch import build_vllm_command
+
+    assert "--enforce-eager" not in build_vllm_command(Path("/m"), "m", [], validate_spec(good_raw(), ROOT).serving)
+    eager = validate_spec({**good_raw(), "serving": {"compile": False}}, ROOT).serving
+    assert "--enforce-eager" in build_vllm_command(Path("/m"), "m", [], eager)
+
+
 def test_deterministic_serving_computes_in_float32_and_refuses_a_lower_precision():
     """`serving.deterministic` means float32 for vLLM's `--dtype` and for evaluation; with an explicit bf16/fp16
     `dtype` the two settings contradict each other, and the problem names both fields and the fix."""

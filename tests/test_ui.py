@@ -51,11 +51,12 @@ def dagster_dev(vllm_server, served_spec, session_home, tmp_path_factory):
     """`dagster dev -w workspace.yaml` on a free port, with the session's spec (its server port) and home."""
     work = tmp_path_factory.mktemp("dagster-dev")
     demo = (ROOT / "examples" / "tiny.yaml").read_text()
+    assert "port: 8000" in demo and "compile: false" in demo
     spec_file = work / "demo.yaml"
-    spec_file.write_text(
-        demo.replace("path: data/", f"path: {ROOT / 'examples' / 'data'}/").replace(
-            "port: 8000", f"port: {served_spec.serving.port}"
-        )
+    spec_file.write_text(  # the session server's settings (tests/conftest.py:served_spec): its deployment is kept
+        demo.replace("path: data/", f"path: {ROOT / 'examples' / 'data'}/")
+        .replace("port: 8000", f"port: {served_spec.serving.port}")
+        .replace("compile: false", "compile: true")
     )
     dagster_home = work / "dagster_home"
     dagster_home.mkdir()
