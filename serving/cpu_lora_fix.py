@@ -409,7 +409,7 @@ def _traceable(eager_linear, eager_embedding):
     return add_lora_linear, add_lora_embedding
 
 
-def _lift_platform_rule(logger) -> None:
+def _lift_platform_rule() -> None:
     """CpuPlatform.check_and_update_config without its one LoRA rule (LoRA -> CompilationMode.NONE)."""
     from vllm.platforms.cpu import CpuPlatform
 
@@ -456,6 +456,6 @@ def apply_compiled(logger=None) -> bool:
 
     PunicaWrapperCPU.__init__ = tracked_init
     PunicaWrapperCPU.add_lora_linear, PunicaWrapperCPU.add_lora_embedding = _traceable(eager_linear, eager_embedding)
-    _lift_platform_rule(logger)
+    _lift_platform_rule()
     logger.info("lorafoundry LoRA fix: LoRA layers are custom ops in vLLM's compiled model on CPU")
     return True

@@ -10,6 +10,7 @@ under $LORAFOUNDRY_ARTIFACTS (default: a `screenshots` dir under pytest's tmp di
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -50,14 +51,11 @@ def need_browser() -> None:
 def dagster_dev(vllm_server, served_spec, session_home, tmp_path_factory):
     """`dagster dev -w workspace.yaml` on a free port, with the session's spec (its server port) and home."""
     work = tmp_path_factory.mktemp("dagster-dev")
-    demo = (ROOT / "examples" / "tiny.yaml").read_text()
-    assert "port: 8000" in demo and "compile: false" in demo
+    raw = served_spec.model_dump(mode="json")  # the session server's settings: its deployment is kept
+    for name in raw["datasets"]:  # the spec file is written elsewhere: its data paths made absolute
+        raw["datasets"][name]["path"] = str(served_spec.dataset_path(name))
     spec_file = work / "demo.yaml"
-    spec_file.write_text(  # the session server's settings (tests/conftest.py:served_spec): its deployment is kept
-        demo.replace("path: data/", f"path: {ROOT / 'examples' / 'data'}/")
-        .replace("port: 8000", f"port: {served_spec.serving.port}")
-        .replace("compile: false", "compile: true")
-    )
+    spec_file.write_text(json.dumps(raw))  # JSON is YAML
     dagster_home = work / "dagster_home"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
