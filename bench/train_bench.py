@@ -63,7 +63,7 @@ def plain_hf(base_path: Path, rows: list[dict], spec, out: Path) -> dict:
             r=spec.r,
             lora_alpha=spec.alpha,
             lora_dropout=spec.lora_dropout,
-            target_modules=spec.resolved_target_modules(),
+            target_modules=spec.target_modules,
             task_type="CAUSAL_LM",
         ),
     )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lora_assets.architectures import resolve_target_modules
 from lora_assets.hardware import resolve_dtype, torch_dtype
 
 if TYPE_CHECKING:  # annotations only: the spec imports this module, and torch loads where a model does
@@ -59,7 +60,7 @@ def choose_method(spec: AdapterSpec, base: BaseModelRef, budget_bytes: int | Non
     """
     cfg = base.config
     hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    n_modules = len(spec.resolved_target_modules())
+    n_modules = len(resolve_target_modules(spec.target_modules, base.path))
     lora_params = layers * n_modules * spec.r * 2 * max(hidden, cfg.get("intermediate_size", hidden))
     tokens = spec.batch_size * spec.max_seq_len
     estimate = base.parameters * 2 + lora_params * 16 + tokens * hidden * layers * 34
@@ -96,14 +97,15 @@ def nf4_precision() -> str:
     return f"nf4 (4-bit, double quant) + {resolve_dtype('auto')} compute"
 
 
-def lora_config(spec: AdapterSpec) -> LoraConfig:
-    """peft's ``LoraConfig`` for the adapter's rank, alpha, target modules, dropout and variant."""
+def lora_config(spec: AdapterSpec, base: BaseModelRef) -> LoraConfig:
+    """peft's ``LoraConfig`` for the adapter's rank, alpha, target modules (resolved against ``base``), dropout
+    and variant."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
-        target_modules=spec.resolved_target_modules(),
+        target_modules=resolve_target_modules(spec.target_modules, base.path),
         lora_dropout=spec.lora_dropout,
         bias="none",
         task_type="CAUSAL_LM",

@@ -23,10 +23,6 @@ from lora_assets.methods import INIT_VARIANTS
 from registry.metrics import METRIC_NAMES
 from registry.rules import is_valid_name  # the name rule is the registry's: adapters are registered by name
 
-#: The seven linear projections of a Llama-style decoder layer: what `target_modules: all-linear` means there.
-LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 #: A metric's name: one of the metric table's (``registry.metrics``), in its order.
 MetricName = Literal[METRIC_NAMES]
 
@@ -136,9 +132,19 @@ class GateSpec(_Strict):
 
 
 class AdapterSpec(_Strict):
-    """One LoRA adapter: trained for exactly one epoch on one dataset, evaluated, registered, served."""
+    """One LoRA adapter: trained for exactly one epoch on one dataset or a weighted mixture, evaluated, registered,
+    served."""
 
-    dataset: str = Field(description="Name of the dataset (a key under `datasets`) to train on.")
+    dataset: str | None = Field(
+        None, description="Name of the dataset (a key under `datasets`) to train on; or set `datasets` instead."
+    )
+    datasets: dict[str, float] | None = Field(
+        None,
+        examples=[{"support": 0.7, "faq": 0.3}],
+        description="A weighted mixture instead of one `dataset`: dataset name -> weight (positive; normalized to "
+        "sum 1). Each source contributes rows in proportion to its weight, as many as fit without repeating a row "
+        "(the scarcest source, relative to its weight, is used in full); each selected row trains once.",
+    )
     method: Literal["lora", "qlora", "auto"] = Field(
         "auto",
         description="`lora` (bf16 base), `qlora` (4-bit NF4 base, double quant), or `auto`: QLoRA only "
@@ -158,8 +164,9 @@ class AdapterSpec(_Strict):
     )
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
-        description="Modules that get LoRA; `all-linear` means every attention and MLP projection "
-        "(for Llama: q, k, v, o, gate, up, down).",
+        description="Modules that get LoRA; `all-linear` means every linear layer of the decoder blocks, read "
+        "from the base itself (Llama: q/k/v/o/gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj) "
+        "and written out by name in adapter_config.json; a list names them (checked against the base).",
     )
     lora_dropout: float = Field(0.05, description="Dropout on the LoRA input, in [0, 1).")
     variant: Literal["lora", "rslora", "dora", "pissa", "olora"] = Field(
@@ -246,6 +253,34 @@ class AdapterSpec(_Strict):
                         "add more (or more varied) data."
                     )
         return data
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> AdapterSpec:
+        if (self.dataset is None) == (self.datasets is None):
+            raise ValueError(
+                "set exactly one of `dataset` (a name) or `datasets` (a mixture, name -> weight), e.g. "
+                "`dataset: faq` or `datasets: {support: 0.7, faq: 0.3}`"
+            )
+        for name, weight in (self.datasets or {}).items():
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(
+                    f"datasets.{_key(name)}: weight {weight!r} must be a positive number. Fix: e.g. 0.3, or remove "
+                    "the source"
+                )
+        if self.datasets == {}:
+            raise ValueError("datasets is empty. Fix: name at least one dataset with its weight, or use `dataset`")
+        return self
+
+    def sources(self) -> dict[str, float]:
+        """The datasets this adapter trains on, with their weights normalized to sum 1 (one dataset: weight 1)."""
+        if self.datasets is None:
+            return {self.dataset: 1.0}
+        total = sum(self.datasets.values())
+        return {name: w / total for name, w in self.datasets.items()}
+
+    def data_name(self) -> str:
+        """What it was trained on, in words: the dataset's name, or the mixture's sources joined by `+`."""
+        return self.dataset if self.datasets is None else "+".join(self.datasets)
 
     @model_validator(mode="after")
     def _settings_fit_together(self) -> AdapterSpec:
@@ -353,12 +388,6 @@ class AdapterSpec(_Strict):
         if isinstance(self.lora_alpha, str):
             return int(self.lora_alpha[:-1] or 1) * self.r
         return self.lora_alpha
-
-    def resolved_target_modules(self) -> list[str]:
-        """Module names for peft. `all-linear` is spelled out so adapter_config.json names every module."""
-        if self.target_modules == "all-linear":
-            return list(LLAMA_LINEAR_MODULES)
-        return list(self.target_modules)
 
     def sweep_points(self) -> list[AdapterSpec]:
         """Expand `sweep` into one concrete spec per grid point (the spec itself when there is no sweep). Every
@@ -641,11 +670,17 @@ def _cross_checks(raw: dict, spec_dir: Path) -> list[str]:
         if isinstance(ds, dict) and isinstance(ds.get("path"), str):
             problems += _dataset_path_problems(f"datasets.{_key(name)}.path", ds["path"], spec_dir)
     for name, ad in adapters.items():
-        if isinstance(ad, dict) and isinstance(ad.get("dataset"), str) and ad["dataset"] not in datasets:
-            problems.append(
-                f"adapters.{_key(name)}.dataset: {_short(ad['dataset'])} is not a declared dataset. Fix: use one "
-                f"of {sorted(datasets)} or declare it under `datasets`."
-            )
+        if not isinstance(ad, dict):
+            continue
+        named = [("dataset", ad["dataset"])] if isinstance(ad.get("dataset"), str) else []
+        if isinstance(ad.get("datasets"), dict):
+            named += [(f"datasets.{_key(ds)}", ds) for ds in ad["datasets"]]
+        for field, ds in named:
+            if ds not in datasets:
+                problems.append(
+                    f"adapters.{_key(name)}.{field}: {_short(ds)} is not a declared dataset. Fix: use one "
+                    f"of {sorted(datasets)} or declare it under `datasets`."
+                )
     if isinstance(raw.get("base_model"), str):
         problems += _base_model_problems(raw["base_model"], spec_dir)
     return problems

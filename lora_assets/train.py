@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lora_assets.architectures import architecture_warning, resolve_target_modules, target_module_problems
 from lora_assets.base_model import BaseModelRef
 from lora_assets.batching import PackingCollator, PaddedCollator, attention_width, tokenized_train_split
 from lora_assets.clean import CleanReport
@@ -238,24 +239,6 @@ def _load_base_for_training(base: BaseModelRef, method: str):
     return AutoModelForCausalLM.from_pretrained(base.path, dtype=torch_dtype("auto"))
 
 
-def linear_module_names(base: BaseModelRef) -> set[str]:
-    """Names (last component) of the base's linear layers except the LM head, from its config alone.
-
-    The model is built on the meta device, so no weights are read: cheap enough to run before any training.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base.path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {
-        name.rsplit(".", 1)[-1]
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name
-    }
-
-
 def preflight(field: str, spec: AdapterSpec, base: BaseModelRef) -> list[str]:
     """Problems that would only show once training starts, found before any weights load.
 
@@ -264,14 +247,7 @@ def preflight(field: str, spec: AdapterSpec, base: BaseModelRef) -> list[str]:
         spec: the adapter's settings.
         base: the resolved base model.
     """
-    problems = []
-    available = linear_module_names(base)
-    missing = [m for m in spec.resolved_target_modules() if m not in available]
-    if missing:
-        problems.append(
-            f"{field}.target_modules: {missing} are not linear layers of {base.id}. Fix: use "
-            f"`all-linear` or some of {sorted(available)}."
-        )
+    problems = target_module_problems(f"{field}.target_modules", spec.target_modules, base.id, base.path)
     if spec.method == "qlora" or (spec.sweep and "qlora" in spec.sweep.get("method", [])):
         try:
             import bitsandbytes  # noqa: F401
@@ -288,9 +264,11 @@ def preflight(field: str, spec: AdapterSpec, base: BaseModelRef) -> list[str]:
     return problems
 
 
-def training_warnings(spec: AdapterSpec, n_examples: int) -> list[str]:
-    """Advice that does not stop training: unusual alpha/r, or a rank large for the data."""
-    warnings = []
+def training_warnings(spec: AdapterSpec, n_examples: int, base: BaseModelRef | None = None) -> list[str]:
+    """Advice that does not stop training: unusual alpha/r, a rank large for the data, a base of a family not
+    tested with vLLM's LoRA serving."""
+    arch_advice = architecture_warning(base.config, base.id) if base is not None else None
+    warnings = [arch_advice] if arch_advice else []
     ratio = spec.alpha / spec.r
     if not 0.5 <= ratio <= 4:
         warnings.append(
@@ -379,7 +357,7 @@ def train_adapter(
     say = progress or log.info
     with main_first(dp):  # rank 0 tokenizes into the cache, the others read it
         data = _tokenized_data(spec, base, clean, home.tokenized)
-    warnings = _announce_warnings(job_key, spec, len(data.examples), progress)
+    warnings = _announce_warnings(job_key, spec, base, len(data.examples), progress)
     model, trainable, total = _lora_model(spec, base, choice.method)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fit = _fit(job_key, spec, base, model, data, tmp, log_every, say, dp)
@@ -432,9 +410,9 @@ def _tokenized_data(spec: AdapterSpec, base: BaseModelRef, clean: CleanReport, c
     return _TrainData(tokenizer=tokenizer, examples=examples, tokens=n_tokens, cache_hit=cache_hit)
 
 
-def _announce_warnings(job_key: str, spec: AdapterSpec, n_examples: int, progress) -> list[str]:
+def _announce_warnings(job_key: str, spec: AdapterSpec, base: BaseModelRef, n_examples: int, progress) -> list[str]:
     """Log :func:`training_warnings` (and send them to ``progress``); returns them for the manifest."""
-    warnings = training_warnings(spec, n_examples)
+    warnings = training_warnings(spec, n_examples, base)
     for w in warnings:
         log.warning("%s: %s", job_key, w)
         if progress:
@@ -451,7 +429,7 @@ def _lora_model(spec: AdapterSpec, base: BaseModelRef, method: str):
     _release_freed_memory()
     # No KV cache in training: with one, transformers also skips the packed-sequence mask (see PackingCollator)
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(spec))
+    model = get_peft_model(model, lora_config(spec, base))
     trainable, total = model.get_nb_trainable_parameters()
     if not torch.cuda.is_available():
         use_bits_dropout(model)  # same dropout, ~3x cheaper masks on CPU (see lora_assets.train_kernels)
@@ -653,7 +631,7 @@ def _manifest(
     return {
         "adapter_name": job_key,
         "config": spec.model_dump(mode="json")
-        | {"lora_alpha": spec.alpha, "target_modules": spec.resolved_target_modules()},
+        | {"lora_alpha": spec.alpha, "target_modules": resolve_target_modules(spec.target_modules, base.path)},
         "epochs": 1,
         "max_steps": spec.max_steps,
         "steps_per_epoch": fit.steps_per_epoch,
@@ -667,6 +645,7 @@ def _manifest(
         "compute": compute_record("auto"),  # the format the base was loaded and autocast in, and where
         "base_model": {"id": base.id, "path": str(base.path), "content_hash": base.content_hash},
         "dataset": {"name": clean.dataset, "fingerprint": clean.fingerprint, "rows_train": clean.rows_train},
+        "mixture": [s.model_dump() for s in clean.mixture],  # a weighted mixture's sources; [] for one dataset
         "libraries": _library_versions(),
         "seed": spec.seed,
         "result": result.model_dump(mode="json"),

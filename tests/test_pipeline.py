@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_assets.spec import LLAMA_LINEAR_MODULES
 from registry.records import adapter_sha256
 from registry.store import AdapterRegistry
 
@@ -35,12 +34,15 @@ def test_cleaning_counts(materialized, session_home, demo_spec):
         assert reasons["duplicate"] > 0 and reasons.get("empty_prompt", 0) + reasons.get("empty_response", 0) == 1
 
 
+LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
 def test_adapters_follow_lora_defaults(materialized, session_home, demo_spec):
     for name in demo_spec.adapters:
         adir = Path(json.loads((session_home / "adapters" / name / "current.json").read_text())["dir"])
         cfg = json.loads((adir / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == 16 and cfg["lora_alpha"] == 32
-        assert sorted(cfg["target_modules"]) == sorted(LLAMA_LINEAR_MODULES)
+        assert sorted(cfg["target_modules"]) == LLAMA_LINEAR  # all-linear, written out by name
         assert cfg["lora_dropout"] == 0.05
         assert (adir / "adapter_model.safetensors").exists()
         assert not list(adir.glob("*.bin")) and not list(adir.glob("*.pt"))

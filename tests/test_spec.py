@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lora_assets.spec import LLAMA_LINEAR_MODULES, AdapterSpec, SpecError, load_spec, validate_spec
+from lora_assets.spec import AdapterSpec, SpecError, load_spec, validate_spec
 from orchestration.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_example_specs_are_valid(spec_file, base):
 def test_defaults_follow_lora_practice():
     a = AdapterSpec(dataset="d")
     assert (a.r, a.alpha, a.lora_dropout, a.method) == (16, 32, 0.05, "auto")
-    assert a.resolved_target_modules() == LLAMA_LINEAR_MODULES
+    assert a.target_modules == "all-linear"  # resolved against the base: tests/test_train_config.py
     assert AdapterSpec(dataset="d", r=8).alpha == 16
     assert AdapterSpec(dataset="d", r=8, lora_alpha=8).alpha == 8
 

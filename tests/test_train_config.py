@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from lora_assets.architectures import linear_layers, resolve_target_modules
 from lora_assets.base_model import resolve_base_model
 from lora_assets.home import Home
 from lora_assets.pipeline import Pipeline
-from lora_assets.spec import LLAMA_LINEAR_MODULES, AdapterSpec, SpecError, validate_spec
-from lora_assets.train import linear_module_names, preflight, training_warnings
+from lora_assets.spec import AdapterSpec, SpecError, validate_spec
+from lora_assets.train import preflight, training_warnings
+
+LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
-def test_linear_modules_of_a_llama_from_config_alone(tmp_path, random_base):
-    base = resolve_base_model(str(random_base), tmp_path)
-    assert linear_module_names(base) == set(LLAMA_LINEAR_MODULES)
+def _config_only_base(tmp_path, model_type: str, **fields) -> Path:
+    """A model dir holding only a tiny config.json of one family: enough for anything that reads modules."""
+    from transformers import AutoConfig
+
+    d = tmp_path / model_type
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, vocab_size=256)
+    small |= dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    AutoConfig.for_model(model_type, **small, **fields).save_pretrained(d)
+    return d
+
+
+def test_all_linear_is_read_from_the_base_not_a_list_of_llama_names(tmp_path, random_base):
+    assert linear_layers(random_base) == (LLAMA_LINEAR, ["lm_head"])  # inside the blocks, the output head
+    phi3 = _config_only_base(tmp_path, "phi3", architectures=["Phi3ForCausalLM"])
+    assert resolve_target_modules("all-linear", phi3) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    neox = _config_only_base(tmp_path, "gpt_neox")
+    assert resolve_target_modules("all-linear", neox) == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+    assert resolve_target_modules(["q_proj"], random_base) == ["q_proj"]  # an explicit list is kept as written
 
 
 def test_preflight_names_the_field_the_value_and_the_fix(tmp_path, random_base):
@@ -21,6 +40,24 @@ def test_preflight_names_the_field_the_value_and_the_fix(tmp_path, random_base):
     assert preflight("adapters.a", AdapterSpec(dataset="d"), base) == []
     (msg,) = preflight("adapters.a", AdapterSpec(dataset="d", target_modules=["q_proj", "query_key_value"]), base)
     assert msg.startswith("adapters.a.target_modules:") and "query_key_value" in msg and "all-linear" in msg
+    (head,) = preflight("adapters.a", AdapterSpec(dataset="d", target_modules=["q_proj", "lm_head"]), base)
+    assert "['lm_head']" in head and "outside the decoder blocks" in head and "vLLM" in head and "Fix:" in head
+
+
+def test_a_phi3_base_passes_preflight_with_the_default_and_fails_with_llama_names(tmp_path):
+    base = resolve_base_model(str(_config_only_base(tmp_path, "phi3", architectures=["Phi3ForCausalLM"])), tmp_path)
+    assert preflight("adapters.a", AdapterSpec(dataset="d"), base) == []  # all-linear: the issue's first bullet
+    (msg,) = preflight("adapters.a", AdapterSpec(dataset="d", target_modules=["q_proj", "v_proj"]), base)
+    assert "['q_proj', 'v_proj']" in msg and "qkv_proj" in msg
+
+
+def test_a_family_not_tested_with_vllm_lora_gets_advice_not_a_refusal(tmp_path):
+    base = resolve_base_model(
+        str(_config_only_base(tmp_path, "gpt_neox", architectures=["GPTNeoXForCausalLM"])), tmp_path
+    )
+    assert preflight("adapters.a", AdapterSpec(dataset="d"), base) == []
+    (advice,) = training_warnings(AdapterSpec(dataset="d"), 500, base)
+    assert "GPTNeoXForCausalLM" in advice and "LlamaForCausalLM" in advice
 
 
 def test_pipeline_preflight_collects_every_adapter(tmp_path, random_base):
