@@ -71,6 +71,11 @@ class EvalResult(BaseModel):
         description="Every eval row's scores (lora_assets.evidence): gates with a confidence and paired "
         "comparisons with the champion are computed from them; None in results of lorafoundry before EVAL_VERSION 3.",
     )
+    by_source: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=dict,
+        description="For an adapter trained on a mixture: the metrics table of each source's eval rows, by "
+        "dataset name (empty for one dataset).",
+    )
 
 
 #: Bump when a change to this module changes any number or answer an evaluation produces.
@@ -326,6 +331,7 @@ def evaluate_adapter(
     runs = _run_base_and_adapter(model, tokenizer, rows, spec.max_seq_len, max_new_tokens)
     answers = _answer_scores(runs)
     metrics = metric_table(answers, (runs.base_sums, runs.adapter_sums, runs.counts), seed=seed)
+    by_source = _metrics_by_source([r.get("dataset") for r in rows], answers, runs, seed) if clean.mixture else {}
     per_row = RowScores(
         ids=[row_id(r["messages"]) for r in rows],
         answers={m: {"base": b, "adapter": a} for m, (b, a) in answers.items()},
@@ -348,9 +354,21 @@ def evaluate_adapter(
         precision_agreement=agreement,
         key=key,
         per_row=per_row,
+        by_source=by_source,
     )
     write_json_atomic(adapter_dir / EVAL_FILE, result.model_dump(mode="json"), indent=2)
     return result
+
+
+def _metrics_by_source(sources: list[str | None], answers: dict, runs, seed: int) -> dict:
+    """:func:`metric_table` over each source's rows of a mixture's eval split."""
+    out = {}
+    for name in dict.fromkeys(sources):
+        idx = [i for i, s in enumerate(sources) if s == name]
+        sub = {m: ([b[i] for i in idx], [a[i] for i in idx]) for m, (b, a) in answers.items()}
+        losses = tuple([xs[i] for i in idx] for xs in (runs.base_sums, runs.adapter_sums, runs.counts))
+        out[str(name)] = metric_table(sub, losses, seed=seed)
+    return out
 
 
 def _generation_settings(dtype: str, max_new_tokens: int, seed: int) -> dict:

@@ -16,6 +16,8 @@ from lora_assets.evaluate import EvalResult, evaluate_adapter, load_eval
 from lora_assets.evidence import compare_with_champion
 from lora_assets.files import write_json_atomic
 from lora_assets.home import Home
+from lora_assets.mixture import describe as describe_mixture
+from lora_assets.mixture import mix_datasets
 from lora_assets.spec import AdapterSpec, PipelineSpec, SpecError
 from lora_assets.train import TrainResult, preflight, run_key, train_adapter
 from registry.metrics import DEFAULT_RANK_METRIC
@@ -109,6 +111,18 @@ class Pipeline:
             tokenizer=self._tokenizer(),
         )
 
+    def training_data(self, key: str) -> CleanReport:
+        """What one adapter job trains and evaluates on: its dataset's last cleaning, or for a mixture
+        (`datasets: {a: 0.7, b: 0.3}`) the rows it selects from each source's last cleaning (written once)."""
+        spec = self.jobs[key].spec
+        if spec.datasets is None:
+            return current_clean(self.datasets_dir, spec.dataset)
+        reports = {name: current_clean(self.datasets_dir, name) for name in spec.datasets}
+        report = mix_datasets(reports, spec.sources(), spec.seed, self.datasets_dir)
+        if self.progress:
+            self.progress(f"{key}: mixture {report.fingerprint}: {describe_mixture(report)}")
+        return report
+
     def train(self, key: str) -> TrainResult:
         """Train one adapter job on its dataset's last cleaning: in this process, or with `processes` > 1 by
         torchrun in a subprocess (the train asset starts the same command through Dagster Pipes instead)."""
@@ -121,7 +135,7 @@ class Pipeline:
                 if done.returncode != 0:
                     raise DistributedTrainingError(launch.failure(done.returncode))
             return self.trained(key, launch)
-        clean = current_clean(self.datasets_dir, job.spec.dataset)
+        clean = self.training_data(key)
         result = train_adapter(key, job.spec, self.base, clean, self.layout, progress=self.progress)
         write_json_atomic(self.adapters_dir / key / "current.json", {"dir": result.adapter_dir})
         return result
@@ -130,7 +144,7 @@ class Pipeline:
         """The data-parallel run of one adapter job: its request written under ``<home>/launch/<job>/<run key>``
         and the torchrun command that trains it (nothing started)."""
         job = self.jobs[key]
-        clean = current_clean(self.datasets_dir, job.spec.dataset)
+        clean = self.training_data(key)
         adapter_dir = self.adapters_dir / key / run_key(job.spec, self.base, clean)
         request = TrainRequest(job_key=key, spec=job.spec, base=self.base, clean=clean, home=self.layout)
         return plan_launch(request, self.layout.launches / key / adapter_dir.name, adapter_dir)
@@ -153,7 +167,7 @@ class Pipeline:
     def evaluate(self, key: str) -> EvalResult:
         """Evaluate the last trained version of one adapter job against the base."""
         job = self.jobs[key]
-        clean = current_clean(self.datasets_dir, job.spec.dataset)
+        clean = self.training_data(key)
         dtype = self.spec.serving.compute_dtype
         return evaluate_adapter(self.adapter_dir(key), job.spec, self.base, clean, dtype=dtype)
 
@@ -181,8 +195,9 @@ class Pipeline:
                     "peak_memory_mb": round(result.get("peak_memory_bytes", 0) / 2**20, 1),
                     **launch_record(manifest),
                     "compute": manifest.get("compute"),  # number format, device, CPU, GPU; None: an older manifest
+                    **({"mixture": manifest["mixture"]} if manifest.get("mixture") else {}),  # sources, counts
                 },
-                dataset=job.spec.dataset,
+                dataset=job.spec.data_name(),
                 dataset_fingerprint=manifest["dataset"]["fingerprint"],
                 trainable_params=result["trainable_params"],
                 metrics=ev.metrics,

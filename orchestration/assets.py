@@ -27,7 +27,7 @@ from lora_assets.evaluate import load_eval
 from lora_assets.hardware import limit_torch_threads, resolve_dtype
 from lora_assets.pipeline import CODE_VERSION, AdapterJob, Pipeline, adapter_jobs
 from lora_assets.plot import markdown_image
-from lora_assets.spec import PipelineSpec
+from lora_assets.spec import AdapterSpec, PipelineSpec
 from lora_assets.train import LOSS_PLOT, TRAINER_VERSION, run_config
 from orchestration import metadata_keys as mk
 from orchestration.keys import AssetKeys
@@ -234,10 +234,32 @@ def _clean_checks(spec: PipelineSpec, keys: AssetKeys, ds_name: str) -> list[dg.
     return [no_leakage, no_duplicates, min_train, min_eval]
 
 
+def _mixture_metadata(adapter_dir: str) -> dict:
+    """For an adapter trained on a mixture: each source's weight, rows selected of available, and fingerprint."""
+    manifest = json.loads((Path(adapter_dir) / "training_manifest.json").read_text())
+    sources = manifest.get("mixture") or []
+    if not sources:
+        return {}
+    rows = "\n".join(
+        f"| {s['dataset']} | {s['weight']:.2f} | {s['rows_selected']} | {s['rows_available']} | {s['rows_eval']} "
+        f"| `{s['fingerprint']}` |"
+        for s in sources
+    )
+    head = "| source | weight | train rows selected | available | eval rows | fingerprint |\n" + "|---" * 6 + "|\n"
+    return {"mixture": dg.MetadataValue.md(head + rows)}
+
+
+def _data_words(spec: AdapterSpec) -> str:
+    """What an adapter trains on, for descriptions: `name`, or the mixture with its normalized weights."""
+    if spec.datasets is None:
+        return f"`{spec.dataset}`"
+    return "a mixture of " + ", ".join(f"`{n}` ({w:.2f})" for n, w in spec.sources().items())
+
+
 def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.AssetsDefinition:
     @dg.asset(
         key=keys.adapter(job.key, "train"),
-        deps=[keys.clean(job.spec.dataset), base_model_key(spec, keys)],
+        deps=[*(keys.clean(ds) for ds in job.spec.sources()), base_model_key(spec, keys)],
         group_name=keys.group("adapters"),
         kinds={"peft", "pytorch"},
         pool=TRAINING_POOL,
@@ -245,7 +267,7 @@ def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Ass
         retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
         automation_condition=FOLLOW_UPSTREAM,
         code_version=code_version(run_config(job.spec), spec.base_model, TRAINER_VERSION),
-        description=f"LoRA adapter `{job.key}` trained for exactly one epoch on `{job.spec.dataset}` "
+        description=f"LoRA adapter `{job.key}` trained for exactly one epoch on {_data_words(job.spec)} "
         f"(r={job.spec.r}, alpha={job.spec.alpha}).",
     )
     def train_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
@@ -273,6 +295,7 @@ def _train_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Ass
                 "loss_curve": dg.MetadataValue.md(_loss_plot(r.adapter_dir, r.loss_curve)),
                 "adapter_dir": dg.MetadataValue.path(r.adapter_dir),
                 **launch_metadata(r.adapter_dir),  # world_size, launcher
+                **_mixture_metadata(r.adapter_dir),
             }
         )
 
@@ -293,7 +316,7 @@ def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
             job.spec.gate and job.spec.gate.model_dump(),
             resolve_dtype(spec.serving.compute_dtype),
         ),
-        description=f"Adapter `{job.key}` against the base on `{job.spec.dataset}`'s held-out split: "
+        description=f"Adapter `{job.key}` against the base on the held-out split of {_data_words(job.spec)}: "
         "exact match, chrF, eval loss and perplexity with 95% bootstrap CIs on the gains, and sample answers.",
     )
     def eval_asset(context: dg.AssetExecutionContext, lorafoundry: LoraFoundryHome) -> dg.MaterializeResult:
@@ -312,6 +335,8 @@ def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
             meta["gate"] = ev.gate.detail
         if ev.precision_agreement is not None:
             meta["precision_agreement"] = dg.MetadataValue.json(ev.precision_agreement)
+        for source, table in ev.by_source.items():  # a mixture: each source's rows on their own
+            meta[f"metrics of {source}"] = dg.MetadataValue.md(_metrics_table(table))
         return dg.MaterializeResult(metadata=meta)
 
     return eval_asset

@@ -42,7 +42,7 @@ def downstream_of_dataset(spec: PipelineSpec, dataset: str, keys: AssetKeys | No
     selected = [keys.clean(dataset)]
     names = set()
     for job in adapter_jobs(spec).values():
-        if job.spec.dataset == dataset:
+        if dataset in job.spec.sources():
             selected += [keys.adapter(job.key, stage) for stage in ("train", "eval", "register")]
             names.add(job.name)
     selected += [keys.adapter(n, "leaderboard") for n in sorted(names) if spec.adapters[n].sweep]

@@ -32,6 +32,21 @@ class SourceFile(BaseModel):
     )
 
 
+class MixtureSource(BaseModel):
+    """One source of a mixture: what it offered and what it gave."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="The source dataset's name.")
+    weight: float = Field(description="Its weight, normalized so that a mixture's weights sum to 1.")
+    fingerprint: str = Field(description="The fingerprint of the source's cleaning used (lineage).")
+    rows_available: int = Field(description="Train rows the source's cleaning has.")
+    rows_selected: int = Field(description="Train rows the mixture took from it (each trained once).")
+    duplicates_skipped: int = Field(description="Its rows skipped because an earlier source gave the same row.")
+    rows_eval: int = Field(description="Its eval rows in the mixture's eval split.")
+    eval_leaks_dropped: int = Field(description="Its eval rows left out because their prompt is a training prompt.")
+
+
 class CleanReport(BaseModel):
     """What cleaning did to one dataset. Written as report.json next to the splits.
 
@@ -63,6 +78,11 @@ class CleanReport(BaseModel):
         description="Eval rows moved to train because their prompt also occurs in train."
     )
     output_dir: str = Field(description="The folder holding train.jsonl, eval.jsonl, quarantine.jsonl and this report.")
+    mixture: list[MixtureSource] = Field(
+        default_factory=list,
+        description="For a weighted mixture of datasets (lora_assets/mixture.py): each source's weight, cleaning "
+        "fingerprint and rows selected; empty for a dataset cleaned from files.",
+    )
 
 
 def point_current(dataset_dir: Path, out_dir: Path) -> None:
