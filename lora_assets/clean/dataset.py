@@ -16,7 +16,7 @@ from lora_assets.clean.formats import parse_and_shape
 from lora_assets.clean.near_dup import mark_near_duplicates
 from lora_assets.clean.reading import load_files
 from lora_assets.clean.report import CleanError, CleanReport, SourceFile, point_current
-from lora_assets.clean.rules import apply_rules, mark_duplicates, mark_too_long
+from lora_assets.clean.rules import apply_rules, mark_duplicates, mark_template_and_length
 from lora_assets.clean.sources import describe_missing, resolve_sources
 from lora_assets.clean.split import assign_split, write_splits
 from lora_assets.files import sha256_files
@@ -114,7 +114,7 @@ def _run_stages(files: list[Path], spec: DatasetSpec, tokenizer, out: Path) -> _
             sources, fmt_summary, why_summary = parse_and_shape(con, files, encodings, spec.format)
             pii = apply_rules(con, spec.pii)
             if tokenizer is not None:
-                mark_too_long(con, tokenizer, spec.max_tokens)
+                mark_template_and_length(con, tokenizer, spec.max_tokens)
             mark_duplicates(con)
             if spec.near_duplicate_threshold is not None:
                 mark_near_duplicates(con, spec.near_duplicate_threshold)

@@ -30,6 +30,8 @@ REASONS = [
     "no_final_assistant_turn",
     "consecutive_same_role",
     "pii",
+    "template_no_system_role",
+    "template_rejects_row",
     "too_long",
     "duplicate",
     "near_duplicate",
@@ -204,16 +206,39 @@ def _result_sql(pii_mode: str) -> str:
         FROM shaped s JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid)"""
 
 
-def mark_too_long(con: duckdb.DuckDBPyConnection, tokenizer, max_tokens: int) -> None:
-    """Set reason ``too_long`` on each kept row whose chat-templated text is over ``max_tokens`` tokens."""
+def template_refuses_system(tokenizer) -> bool:
+    """Whether the base's own chat template raises on a system message (Gemma's and several Mistral templates do),
+    found by rendering a two-turn chat with and without one."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    tokenizer.apply_chat_template(chat, tokenize=False)  # a template that cannot render this is not a chat template
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "be brief"}, *chat], tokenize=False)
+    except Exception:  # noqa: BLE001 - jinja's TemplateError, or what the template's raise_exception raises
+        return True
+    return False
+
+
+def mark_template_and_length(con: duckdb.DuckDBPyConnection, tokenizer, max_tokens: int) -> None:
+    """Render each kept row with the base's chat template: a row it refuses gets ``template_no_system_role`` (it has
+    a system message and the template refuses them, :func:`template_refuses_system`) or ``template_rejects_row``
+    (the template raised on it for another rule, e.g. strict user/assistant alternation), never an exception in
+    training; a row it renders gets ``too_long`` when over ``max_tokens`` tokens."""
     rows = con.execute("SELECT rid, messages FROM result WHERE reason IS NULL ORDER BY rid").fetchall()
     if not rows:
         return
-    texts = [tokenizer.apply_chat_template(m, tokenize=False) for _, m in rows]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    too_long = [rid for (rid, _), n in zip(rows, lengths, strict=True) if n > max_tokens]
-    if too_long:
-        con.execute("UPDATE result SET reason = 'too_long' WHERE rid IN (SELECT unnest(?::BIGINT[]))", [too_long])
+    no_system = template_refuses_system(tokenizer)
+    rendered, refused = [], {"template_no_system_role": [], "template_rejects_row": []}
+    for rid, messages in rows:
+        try:
+            rendered.append((rid, tokenizer.apply_chat_template(messages, tokenize=False)))
+        except Exception:  # noqa: BLE001 - any refusal by the template's own rules
+            has_system = any(m["role"] == "system" for m in messages)
+            refused["template_no_system_role" if no_system and has_system else "template_rejects_row"].append(rid)
+    lengths = [len(ids) for ids in tokenizer([t for _, t in rendered], add_special_tokens=False)["input_ids"]]
+    refused["too_long"] = [rid for (rid, _), n in zip(rendered, lengths, strict=True) if n > max_tokens]
+    for reason, rids in refused.items():
+        if rids:
+            con.execute(f"UPDATE result SET reason = '{reason}' WHERE rid IN (SELECT unnest(?::BIGINT[]))", [rids])
 
 
 def mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
