@@ -7,7 +7,7 @@ reason and source reference ``file:line``), and ``report.json`` keeps the counts
 Rules, in the order they are applied (a row gets the first reason that fits):
 invalid_utf8, blank_line, invalid_csv, invalid_json, not_an_object, missing_fields, wrong_type, empty_conversation,
 unknown_role, empty_prompt, empty_response, no_user_turn, no_final_assistant_turn, consecutive_same_role,
-pii (with ``pii: quarantine``), too_long, duplicate, near_duplicate.
+pii (with ``pii: quarantine``), template_no_system_role, template_rejects_row, too_long, duplicate, near_duplicate.
 
 Input: JSON Lines, a JSON array, CSV and Parquet. A UTF-8 byte-order mark is dropped; UTF-16 and UTF-32 text with
 a byte-order mark is decoded (without one, the error says what it looks like). CSV is parsed record by record, so a
