@@ -144,7 +144,8 @@ def tokenized_train_split(
             {"input_ids": ids[a:b].tolist(), "attention_mask": [1] * int(b - a), "labels": labels[a:b].tolist()}
             for a, b in zip(offsets[:-1], offsets[1:], strict=True)
         ], True
-    examples = [tokenize_example(tokenizer, r["messages"], max_seq_len) for r in read_split(clean, "train")]
+    rows = read_split(clean, "train")
+    examples = [tokenize_example(tokenizer, r["messages"], max_seq_len, r.get("tools")) for r in rows]
     examples = [e for e in examples if any(t != -100 for t in e["labels"])]  # nothing to learn from
     offsets = np.cumsum([0] + [len(e["input_ids"]) for e in examples])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_assets.base_model import BaseModelRef
-from lora_assets.chat import tokenize_example
+from lora_assets.chat import reference_text, render, tokenize_example, tool_call_scores
 from lora_assets.clean import CleanReport, read_split
 from lora_assets.evidence import BOOTSTRAP_RESAMPLES, RowScores, bootstrap, gain_interval, row_id, value_interval
 from lora_assets.files import write_json_atomic
@@ -71,6 +71,13 @@ class EvalResult(BaseModel):
         description="Every eval row's scores (lora_assets.evidence): gates with a confidence and paired "
         "comparisons with the champion are computed from them; None in results of lorafoundry before EVAL_VERSION 3.",
     )
+    tool_calls: dict | None = Field(
+        None,
+        description="For the eval rows whose reference answer is a tool call: how many (`rows`), and for `base` and "
+        "`adapter` the share whose first tool call in the answer has the right function name (`tool_name`), "
+        "exactly the right arguments (`tool_args_exact`), and the mean share of argument fields given with the "
+        "reference's value (`tool_args_fields`); None when no reference is a tool call.",
+    )
     by_source: dict[str, dict[str, dict[str, float]]] = Field(
         default_factory=dict,
         description="For an adapter trained on a mixture: the metrics table of each source's eval rows, by "
@@ -79,7 +86,7 @@ class EvalResult(BaseModel):
 
 
 #: Bump when a change to this module changes any number or answer an evaluation produces.
-EVAL_VERSION = 3  # 3: per-row scores kept (per_row)
+EVAL_VERSION = 4  # 3: per-row scores kept (per_row); 4: tool-call metrics, rows with tools rendered with them
 
 
 def _eval_key(
@@ -355,9 +362,22 @@ def evaluate_adapter(
         key=key,
         per_row=per_row,
         by_source=by_source,
+        tool_calls=_tool_call_metrics(rows, runs),
     )
     write_json_atomic(adapter_dir / EVAL_FILE, result.model_dump(mode="json"), indent=2)
     return result
+
+
+def _tool_call_metrics(rows: list[dict], runs) -> dict | None:
+    """:func:`lora_assets.chat.tool_call_scores` averaged over the rows whose reference is a tool call."""
+    idx = [i for i, r in enumerate(rows) if r["messages"][-1].get("tool_calls")]
+    if not idx:
+        return None
+    out: dict = {"rows": len(idx)}
+    for who, outputs in (("base", runs.base_outputs), ("adapter", runs.adapter_outputs)):
+        scores = [tool_call_scores(outputs[i], rows[i]["messages"][-1]["tool_calls"]) for i in idx]
+        out[who] = {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
+    return out
 
 
 def _metrics_by_source(sources: list[str | None], answers: dict, runs, seed: int) -> dict:
@@ -444,10 +464,8 @@ class _EvalRuns:
 
 
 def _run_base_and_adapter(model, tokenizer, rows: list[dict], max_seq_len: int, max_new_tokens: int) -> _EvalRuns:
-    examples = [tokenize_example(tokenizer, r["messages"], max_seq_len) for r in rows]
-    prompts = [
-        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
-    ]
+    examples = [tokenize_example(tokenizer, r["messages"], max_seq_len, r.get("tools")) for r in rows]
+    prompts = [render(tokenizer, r["messages"][:-1], r.get("tools"), add_generation_prompt=True) for r in rows]
     with model.disable_adapter():
         base_sums, counts = _row_losses(model, examples, tokenizer.pad_token_id)
         base_out = _generate(model, tokenizer, prompts, max_new_tokens, "base")
@@ -455,7 +473,7 @@ def _run_base_and_adapter(model, tokenizer, rows: list[dict], max_seq_len: int, 
     ad_out = _generate(model, tokenizer, prompts, max_new_tokens, "adapter")
     return _EvalRuns(
         prompts=prompts,
-        references=[r["messages"][-1]["content"] for r in rows],
+        references=[reference_text(r["messages"][-1]) for r in rows],
         base_sums=base_sums,
         adapter_sums=ad_sums,
         counts=counts,

@@ -335,6 +335,8 @@ def _eval_asset(spec: PipelineSpec, keys: AssetKeys, job: AdapterJob) -> dg.Asse
             meta["gate"] = ev.gate.detail
         if ev.precision_agreement is not None:
             meta["precision_agreement"] = dg.MetadataValue.json(ev.precision_agreement)
+        if ev.tool_calls is not None:  # rows whose reference is a tool call: name and arguments matched
+            meta["tool_calls"] = dg.MetadataValue.json(ev.tool_calls)
         for source, table in ev.by_source.items():  # a mixture: each source's rows on their own
             meta[f"metrics of {source}"] = dg.MetadataValue.md(_metrics_table(table))
         return dg.MaterializeResult(metadata=meta)

@@ -100,3 +100,145 @@ def test_rows_the_base_template_refuses_are_quarantined_with_the_rule(tmp_path, 
 
 def test_a_template_without_rules_keeps_system_messages(random_base):
     assert not template_refuses_system(AutoTokenizer.from_pretrained(random_base))
+
+
+# --- tool calls -------------------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def openai_tool_row(city: str, temp: int, answered: bool = True) -> dict:
+    """A chat in OpenAI's shape: the assistant calls get_weather, the tool answers, the assistant replies."""
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
+    messages = [
+        {"role": "user", "content": f"What is the weather in {city}?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    if answered:
+        messages += [
+            {"role": "tool", "tool_call_id": "c1", "content": f"{temp} degrees, sunny"},
+            {"role": "assistant", "content": f"It is {temp} degrees and sunny in {city}."},
+        ]
+    return {"messages": messages, "tools": [WEATHER_TOOL]}
+
+
+def sharegpt_tool_row(city: str, temp: int, answered: bool = True) -> dict:
+    """The same chat in the ShareGPT convention LLaMA-Factory uses (function_call / observation, tools as a string)."""
+    turns = [
+        {"from": "human", "value": f"What is the weather in {city}?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": city}})},
+    ]
+    if answered:
+        turns += [
+            {"from": "observation", "value": f"{temp} degrees, sunny"},
+            {"from": "gpt", "value": f"It is {temp} degrees and sunny in {city}."},
+        ]
+    return {"conversations": turns, "tools": json.dumps([WEATHER_TOOL["function"]])}
+
+
+def _bad_tool_rows(fmt: str) -> list[tuple[dict, str]]:
+    """Rows each breaking one tool rule, with the reason they must get."""
+    if fmt == "messages":
+        bad_args = openai_tool_row("Oslo", 3)
+        bad_args["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
+        orphan = {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "tool", "content": "r"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+        bad_tools = openai_tool_row("Rome", 20) | {"tools": "not a list"}
+        return [(bad_args, "invalid_tool_call"), (orphan, "orphan_tool_result"), (bad_tools, "invalid_tools")]
+    nameless = sharegpt_tool_row("Oslo", 3)
+    nameless["conversations"][1]["value"] = json.dumps({"arguments": {"city": "Oslo"}})
+    orphan = {
+        "conversations": [
+            {"from": "human", "value": "hi"},
+            {"from": "observation", "value": "r"},
+            {"from": "gpt", "value": "ok"},
+        ]
+    }
+    return [(nameless, "invalid_tool_call"), (orphan, "orphan_tool_result")]
+
+
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt"])
+def test_tool_call_rows_in_both_formats_are_cleaned_and_every_row_accounted_for(tmp_path, random_base, fmt):
+    make = openai_tool_row if fmt == "messages" else sharegpt_tool_row
+    good = [make(c, t, answered=i % 2 == 0) for i, (c, t) in enumerate([("Paris", 18), ("Lima", 25), ("Oslo", 3)])]
+    bad = _bad_tool_rows(fmt)
+    dup = [good[0]]
+    src = tmp_path / "tools.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in good + [r for r, _ in bad] + dup))
+    tok = AutoTokenizer.from_pretrained(random_base)
+    report = clean_dataset("t", DatasetSpec(path="tools.jsonl", eval_fraction=0.01), src, tmp_path / "out", tok)
+    assert report.detected_format == fmt
+    kept = read_split(report, "train") + read_split(report, "eval")
+    assert len(kept) + report.rows_quarantined == report.rows_in == len(good) + len(bad) + 1
+    expected = {}
+    for _, reason in bad:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert report.by_reason == expected | {"duplicate": 1}
+    paris = next(r for r in kept if "Paris" in r["messages"][0]["content"])
+    assert paris["messages"][1]["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert paris["messages"][2]["role"] == "tool" and paris["tools"][0]["function"]["name"] == "get_weather"
+
+
+# A template that renders tools itself (the shape of Qwen2.5's: tools in the system turn, <tool_call> JSON in the
+# assistant turn, results in <tool_response>), against the built-in ones that do not.
+NATIVE_TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools><|end|>\n"
+    "{% endif %}{% for m in messages %}{% if m.role == 'assistant' %}<|assistant|>\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}</tool_call>{% endfor %}<|end|>\n{% elif m.role == 'tool' %}<|user|>\n<tool_response>{{ m.content }}"
+    "</tool_response><|end|>\n{% else %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["written-out", "native"])
+def test_tool_call_turns_are_supervised_and_tool_results_and_the_tool_list_are_not(random_base, native):
+    from lora_assets.chat import renders_tools
+
+    tok = AutoTokenizer.from_pretrained(random_base)
+    if native:
+        tok.chat_template = NATIVE_TOOLS_TEMPLATE
+    assert renders_tools(tok) == native
+    row = openai_tool_row("Paris", 18)
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]},
+        {"role": "tool", "content": "18 degrees, sunny"},
+        {"role": "assistant", "content": "It is 18 degrees and sunny in Paris."},
+    ]
+    example = tokenize_example(tok, messages, 1024, row["tools"])
+    runs = [tok.decode(r) for r in _supervised_runs(example)]
+    assert len(runs) == 2  # the tool-call turn and the final answer
+    assert "get_weather" in runs[0] and '"city": "Paris"' in runs[0].replace('":"', '": "')
+    assert runs[1].startswith("It is 18 degrees and sunny in Paris.")
+    supervised = "".join(runs)
+    assert "18 degrees, sunny" not in supervised and "What is the weather" not in supervised
+    assert "parameters" not in supervised  # the tool list is context, never a target
+    text = tok.decode(example["input_ids"])
+    assert "18 degrees, sunny" in text and "parameters" in text  # yet both are in what the model reads
+
+
+def test_tool_calls_are_scored_by_name_and_arguments_whatever_the_markers():
+    from lora_assets.chat import parse_tool_calls, tool_call_scores
+
+    ref = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}]
+    hermes = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+    assert tool_call_scores(hermes, ref) == {"tool_name": 1.0, "tool_args_exact": 1.0, "tool_args_fields": 1.0}
+    mistral = '[TOOL_CALLS][{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\", \\"unit\\": \\"F\\"}"}]'
+    assert tool_call_scores(mistral, ref) == {"tool_name": 1.0, "tool_args_exact": 0.0, "tool_args_fields": 0.5}
+    assert tool_call_scores("It is sunny.", ref)["tool_name"] == 0.0
+    assert parse_tool_calls('{"name": "x"} then {"function": {"name": "f", "arguments": {}}}') == [
+        {"name": "f", "arguments": {}}
+    ]

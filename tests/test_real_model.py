@@ -173,3 +173,81 @@ def assert_batch_invariant(url: str, key: str, spec) -> None:
             if (why := batch_flips(alone[job], got, "float32"))
         }
         assert not flips, flips
+
+
+# --- tool-call data on the real model: both formats, one epoch, evaluated ----------------------------------------
+
+CITIES = [
+    "Paris",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Tokyo",
+    "Quito",
+    "Perth",
+    "Dakar",
+    "Seoul",
+    "Hanoi",
+    "Accra",
+    "Bern",
+    "Delhi",
+    "Kyiv",
+    "Riga",
+    "Sofia",
+    "Doha",
+    "Baku",
+    "Rome",
+    "Lome",
+]
+
+
+@pytest.fixture(scope="module")
+def tool_pipeline(real_home, tmp_path_factory):
+    """One adapter trained for one epoch on a mixture of tool-call chats in OpenAI's and ShareGPT's conventions
+    (tests/test_chat_data.py makes the rows; half end with the call itself, so evaluation scores tool calls)."""
+    from lora_assets.pipeline import Pipeline
+    from lora_assets.spec import validate_spec
+    from tests.test_chat_data import openai_tool_row, sharegpt_tool_row
+
+    data = tmp_path_factory.mktemp("tool-data")
+    for name, make in (("tools_openai", openai_tool_row), ("tools_sharegpt", sharegpt_tool_row)):
+        rows = [make(c, 10 + i, answered=i % 2 == 0) for i, c in enumerate(CITIES)]
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = validate_spec(
+        {
+            "base_model": REAL,
+            "datasets": {n: {"path": f"{n}.jsonl", "eval_fraction": 0.25} for n in ("tools_openai", "tools_sharegpt")},
+            "adapters": {
+                "weather": {
+                    "datasets": {"tools_openai": 0.5, "tools_sharegpt": 0.5},
+                    "learning_rate": 1e-3,
+                    "batch_size": 4,
+                    "max_eval_rows": 8,
+                }
+            },
+            "serving": {"deterministic": True, "compile": False},
+        },
+        data,
+    )
+    pipe = Pipeline(spec, real_home)
+    reports = [pipe.clean(n) for n in spec.datasets]
+    train, ev = pipe.train("weather"), pipe.evaluate("weather")
+    return pipe, reports, train, ev, pipe.register("weather")
+
+
+def test_tool_call_data_in_both_formats_trains_one_epoch_on_the_real_model(tool_pipeline):
+    from lora_assets.chat import renders_tools
+
+    pipe, reports, train, ev, rec = tool_pipeline
+    for report in reports:
+        assert report.rows_quarantined == 0 and report.rows_train + report.rows_eval == len(CITIES)
+    assert {r.detected_format for r in reports} == {"messages", "sharegpt"}
+    mixture = pipe.training_data("weather")
+    assert train.examples == mixture.rows_train == sum(s.rows_selected for s in mixture.mixture)  # one epoch
+    assert not renders_tools(pipe._tokenizer())  # SmolLM2's template: tool calls are written out (lora_assets/chat.py)
+    assert ev.tool_calls is not None and ev.tool_calls["rows"] > 0
+    assert set(ev.tool_calls["adapter"]) == {"tool_name", "tool_args_exact", "tool_args_fields"}
+    assert ev.tool_calls["adapter"]["tool_name"] >= ev.tool_calls["base"]["tool_name"]
+    assert set(ev.by_source) == {"tools_openai", "tools_sharegpt"}
+    assert rec.dataset == "tools_openai+tools_sharegpt"
+    print(f"\ntool calls on SmolLM2 after one epoch ({train.examples} rows, {train.steps} steps): {ev.tool_calls}")

@@ -1,5 +1,10 @@
 """Row formats: detecting each file's format from its first JSON object's keys, and shaping every row into one
-raw message list (``STRUCT(role JSON, content JSON)[]``) plus the problem with its shape, if any."""
+raw message list (``STRUCT(role JSON, content JSON, tool_calls JSON, tool_call_id JSON)[]``) and its tool list
+(``tools JSON``), plus the problem with its shape, if any.
+
+Tool calls come in two conventions: OpenAI's (``messages`` with ``tools``, assistant ``tool_calls`` and ``tool``
+results) and the ShareGPT one LLaMA-Factory uses (``function_call`` turns whose value is a JSON object with
+``name`` and ``arguments``, ``observation`` turns with the result, and a ``tools`` field, a JSON string or list)."""
 
 from __future__ import annotations
 
@@ -14,13 +19,17 @@ _ROLE = "'\"{}\"'::JSON"
 #: Per format: (SQL giving a LIST(STRUCT(role JSON, content JSON)) from row JSON `j`, SQL giving a shape problem).
 _FORMATS: dict[str, tuple[str, str]] = {
     "messages": (  # json_transform parses the row once (4x faster than extracting each field with ->)
-        'json_transform(j, \'{"messages": [{"role": "JSON", "content": "JSON"}]}\').messages',
+        'json_transform(j, \'{"messages": [{"role": "JSON", "content": "JSON", "tool_calls": "JSON", '
+        '"tool_call_id": "JSON"}]}\').messages',
         "CASE WHEN (j->'$.messages') IS NULL THEN 'missing_fields' "
         "WHEN json_type(j->'$.messages') <> 'ARRAY' THEN 'wrong_type' END",
     ),
-    "sharegpt": (
-        "list_transform(json_extract(j, '$.conversations[*]'), "
-        "lambda m: {'role': m->'$.from', 'content': m->'$.value'})",
+    "sharegpt": (  # function_call: an assistant turn that calls the tool in its value; observation: its result
+        "list_transform(json_extract(j, '$.conversations[*]'), lambda m: CASE m->>'$.from' "
+        "WHEN 'function_call' THEN {'role': '\"assistant\"'::JSON, 'content': '\"\"'::JSON, "
+        "'tool_calls': json_array(m->'$.value')} "
+        "WHEN 'observation' THEN {'role': '\"tool\"'::JSON, 'content': m->'$.value'} "
+        "ELSE {'role': m->'$.from', 'content': m->'$.value'} END)",
         "CASE WHEN (j->'$.conversations') IS NULL THEN 'missing_fields' "
         "WHEN json_type(j->'$.conversations') <> 'ARRAY' THEN 'wrong_type' END",
     ),
@@ -100,7 +109,10 @@ def parse_and_shape(
                coalesce(pre_reason, CASE WHEN NOT ok THEN 'invalid_json'
                                          WHEN json_type(line) <> 'OBJECT' THEN 'not_an_object' END) AS reason
         FROM (SELECT *, pre_reason IS NULL AND json_valid(line) AS ok FROM rows)""")
-    con.execute("CREATE TABLE shaped (rid BIGINT, fmt VARCHAR, msgs STRUCT(role JSON, content JSON)[], reason VARCHAR)")
+    con.execute(
+        "CREATE TABLE shaped (rid BIGINT, fmt VARCHAR, msgs STRUCT(role JSON, content JSON, tool_calls JSON, "
+        "tool_call_id JSON)[], tools JSON, reason VARCHAR)"
+    )
     sources = []
     for idx, f in enumerate(files):
         fmt, why = detect_format(con, idx, declared)
@@ -113,7 +125,7 @@ def parse_and_shape(
             f"""
             INSERT INTO shaped
             SELECT rid, $fmt, CASE WHEN reason IS NULL AND shape IS NULL THEN TRY({to_msgs}) END,
-                   coalesce(reason, shape)
+                   CASE WHEN $fmt IN ('messages', 'sharegpt') THEN j->'$.tools' END, coalesce(reason, shape)
             FROM (SELECT *, {shape} AS shape FROM parsed WHERE file_idx = $idx)""",
             {"fmt": fmt, "idx": idx},
         )

@@ -11,7 +11,12 @@ data or the spec's free text.
 
 from __future__ import annotations
 
+import json
+
 import duckdb
+
+from lora_assets.chat import render
+from lora_assets.clean.tools import register as register_tool_functions
 
 #: Every quarantine reason, in the order they are applied (a row gets the first that fits).
 REASONS = [
@@ -24,11 +29,14 @@ REASONS = [
     "wrong_type",
     "empty_conversation",
     "unknown_role",
+    "invalid_tool_call",
     "empty_prompt",
     "empty_response",
+    "invalid_tools",
     "no_user_turn",
     "no_final_assistant_turn",
     "consecutive_same_role",
+    "orphan_tool_result",
     "pii",
     "template_no_system_role",
     "template_rejects_row",
@@ -78,7 +86,14 @@ WITH typed AS (  -- the role, whether it is a string, the content's text, whethe
                'content': CASE json_type(m.content) WHEN 'VARCHAR' THEN m.content->>'$'
                     WHEN 'ARRAY' THEN array_to_string(list_transform(json_extract(m.content, '$[*]'),
                         lambda p: CASE json_type(p) WHEN 'VARCHAR' THEN p->>'$' WHEN 'OBJECT' THEN
-                             CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END), '') END,
+                             CASE WHEN json_type(p->'$.text') = 'VARCHAR' THEN p->>'$.text' END END), '')
+                    -- a turn that only calls tools may have no content at all
+                    WHEN 'NULL' THEN CASE WHEN coalesce(json_type(m.tool_calls), 'NULL') <> 'NULL' THEN '' END
+                    ELSE CASE WHEN m.content IS NULL AND coalesce(json_type(m.tool_calls), 'NULL') <> 'NULL'
+                              THEN '' END END,
+               'tool_calls': CASE WHEN coalesce(json_type(m.tool_calls), 'NULL') <> 'NULL'
+                                  THEN canon_tool_calls(m.tool_calls) END,
+               'tool_call_id': CASE WHEN json_type(m.tool_call_id) = 'VARCHAR' THEN m.tool_call_id->>'$' END,
                'parts_ok': json_type(m.content) <> 'ARRAY' OR (fmt = 'messages' AND NOT list_bool_or(
                    list_transform(json_extract(m.content, '$[*]'), lambda p: NOT (json_type(p) = 'VARCHAR' OR
                    (json_type(p) = 'OBJECT' AND coalesce(json_type(p->'$.text'), '') = 'VARCHAR')))))}) AS ms
@@ -86,10 +101,11 @@ WITH typed AS (  -- the role, whether it is a string, the content's text, whethe
 normalized AS (
     SELECT rid, list_transform(ms, lambda m: {'role': m.role, 'role_ok': m.role_ok, 'content':
                CASE WHEN needs_full_norm(m.content) THEN norm_text_full(m.content) ELSE nfc_normalize(m.content)
-               END, 'parts_ok': m.parts_ok}) AS ms
+               END, 'parts_ok': m.parts_ok, 'tool_calls': m.tool_calls, 'tool_call_id': m.tool_call_id}) AS ms
     FROM typed)
-SELECT rid, list_transform(ms, lambda m: {'role': m.role, 'role_ok': m.role_ok,
-                                          'content': trim_ends(m.content), 'parts_ok': m.parts_ok}) AS ms
+SELECT rid, list_transform(ms, lambda m: {'role': m.role, 'role_ok': m.role_ok, 'content': trim_ends(m.content),
+                                          'parts_ok': m.parts_ok, 'tool_calls': m.tool_calls,
+                                          'tool_call_id': m.tool_call_id}) AS ms
 FROM normalized
 """
 
@@ -97,18 +113,25 @@ FROM normalized
 #: messages does. Applied in this order, after the reasons reading and shaping gave.
 _MESSAGE_RULES = [
     ("wrong_type", "NOT m.role_ok OR m.content IS NULL OR NOT m.parts_ok"),
-    ("unknown_role", "m.role_ok AND m.role NOT IN ('system', 'user', 'assistant')"),
+    ("unknown_role", "m.role_ok AND m.role NOT IN ('system', 'user', 'assistant', 'tool')"),
+    ("invalid_tool_call", "starts_with(m.tool_calls, '!') OR (m.tool_calls IS NOT NULL AND m.role <> 'assistant')"),
     ("empty_prompt", "m.role = 'user' AND m.content = ''"),
-    ("empty_response", "m.role = 'assistant' AND m.content = ''"),
+    ("empty_response", "m.role = 'assistant' AND m.content = '' AND m.tool_calls IS NULL"),
 ]
 #: Then rules over the conversation ``p.messages`` as it will be written (PII redacted, empty system turns dropped).
 _CONVERSATION_RULES = [
+    ("invalid_tools", "starts_with(s.tools_canon, '!')"),
     ("no_user_turn", "NOT p.has_user AND s.fmt <> 'text'"),
     ("no_final_assistant_turn", "p.messages[-1].role <> 'assistant'"),
-    (
+    (  # several tool results in a row answer parallel calls
         "consecutive_same_role",
         "list_bool_or(list_transform(range(1, len(p.messages)), "
-        "lambda i: p.messages[i].role = p.messages[i + 1].role))",
+        "lambda i: p.messages[i].role = p.messages[i + 1].role AND p.messages[i].role <> 'tool'))",
+    ),
+    (  # a tool result answers the assistant's call just before it (or follows another result)
+        "orphan_tool_result",
+        "list_bool_or(list_transform(range(1, len(p.messages) + 1), lambda i: p.messages[i].role = 'tool' AND "
+        "(i = 1 OR NOT (p.messages[i - 1].role = 'tool' OR p.messages[i - 1].tool_calls IS NOT NULL))))",
     ),
 ]
 
@@ -117,6 +140,7 @@ def apply_rules(con: duckdb.DuckDBPyConnection, pii_mode: str) -> dict[str, int]
     """Validate and normalize each message, count or redact PII, and build table `result` (one row per input row,
     with its first quarantine reason). Returns the PII redactions per kind (only with ``pii_mode == "redact"``)."""
     con.execute(_NORMALIZE_MACRO)
+    register_tool_functions(con)
     con.execute(_NORMALIZE_MESSAGES)
     con.execute(_per_row_sql(pii_mode))
     con.execute("DROP TABLE norm")
@@ -179,7 +203,8 @@ def _per_row_sql(pii_mode: str) -> str:
         WITH {ctes}
         SELECT rid,
                list_transform(list_filter(list_zip(ms, texts), lambda x: NOT (x[1].role = 'system' AND
-                   x[1].content = '')), lambda x: {{'role': x[1].role, 'content': x[2]}}) AS messages,
+                   x[1].content = '')), lambda x: {{'role': x[1].role, 'content': x[2],
+                   'tool_calls': TRY_CAST(x[1].tool_calls AS JSON), 'tool_call_id': x[1].tool_call_id}}) AS messages,
                {flags}
                list_bool_or(list_transform(ms, lambda m: m.role = 'user')) AS has_user,
                {counts}, {" + ".join(f"n_{k}" for k in PII_PATTERNS)} AS n_pii
@@ -193,17 +218,27 @@ def _result_sql(pii_mode: str) -> str:
     if pii_mode == "quarantine":
         rules.append(("pii", "p.n_pii > 0"))
     whens = "\n".join(f"WHEN {cond} THEN '{reason}'" for reason, cond in rules)
+    plain = "list_transform(p.messages, lambda m: {'role': m.role, 'content': m.content})"
     return f"""
+        CREATE MACRO plain_messages(ms) AS list_transform(ms, lambda m: {{'role': m.role, 'content': m.content}});
         CREATE TABLE result AS
+        SELECT *, md5(CASE WHEN has_tools THEN to_json(messages)::VARCHAR || coalesce(tools::VARCHAR, '')
+                           ELSE to_json(plain_messages(messages))::VARCHAR END) AS content_hash
+        FROM (
         SELECT s.rid, r.file, r.line_no, s.fmt, p.messages,  -- the raw line stays in `rows` (quarantine only)
                coalesce(s.reason, CASE {whens} END) AS reason,
-               md5(to_json(p.messages)) AS content_hash,
+               CASE WHEN NOT starts_with(s.tools_canon, '!') THEN s.tools_canon::JSON END AS tools,
+               -- a row with tools keeps them; every other row is written with role and content only
+               s.tools_canon IS NOT NULL OR coalesce(list_bool_or(list_transform(p.messages,
+                   lambda m: m.tool_calls IS NOT NULL OR m.role = 'tool')), false) AS has_tools,
                -- only compared within this run (leakage): DuckDB's 64-bit hash, a third of md5's cost
                CASE WHEN len(p.messages) > 1  -- plain-text rows have no prompt to leak
-                    THEN hash(list_slice(p.messages, 1, len(p.messages) - 1)) END AS prompt_hash,
+                    THEN hash(list_slice({plain}, 1, len(p.messages) - 1)) END AS prompt_hash,
                {", ".join(f"coalesce(p.n_{k}, 0) AS n_{k}" for k in PII_PATTERNS)},
                NULL::VARCHAR AS split
-        FROM shaped s JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid)"""
+        FROM (SELECT *, CASE WHEN coalesce(json_type(tools), 'NULL') <> 'NULL' THEN canon_tools(tools) END
+                        AS tools_canon FROM shaped) s
+        JOIN rows r USING (rid) LEFT JOIN per_row p USING (rid))"""
 
 
 def template_refuses_system(tokenizer) -> bool:
@@ -223,14 +258,18 @@ def mark_template_and_length(con: duckdb.DuckDBPyConnection, tokenizer, max_toke
     a system message and the template refuses them, :func:`template_refuses_system`) or ``template_rejects_row``
     (the template raised on it for another rule, e.g. strict user/assistant alternation), never an exception in
     training; a row it renders gets ``too_long`` when over ``max_tokens`` tokens."""
-    rows = con.execute("SELECT rid, messages FROM result WHERE reason IS NULL ORDER BY rid").fetchall()
+    rows = con.execute(
+        "SELECT rid, CASE WHEN has_tools THEN to_json(messages) ELSE to_json(plain_messages(messages)) END, tools "
+        "FROM result WHERE reason IS NULL ORDER BY rid"
+    ).fetchall()
     if not rows:
         return
     no_system = template_refuses_system(tokenizer)
     rendered, refused = [], {"template_no_system_role": [], "template_rejects_row": []}
-    for rid, messages in rows:
+    for rid, messages_json, tools in rows:
+        messages = json.loads(messages_json)
         try:
-            rendered.append((rid, tokenizer.apply_chat_template(messages, tokenize=False)))
+            rendered.append((rid, render(tokenizer, messages, json.loads(tools) if tools else None)))
         except Exception:  # noqa: BLE001 - any refusal by the template's own rules
             has_system = any(m["role"] == "system" for m in messages)
             refused["template_no_system_role" if no_system and has_system else "template_rejects_row"].append(rid)

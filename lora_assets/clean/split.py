@@ -33,7 +33,10 @@ def write_splits(con: duckdb.DuckDBPyConnection, out: Path) -> None:
     for split in ("train", "eval"):
         con.execute(
             """
-            COPY (SELECT messages, content_hash AS id, file || ':' || line_no AS source
+            COPY (SELECT CASE WHEN has_tools THEN to_json(messages) ELSE to_json(plain_messages(messages)) END
+                         AS messages,
+                         content_hash AS id, file || ':' || line_no AS source,
+                         CASE WHEN has_tools THEN tools END AS tools
                   FROM result WHERE split = ? ORDER BY rid)
             TO ? (FORMAT json)""",
             [split, str(out / f"{split}.jsonl")],
