@@ -4,6 +4,7 @@ refuses."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -242,3 +243,17 @@ def test_tool_calls_are_scored_by_name_and_arguments_whatever_the_markers():
     assert parse_tool_calls('{"name": "x"} then {"function": {"name": "f", "arguments": {}}}') == [
         {"name": "f", "arguments": {}}
     ]
+
+
+def test_the_readme_examples_of_each_format_are_kept(tmp_path, random_base):
+    """Every example line under README "Data formats" cleans to a kept row, in its own format."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Data formats", 1)[1].split("### Cleaning", 1)[0]
+    lines = [ln for block in section.split("```jsonl")[1:] for ln in block.split("```")[0].strip().splitlines()]
+    assert len(lines) == 7
+    tok = AutoTokenizer.from_pretrained(random_base)
+    for i, line in enumerate(lines):
+        src = tmp_path / f"r{i}.jsonl"
+        src.write_text(line + "\n")
+        report = clean_dataset(f"r{i}", DatasetSpec(path=src.name, eval_fraction=0.01), src, tmp_path / "out", tok)
+        assert report.rows_quarantined == 0, (line, report.by_reason)
