@@ -338,12 +338,7 @@ def evaluate_adapter(
     runs = _run_base_and_adapter(model, tokenizer, rows, spec.max_seq_len, max_new_tokens)
     answers = _answer_scores(runs)
     metrics = metric_table(answers, (runs.base_sums, runs.adapter_sums, runs.counts), seed=seed)
-    by_source = _metrics_by_source([r.get("dataset") for r in rows], answers, runs, seed) if clean.mixture else {}
-    per_row = RowScores(
-        ids=[row_id(r["messages"]) for r in rows],
-        answers={m: {"base": b, "adapter": a} for m, (b, a) in answers.items()},
-        losses={"base": runs.base_sums, "adapter": runs.adapter_sums, "tokens": [float(c) for c in runs.counts]},
-    )
+    per_row = _row_scores(rows, answers, runs)
     del model  # free the serving-dtype model before a 4-bit one is loaded: the two never share memory
     _release_model_memory()
     agreement = (
@@ -361,11 +356,19 @@ def evaluate_adapter(
         precision_agreement=agreement,
         key=key,
         per_row=per_row,
-        by_source=by_source,
+        by_source=_metrics_by_source([r.get("dataset") for r in rows], answers, runs, seed) if clean.mixture else {},
         tool_calls=_tool_call_metrics(rows, runs),
     )
     write_json_atomic(adapter_dir / EVAL_FILE, result.model_dump(mode="json"), indent=2)
     return result
+
+
+def _row_scores(rows: list[dict], answers: dict, runs) -> RowScores:
+    return RowScores(
+        ids=[row_id(r["messages"]) for r in rows],
+        answers={m: {"base": b, "adapter": a} for m, (b, a) in answers.items()},
+        losses={"base": runs.base_sums, "adapter": runs.adapter_sums, "tokens": [float(c) for c in runs.counts]},
+    )
 
 
 def _tool_call_metrics(rows: list[dict], runs) -> dict | None:
