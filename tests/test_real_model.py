@@ -202,7 +202,7 @@ CITIES = [
 
 
 @pytest.fixture(scope="module")
-def tool_pipeline(real_home, tmp_path_factory):
+def tool_pipeline(tmp_path_factory):
     """One adapter trained for one epoch on a mixture of tool-call chats in OpenAI's and ShareGPT's conventions
     (tests/test_chat_data.py makes the rows; half end with the call itself, so evaluation scores tool calls)."""
     from lora_assets.pipeline import Pipeline
@@ -229,7 +229,7 @@ def tool_pipeline(real_home, tmp_path_factory):
         },
         data,
     )
-    pipe = Pipeline(spec, real_home)
+    pipe = Pipeline(spec, tmp_path_factory.mktemp("tool-home"))  # its own registry: the served home lists its own
     reports = [pipe.clean(n) for n in spec.datasets]
     train, ev = pipe.train("weather"), pipe.evaluate("weather")
     return pipe, reports, train, ev, pipe.register("weather")
