@@ -545,7 +545,9 @@ def registry_list(
     name: Annotated[str | None, typer.Option(help="Only this adapter name.")] = None,
     status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Only adapters of this base model.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Only adapters trained on this dataset.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Only adapters trained on this dataset (alone or in a mixture).")
+    ] = None,
     min_metric: Annotated[
         list[str] | None, typer.Option("--min", help="METRIC=VALUE: adapter's metric at least VALUE (repeatable).")
     ] = None,

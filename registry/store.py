@@ -233,7 +233,8 @@ class AdapterRegistry:
         """Registered versions, filtered; oldest first unless ordered by a metric.
 
         Args:
-            name, status, base_model, dataset: equality filters.
+            name, status, base_model: equality filters.
+            dataset: the dataset it was trained on, alone or as one source of a mixture (``a+b``).
             latest_only: only the newest version of each name.
             min_metric / max_metric: ``{metric: bound}`` on the adapter's value of that metric (inclusive).
             order_by: a metric name to order by (the adapter's value), ascending unless ``descending``.
@@ -245,10 +246,13 @@ class AdapterRegistry:
         if status is not None:
             check_status(status)
         where, args = [], []
-        for column, value in (("name", name), ("status", status), ("base_model", base_model), ("dataset", dataset)):
+        for column, value in (("name", name), ("status", status), ("base_model", base_model)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
+        if dataset is not None:  # a mixture is recorded as its sources joined by '+', which no dataset name holds
+            where.append("position(? IN '+' || dataset || '+') > 0")
+            args.append(f"+{dataset}+")
         for bounds, op in ((min_metric or {}, ">="), (max_metric or {}, "<=")):
             for metric, bound in bounds.items():
                 where.append(f"CAST(json_extract(metrics, ?) AS DOUBLE) {op} ?")

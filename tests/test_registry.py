@@ -356,7 +356,7 @@ def test_verify_catches_one_flipped_byte_and_serving_skips_it(tmp_path, registry
 
 def test_list_filters_and_metric_order(tmp_path, registry_location):
     reg = AdapterRegistry(registry_location)
-    for i, (em, ds) in enumerate([(0.2, "d1"), (0.9, "d1"), (0.5, "d2")]):
+    for i, (em, ds) in enumerate([(0.2, "d1"), (0.9, "d1"), (0.5, "d2"), (0.7, "d2+d1"), (0.6, "d10")]):
         reg.register(
             NewAdapter(
                 name=f"n{i}",
@@ -366,9 +366,10 @@ def test_list_filters_and_metric_order(tmp_path, registry_location):
                 metrics={"exact_match": {"base": 0.0, "adapter": em}},
             )
         )
-    assert [r.name for r in reg.list(order_by="exact_match", descending=True)] == ["n1", "n2", "n0"]
-    assert [r.name for r in reg.list(min_metric={"exact_match": 0.5})] == ["n1", "n2"]
+    assert [r.name for r in reg.list(order_by="exact_match", descending=True)] == ["n1", "n3", "n4", "n2", "n0"]
+    assert [r.name for r in reg.list(min_metric={"exact_match": 0.5})] == ["n1", "n2", "n3", "n4"]
     assert [r.name for r in reg.list(dataset="d1", max_metric={"exact_match": 0.5})] == ["n0"]
+    assert [r.name for r in reg.list(dataset="d1")] == ["n0", "n1", "n3"]  # alone or in a mixture, not d10
     assert reg.list(base_model="other") == []
     with pytest.raises(RegistryError, match="not a metric name"):
         reg.list(order_by="x'; DROP TABLE adapters; --")
