@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 from lora_assets.clean import CleanReport, read_split
@@ -111,15 +112,20 @@ def mix_datasets(
     """Write the mixture of ``reports`` (cleaned sources, by name) with ``weights`` as a cleaned dataset under
     ``datasets_root/_mixtures/<fingerprint>/`` and return its report (``mixture`` lists each source's counts and
     fingerprint). The same sources, weights and seed give the same folder, written once."""
+    empty = [n for n in weights if reports[n].rows_train == 0]
+    if empty:
+        raise ValueError(
+            f"mixture sources {empty} have no train rows, so no row of any source can be selected in proportion to "
+            "the weights. Fix: add data to them or remove them from the adapter's `datasets`."
+        )
     fingerprint = _fingerprint(reports, weights, seed)
     out_dir = Path(datasets_root) / MIXTURES_DIR / fingerprint
     if (out_dir / "report.json").exists():
         return CleanReport.model_validate_json((out_dir / "report.json").read_text())
     train_rows, stats = _select(reports, weights, seed)
     eval_rows, leaks = _eval_rows(reports, train_rows)
-    tmp = out_dir.with_name(f"{fingerprint}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{fingerprint}."))  # one of its own per writer
     for split, rows in (("train", train_rows), ("eval", eval_rows), ("quarantine", [])):
         (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     sources = [
@@ -137,9 +143,13 @@ def mix_datasets(
     ]
     report = _report(reports, sources, fingerprint, out_dir, len(train_rows), len(eval_rows))
     write_json_atomic(tmp / "report.json", report.model_dump(mode="json"), indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return report
+    try:
+        tmp.rename(out_dir)  # published whole; a process that got there first wrote the same rows
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "report.json").exists():
+            raise
+    return CleanReport.model_validate_json((out_dir / "report.json").read_text())
 
 
 def _report(

@@ -257,3 +257,38 @@ def test_the_readme_examples_of_each_format_are_kept(tmp_path, random_base):
         src.write_text(line + "\n")
         report = clean_dataset(f"r{i}", DatasetSpec(path=src.name, eval_fraction=0.01), src, tmp_path / "out", tok)
         assert report.rows_quarantined == 0, (line, report.by_reason)
+
+
+def test_hostile_tool_data_is_quarantined_never_a_crash(tmp_path):
+    deep = "[" * 200_000 + "]" * 200_000  # past Python's recursion limit when parsed
+    user = {"role": "user", "content": "x"}
+    rows = [
+        {
+            "messages": [
+                user,
+                {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": deep}}]},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "z"}], "tools": deep},
+        {"messages": [{"role": "user", "content": "y2"}, {"role": "assistant", "content": None, "tool_calls": "no"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "y3"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": " "}}]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "y4"},
+                {"role": "user", "content": "u", "tool_calls": [{"name": "f", "arguments": {}}]},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "plain"}, {"role": "assistant", "content": "ok", "tool_calls": []}]},
+    ]
+    src = tmp_path / "h.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = clean_dataset("h", DatasetSpec(path="h.jsonl", eval_fraction=0.01), src, tmp_path / "out")
+    assert report.by_reason == {"invalid_tool_call": 4, "invalid_tools": 1}
+    (kept,) = read_split(report, "train") + read_split(report, "eval")
+    assert kept["messages"][1] == {"role": "assistant", "content": "ok"}  # `tool_calls: []` is a plain turn

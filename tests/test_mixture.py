@@ -91,6 +91,9 @@ def test_rows_selected_per_source_are_recorded_with_fingerprints(tmp_path):
     assert again == mixed  # the same sources, weights and seed: the same rows, written once
     other = mix_datasets(reports, {"support": 0.5, "faq": 0.5}, seed=0, datasets_root=tmp_path / "datasets")
     assert other.fingerprint != mixed.fingerprint
+    empty = faq.model_copy(update={"rows_train": 0})
+    with pytest.raises(ValueError, match=r"mixture sources \['faq'\] have no train rows.*Fix:"):
+        mix_datasets({"support": support, "faq": empty}, {"support": 1, "faq": 1}, 0, tmp_path / "datasets")
 
 
 @pytest.mark.slow
@@ -122,3 +125,16 @@ def test_a_mixture_trains_once_over_its_selected_rows_and_registers_each_source(
     assert set(ev["by_source"]) == {"a", "b"} and all("exact_match" in t for t in ev["by_source"].values())
     train_meta = result.asset_materializations_for_node("adapter__mix__train")[0].metadata
     assert "| a | 0.60 |" in train_meta["mixture"].value
+
+
+def test_writers_racing_on_one_mixture_publish_it_once_and_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = _clean(tmp_path, "a", [{"prompt": f"a {i}?", "completion": "x"} for i in range(200)])
+    b = _clean(tmp_path, "b", [{"prompt": f"b {i}?", "completion": "y"} for i in range(100)])
+    with ThreadPoolExecutor(6) as pool:
+        reports = list(
+            pool.map(lambda _: mix_datasets({"a": a, "b": b}, {"a": 1, "b": 1}, 0, tmp_path / "d"), range(6))
+        )
+    assert all(r == reports[0] for r in reports)
+    assert [p.name for p in (tmp_path / "d" / "_mixtures").iterdir()] == [reports[0].fingerprint]  # no temp left

@@ -29,7 +29,7 @@ def canon_tool_calls(raw: str | None) -> str | None:
         return None
     try:
         calls = json.loads(raw)
-        if calls is None:
+        if calls is None or calls == []:  # exporters write [] (or null) on turns that call nothing
             return None
         if not isinstance(calls, list) or not calls:
             return "!tool_calls is not a non-empty list"
@@ -44,8 +44,8 @@ def canon_tool_calls(raw: str | None) -> str | None:
                 return "!tool call arguments that are not a JSON object"
             out.append({"name": fn["name"].strip(), "arguments": args})
         return json.dumps(out, ensure_ascii=False, sort_keys=True)
-    except (ValueError, TypeError, AttributeError):
-        return "!tool call arguments that are not valid JSON"
+    except (ValueError, TypeError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
+        return "!tool call arguments that are not valid JSON (or nested too deep)"
 
 
 def canon_tools(raw: str | None) -> str | None:
@@ -64,8 +64,8 @@ def canon_tools(raw: str | None) -> str | None:
                 return "!a tool definition without a name"
             out.append({"type": "function", "function": fn})
         return json.dumps(out, ensure_ascii=False, sort_keys=True)
-    except (ValueError, TypeError):
-        return "!tools is not valid JSON"
+    except (ValueError, TypeError, RecursionError):
+        return "!tools is not valid JSON (or nested too deep)"
 
 
 def register(con: duckdb.DuckDBPyConnection) -> None:
