@@ -292,3 +292,23 @@ def test_hostile_tool_data_is_quarantined_never_a_crash(tmp_path):
     assert report.by_reason == {"invalid_tool_call": 4, "invalid_tools": 1}
     (kept,) = read_split(report, "train") + read_split(report, "eval")
     assert kept["messages"][1] == {"role": "assistant", "content": "ok"}  # `tool_calls: []` is a plain turn
+
+
+@pytest.mark.parametrize("mode", ["redact", "quarantine", "off"])
+def test_pii_in_tool_call_arguments_is_found_like_pii_in_text(tmp_path, mode):
+    args = {"to": "bob@example.com", "host": "10.0.0.1", "count": 5}
+    row = openai_tool_row("Paris", 18)
+    row["messages"][1]["tool_calls"][0]["function"]["arguments"] = json.dumps(args)
+    clean = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps(row) + "\n" + json.dumps(clean) + "\n")
+    report = clean_dataset("p", DatasetSpec(path="p.jsonl", eval_fraction=0.01, pii=mode), src, tmp_path / "out")
+    kept = read_split(report, "train") + read_split(report, "eval")
+    calls = [m["tool_calls"] for r in kept for m in r["messages"] if m.get("tool_calls")]
+    if mode == "redact":
+        assert report.pii_redactions == {"email": 1, "ipv4": 1}
+        assert calls == [[{"name": "get_weather", "arguments": {"to": "<EMAIL>", "host": "<IPV4>", "count": 5}}]]
+    elif mode == "quarantine":
+        assert report.by_reason == {"pii": 1} and calls == []
+    else:
+        assert calls == [[{"name": "get_weather", "arguments": args}]] and report.pii_redactions == {}

@@ -190,25 +190,42 @@ def _pii_stages(pii_mode: str) -> list[tuple[str, str]]:
     return stages
 
 
+def _tool_call_pii(pii_mode: str, calls: str) -> tuple[str, dict[str, str]]:
+    """PII in a message's tool-call arguments (``calls``: the canonical JSON text, or NULL): the text as written
+    (with ``redact``, each kind replaced in order, as in message text) and, per kind, its count in the text as the
+    previous kind left it. A placeholder holds no quote or backslash, so the JSON stays valid."""
+    counts = {}
+    for kind, pat in PII_PATTERNS.items():
+        counts[kind] = "0" if pii_mode == "off" else f"len(regexp_extract_all(coalesce({calls}, ''), '{pat}'))"
+        if pii_mode == "redact":
+            calls = f"regexp_replace({calls}, '{pat}', '{PII_PLACEHOLDERS[kind]}', 'g')"
+    return calls, counts
+
+
 def _per_row_sql(pii_mode: str) -> str:
-    """Table `per_row`: each row's messages as written, a flag per message rule, and its PII counts."""
+    """Table `per_row`: each row's messages as written, a flag per message rule, and its PII counts (message text
+    and tool-call arguments)."""
     stages = _pii_stages(pii_mode)
     ctes = ",\n".join(f"{name} AS ({sql})" for name, sql in stages)
     flags = "".join(
         f"list_bool_or(list_transform(ms, lambda m: {cond})) AS {reason},\n" for reason, cond in _MESSAGE_RULES
     )
-    counts = ", ".join(f"n_{k}" for k in PII_PATTERNS)
+    written_calls, _ = _tool_call_pii(pii_mode, "x[1].tool_calls")
+    _, call_counts = _tool_call_pii(pii_mode, "m.tool_calls")
+    counts = ", ".join(
+        f"n_{k} + coalesce(list_sum(list_transform(ms, lambda m: {c})), 0) AS n_{k}" for k, c in call_counts.items()
+    )
     return f"""
         CREATE TABLE per_row AS
-        WITH {ctes}
+        WITH {ctes}, with_calls AS (SELECT * REPLACE ({counts}) FROM {stages[-1][0]})
         SELECT rid,
                list_transform(list_filter(list_zip(ms, texts), lambda x: NOT (x[1].role = 'system' AND
                    x[1].content = '')), lambda x: {{'role': x[1].role, 'content': x[2],
-                   'tool_calls': TRY_CAST(x[1].tool_calls AS JSON), 'tool_call_id': x[1].tool_call_id}}) AS messages,
+                   'tool_calls': TRY_CAST({written_calls} AS JSON), 'tool_call_id': x[1].tool_call_id}}) AS messages,
                {flags}
                list_bool_or(list_transform(ms, lambda m: m.role = 'user')) AS has_user,
-               {counts}, {" + ".join(f"n_{k}" for k in PII_PATTERNS)} AS n_pii
-        FROM {stages[-1][0]}"""
+               {", ".join(f"n_{k}" for k in PII_PATTERNS)}, {" + ".join(f"n_{k}" for k in PII_PATTERNS)} AS n_pii
+        FROM with_calls"""
 
 
 def _result_sql(pii_mode: str) -> str:
