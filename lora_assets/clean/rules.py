@@ -68,6 +68,10 @@ CREATE OR REPLACE MACRO trim_ends(s) AS CASE
     WHEN starts_with(s, ' ') OR starts_with(s, chr(9)) OR starts_with(s, chr(10)) OR ends_with(s, ' ')
          OR ends_with(s, chr(9)) OR ends_with(s, chr(10)) THEN trim(s, ' ' || chr(9) || chr(10)) ELSE s END;
 -- Most text needs only NFC (and trim_ends): one regex search decides whether the full pass is needed.
+-- A row's messages as written: role and content only, unless the row has tool calls, results or a tool list
+CREATE OR REPLACE MACRO plain_messages(ms) AS list_transform(ms, lambda m: {'role': m.role, 'content': m.content});
+CREATE OR REPLACE MACRO written_messages(ms, has_tools) AS
+    CASE WHEN has_tools THEN to_json(ms) ELSE to_json(plain_messages(ms)) END;
 CREATE OR REPLACE MACRO needs_full_norm(s) AS regexp_matches(s,
     '[\x{00}-\x{08}\x{0B}-\x{1F}\x{7F}\x{00A0}\x{2000}-\x{200D}\x{202F}\x{205F}\x{3000}\x{FEFF}]|[ \t]\n|\n\n\n')
 """
@@ -235,12 +239,10 @@ def _result_sql(pii_mode: str) -> str:
     if pii_mode == "quarantine":
         rules.append(("pii", "p.n_pii > 0"))
     whens = "\n".join(f"WHEN {cond} THEN '{reason}'" for reason, cond in rules)
-    plain = "list_transform(p.messages, lambda m: {'role': m.role, 'content': m.content})"
     return f"""
-        CREATE MACRO plain_messages(ms) AS list_transform(ms, lambda m: {{'role': m.role, 'content': m.content}});
         CREATE TABLE result AS
-        SELECT *, md5(CASE WHEN has_tools THEN to_json(messages)::VARCHAR || coalesce(tools::VARCHAR, '')
-                           ELSE to_json(plain_messages(messages))::VARCHAR END) AS content_hash
+        SELECT *, md5(written_messages(messages, has_tools)::VARCHAR
+                      || CASE WHEN has_tools THEN coalesce(tools::VARCHAR, '') ELSE '' END) AS content_hash
         FROM (
         SELECT s.rid, r.file, r.line_no, s.fmt, p.messages,  -- the raw line stays in `rows` (quarantine only)
                coalesce(s.reason, CASE {whens} END) AS reason,
@@ -250,7 +252,7 @@ def _result_sql(pii_mode: str) -> str:
                    lambda m: m.tool_calls IS NOT NULL OR m.role = 'tool')), false) AS has_tools,
                -- only compared within this run (leakage): DuckDB's 64-bit hash, a third of md5's cost
                CASE WHEN len(p.messages) > 1  -- plain-text rows have no prompt to leak
-                    THEN hash(list_slice({plain}, 1, len(p.messages) - 1)) END AS prompt_hash,
+                    THEN hash(list_slice(plain_messages(p.messages), 1, len(p.messages) - 1)) END AS prompt_hash,
                {", ".join(f"coalesce(p.n_{k}, 0) AS n_{k}" for k in PII_PATTERNS)},
                NULL::VARCHAR AS split
         FROM (SELECT *, CASE WHEN coalesce(json_type(tools), 'NULL') <> 'NULL' THEN canon_tools(tools) END
@@ -276,8 +278,7 @@ def mark_template_and_length(con: duckdb.DuckDBPyConnection, tokenizer, max_toke
     (the template raised on it for another rule, e.g. strict user/assistant alternation), never an exception in
     training; a row it renders gets ``too_long`` when over ``max_tokens`` tokens."""
     rows = con.execute(
-        "SELECT rid, CASE WHEN has_tools THEN to_json(messages) ELSE to_json(plain_messages(messages)) END, tools "
-        "FROM result WHERE reason IS NULL ORDER BY rid"
+        "SELECT rid, written_messages(messages, has_tools), tools FROM result WHERE reason IS NULL ORDER BY rid"
     ).fetchall()
     if not rows:
         return

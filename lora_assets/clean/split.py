@@ -33,8 +33,7 @@ def write_splits(con: duckdb.DuckDBPyConnection, out: Path) -> None:
     for split in ("train", "eval"):
         con.execute(
             """
-            COPY (SELECT CASE WHEN has_tools THEN to_json(messages) ELSE to_json(plain_messages(messages)) END
-                         AS messages,
+            COPY (SELECT written_messages(messages, has_tools) AS messages,
                          content_hash AS id, file || ':' || line_no AS source,
                          CASE WHEN has_tools THEN tools END AS tools
                   FROM result WHERE split = ? ORDER BY rid)
