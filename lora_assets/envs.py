@@ -180,6 +180,9 @@ MAX_LORA_RANK: EnvVar[int] = EnvVar("LORAFOUNDRY_MAX_LORA_RANK", 16, _count, "se
 #: Which replica of a fleet this server is (``serve --replicas N``: 0 to N-1, serving/fleet.py); its guard names it
 #: in each answer's ``X-LoraFoundry-Replica`` header and its access log. Unset: a single server.
 REPLICA: EnvVar[int | None] = EnvVar("LORAFOUNDRY_REPLICA", None, int, "set by `lorafoundry serve --replicas N`.")
+#: The file in which vLLM's worker writes its adapter weight loads and evictions (Prometheus text, serving/observe.py)
+#: and the guard reads them back for ``GET /metrics``; one per server (a fleet: one per replica). Unset: not counted.
+WORKER_METRICS: EnvVar[str | None] = EnvVar("LORAFOUNDRY_WORKER_METRICS", None, _text, "set by `lorafoundry serve`.")
 #: The adapters loaded at start, comma-separated ``name@VERSION``.
 STATIC_MODELS: EnvVar[str] = EnvVar("LORAFOUNDRY_STATIC_MODELS", "", _text, "set by `lorafoundry serve`.")
 

@@ -14,6 +14,7 @@ A home (``$LORAFOUNDRY_HOME``, default ``./.lorafoundry``) holds all state::
     serving/verified/<sha256>/          read-only adapter copies that vLLM reads (serving/integrity.py)
     serving/deployment.json             the vLLM server the serving/deployment asset left running
     serving/serve.json                  the `lorafoundry serve` running in the foreground (its pid), for `stop`
+    serving/metrics/worker-<port>.prom  each server's vLLM worker's adapter loads and evictions (serving/observe.py)
     logs/                               run logs and vLLM logs
     dagster_home/                       Dagster's instance (runs, event logs) for the CLI and the UI
 """
@@ -110,6 +111,10 @@ class Home:
     def serve_state(self) -> Path:
         """The `lorafoundry serve` running in the foreground on this home, for `lorafoundry stop`."""
         return self.root / "serving" / "serve.json"
+
+    def worker_metrics(self, port: int) -> Path:
+        """Where the vLLM worker of the server on ``port`` writes its adapter counters (serving/observe.py)."""
+        return self.root / "serving" / "metrics" / f"worker-{port}.prom"
 
     @property
     def logs(self) -> Path:

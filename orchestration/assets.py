@@ -466,8 +466,9 @@ def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.Ass
         kinds={"vllm"},
         code_version=code_version(spec.serving.model_dump(mode="json")),
         automation_condition=FOLLOW_UPSTREAM,
-        description="The vLLM server for the base and every servable registered adapter, started (or replaced "
-        "when the adapter set changed) and left running; recorded in <home>/serving/deployment.json.",
+        description="The vLLM server for the base and every servable registered adapter (serving.replicas of them "
+        "behind vllm-router when above 1), started (or replaced when the adapter set changed) and left running; "
+        "recorded in <home>/serving/deployment.json.",
     )
     def deployment_asset(
         context: dg.AssetExecutionContext,
@@ -482,13 +483,16 @@ def _deployment_asset(spec: PipelineSpec, keys: AssetKeys, upstream: list[dg.Ass
         if serving.admin_key:
             env[envs.ADMIN_KEY.name] = serving.admin_key
         context.log.info("deploying: " + " ".join(cmd))
-        state, changed = deploy(home, cmd, env, url, names, spec.serving.startup_timeout_s)
+        replicas = spec.serving.replicas
+        timeout_s = spec.serving.startup_timeout_s
+        state, changed = deploy(home, cmd, env, url, names, timeout_s, None, replicas, spec.serving.router_policy)
         context.log.info(f"{'started' if changed else 'unchanged'}: {url}/v1 serving {', '.join(names)}")
         return dg.MaterializeResult(
             metadata={
                 mk.DEPLOYMENT_URL: dg.MetadataValue.url(f"{url}/v1/models"),
                 "served_models": dg.MetadataValue.md("\n".join(f"- `{n}`" for n in names)),
                 "pid": state["pid"],
+                "replicas": replicas,
                 mk.DEPLOYMENT_RESTARTED: changed,
                 "left_out": dg.MetadataValue.md("\n".join(f"- {line}" for line in left_out) or "none"),
                 "command": dg.MetadataValue.md(f"```\n{' '.join(cmd)}\n```"),

@@ -329,54 +329,31 @@ def serve(
 
 def _serve_fleet(spec: PipelineSpec, home: Path, port: int | None, replicas: int) -> None:
     """`serve --replicas N`: N vLLM replicas and vllm-router on loopback, the guard on the public port
-    (serving/fleet.py, serving/front.py), until Ctrl-C or SIGTERM; a replica that dies is restarted."""
-    import logging
-    import socket
-
-    import uvicorn
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    from serving import deployment, http_limits
-    from serving.fleet import Fleet
-    from serving.front import front_app
+    (serving/fleet_serve.py), until Ctrl-C or SIGTERM; a replica that dies is restarted."""
+    from serving import deployment, fleet_serve
     from serving.launch import ServerError, plan_server
 
     plan = plan_server(spec, home, port)
     for line in plan.left_out:
         err.print(f"left out {line}", highlight=False, markup=False)
-    logs = Home.at(home).logs
-    logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs / "front.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    front_log = logging.getLogger("vllm.lorafoundry")  # the guard's and the access log's logger, as in vLLM
-    front_log.addHandler(handler)
-    front_log.setLevel(logging.INFO)
+    port = port or spec.serving.port
+    url = f"http://{spec.serving.host}:{port}"
+
+    def listening(fleet) -> None:
+        out.print(
+            f"serving {', '.join(plan.names)} at {url}/v1 (OpenAI-compatible; {replicas} replicas behind "
+            f"vllm-router at {fleet.router_url}); Ctrl-C stops"
+        )
+
     err.print(f"starting {replicas} replicas: " + " ".join(plan.cmd), highlight=False, markup=False)
     try:
-        fleet = Fleet(plan, replicas, logs, spec.serving.router_policy).start(spec.serving.startup_timeout_s)
+        fleet_serve.run(
+            plan, replicas, spec.serving.router_policy, (spec.serving.host, port), Home.at(home).logs,
+            spec.serving.startup_timeout_s, listening, deployment.foreground(home, url, replicas),
+        )  # fmt: skip
     except ServerError as e:
         err.print(f"[red]vLLM failed to start[/red]\n{e}", markup=True, highlight=False)
         raise typer.Exit(1) from None
-    try:
-        port = port or spec.serving.port
-        sock = socket.create_server((spec.serving.host, port))  # bound and listening before we say so
-        http_limits.apply(H11Protocol)
-        config = uvicorn.Config(
-            front_app(fleet, plan.env), log_level="warning", lifespan="on", http="h11", timeout_keep_alive=5
-        )
-        names = ", ".join(plan.names)
-        out.print(
-            f"serving {names} at http://{spec.serving.host}:{port}/v1 (OpenAI-compatible; {replicas} replicas "
-            f"behind vllm-router at {fleet.router_url}); Ctrl-C stops"
-        )
-        # uvicorn restores the handlers it found and raises the signal again once it has shut down: with the
-        # default handler there, SIGTERM would end this process before the replicas are stopped
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: None)
-        with deployment.foreground(home, f"http://{spec.serving.host}:{port}", replicas):
-            uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        fleet.stop()
     out.print("stopped")
 
 

@@ -1,9 +1,11 @@
-"""The long-running deployment: one vLLM server per home dir, started or updated from the registry.
+"""The long-running deployment: one vLLM server (or one fleet) per home dir, started or updated from the registry.
 
 `lorafoundry serve` runs vLLM in the foreground (recorded in ``<home>/serving/serve.json`` while it runs); the
 `serving/deployment` asset instead leaves a server running after the materialization ends, and records it in
-``<home>/serving/deployment.json`` (pid, url, command, served models). Materializing again keeps a healthy server
-whose command is unchanged, and otherwise replaces it. `lorafoundry stop` stops either.
+``<home>/serving/deployment.json`` (pid, url, command, served models, replicas). With ``serving.replicas`` above 1
+the process it leaves is a fleet's (``python -m serving.fleet_serve``: N replicas behind vllm-router and the guard on
+the public port), which stops its replicas and router by their PIDs when it is stopped. Materializing again keeps a
+healthy server whose command and replicas are unchanged, and otherwise replaces it. `lorafoundry stop` stops either.
 """
 
 from __future__ import annotations
@@ -76,21 +78,32 @@ def current(home: Path) -> dict | None:
 
 
 def stop(home: Path, timeout_s: float = 30) -> bool:
-    """Stop the recorded deployment (SIGTERM to its process group, SIGKILL after ``timeout_s``)."""
+    """Stop the recorded deployment (SIGTERM to its process group, SIGKILL after ``timeout_s``; a fleet's process
+    gets three times as long: it stops its router and replicas first). Whatever it started and left (a fleet's
+    replicas run in process groups of their own) is killed after it."""
+    import psutil
+
     path = state_path(home)
     if not path.exists():
         return False
-    pid = json.loads(path.read_text())["pid"]
+    state = json.loads(path.read_text())
+    pid = state["pid"]
     stopped = False
     if _alive(pid):
+        try:
+            under = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            under = []
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        if not _gone_within(pid, timeout_s):
+        if not _gone_within(pid, timeout_s * (3 if state.get("replicas", 1) > 1 else 1)):
             os.killpg(pid, signal.SIGKILL)
             while _alive(pid):
                 time.sleep(0.1)
+        for proc in under:
+            _kill_group_leftovers(proc.pid)
         stopped = True
     _kill_group_leftovers(pid)
     path.unlink(missing_ok=True)
@@ -194,9 +207,18 @@ def same_command(a: list[str], b: list[str]) -> bool:
 
 
 def deploy(
-    home: Path, cmd: list[str], env: dict[str, str], url: str, models: list[str], timeout_s: float, on_wait=None
+    home: Path,
+    cmd: list[str],
+    env: dict[str, str],
+    url: str,
+    models: list[str],
+    timeout_s: float,
+    on_wait=None,
+    replicas: int = 1,
+    policy: str = "consistent_hash",
 ) -> tuple[dict, bool]:
-    """Make the home's deployment run ``cmd``. Returns (state, changed).
+    """Make the home's deployment run ``cmd`` (``replicas`` times behind vllm-router when above 1). Returns (state,
+    changed).
 
     Args:
         home: lorafoundry home (state and logs live under it).
@@ -206,20 +228,33 @@ def deploy(
         models: the served model names, recorded for the UI.
         timeout_s: how long to wait for it to answer.
         on_wait: optional callable(seconds waited) for progress.
+        replicas, policy: above 1, a fleet (serving/fleet_serve.py) with the router's ``policy``.
     """
-    from serving.launch import VLLMServer
+    import sys
+    from urllib.parse import urlparse
+
+    from serving.launch import ServerPlan, VLLMServer
 
     running = current(home)
-    if running and same_command(running["cmd"], cmd):
+    if running and same_command(running["cmd"], cmd) and running.get("replicas", 1) == replicas:
         return running, False
     stop(home)
     _wait_port_free(url)
-    server = VLLMServer(cmd, env, Home.at(home).logs / "vllm-deployment.log", url).start()
-    server.wait_ready(timeout_s, on_wait=on_wait)
+    launch = cmd
+    if replicas > 1:
+        from serving import fleet_serve
+
+        plan = Home.at(home).root / "serving" / "fleet-plan.json"
+        address = (urlparse(url).hostname, urlparse(url).port)
+        fleet_serve.write_plan(plan, ServerPlan(cmd, env, url, models, []), replicas, policy, address, timeout_s)
+        launch = [sys.executable, "-m", "serving.fleet_serve", str(plan)]
+    server = VLLMServer(launch, env, Home.at(home).logs / "vllm-deployment.log", url).start()
+    server.wait_ready(timeout_s * (2 if replicas > 1 else 1), on_wait=on_wait)  # replicas, then the router
     state = {
         "pid": server.proc.pid,
         "url": url,
         "cmd": cmd,
+        "replicas": replicas,
         "models": models,
         "started_at": time.time(),
         "base_hash": envs.BASE_HASH.get(env) or None,

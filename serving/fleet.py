@@ -122,6 +122,7 @@ class Fleet:
     members: list[Replica] = field(default_factory=list)
     router: VLLMServer | None = None  # the router's process, started and stopped like a vLLM's
     router_url: str = ""
+    router_metrics_url: str = ""  # the router's own Prometheus listener (loopback)
     _stop: threading.Event = field(default_factory=threading.Event)
     _watch: threading.Thread | None = None
 
@@ -133,6 +134,9 @@ class Fleet:
             for i, cpus in enumerate(shares):
                 port = free_port()
                 env = self.plan.env | {"VLLM_CPU_OMP_THREADS_BIND": cpus, envs.REPLICA.name: str(i)}
+                if envs.WORKER_METRICS.name in env:  # one file per replica, beside the single server's
+                    counters = Path(env[envs.WORKER_METRICS.name]).with_name(f"worker-{port}.prom")
+                    env[envs.WORKER_METRICS.name] = str(counters)
                 server = VLLMServer(
                     replica_command(self.plan.cmd, port),
                     env,
@@ -158,7 +162,9 @@ class Fleet:
         port = free_port()
         self.router_url = f"http://127.0.0.1:{port}"
         env = os.environ | {"RUST_LOG": os.environ.get("RUST_LOG", "warn")}  # else a log line per request
-        cmd = router_command(self.replica_urls, port, free_port(), self.policy)
+        metrics_port = free_port()
+        self.router_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        cmd = router_command(self.replica_urls, port, metrics_port, self.policy)
         self.router = VLLMServer(cmd, env, self.logs / "router.log", self.router_url).start()  # a process by PID
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -9,8 +9,10 @@ checked against the registry, access log and metrics), wrapped around :class:`Fl
 - admin loads and unloads go to every replica, each of which checks them again with its own guard; the answer
   is 200 only when every replica took it;
 - ``GET /metrics``: the guard's metrics for the public port, then ``lorafoundry_replica_up{replica}`` and
-  ``lorafoundry_replica_restarts_total{replica}``, then each replica's own ``vllm:`` metrics with a ``replica``
-  label (parsed and written by prometheus_client).
+  ``lorafoundry_replica_restarts_total{replica}``, then each replica's own ``vllm:`` metrics and its worker's adapter
+  weight loads and evictions with a ``replica`` label, then the router's own ``vllm_router_`` metrics (requests,
+  retries, circuit breakers, worker health; read from its loopback Prometheus listener), all parsed and written by
+  prometheus_client.
 
 Nothing else reaches the router: its worker-management routes are closed at this port by the guard's allowlist.
 """
@@ -28,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.fleet import Fleet
 from serving.guard import LoraFoundryGuard
+from serving.observe import WORKER_FAMILIES
 
 #: Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and those this proxy sets itself.
 _HOP = {
@@ -109,22 +112,31 @@ class FleetProxy:
         return await self.client.post(url, headers=headers + [(b"content-type", b"application/json")], content=body)
 
     async def _metrics(self, headers: list) -> bytes:
-        """The replicas' state and their own ``vllm:`` metrics, labelled by replica."""
+        """The replicas' state and their own metrics, labelled by replica, then the router's."""
+        urls = [url + "/metrics" for url in self.fleet.replica_urls]
         answers = await asyncio.gather(
-            *(self.client.get(url + "/metrics", headers=headers) for url in self.fleet.replica_urls),
+            *(self.client.get(url, headers=headers) for url in urls),
+            self.client.get(self.fleet.router_metrics_url),
             return_exceptions=True,
         )
         texts = {i: a.text for i, a in enumerate(answers) if not isinstance(a, BaseException) and a.status_code == 200}
+        router = texts.pop(len(urls), "")
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_ReplicaCollector(self.fleet.status(), texts))
+        registry.register(_ReplicaCollector(self.fleet.status(), texts, router))
         return generate_latest(registry)
 
 
-class _ReplicaCollector:
-    """prometheus_client collector: the fleet's replica gauges, then every replica's ``vllm:`` families."""
+#: Of a replica's metrics, the families the public port passes on: vLLM's and its worker's (serving/observe.py). The
+#: replica's other ``lorafoundry_*`` families are left out: the front counts the requests at the public port.
+_PER_REPLICA = ("vllm:", *WORKER_FAMILIES)
 
-    def __init__(self, status: list[dict], texts: dict[int, str]) -> None:
-        self.status, self.texts = status, texts
+
+class _ReplicaCollector:
+    """prometheus_client collector: the fleet's replica gauges, every replica's vLLM and worker families, the
+    router's families."""
+
+    def __init__(self, status: list[dict], texts: dict[int, str], router: str = "") -> None:
+        self.status, self.texts, self.router = status, texts, router
 
     def collect(self):
         up = GaugeMetricFamily("lorafoundry_replica_up", "1 while the replica's process runs", labels=["replica"])
@@ -139,13 +151,18 @@ class _ReplicaCollector:
         merged: dict[str, Metric] = {}
         for replica, text in sorted(self.texts.items()):
             for family in text_string_to_metric_families(text):
-                if not family.name.startswith("vllm:"):
-                    continue  # the replica's own lorafoundry_* metrics: the front's count the public port
+                if not family.name.startswith(_PER_REPLICA):
+                    continue
                 into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
                 for sample in family.samples:
                     labels = {**sample.labels, "replica": str(replica)}
                     into.add_sample(sample.name, labels, sample.value, sample.timestamp)
         yield from merged.values()
+        try:
+            router = [f for f in text_string_to_metric_families(self.router) if f.name.startswith("vllm_router_")]
+        except ValueError:  # not Prometheus text: the router's answer is left out, not the scrape
+            router = []
+        yield from router
 
 
 def _routing_key(body: bytes) -> str:

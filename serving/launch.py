@@ -274,6 +274,7 @@ def plan_server(
     )
     # the registry resolver (serving/vllm_plugin.py) and the guard middleware (serving/guard.py) read the settings
     env = server_env(spec.serving) | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} | settings.to_env()
+    env[envs.WORKER_METRICS.name] = str(layout.worker_metrics(port))
     if envs.API_KEY.is_set():
         env[envs.VLLM_API_KEY.name] = envs.API_KEY.get()  # in the env, never on the logged command line
     names = [spec.served_base_name] + [a.name for a in adapters]

@@ -16,8 +16,15 @@ Metrics (``GET /metrics``, admin key; vLLM's own metrics follow ours in the same
 - ``lorafoundry_time_to_first_token_seconds`` / ``lorafoundry_request_duration_seconds{model, version}``: the time
   from the request's head to the first and to the last byte of the answer;
 - ``lorafoundry_adapter_loads_total{model, version, via}``: versions made known to vLLM after start-up, by the
-  registry resolver on first use (``via="registry"``, serving/vllm_plugin.py) or by an admin load (``"admin"``).
-  Evictions happen in vLLM's worker process and are not counted here.
+  registry resolver on first use (``via="registry"``, serving/vllm_plugin.py) or by an admin load (``"admin"``);
+- ``lorafoundry_adapter_weight_loads_total{model, version}`` and
+  ``lorafoundry_adapter_evictions_total{model, version, cache}``: what vLLM's worker did with the weights, counted
+  where it happens (vLLM's engine process, serving/vllm_plugin.py): every read of a version's weights into vLLM's
+  LoRA cache (at start, on first use, and again after an eviction), and every eviction, from the LoRA cache
+  (``cache="cpu"``, ``--max-cpu-loras``: the next request reads the weights again) or from one of the
+  ``--max-loras`` slots a batch can use (``cache="slot"``: copied back in from the cache). The worker writes these
+  two counters into a file with prometheus_client's ``write_to_textfile`` (``LORAFOUNDRY_WORKER_METRICS``, set by
+  `lorafoundry serve`); the guard reads it back at each scrape. They restart from zero when vLLM restarts.
 
 The access log (logger ``vllm.lorafoundry.access``, so it lands in vLLM's log) writes one line ``access {json}`` per
 request: time, method, route, status, the model as asked (cut to 100 characters), ``name@version`` and the first 12
@@ -36,9 +43,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, write_to_textfile
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
+from lora_assets import envs
 from serving import tracing
 
 access_log = logging.getLogger("vllm.lorafoundry.access")
@@ -71,6 +82,19 @@ DURATION = Histogram(
     buckets=_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
 
+#: What vLLM's worker does with adapter weights (its own registry: it lives in vLLM's engine process, not the guard's).
+WORKER_REGISTRY = CollectorRegistry(auto_describe=True)
+WEIGHT_LOADS = Counter(
+    "lorafoundry_adapter_weight_loads", "Adapter weights read into vLLM's LoRA cache", _ADAPTER,
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
+EVICTIONS = Counter(
+    "lorafoundry_adapter_evictions", "Adapters evicted from vLLM's LoRA cache (cpu) or a batch slot (slot)",
+    (*_ADAPTER, "cache"), registry=WORKER_REGISTRY,
+)  # fmt: skip
+#: The families the worker's file may carry; anything else in it is ignored.
+WORKER_FAMILIES = ("lorafoundry_adapter_weight_loads", "lorafoundry_adapter_evictions")
+
 #: The answer header in which a fleet's replica names itself (its index).
 REPLICA_HEADER = b"x-lorafoundry-replica"
 
@@ -79,8 +103,43 @@ _MAX_KEPT = 1 << 20
 
 
 def metrics_text() -> bytes:
-    """lorafoundry's metrics in Prometheus' text format."""
-    return generate_latest(REGISTRY)
+    """lorafoundry's metrics in Prometheus' text format: the guard's, then the worker's (read from its file)."""
+    return generate_latest(REGISTRY) + worker_metrics_text(envs.WORKER_METRICS.get())
+
+
+def write_worker_metrics(path: str) -> None:
+    """Write the worker's counters to ``path`` (atomically: a temp file renamed over it)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(path, WORKER_REGISTRY)
+
+
+def worker_metrics(path: str | None) -> list[Metric]:
+    """The worker's counter families from the file at ``path``: only :data:`WORKER_FAMILIES`, parsed and written
+    again by prometheus_client, so nothing else in the file reaches a scrape. None, missing or unreadable: []."""
+    if not path:
+        return []
+    try:
+        with Path(path).open("rb") as f:
+            text = f.read(_MAX_KEPT).decode("utf-8", errors="replace")  # a few hundred bytes per version
+        return [f for f in text_string_to_metric_families(text) if f.name in WORKER_FAMILIES]
+    except (OSError, ValueError):
+        return []
+
+
+def worker_metrics_text(path: str | None) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(worker_metrics(path)))
+    return generate_latest(registry)
+
+
+class _Families:
+    """prometheus_client collector over families already read."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
 
 
 @dataclass

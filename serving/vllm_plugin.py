@@ -18,6 +18,7 @@ def register() -> None:
     cpu_lora_fix.apply()
     _eager_logprob_ranks()
     _check_adapter_loads()
+    _count_adapter_cache()
     _register_resolver()
     _bound_slow_clients()
 
@@ -113,6 +114,63 @@ def _check_adapter_loads() -> None:
 
     load_verified._lorafoundry_checked = True
     WorkerLoRAManager._load_adapter = load_verified
+
+
+def _count_adapter_cache() -> None:
+    """Count, in vLLM's worker, each read of an adapter's weights into its LoRA cache and each eviction (from the
+    cache, ``cpu``, or from a batch slot, ``slot``), by comparing the worker's cache and slots before and after
+    each ``add_adapter`` (public state only: what vLLM decides stays vLLM's). The counters go to the file that
+    `lorafoundry serve` named (``LORAFOUNDRY_WORKER_METRICS``), written at start and after each change; the guard
+    serves them (serving/observe.py)."""
+    from lora_assets import envs
+    from serving.settings import ServerSettings
+
+    path, settings = envs.WORKER_METRICS.get(), ServerSettings.from_env()
+    if not path or settings is None:
+        return
+    import functools
+
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    from serving.observe import EVICTIONS, WEIGHT_LOADS, write_worker_metrics
+
+    original_add, original_create = LRUCacheWorkerLoRAManager.add_adapter, LRUCacheWorkerLoRAManager.create_lora_manager
+    if getattr(original_add, "_lorafoundry_counted", False):
+        return
+    named: dict[int, tuple[str, str]] = {}  # vLLM's adapter id -> (name, version)
+
+    def held(manager) -> tuple[set[int], set[int]]:
+        return set(manager.list_adapters()), {i for i in manager.lora_index_to_id if i is not None}
+
+    @functools.wraps(original_add)
+    def add_adapter(self, lora_request):
+        cached, slots = held(self._adapter_manager)
+        loaded = original_add(self, lora_request)
+        name, _, version = lora_request.lora_name.rpartition("@")  # the guard asks for name@VERSION
+        if not (name and version.isdigit()):  # loaded at start under its name
+            name, version = lora_request.lora_name, str(settings.static_models.get(lora_request.lora_name, ""))
+        named[lora_request.lora_int_id] = (name, version)
+        cached_after, slots_after = held(self._adapter_manager)
+        counted = [WEIGHT_LOADS.labels(name, version)] if lora_request.lora_int_id not in cached else []
+        if lora_request.load_inplace and lora_request.lora_int_id in cached:
+            counted.append(WEIGHT_LOADS.labels(name, version))
+        for cache, gone in (("cpu", cached - cached_after), ("slot", slots - slots_after - (cached - cached_after))):
+            counted += [EVICTIONS.labels(*named.get(i, ("-", "")), cache) for i in sorted(gone)]
+        for counter in counted:
+            counter.inc()
+        if counted:
+            write_worker_metrics(path)
+        return loaded
+
+    @functools.wraps(original_create)
+    def create_lora_manager(self, *args, **kwargs):
+        model = original_create(self, *args, **kwargs)
+        write_worker_metrics(path)  # a restarted server's counters start again from zero
+        return model
+
+    add_adapter._lorafoundry_counted = True
+    LRUCacheWorkerLoRAManager.add_adapter = add_adapter
+    LRUCacheWorkerLoRAManager.create_lora_manager = create_lora_manager
 
 
 def _restage(lora_path: str) -> None:

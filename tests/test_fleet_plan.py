@@ -66,15 +66,27 @@ vllm:request_success_total{engine="0",finished_reason="length",model_name="base"
 # HELP lorafoundry_requests_total Requests
 # TYPE lorafoundry_requests_total counter
 lorafoundry_requests_total{model="x",route="/v1/completions",status="200",version="1"} 3.0
+# HELP lorafoundry_adapter_evictions_total Adapters evicted
+# TYPE lorafoundry_adapter_evictions_total counter
+lorafoundry_adapter_evictions_total{cache="cpu",model="x",version="1"} 4.0
+"""
+ROUTER_METRICS = """# TYPE vllm_router_active_workers gauge
+vllm_router_active_workers 2
+# TYPE vllm_router_requests_total counter
+vllm_router_requests_total{route="/v1/completions"} 9
+# TYPE process_open_fds gauge
+process_open_fds 12
 """
 
 
 def test_replica_metrics_are_merged_under_a_replica_label():
-    """Each replica's own vLLM metrics, one family each with a `replica` label; the replicas' lorafoundry metrics
-    are left out (the public port's guard counts every request once); up and restarts per replica."""
+    """Each replica's own vLLM metrics and its worker's adapter counters, one family each with a `replica` label;
+    the replicas' request metrics are left out (the public port's guard counts every request once); up and restarts
+    per replica; the router's own `vllm_router_` families as the router wrote them, nothing else of its answer."""
     registry = CollectorRegistry(auto_describe=False)
     status = [{"replica": 0, "up": True, "restarts": 0}, {"replica": 1, "up": False, "restarts": 2}]
-    registry.register(_ReplicaCollector(status, {0: REPLICA_METRICS, 1: REPLICA_METRICS.replace("7.0", "5.0")}))
+    texts = {0: REPLICA_METRICS, 1: REPLICA_METRICS.replace("7.0", "5.0")}
+    registry.register(_ReplicaCollector(status, texts, ROUTER_METRICS))
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     assert {s.labels["replica"]: s.value for s in families["lorafoundry_replica_up"].samples} == {"0": 1.0, "1": 0.0}
     restarts = families["lorafoundry_replica_restarts"].samples
@@ -83,6 +95,19 @@ def test_replica_metrics_are_merged_under_a_replica_label():
     assert {s.labels["replica"]: s.value for s in done} == {"0": 7.0, "1": 5.0}
     assert all(s.labels["model_name"] == "base" for s in done)
     assert "lorafoundry_requests" not in families
+    evicted = families["lorafoundry_adapter_evictions"].samples
+    assert {(s.labels["replica"], s.labels["model"], s.value) for s in evicted} == {("0", "x", 4.0), ("1", "x", 4.0)}
+    assert families["vllm_router_active_workers"].samples[0].value == 2
+    assert families["vllm_router_requests"].samples[0].labels == {"route": "/v1/completions"}
+    assert "process_open_fds" not in families
+
+
+def test_a_router_answer_that_is_not_prometheus_text_leaves_out_the_router_only():
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ReplicaCollector([{"replica": 0, "up": True, "restarts": 0}], {0: REPLICA_METRICS}, "<html>"))
+    families = {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert {"lorafoundry_replica_up", "vllm:request_success"} <= families
+    assert not any(name.startswith("vllm_router_") for name in families)
 
 
 def test_stop_stops_only_the_serve_its_record_names(tmp_path):

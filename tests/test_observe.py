@@ -112,6 +112,38 @@ def test_an_accepted_admin_load_counts_as_a_load_of_its_version():
     assert got == {("lorafoundry_adapter_loads_total", (("model", "x"), ("version", "3"), ("via", "admin"))): 1}
 
 
+def test_the_worker_counters_reach_the_scrape_through_their_file(tmp_path, monkeypatch):
+    """vLLM's worker writes its weight loads and evictions to the file the server was given; the guard's scrape
+    reads them back, and nothing else the file may hold: other families, or a file that is not Prometheus text."""
+    from lora_assets import envs
+
+    path = tmp_path / "metrics" / "worker-8000.prom"
+    monkeypatch.setenv(envs.WORKER_METRICS.name, str(path))
+    assert b"lorafoundry_adapter_evictions" not in observe.metrics_text()  # no file yet: no worker families
+
+    def worker() -> dict[tuple, float]:
+        return {k: v for k, v in samples().items() if k[0].startswith(observe.WORKER_FAMILIES)}
+
+    before = worker()
+    observe.WEIGHT_LOADS.labels("x", "3").inc()
+    observe.EVICTIONS.labels("x", "3", "cpu").inc(2)
+    observe.write_worker_metrics(str(path))
+    assert delta(before, worker()) == {
+        ("lorafoundry_adapter_weight_loads_total", (("model", "x"), ("version", "3"))): 1,
+        ("lorafoundry_adapter_evictions_total", (("cache", "cpu"), ("model", "x"), ("version", "3"))): 2,
+    }
+    requests = {k: v for k, v in samples().items() if k[0] == "lorafoundry_requests_total"}
+    path.write_text(
+        path.read_text()
+        + '# TYPE lorafoundry_requests_total counter\nlorafoundry_requests_total{model="x",route="/",status="200",'
+        'version="3"} 99\n# TYPE up gauge\nup 1\n'
+    )
+    assert {k: v for k, v in samples().items() if k[0] == "lorafoundry_requests_total"} == requests
+    assert b"\nup 1" not in observe.metrics_text()
+    path.write_text("<html>not metrics{{{")
+    assert worker() == {} and observe.metrics_text().startswith(b"# HELP")
+
+
 def test_the_access_line_names_the_replica_that_answered(caplog):
     """A fleet's replica (LORAFOUNDRY_REPLICA) names itself in its answer's headers and its log line; the public
     port reads the name from the answer it passes on; a header that is not a small number names nothing."""

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import lookup_cache_expired
-from tests.test_serving import PROMPTS, _copy_adapter, _post, complete
+from tests.test_serving import PROMPTS, _copy_adapter, _post, adapter_counters, complete
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,9 @@ def _flip_last_byte(path: Path) -> bytes:
 def test_tampered_weights_are_never_served_after_eviction(vllm_server, served_registry, session_home, demo_spec):
     """Overwrite the champion's weights (same size, old mtime restored) and push it out of vLLM's LoRA cache:
     no name serves it (409 for `sentiment` and `sentiment@V`, `registry verify` says CHANGED); restored, the
-    same answer comes back, reloaded by the worker from the verified copy (its log line says so)."""
+    same answer comes back, reloaded by the worker from the verified copy (its log line says so). The worker's
+    counters in `/metrics` say the same: sentiment evicted from the LoRA cache, each copy read once, sentiment
+    read again."""
     from typer.testing import CliRunner
 
     from orchestration.cli import app
@@ -159,6 +161,7 @@ def test_tampered_weights_are_never_served_after_eviction(vllm_server, served_re
     weights = Path(sen.path) / "adapter_model.safetensors"
     log = session_home / "logs" / "vllm-deployment.log"
     loads_before = log.read_text(errors="replace").count(f"(sha256 {sen.adapter_sha256})")
+    counted = adapter_counters(url)
     original = _flip_last_byte(weights)
     try:
         for c in copies:  # the copies take every slot of vLLM's LoRA caches: sentiment is evicted
@@ -175,6 +178,13 @@ def test_tampered_weights_are_never_served_after_eviction(vllm_server, served_re
     assert complete(url, "sentiment", prompt) == before
     loads_after = log.read_text(errors="replace").count(f"(sha256 {sen.adapter_sha256})")
     assert loads_after > loads_before, "the evicted adapter was reloaded without the worker's check"
+    now = adapter_counters(url)
+    moved = {k: v - counted.get(k, 0) for k, v in now.items() if v != counted.get(k, 0)}
+    sentiment = ("sentiment", str(sen.version))
+    assert moved.get(("lorafoundry_adapter_evictions_total", *sentiment, "cpu", None), 0) >= 1, moved
+    assert moved.get(("lorafoundry_adapter_weight_loads_total", *sentiment, None, None), 0) >= 1, moved
+    for c in copies:
+        assert moved[("lorafoundry_adapter_weight_loads_total", "categories", str(c.version), None, None)] == 1
 
 
 def test_choices_per_request_are_bounded(vllm_server, demo_spec):

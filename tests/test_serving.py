@@ -199,6 +199,24 @@ def _pad_rank(adapter_dir, r: int) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def adapter_counters(url: str) -> dict[tuple, float]:
+    """The worker's adapter counters in ``GET /metrics`` (admin key): (name, model, version, cache or replica) ->
+    value, the ``_total`` samples of ``lorafoundry_adapter_weight_loads`` and ``lorafoundry_adapter_evictions``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import ADMIN_KEY
+
+    r = httpx.get(f"{url}/metrics", headers={"X-Admin-Key": ADMIN_KEY}, timeout=30)
+    assert r.status_code == 200, r.text[:200]
+    return {
+        (s.name, s.labels["model"], s.labels["version"], s.labels.get("cache"), s.labels.get("replica")): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if family.name in ("lorafoundry_adapter_weight_loads", "lorafoundry_adapter_evictions")
+        and s.name.endswith("_total")
+    }
+
+
 def _post(url: str, path: str, body: dict, **headers) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
 

@@ -38,7 +38,16 @@ from registry.store import AdapterRegistry
 from tests.test_migrate import contents
 from tests.test_registry_security import cli
 from tests.test_serve_command import stop_serve, wait_until_serving
-from tests.test_serving import PROMPTS, _copy_adapter, _post, batch_flips, complete, greedy, served_dtype
+from tests.test_serving import (
+    PROMPTS,
+    _copy_adapter,
+    _post,
+    adapter_counters,
+    batch_flips,
+    complete,
+    greedy,
+    served_dtype,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -355,7 +364,8 @@ def test_base_and_adapters_sent_together_through_the_router_answer_as_alone(team
 
 def test_metrics_at_the_public_port_count_each_version_and_each_replica(team):
     """`/metrics` (admin key) on the public port: a counter per `name@version` that moves by the requests sent,
-    both replicas up, and each replica's own vLLM metrics under a `replica` label."""
+    both replicas up, each replica's own vLLM metrics and its worker's adapter weight loads under a `replica`
+    label, and the router's own metrics."""
     from tests.conftest import ADMIN_KEY
 
     def requests() -> dict[tuple, float]:
@@ -365,6 +375,7 @@ def test_metrics_at_the_public_port_count_each_version_and_each_replica(team):
         assert up == {"0": 1.0, "1": 1.0}
         running = families["vllm:num_requests_running"].samples
         assert {s.labels["replica"] for s in running} == {"0", "1"}
+        assert families["vllm_router_active_workers"].samples[0].value == 2
         return {
             (s.labels["model"], s.labels["version"]): s.value
             for s in families["lorafoundry_requests"].samples
@@ -379,6 +390,9 @@ def test_metrics_at_the_public_port_count_each_version_and_each_replica(team):
             complete(team.url, model, PROMPTS[0])
     after = requests()
     assert {k: after.get(k, 0) - before.get(k, 0) for k in sent} == sent
+    loads = adapter_counters(team.url)  # each replica read the champion's weights at start, or on first use
+    version = ("lorafoundry_adapter_weight_loads_total", "categories", str(cat.version), None)
+    assert {key[-1] for key in loads if key[:4] == version} == {"0", "1"}, loads
     # the public port's access log names the replica that answered (its X-LoraFoundry-Replica header): the router's
     # consistent hash keeps one version on one replica
     log = (team.home_b / "logs" / "front.log").read_text().splitlines()
