@@ -106,8 +106,9 @@ def stop(home: Path, timeout_s: float = 30) -> bool:
             _kill_group_leftovers(proc.pid)
         stopped = True
     _kill_group_leftovers(pid)
+    left = _kill_members(state.get("members") or [])  # a fleet whose own process was killed: what it left
     path.unlink(missing_ok=True)
-    return stopped
+    return stopped or left > 0
 
 
 @contextmanager
@@ -157,6 +158,37 @@ def stop_foreground(home: Path, timeout_s: float = 90) -> bool:
                 pass
     path.unlink(missing_ok=True)
     return True
+
+
+def _members(pid: int) -> list[dict]:
+    """Every process under ``pid`` now (a fleet's replicas, their engines, the router), each with its start time."""
+    import psutil
+
+    out = []
+    try:
+        for proc in psutil.Process(pid).children(recursive=True):
+            out.append({"pid": proc.pid, "started": proc.create_time()})
+    except psutil.Error:
+        pass
+    return out
+
+
+def _kill_members(members: list[dict]) -> int:
+    """Kill each recorded member that is still the same process (pid and start time): what a fleet's process
+    started is left running when that process is killed with SIGKILL (its replicas run in process groups of their
+    own). A replica the fleet restarted after the record is not in it. Returns how many were killed."""
+    import psutil
+
+    killed = 0
+    for member in members:
+        try:
+            proc = psutil.Process(int(member["pid"]))
+            if abs(proc.create_time() - float(member["started"])) < 0.01:
+                proc.kill()
+                killed += 1
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            pass
+    return killed
 
 
 def _kill_group_leftovers(pgid: int) -> None:
@@ -255,6 +287,7 @@ def deploy(
         "url": url,
         "cmd": cmd,
         "replicas": replicas,
+        "members": _members(server.proc.pid) if replicas > 1 else [],  # stopped with it, even after a SIGKILL
         "models": models,
         "started_at": time.time(),
         "base_hash": envs.BASE_HASH.get(env) or None,

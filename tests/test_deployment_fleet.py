@@ -1,11 +1,14 @@
 """The ``serving/deployment`` asset with ``serving.replicas: 2``: what a Dagster UI user gets who asks the spec for
 replicas. The asset leaves a fleet running (serving/fleet_serve.py: two vLLM replicas behind vllm-router, the guard on
-the public port), materializing again keeps it, and `lorafoundry stop` stops every process it started. The fleet's
+the public port), materializing again keeps it, and `lorafoundry stop` stops every process it started, even after the
+fleet's own process was killed with SIGKILL. The fleet's
 routing, promotion, failure and metrics behaviour is tested on `lorafoundry serve --replicas 2` in tests/test_team.py:
 both run serving/fleet_serve.py:run."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -53,11 +56,14 @@ def test_the_deployment_asset_runs_a_fleet_when_the_spec_asks_for_replicas(home_
         assert {s.labels["replica"]: s.value for s in up.samples} == {"0": 1.0, "1": 1.0}
         again = materialize()  # same plan, same replicas: the fleet is kept
         assert (again["pid"], again["restarted"]) == (state["pid"], False)
+        # the fleet's process killed with SIGKILL: its replicas and router are left, in process groups of their own;
+        # `lorafoundry stop` stops them by the PIDs the deployment recorded
+        os.kill(state["pid"], signal.SIGKILL)
         stop = subprocess.run(
             [str(Path(sys.executable).parent / "lorafoundry"), "stop", "--home", str(home_copy)],
             capture_output=True, text=True, timeout=180,
         )  # fmt: skip
-        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert stop.returncode == 0 and "stopped the deployment" in stop.stdout, stop.stdout + stop.stderr
         time.sleep(1)
         left = [p.pid for p in [psutil.Process(state["pid"]), *started] if _alive(p)]
         assert not left, f"processes of the deployment left behind: {left}"
