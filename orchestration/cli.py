@@ -254,8 +254,9 @@ def run(
 
 @app.command()
 def stop(home: HomeOpt = None) -> None:
-    """Stop what serves this home: the vLLM server the serving/deployment asset left running, and a `lorafoundry
-    serve` running in the foreground (with --replicas N: its router and every replica, by the PIDs it started)."""
+    """Stop what serves this home: the vLLM server (or, with serving.replicas > 1, the fleet) the serving/deployment
+    asset left running, and a `lorafoundry serve` running in the foreground (with --replicas N: its router and every
+    replica, by the PIDs it started)."""
     from serving import deployment
 
     h = _home(home)
