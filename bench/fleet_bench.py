@@ -16,7 +16,9 @@ other. The client is the `openai` package (AsyncOpenAI, bench/serve_compare.py's
    replica's `--max-loras` / `--max-cpu-loras` (4): the same load over them on a fleet with
    `router_policy: consistent_hash` and one with `round_robin`; adapter loads per 1,000 requests, counted from the
    replicas' logs (the plugin logs every load: at start, on first use and after an eviction), and how many of the
-   versions each replica loaded. `--only affinity` runs this part alone.
+   versions each replica loaded, and the same window's weight loads and evictions as the replicas' workers counted
+   them in the public port's `/metrics` (two counts of one thing: they must agree). `--only affinity` runs this part
+   alone.
 """
 
 from __future__ import annotations
@@ -170,6 +172,22 @@ def loads_since(sizes: dict[Path, int]) -> tuple[int, list[int]]:
     return count, spread
 
 
+def cache_counters(url: str) -> dict[str, float]:
+    """The fleet's adapter weight loads and evictions (by cache) summed over its replicas, from the public port's
+    ``/metrics`` (serving/observe.py: counted in each replica's vLLM worker)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", headers={"X-Admin-Key": ADMIN}, timeout=30).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("lorafoundry_adapter_weight_loads", "lorafoundry_adapter_evictions"):
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    key = "loads" if "loads" in family.name else f"evictions ({s.labels['cache']})"
+                    out[key] = out.get(key, 0) + s.value
+    return out
+
+
 def summary(rs: list[dict]) -> str:
     tok = statistics.median(r["tok_s"] for r in rs)
     return (
@@ -261,13 +279,16 @@ def adapter_affinity(args, spec, msgs, scratch: Path) -> dict[str, float]:
             serve = Serve(write_spec(spec, scratch / f"{policy}.yaml", args.port, 2, policy), args.home, args.port)
             try:
                 warm(serve.url, refs, msgs)
-                sizes = log_sizes(args.home)
+                sizes, before = log_sizes(args.home), cache_counters(serve.url)
                 rs = [window(serve.url, refs, args.clients, args.seconds, msgs) for _ in range(args.reps)]
                 count, spread = loads_since(sizes)
+                after = cache_counters(serve.url)
+                counted = {k: int(v - before.get(k, 0)) for k, v in sorted(after.items())}
                 loads[policy] = 1000 * count / sum(r["requests"] for r in rs)
                 print(
                     f"\n{policy}: {len(refs)} versions, {loads[policy]:.0f} adapter loads per 1,000 requests "
-                    f"(distinct versions loaded per replica: {spread}); {summary(rs)}",
+                    f"(distinct versions loaded per replica: {spread}); {summary(rs)}\n"
+                    f"  logged loads {count}; the replicas' /metrics counted {counted}",
                     flush=True,
                 )
             finally:
