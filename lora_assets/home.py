@@ -114,7 +114,7 @@ class Home:
 
     def worker_metrics(self, port: int) -> Path:
         """Where the vLLM worker of the server on ``port`` writes its adapter counters (serving/observe.py)."""
-        return self.root / "serving" / "metrics" / f"worker-{port}.prom"
+        return worker_metrics_file(self.root / "serving" / "metrics", port)
 
     @property
     def logs(self) -> Path:
@@ -123,6 +123,12 @@ class Home:
     @property
     def dagster_home(self) -> Path:
         return self.root / "dagster_home"
+
+
+def worker_metrics_file(metrics_dir: Path, port: int) -> Path:
+    """The adapter-counter file of the server on ``port`` in ``metrics_dir`` (a fleet's replicas: one each, in the
+    single server's dir)."""
+    return metrics_dir / f"worker-{port}.prom"
 
 
 def _registry_file(root: Path) -> Path:

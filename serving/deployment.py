@@ -277,7 +277,8 @@ def deploy(
         from serving import fleet_serve
 
         plan = Home.at(home).root / "serving" / "fleet-plan.json"
-        address = (urlparse(url).hostname, urlparse(url).port)
+        parsed = urlparse(url)
+        address = (parsed.hostname, parsed.port)
         fleet_serve.write_plan(plan, ServerPlan(cmd, env, url, models, []), replicas, policy, address, timeout_s)
         launch = [sys.executable, "-m", "serving.fleet_serve", str(plan)]
     server = VLLMServer(launch, env, Home.at(home).logs / "vllm-deployment.log", url).start()

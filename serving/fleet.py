@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from lora_assets import envs
+from lora_assets.home import worker_metrics_file
 from serving.launch import ServerError, ServerPlan, VLLMServer, free_port
 
 #: How often the supervisor looks at the replicas, and the router at their ``/health`` (seconds).
@@ -135,8 +136,8 @@ class Fleet:
                 port = free_port()
                 env = self.plan.env | {"VLLM_CPU_OMP_THREADS_BIND": cpus, envs.REPLICA.name: str(i)}
                 if envs.WORKER_METRICS.name in env:  # one file per replica, beside the single server's
-                    counters = Path(env[envs.WORKER_METRICS.name]).with_name(f"worker-{port}.prom")
-                    env[envs.WORKER_METRICS.name] = str(counters)
+                    metrics_dir = Path(env[envs.WORKER_METRICS.name]).parent
+                    env[envs.WORKER_METRICS.name] = str(worker_metrics_file(metrics_dir, port))
                 server = VLLMServer(
                     replica_command(self.plan.cmd, port),
                     env,

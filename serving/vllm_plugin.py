@@ -151,9 +151,8 @@ def _count_adapter_cache() -> None:
             name, version = lora_request.lora_name, str(settings.static_models.get(lora_request.lora_name, ""))
         named[lora_request.lora_int_id] = (name, version)
         cached_after, slots_after = held(self._adapter_manager)
-        counted = [WEIGHT_LOADS.labels(name, version)] if lora_request.lora_int_id not in cached else []
-        if lora_request.load_inplace and lora_request.lora_int_id in cached:
-            counted.append(WEIGHT_LOADS.labels(name, version))
+        read = lora_request.lora_int_id not in cached or lora_request.load_inplace  # as vLLM decides to load
+        counted = [WEIGHT_LOADS.labels(name, version)] if read else []
         for cache, gone in (("cpu", cached - cached_after), ("slot", slots - slots_after - (cached - cached_after))):
             counted += [EVICTIONS.labels(*named.get(i, ("-", "")), cache) for i in sorted(gone)]
         for counter in counted:
