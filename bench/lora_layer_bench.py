@@ -5,8 +5,10 @@ against the base model's own matrix products, on SmolLM2-135M's shapes, in one r
 
 For one decode step of SmolLM2-135M (30 layers; per layer the LoRA layers q/k/v, o, gate/up and down, r 16, 4
 adapter slots, 2 adapters active and half the tokens on the base), in bfloat16 and in float32:
-- ``base``: the step's linear layers alone (``torch.nn.functional.linear`` with the real weight shapes);
-- ``lora``: ``PunicaWrapperCPU.add_lora_linear`` as lorafoundry replaces it, on a real PunicaWrapperCPU.
+- ``base``: the step's linear layers alone, as vLLM's CPU worker runs them (``dispatch_cpu_unquantized_gemm``:
+  oneDNN or, on AMX CPUs, its small-GEMM kernel, with prepacked weights), with the real weight shapes;
+- ``lora``: ``PunicaWrapperCPU.add_lora_linear`` as lorafoundry replaces it, on a real PunicaWrapperCPU (what the
+  compiled model's ``lorafoundry::cpu_lora_linear`` op runs).
 Prints milliseconds per step (median of --reps) and lora / base. vLLM's CPU worker computes on one thread on a
 2-core machine, hence --threads 1.
 """
@@ -49,6 +51,7 @@ def main() -> None:
 
     import torch
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     from serving.cpu_lora_fix import _fused_add_lora_linear
 
@@ -67,7 +70,8 @@ def main() -> None:
             layers = []
             for _ in range(LAYERS):
                 for size_in, slices in LAYER_SHAPES.values():
-                    w = torch.randn(sum(slices), size_in, dtype=dtype) * 0.02
+                    w = torch.nn.Linear(size_in, sum(slices), bias=False, dtype=dtype)
+                    dispatch_cpu_unquantized_gemm(w, remove_weight=False)  # as vLLM's CPU worker prepares it
                     a = tuple(torch.randn(SLOTS, 1, RANK, size_in, dtype=dtype) * 0.02 for _ in slices)
                     b = tuple(torch.randn(SLOTS, 1, s, RANK, dtype=dtype) * 0.02 for s in slices)
                     x = torch.randn(tokens, size_in, dtype=dtype)
@@ -75,11 +79,11 @@ def main() -> None:
 
             def base(layers=layers) -> None:
                 for w, _, _, x, _, _ in layers:
-                    torch.nn.functional.linear(x, w)
+                    w.cpu_linear(x, w.weight, None)
 
             def lora(layers=layers, wrapper=wrapper) -> None:
                 for _, a, b, x, y, slices in layers:
-                    fused(wrapper, y, x, a, b, 2.0, slices)
+                    fused(wrapper, y, x, a, b, 1.0, slices)  # vLLM folds the scale into B when it loads an adapter
 
             t_base, t_lora = timed(base, args.reps), timed(lora, args.reps)
             print(

@@ -65,6 +65,26 @@ def _weights(stacked):
     return stacked.squeeze(1) if stacked.dim() == 4 else stacked  # (slots, out, in)
 
 
+_ZERO_SLOTS: dict = {}
+
+
+def _zero_slots(w) -> frozenset:
+    """The slots of ``w`` (slots, out, in) whose weights are all zero: an empty slot, or an adapter without this
+    module (vLLM zeroes a slot's part of every layer, then copies in the adapter's modules). For the logits layer,
+    which every LoRA batch passes through, that is the vocabulary-wide product of an adapter that does not train the
+    output head: 3% of a mixed step on SmolLM2 (py-spy), for nothing. Cached per weight tensor until it is written
+    (vLLM loads and clears slots in place, which bumps the version counter its views share)."""
+    import weakref
+
+    base = w._base if w._base is not None else w
+    key = (id(base), w.storage_offset(), tuple(w.shape))
+    hit = _ZERO_SLOTS.get(key)
+    if hit is None or hit[0]() is not base or hit[1] != w._version:
+        zero = frozenset((w.flatten(1).abs().amax(dim=1) == 0).nonzero().flatten().tolist())
+        hit = _ZERO_SLOTS[key] = (weakref.ref(base), w._version, zero)
+    return hit[2]
+
+
 def _grouped(name: str, orig):
     """The grouped replacement of ``orig`` (one of _OPS); vLLM's op (with -1 rows zeroed) for other shapes."""
 
@@ -75,8 +95,10 @@ def _grouped(name: str, orig):
 
     def deltas(inputs, lora_weights, dtype, indices):
         w = _weights(lora_weights)
-        x = inputs.to(dtype)
+        x, zero = inputs.to(dtype), _zero_slots(w)
         for slot, rows in _groups(indices):
+            if slot in zero:  # nothing to add (e.g. the logits of an adapter that does not train the output head)
+                continue
             xs = x if rows is None else x.index_select(0, rows)
             yield rows, xs @ w[slot].to(dtype).T
 
@@ -229,23 +251,28 @@ def _replace_references(by_id: dict, logger) -> int:
 # SmolLM2-135M with 8 clients and mixed traffic, the LoRA calls took 36% of the step for ~4% of its FLOPs.
 #
 # PunicaWrapperCPU.add_lora_linear, replaced: the tokens' adapters are read once per step (cached until vLLM writes
-# new indices), and each layer computes, for the adapters active in the step,
-#     h = x @ A_all            A_all: every active adapter's A for every slice, side by side (cached per layer)
+# new indices), and each layer computes
+#     h = x @ A_all            A_all: the adapters' A for every slice, side by side (cached per layer)
 #     h *= mask                mask: 1 where a column belongs to the token's own adapter, else 0 (base tokens: 0)
-#     y[:, slice] += h[:, slice's columns] @ B_slice_all      one product per slice
+#     delta = h @ B_all        B_all: the adapters' B, block-diagonal over the slices (bf16) or one product per slice
+#     y += delta
 # so two to four products per layer whatever the number of adapters, and no per-token index work. Other adapters'
-# columns are computed and zeroed: extra FLOPs proportional to the number of active adapters, small at LoRA ranks.
-# Both products run in fp32 (the adapters' weights are cached in fp32): on a bf16 model each slice's delta is rounded
-# once, where it is added to the output. A bf16 ``addmm_`` into the output's strided slice was the step's largest
-# LoRA cost on an AVX-512-BF16 CPU (52%, 37 us per call at 8 tokens; bench/lora_layer_bench.py: the LoRA layers'
-# time per decode step against the base's linear layers, 0.47x before, 0.37-0.39x after, in bf16 at 8 tokens).
+# columns are computed and zeroed: extra FLOPs proportional to the number of adapters, small at LoRA ranks.
+# - bf16 model (bf16 CPUs): vLLM's own oneDNN products with prepacked weights, as its CPU linear layers run (~12 us a
+#   call at these sizes against ~30 us for torch's bf16 matmul), over slots 0..highest active slot so a step whose
+#   set of adapters changes reuses the packing; fp32 accumulation, the shrink's result rounded to bf16 as vLLM's GPU
+#   kernels round it. Where oneDNN cannot pack (no such build), the fp32 products below.
+# - fp32 model (AVX2-only CPUs, `serving.deterministic`): torch's products on fp32 copies, over the active slots.
+# The delta is added to the output inside the op. Returning it to vLLM's compiled graph instead, so that inductor adds
+# it in the fused kernel that reads the output next, measured no faster on mixed load and ~8% slower on base-only
+# load (every step must then return a zeroed delta): docs/benchmarks.md.
 
 _FUSED_MARK = "_lfx_fused_add_lora_linear"
 
 
 def _step_adapters(wrapper):
-    """(active slots, (tokens, slots) one-hot float mask, per-shape mask cache) for the step, cached on the
-    wrapper until vLLM writes new token indices (any in-place write bumps the buffer's version counter)."""
+    """(active slots, (tokens, slots) one-hot float mask, per-shape mask cache, token indices) for the step, cached
+    on the wrapper until vLLM writes new token indices (any in-place write bumps the buffer's version counter)."""
     import torch
 
     key = (wrapper._token_lora_indices._version, wrapper.indices_len[0])
@@ -254,7 +281,7 @@ def _step_adapters(wrapper):
         idx = wrapper.token_lora_indices
         slots = tuple(s for s in torch.unique(idx).tolist() if s >= 0)
         onehot = (idx.unsqueeze(1) == torch.tensor(slots, dtype=idx.dtype)).to(torch.float32)
-        plan = (key, slots, onehot, {})
+        plan = (key, slots, onehot, {}, idx)
         wrapper._lfx_step = plan
     return plan[1:]
 
@@ -284,22 +311,100 @@ def _stacked_weights(wrapper, lora_a_stacked, lora_b_stacked, slots):
     return a_all, b_all
 
 
-def _fused_add_lora_linear(orig):
-    """The replacement of PunicaWrapperCPU.add_lora_linear (``orig`` for shapes it does not expect)."""
+def _onednn_ops():
+    """vLLM's CPU ops module when it has oneDNN matrix products with prepacked weights (``create_onednn_mm`` /
+    ``onednn_mm``, what vLLM's own CPU linear layers run on), else None."""
+    try:
+        from vllm import _custom_ops as ops
+    except Exception:
+        return None
+    return ops if getattr(ops, "_supports_onednn", False) else None
 
+
+#: At most this many slots x rank columns per slice are packed for oneDNN (16 adapters at r 16, 4 at r 64); wider
+#: steps (a large ``max_loras``) take the fp32 products over the active slots.
+_PACKED_MAX_COLUMNS = 256
+
+
+def _packed_weights(wrapper, lora_a_stacked, lora_b_stacked, width: int, ops):
+    """(slots packed, shrink, expand): oneDNN handlers for slots 0..packed-1 of a bf16 layer, packed >= width: A of
+    every slice and slot side by side, (in, slices*packed*r), and B block-diagonal, (slices*packed*r, sum of the
+    slices' outputs), columns slice-major then slot as :func:`_prefix_mask`. One packing per layer, repacked when an
+    adapter is (re)loaded into a slot or a step needs a higher slot than packed (the width only grows, so steps whose
+    set of adapters changes reuse it; the extra slots' columns are masked)."""
     import torch
 
+    versions = tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
+    cache = wrapper.__dict__.setdefault("_lfx_packed", {})
+    hit = cache.get(id(lora_a_stacked[0]))
+    # `is`: an id can be reused
+    if hit is None or hit[0] is not lora_a_stacked[0] or hit[1] != versions or hit[2][0] < width:
+        width = max(width, hit[2][0] if hit is not None and hit[0] is lora_a_stacked[0] else 0)
+        a_all = torch.cat([_weights(a)[:width].flatten(0, 1) for a in lora_a_stacked])  # (slices*width*r, in)
+        b_all = torch.block_diag(*(_weights(b)[:width].transpose(1, 2).flatten(0, 1) for b in lora_b_stacked))
+        handlers = (width, ops.create_onednn_mm(a_all.t(), 32), ops.create_onednn_mm(b_all, 32))
+        hit = cache[id(lora_a_stacked[0])] = (lora_a_stacked[0], versions, handlers)
+    return hit[2]
+
+
+def _prefix_mask(idx, masks: dict, width: int, n_slices: int, rank: int, dtype):
+    """The (tokens, slices*width*rank) 0/1 mask of :func:`_packed_weights`' columns: a token's own slot's columns."""
+    import torch
+
+    mask = masks.get(("prefix", width, n_slices, rank, dtype))
+    if mask is None:
+        onehot = (idx.unsqueeze(1) == torch.arange(width, dtype=idx.dtype)).to(dtype)
+        mask = masks[("prefix", width, n_slices, rank, dtype)] = onehot.repeat_interleave(rank, 1).repeat(1, n_slices)
+    return mask
+
+
+def _packed_delta(wrapper, x2, lora_a_stacked, lora_b_stacked, scale, output_slices, step, ops):
+    """A bf16 layer's delta on vLLM's oneDNN products, or None where oneDNN cannot pack the weights or the step's
+    highest slot is past :data:`_PACKED_MAX_COLUMNS`. The products accumulate in fp32 and the shrink's result is
+    rounded to bf16, as in vLLM's GPU kernels."""
+    slots, _, masks, idx = step
+    width, rank = max(slots) + 1, _weights(lora_a_stacked[0]).shape[1]
+    if width * rank > _PACKED_MAX_COLUMNS:
+        return None
+    try:
+        width, shrink, expand = _packed_weights(wrapper, lora_a_stacked, lora_b_stacked, width, ops)
+    except RuntimeError:  # no oneDNN bf16 product on this CPU: the fp32 products, from now on
+        wrapper._lfx_no_onednn = True
+        return None
+    h = ops.onednn_mm(shrink, x2, None)
+    h.mul_(_prefix_mask(idx, masks, width, len(output_slices), rank, h.dtype))
+    if scale != 1.0:
+        h.mul_(scale)
+    return ops.onednn_mm(expand, h, None)
+
+
+def _expected_shapes(wrapper, x2, y2, output_slices) -> bool:
+    """The shapes the fused layer handles: one row per token of the step, every slice inside the output."""
+    n = getattr(wrapper, "indices_len", [None])[0]
+    return x2.shape[0] == n and y2.shape[0] == n and y2.shape[1] >= sum(output_slices)
+
+
+def _fused_add_lora_linear(orig):
+    """The replacement of PunicaWrapperCPU.add_lora_linear (``orig`` for shapes it does not expect)."""
+    import torch
+
+    ops = _onednn_ops()
+
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
-        x2 = x.view(-1, x.shape[-1])
-        y2 = y.view(-1, y.shape[-1])
-        n = getattr(self, "indices_len", [None])[0]
-        if x2.shape[0] != n or y2.shape[0] != n or y2.shape[1] < sum(output_slices) or buffer is not None:
+        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if buffer is not None or not _expected_shapes(self, x2, y2, output_slices):
             return orig(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if not kwargs.get("add_inputs", True):
             y2.zero_()
-        slots, onehot, masks = _step_adapters(self)
+        step = _step_adapters(self)
+        slots, onehot, masks, _ = step
         if not slots:
             return None  # no token uses an adapter: nothing to add
+        if x2.dtype == torch.bfloat16 and ops is not None and not getattr(self, "_lfx_no_onednn", False):
+            delta = _packed_delta(self, x2, lora_a_stacked, lora_b_stacked, scale, output_slices, step, ops)
+            if delta is not None:
+                y2[:, : delta.shape[1]].add_(delta)
+                return None
         rank = _weights(lora_a_stacked[0]).shape[1]
         a_all, b_all = _stacked_weights(self, lora_a_stacked, lora_b_stacked, slots)
         h = x2.to(a_all.dtype) @ a_all
@@ -356,6 +461,8 @@ _wrappers: list = []  # weak references to this process's PunicaWrapperCPU (vLLM
 
 
 def _the_wrapper():
+    if len(_wrappers) == 1 and (wrapper := _wrappers[0]()) is not None:  # the usual case, 120 times a step
+        return wrapper
     live = [w for w in (ref() for ref in _wrappers) if w is not None]
     if len(live) != 1:
         raise RuntimeError(f"lorafoundry: expected one PunicaWrapperCPU in this process, found {len(live)}")

