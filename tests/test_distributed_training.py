@@ -351,8 +351,8 @@ def test_killed_rank_fails_the_run_cleanly_and_a_rerun_resumes(task, random_base
     (result,) = outcome
     assert not result.success
     error = _failure_text(result)
-    assert f"rank 1 (pid {rank1.pid}) was killed by signal SIGKILL" in error
-    assert "a rerun resumes from checkpoint-" in error
+    assert f"rank 1 (pid {rank1.pid}) was killed by signal SIGKILL" in error, error  # whole text: a rare miss
+    assert "a rerun resumes from checkpoint-" in error, error  # under load (2026-12-07) is not understood yet
     assert _rank_process(0) is None and _rank_process(1) is None  # no process left behind
 
     monkeypatch.setenv(RECORD_EXAMPLES_ENV, str(tmp_path / "resumed"))
