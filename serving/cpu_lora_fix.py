@@ -176,7 +176,11 @@ def apply() -> bool:
         n,
         version,
     )
-    return apply_fused(logger) and apply_compiled(logger) and ok
+    from serving.cpu_lora_extended import apply_extended
+
+    patched = apply_fused(logger) and apply_compiled(logger) and ok
+    apply_extended(logger)  # where it cannot, the layers keep the two-product path above
+    return patched
 
 
 def _originals(lora_ops, version: str, logger) -> dict | bool:

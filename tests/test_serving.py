@@ -12,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from lora_assets import envs
+from serving import cpu_lora_fix
 from tests.conftest import lookup_cache_expired
 
 pytestmark = pytest.mark.slow
@@ -141,6 +142,8 @@ def test_mixed_batches_match_solo_outputs(vllm_server, demo_spec, session_home):
     log = (session_home / "logs" / "vllm-deployment.log").read_text()
     assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log and "LoRA layers are custom ops" in log
     url, dtype = vllm_server["url"], served_dtype(demo_spec)
+    if dtype == "bfloat16" and cpu_lora_fix._onednn_ops() is not None:  # serving/cpu_lora_extended.py is in use
+        assert "LoRA layers run in one product with their base" in log
     models = [demo_spec.served_base_name, *demo_spec.adapters]
     jobs = [(m, p) for m in models for p in PROMPTS]
     solo = {job: greedy(url, *job) for job in jobs}
