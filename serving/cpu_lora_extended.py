@@ -132,7 +132,7 @@ def extended_linear(base, wrapper, x, bias, a_stacked, b_stacked, slices):
             onednn_mm = torch.ops._C.onednn_mm
             h = torch.empty((x.shape[0], shrink.n), dtype=x.dtype)
             onednn_mm(h, x, None, shrink.handler_tensor)
-            h.mul_(_prefix_mask(idx, masks, width, len(slices), rank, x.dtype))
+            h.masked_fill_(_prefix_mask(idx, masks, width, len(slices), rank), 0)
             if bias is not None and bias.dtype != x.dtype:  # vLLM's small-GEMM kernel keeps its bias in fp32
                 bias = bias.to(x.dtype)
             y = torch.empty((x.shape[0], extended.n), dtype=x.dtype)

@@ -275,8 +275,9 @@ _FUSED_MARK = "_lfx_fused_add_lora_linear"
 
 
 def _step_adapters(wrapper):
-    """(active slots, (tokens, slots) one-hot float mask, per-shape mask cache, token indices) for the step, cached
-    on the wrapper until vLLM writes new token indices (any in-place write bumps the buffer's version counter)."""
+    """(active slots, (tokens, slots) bool mask, True where the slot is not the token's, per-shape mask cache, token
+    indices) for the step, cached on the wrapper until vLLM writes new token indices (any in-place write bumps the
+    buffer's version counter)."""
     import torch
 
     key = (wrapper._token_lora_indices._version, wrapper.indices_len[0])
@@ -284,17 +285,19 @@ def _step_adapters(wrapper):
     if plan is None or plan[0] != key:
         idx = wrapper.token_lora_indices
         slots = tuple(s for s in torch.unique(idx).tolist() if s >= 0)
-        onehot = (idx.unsqueeze(1) == torch.tensor(slots, dtype=idx.dtype)).to(torch.float32)
-        plan = (key, slots, onehot, {}, idx)
+        other = idx.unsqueeze(1) != torch.tensor(slots, dtype=idx.dtype)
+        plan = (key, slots, other, {}, idx)
         wrapper._lfx_step = plan
     return plan[1:]
 
 
-def _column_mask(onehot, masks: dict, n_slices: int, rank: int):
-    """The (tokens, slices * slots * rank) mask for the slice-major column layout of :func:`_stacked_weights`."""
+def _column_mask(other, masks: dict, n_slices: int, rank: int):
+    """The (tokens, slices * slots * rank) bool mask of the columns of :func:`_stacked_weights`' slice-major layout
+    that are not the token's own slot's. They are set to zero with ``masked_fill_``, not multiplied by 0: a product
+    that overflowed in another adapter's columns (inf * 0 is NaN) must not reach this token."""
     mask = masks.get((n_slices, rank))
     if mask is None:
-        mask = onehot.repeat_interleave(rank, dim=1).repeat(1, n_slices)
+        mask = other.repeat_interleave(rank, dim=1).repeat(1, n_slices)
         masks[(n_slices, rank)] = mask
     return mask
 
@@ -351,14 +354,15 @@ def _packed_weights(wrapper, lora_a_stacked, lora_b_stacked, width: int, ops):
     return hit[2]
 
 
-def _prefix_mask(idx, masks: dict, width: int, n_slices: int, rank: int, dtype):
-    """The (tokens, slices*width*rank) 0/1 mask of :func:`_packed_weights`' columns: a token's own slot's columns."""
+def _prefix_mask(idx, masks: dict, width: int, n_slices: int, rank: int):
+    """The (tokens, slices*width*rank) bool mask of :func:`_packed_weights`' columns that are not the token's own
+    slot's (zeroed with ``masked_fill_``, as :func:`_column_mask`'s)."""
     import torch
 
-    mask = masks.get(("prefix", width, n_slices, rank, dtype))
+    mask = masks.get(("prefix", width, n_slices, rank))
     if mask is None:
-        onehot = (idx.unsqueeze(1) == torch.arange(width, dtype=idx.dtype)).to(dtype)
-        mask = masks[("prefix", width, n_slices, rank, dtype)] = onehot.repeat_interleave(rank, 1).repeat(1, n_slices)
+        other = idx.unsqueeze(1) != torch.arange(width, dtype=idx.dtype)
+        mask = masks[("prefix", width, n_slices, rank)] = other.repeat_interleave(rank, 1).repeat(1, n_slices)
     return mask
 
 
@@ -376,7 +380,7 @@ def _packed_delta(wrapper, x2, lora_a_stacked, lora_b_stacked, scale, output_sli
         wrapper._lfx_no_onednn = True
         return None
     h = ops.onednn_mm(shrink, x2, None)
-    h.mul_(_prefix_mask(idx, masks, width, len(output_slices), rank, h.dtype))
+    h.masked_fill_(_prefix_mask(idx, masks, width, len(output_slices), rank), 0)
     if scale != 1.0:
         h.mul_(scale)
     return ops.onednn_mm(expand, h, None)
@@ -401,7 +405,7 @@ def _fused_add_lora_linear(orig):
         if not kwargs.get("add_inputs", True):
             y2.zero_()
         step = _step_adapters(self)
-        slots, onehot, masks, _ = step
+        slots, other, masks, _ = step
         if not slots:
             return None  # no token uses an adapter: nothing to add
         if x2.dtype == torch.bfloat16 and ops is not None and not getattr(self, "_lfx_no_onednn", False):
@@ -412,7 +416,7 @@ def _fused_add_lora_linear(orig):
         rank = _weights(lora_a_stacked[0]).shape[1]
         a_all, b_all = _stacked_weights(self, lora_a_stacked, lora_b_stacked, slots)
         h = x2.to(a_all.dtype) @ a_all
-        h.mul_(_column_mask(onehot, masks, len(output_slices), rank))
+        h.masked_fill_(_column_mask(other, masks, len(output_slices), rank), 0)
         if scale != 1.0:
             h.mul_(scale)
         width, offset, fp32 = len(slots) * rank, 0, y2.dtype == torch.float32

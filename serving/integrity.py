@@ -85,6 +85,64 @@ def weights_problem(adapter_dir: Path) -> str | None:
     return None
 
 
+#: sha256 of a verified copy -> :func:`nonfinite_problem`'s answer for its bytes (the name is checked to be the hash).
+_NONFINITE: dict[str, str | None] = {}
+_NONFINITE_FIX = (
+    "Fix: train or export it again (a run whose loss diverged leaves such weights) and register the new version"
+)
+
+
+def nonfinite_problem(adapter_dir: Path) -> str | None:
+    """Why the adapter in ``adapter_dir`` must not be loaded because a weight holds NaN or infinity, or None.
+
+    vLLM's loader does not look at values, and on CPU one such adapter would not stay its own problem: the plugin
+    computes a batch's LoRA products for all of its adapters at once and zeroes each token's other adapters'
+    columns (serving/cpu_lora_fix.py), but an infinite weight of B still multiplies those zeros (0 * inf is NaN),
+    so every request batched with it would answer from NaN logits. Read from the bytes vLLM would be given; the
+    answer is kept per sha256 when the dir is a verified copy named by its hash. Unreadable files are
+    :func:`weights_problem`'s to refuse (None here)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    adapter_dir = Path(adapter_dir)
+    key = adapter_dir.name if SHA_RE.fullmatch(adapter_dir.name) else None
+    if key in _NONFINITE:
+        return _NONFINITE[key]
+    problem = None
+    try:
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    problem = f"its weight {name[:200]!r} holds NaN or infinity. {_NONFINITE_FIX}"
+                    break
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        log.error("adapter weights in %s unreadable: %s", adapter_dir, e)
+        return None
+    if key is not None:
+        _NONFINITE[key] = problem
+    return problem
+
+
+def loaded_nonfinite(lora_model) -> str | None:
+    """The same check on what vLLM's worker loaded (a ``LoRAModel``: its layers' ``lora_a``, and ``lora_b`` times
+    the ``scaling`` vLLM folds into it when it packs the adapter, which can overflow a finite bf16 weight): the
+    module whose weights are not finite, as a reason, or None."""
+    import torch
+
+    def listed(v):
+        return v if isinstance(v, (list, tuple)) else [v]
+
+    for module, layer in lora_model.loras.items():
+        b, scaling = listed(layer.lora_b), listed(getattr(layer, "scaling", 1.0))
+        if len(scaling) != len(b):  # one scaling for every slice
+            scaling = scaling[:1] * len(b)
+        tensors = [*listed(layer.lora_a), *(t * (s or 1.0) for t, s in zip(b, scaling, strict=True) if t is not None)]
+        if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
+            return f"its weights for {module[:200]!r} are not finite (NaN or infinity) once loaded. {_NONFINITE_FIX}"
+    return None
+
+
 def stage(src: Path, sha256: str, stage_root: Path) -> Path:
     """The verified copy of the adapter in ``src`` whose registered sha256 is ``sha256``: ``stage_root/sha256``.
 

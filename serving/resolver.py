@@ -36,6 +36,7 @@ from registry.store import AdapterRegistry
 from serving.integrity import (
     IntegrityError,
     multi_lora_problem,
+    nonfinite_problem,
     restage,
     stage,
     staged_intact,
@@ -191,15 +192,19 @@ class AdapterResolver:
     def admit(self, rec: AdapterRecord) -> Path | Refusal:
         """May this server serve ``rec``: the one rule for start-up (serving/launch.py), requests and admin loads.
         The record's checks (:meth:`refuse_record`), its registered files' sha256, its verified copy (staged, or
-        staged again when the copy changed on disk) and the weights vLLM would read from that copy. Returns the
-        verified copy's dir, or why not."""
+        staged again when the copy changed on disk) and the weights vLLM would read from that copy, their values
+        included (NaN or infinity: :func:`serving.integrity.nonfinite_problem`). Returns the verified copy's dir, or
+        why not."""
         refusal = self.refuse_record(rec)
         if refusal is not None:
             return refusal
         staged = self._verify_and_stage(rec)
         if isinstance(staged, Refusal):
             return staged
-        return _unservable(rec, staged) or staged  # read from the bytes vLLM would be given
+        refusal = _unservable(rec, staged)  # read from the bytes vLLM would be given
+        if refusal is None and (problem := nonfinite_problem(staged)):  # values too: not in the catalog's check
+            refusal = Refusal(400, "AdapterNotLoadable", f"{rec.name}@{rec.version} cannot be loaded: {problem}.")
+        return refusal or staged
 
     def _lookup(self, ref: str) -> AdapterRecord:
         """The registry's record for ``ref``: ``name@VERSION`` / ``name:ALIAS`` as given, a plain name the version

@@ -65,7 +65,7 @@ def _check_adapter_loads() -> None:
     LoRA cache) reads a private copy of a staged adapter whose bytes hash to the staged dir's name
     (serving.integrity.verified_copy). A staged copy that changed is staged again from the registered files and
     checked again; only when no registered copy has those bytes does the load raise, and the adapter is not
-    loaded."""
+    loaded. What vLLM loaded must be finite too (:func:`serving.integrity.loaded_nonfinite`)."""
     from serving.settings import ServerSettings
 
     settings = ServerSettings.from_env()
@@ -81,7 +81,7 @@ def _check_adapter_loads() -> None:
     from vllm.logger import init_logger
     from vllm.lora.worker_manager import WorkerLoRAManager
 
-    from serving.integrity import IntegrityError, verified_copy
+    from serving.integrity import IntegrityError, loaded_nonfinite, verified_copy
 
     log = init_logger("vllm.lorafoundry_integrity")  # under "vllm" so it reaches the server log
 
@@ -108,7 +108,11 @@ def _check_adapter_loads() -> None:
                 lora_request.lora_name,
                 Path(lora_request.lora_path).name,
             )
-            return original(self, msgspec.structs.replace(lora_request, lora_path=str(copy)))
+            lora = original(self, msgspec.structs.replace(lora_request, lora_path=str(copy)))
+            if problem := loaded_nonfinite(lora):  # the resolver refuses such files; this is what vLLM loaded
+                log.error("lorafoundry: refused to load adapter %r: %s", lora_request.lora_name, problem)
+                raise IntegrityError(problem)
+            return lora
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

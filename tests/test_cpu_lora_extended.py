@@ -204,3 +204,21 @@ def test_lora_layers_take_the_one_product_path_only_when_their_weight_was_kept(m
     assert apply_sync(layer(kept), x.unsqueeze(0)) == "vllm's"
     assert apply_sync(layer(kept, output_slices=(9, 8)), x) == "vllm's"
     assert len(calls) == 3
+
+
+def test_an_adapter_whose_products_overflow_reaches_no_other_token(monkeypatch):
+    """As in the two-product path (tests/test_cpu_lora_ops.py): slot 1's shrink overflows, and every token not on
+    slot 1 gets exactly the product it gets when slot 1's weights are sane, base-model tokens vLLM's base product."""
+    torch.manual_seed(7)
+    idx, slices = torch.tensor(INDEX_SETS["mixed"]), SLICES["qkv"]
+    base, _ = base_layer(monkeypatch, HIDDEN, sum(slices))
+    a, b = lora_bf16(slices)
+    x = (torch.randn(len(idx), HIDDEN).abs() + 0.5).bfloat16()
+    sane = cpu_lora_extended.extended_linear(base, punica(idx), x, None, a, b, slices)
+    for a_s in a:
+        a_s[1].fill_(3e38)  # an in-place write: the layer repacks
+    y = cpu_lora_extended.extended_linear(base, punica(idx), x, None, a, b, slices)
+    others = idx != 1
+    assert torch.isfinite(y[others]).all() and torch.equal(y[others], sane[others])
+    assert torch.equal(y[idx < 0], base.quant_method.apply(base, x, None)[idx < 0])
+    assert not torch.isfinite(y[~others]).all()

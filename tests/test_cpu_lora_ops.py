@@ -316,3 +316,25 @@ def test_compiled_graphs_op_adds_what_the_eager_layer_adds(monkeypatch, dtype):
         op(wrapper, y_eager, x, a, b, 1.0, slices)
         assert torch.equal(y_op, y_eager)
         assert torch.equal(y_op, y0) == (case == "base only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_whose_products_overflow_reaches_no_other_token(dtype):
+    """The products of a step are computed for all of its adapters' columns at once; a token's other adapters'
+    columns are zeroed, not multiplied by zero: an adapter whose shrink overflows (finite weights near the format's
+    largest) makes its own tokens infinite, and every other token of the batch gets exactly what it gets without
+    it (inf * 0 would be NaN in all of them)."""
+    torch.manual_seed(6)
+    idx, slices = torch.tensor(INDEX_SETS["mixed"]), SLICES["qkv"]  # slot 1 is the last token's
+    a, b = (tuple(t.to(dtype) for t in ts) for ts in lora_weights(slices))
+    x = (torch.randn(len(idx), 12).abs() + 0.5).to(dtype)
+    y0 = torch.randn(len(idx), sum(slices)).to(dtype)
+    sane = y0.clone()
+    fused_op()(punica(idx), sane, x, a, b, 1.0, slices)
+    for a_s in a:
+        a_s[1].fill_(3e38)  # x A^T overflows for every token: columns of slot 1 are inf
+    y = y0.clone()
+    fused_op()(punica(idx), y, x, a, b, 1.0, slices)
+    others = idx != 1
+    assert torch.isfinite(y[others]).all() and torch.equal(y[others], sane[others])
+    assert not torch.isfinite(y[~others]).all()

@@ -99,3 +99,54 @@ def test_variants_vllm_cannot_load_are_named(tmp_path, config, problem):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, **config}))
     found = multi_lora_problem(d)
     assert (found is None) if problem is None else (problem in found and "export-merged" in found), found
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_that_are_not_finite_are_named_and_refused(tmp_path, bad):
+    """A NaN or infinite weight is refused by name (vLLM's loader does not look at values, and on CPU it would reach
+    every request batched with it); a finite adapter passes; the answer for a verified copy is kept by its sha256."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from serving.integrity import nonfinite_problem
+
+    good = make_adapter_dir(tmp_path / "good")
+    assert nonfinite_problem(good) is None
+    src = make_adapter_dir(tmp_path / "bad", seed=2)
+    weights = src / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].to(torch.bfloat16)
+    tensors[name][1, 3] = bad
+    save_file(tensors, str(weights))
+    problem = nonfinite_problem(src)
+    assert problem and name in problem and "NaN or infinity" in problem and "Fix:" in problem
+    sha, _ = adapter_sha256(src)
+    staged = stage(src, sha, tmp_path / "verified")
+    assert nonfinite_problem(staged) == problem
+    os.chmod(staged / "adapter_model.safetensors", 0o644)
+    save_file(load_file(str(good / "adapter_model.safetensors")), str(staged / "adapter_model.safetensors"))
+    assert nonfinite_problem(staged) == problem  # kept by sha256: the bytes under that name are checked by hash
+
+
+def test_what_vllm_loaded_is_checked_after_its_scaling():
+    """vLLM folds the adapter's scaling into B when it packs it: a B that is finite in the file but overflows once
+    scaled is refused too, as are NaN in A and in one slice of a packed (qkv) layer."""
+    import torch
+    from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
+
+    from serving.integrity import loaded_nonfinite
+
+    def model(**loras):
+        return type("LoRAModel", (), {"loras": loras})()
+
+    def layer(name, a=1.0, b=1.0, alpha=32):
+        return LoRALayerWeights(name, 16, alpha, torch.full((16, 8), a).bfloat16(), torch.full((8, 16), b).bfloat16())
+
+    assert loaded_nonfinite(model(q=layer("q"))) is None
+    assert loaded_nonfinite(model(q=layer("q", b=3e38, alpha=16))) is None  # scaling 1: finite as loaded
+    assert "'o'" in loaded_nonfinite(model(q=layer("q"), o=layer("o", b=3e38)))  # x2 overflows bf16
+    assert "'q'" in loaded_nonfinite(model(q=layer("q", a=float("nan"))))
+    packed = PackedLoRALayerWeights.pack([layer("qkv"), None, layer("qkv", b=float("inf"))])
+    assert "'qkv'" in loaded_nonfinite(model(qkv=packed))
+    assert loaded_nonfinite(model(qkv=PackedLoRALayerWeights.pack([layer("qkv"), None, layer("qkv")]))) is None

@@ -85,13 +85,17 @@ def test_every_vllm_route_is_allowlisted_or_closed(vllm_server, session_home, se
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
 
 
-def _register_copy(reg, src, dest: Path, **fields):
+def _register_copy(reg, src, dest: Path, change=None, **fields):
+    """Register a copy of version ``src``'s files as a new version (``change(copy_dir)`` first, when given)."""
     from registry.records import NewAdapter
 
+    path = _copy_adapter(src.path, dest)
+    if change is not None:
+        change(Path(path))
     return reg.register(
         NewAdapter(
             name=src.name,
-            path=_copy_adapter(src.path, dest),
+            path=path,
             base_model=src.base_model,
             base_model_hash=src.base_model_hash,
             promote="manual",
@@ -128,6 +132,39 @@ def test_admin_load_takes_only_what_the_registry_serves(vllm_server, served_regi
     )
     assert r.status_code == 200, r.text
     assert complete(url, "categories", PROMPTS[0]) == before
+
+
+def test_an_adapter_with_infinite_weights_is_refused_and_the_batch_is_untouched(
+    vllm_server, served_registry, session_home, demo_spec
+):
+    """A registered version whose weights hold an infinity (hashes fine, headers fine: only the values are wrong) is
+    refused with its reason, on a request and on an admin load, before vLLM loads it; on CPU it would otherwise
+    reach every request batched with it (0 * inf). The base and the champion answer as before."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import ADMIN_KEY
+
+    url, reg = vllm_server["url"], served_registry
+    champion = reg.champion("categories")
+    before = {m: complete(url, m, PROMPTS[0]) for m in ("categories", demo_spec.served_base_name)}
+    names = []
+
+    def infinite(adapter_dir: Path) -> None:
+        weights = adapter_dir / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        names.append(next(k for k in tensors if "lora_B" in k))
+        tensors[names[0]][0, 0] = float("inf")
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+
+    bad = _register_copy(reg, champion, session_home / "adapters" / "test-copies" / "infinite", change=infinite)
+    path, name = bad.path, names[0]
+    ref = f"categories@{bad.version}"
+    r = _post(url, "/v1/completions", {"model": ref, "prompt": PROMPTS[0], "max_tokens": 4})
+    assert (r.status_code, r.json()["error"]["type"]) == (400, "AdapterNotLoadable"), r.text
+    assert "NaN or infinity" in r.json()["error"]["message"] and name in r.json()["error"]["message"]
+    r = _post(url, "/v1/load_lora_adapter", {"lora_name": ref, "lora_path": str(path)}, **{"X-Admin-Key": ADMIN_KEY})
+    assert (r.status_code, r.json()["error"]["type"]) == (400, "AdapterNotLoadable"), r.text
+    assert {m: complete(url, m, PROMPTS[0]) for m in before} == before
 
 
 def _flip_last_byte(path: Path) -> bytes:
