@@ -19,6 +19,10 @@ loads on the same server, at each client count of --clients (default 8 and 32). 
 server's saturating-load curve: clients from 8, doubled until throughput grows by less than 5% (or 256 clients),
 base-only on each server and mixed on the two with LoRA on.
 Tokens/s counts completion tokens over the window's wall time (in-flight requests are waited for).
+With --together, the servers are started one after the other but kept up together, each on its own port, and every
+rep runs each server's loads in turn (the servers' order rotated each rep): on a machine whose speed drifts by tens
+of percent over half an hour (the AMX Xeon VM of docs/benchmarks.md), ratios between servers mean something only
+from windows taken this way.
 """
 
 from __future__ import annotations
@@ -112,6 +116,56 @@ def saturate(url: str, models: list[str], seconds: float, tokens: int, msgs, gro
     return rows
 
 
+def warm(url: str, models, msgs) -> None:
+    """One short request to each model: every adapter loaded before timing."""
+    import httpx
+
+    for m in models:
+        httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": m, "messages": msgs[0], "max_tokens": 4},
+            timeout=300,
+            headers={"Authorization": f"Bearer {envs.API_KEY.get() or 'none'}"},
+        ).raise_for_status()
+
+
+def together(servers: dict, args, base: str, names: list[str], msgs, counts: list[int]) -> dict:
+    """--together: every server up at once, each on its own port, loaded one at a time; each rep runs every
+    server's loads, the servers' order rotated by one each rep. A machine whose speed drifts over minutes then
+    moves every server's windows alike (an idle vLLM server uses ~0.1 s of CPU in a 15 s window)."""
+    from contextlib import ExitStack
+
+    from lora_assets.home import Home
+    from serving.launch import VLLMServer
+
+    results: dict[str, dict] = {}
+    with ExitStack() as stack:
+        urls = {}
+        for label, (cmd, env, loads) in servers.items():  # one start at a time: no overlap
+            url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+            log = Home.at(args.home).logs / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
+            t0 = time.perf_counter()
+            server = stack.enter_context(VLLMServer(cmd, env, log, url).start())
+            server.wait_ready(600)
+            warm(url, {base, *names} if len(loads) > 1 else {base}, msgs)
+            urls[label] = url
+            print(f"{label}: up in {time.perf_counter() - t0:.0f} s on {url} ({log.name})", flush=True)
+        labels = list(servers)
+        for clients in counts:
+            for rep in range(args.reps):
+                for label in labels[rep % len(labels) :] + labels[: rep % len(labels)]:
+                    for load in servers[label][2]:
+                        models = load_models(load, base, names)
+                        r = asyncio.run(run_load(urls[label], models, clients, args.seconds, args.tokens, msgs))
+                        results.setdefault(label, {}).setdefault(f"{load}@{clients}", []).append(r)
+                        print(
+                            f"  {label:22s} {load:8s} {clients:2d} clients, rep {rep + 1}: {r['tok_s']:6.1f} tok/s, "
+                            f"p50 {r['p50']:.2f} s, {r['requests']} requests",
+                            flush=True,
+                        )
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", type=Path, default=ROOT / "examples" / "demo.yaml")
@@ -126,9 +180,15 @@ def main() -> None:
         "--servers", default="off,on,lorafoundry", help="which servers: off, on, lorafoundry (compiled), eager"
     )
     ap.add_argument("--out", type=Path, help="write the raw results here as JSON")
+    ap.add_argument(
+        "--together",
+        action="store_true",
+        help="start the servers at once, each on its own port (--port + 0, 1, 2, 3 for off, on, lorafoundry, "
+        "eager), and rotate the windows among them",
+    )
     args = ap.parse_args()
-
-    import httpx
+    if args.together and args.curve:
+        ap.error("--together times the --clients table; run --curve without it")
 
     from lora_assets.home import Home
     from lora_assets.pipeline import Pipeline
@@ -148,17 +208,19 @@ def main() -> None:
     msgs = prompts(args.spec.parent)
     url = f"http://{spec.serving.host}:{args.port}"
     plain_env = server_env(spec.serving) | {"VLLM_PLUGINS": "none"}
-    lf_cmd, lf_env, *_ = plan_server(spec, args.home, args.port)
+    # with --together each server has its own port: off, on, lorafoundry, eager = --port + 0, 1, 2, 3
+    p_off, p_on, p_lf, p_eager = (args.port + i * args.together for i in range(4))
+    lf_cmd, lf_env, *_ = plan_server(spec, args.home, p_lf)
     eager = spec.model_copy(update={"serving": spec.serving.model_copy(update={"compile": False})})
-    eager_cmd, eager_env, *_ = plan_server(eager, args.home, args.port)
+    eager_cmd, eager_env, *_ = plan_server(eager, args.home, p_eager)
     servers = {
         "plain vLLM, LoRA off": (
-            build_vllm_command(pipe.base.path, base, [], spec.serving, port=args.port),
+            build_vllm_command(pipe.base.path, base, [], spec.serving, port=p_off),
             plain_env,
             ("base",),
         ),
         "plain vLLM, LoRA on": (
-            build_vllm_command(pipe.base.path, base, adapters, spec.serving, port=args.port),
+            build_vllm_command(pipe.base.path, base, adapters, spec.serving, port=p_on),
             plain_env,
             LOADS,
         ),
@@ -183,19 +245,15 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     counts = [int(c) for c in args.clients.split(",")]
-    for label, (cmd, env, loads) in servers.items():
+    if args.together:
+        results = together(servers, args, base, names, msgs, counts)
+    for label, (cmd, env, loads) in servers.items() if not args.together else ():
         log = Home.at(args.home).logs / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
         t0 = time.perf_counter()
         with VLLMServer(cmd, env, log, url).start() as server:
             server.wait_ready(600)
             up = time.perf_counter() - t0
-            for m in {base, *names} if len(loads) > 1 else {base}:  # load every adapter once before timing
-                httpx.post(
-                    f"{url}/v1/chat/completions",
-                    json={"model": m, "messages": msgs[0], "max_tokens": 4},
-                    timeout=300,
-                    headers={"Authorization": f"Bearer {envs.API_KEY.get() or 'none'}"},
-                ).raise_for_status()
+            warm(url, {base, *names} if len(loads) > 1 else {base}, msgs)
             print(f"\n{label}: up in {up:.0f} s ({log.name})", flush=True)
             if args.curve:  # where does throughput stop growing?
                 for load in loads[:2]:
