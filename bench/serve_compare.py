@@ -116,6 +116,13 @@ def saturate(url: str, models: list[str], seconds: float, tokens: int, msgs, gro
     return rows
 
 
+def server_log(home: Path, label: str) -> Path:
+    """Where a server's output goes: ``<home>/logs/serve-compare-<last word group of its label>.log``."""
+    from lora_assets.home import Home
+
+    return Home.at(home).logs / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
+
+
 def warm(url: str, models, msgs) -> None:
     """One short request to each model: every adapter loaded before timing."""
     import httpx
@@ -135,7 +142,6 @@ def together(servers: dict, args, base: str, names: list[str], msgs, counts: lis
     moves every server's windows alike (an idle vLLM server uses ~0.1 s of CPU in a 15 s window)."""
     from contextlib import ExitStack
 
-    from lora_assets.home import Home
     from serving.launch import VLLMServer
 
     results: dict[str, dict] = {}
@@ -143,7 +149,7 @@ def together(servers: dict, args, base: str, names: list[str], msgs, counts: lis
         urls = {}
         for label, (cmd, env, loads) in servers.items():  # one start at a time: no overlap
             url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-            log = Home.at(args.home).logs / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
+            log = server_log(args.home, label)
             t0 = time.perf_counter()
             server = stack.enter_context(VLLMServer(cmd, env, log, url).start())
             server.wait_ready(600)
@@ -190,7 +196,6 @@ def main() -> None:
     if args.together and args.curve:
         ap.error("--together times the --clients table; run --curve without it")
 
-    from lora_assets.home import Home
     from lora_assets.pipeline import Pipeline
     from lora_assets.spec import load_spec
     from serving.launch import VLLMServer, build_vllm_command, plan_server, server_env
@@ -248,7 +253,7 @@ def main() -> None:
     if args.together:
         results = together(servers, args, base, names, msgs, counts)
     for label, (cmd, env, loads) in servers.items() if not args.together else ():
-        log = Home.at(args.home).logs / f"serve-compare-{label.split(',')[-1].strip().replace(' ', '-')}.log"
+        log = server_log(args.home, label)
         t0 = time.perf_counter()
         with VLLMServer(cmd, env, log, url).start() as server:
             server.wait_ready(600)
