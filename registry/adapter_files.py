@@ -2,15 +2,16 @@
 
 A registered version is what the server loads at its next start (``--lora-modules``): files vLLM cannot load must be
 refused here, where they enter, not found out there. Only what the check needs is read: adapter_config.json (at most
-:data:`MAX_CONFIG_BYTES`) and the *header* of adapter_model.safetensors (its 8-byte little-endian length, bounded by
-:data:`MAX_HEADER_BYTES` and by the file, then JSON), never the tensor data; nothing is opened that is not a regular
-file. So no file can make a check hang or use unbounded memory.
+:data:`MAX_CONFIG_BYTES`), the *header* of adapter_model.safetensors (its 8-byte little-endian length, bounded by
+:data:`MAX_HEADER_BYTES` and by the file, then JSON), and, once the header is known to be sound, the tensor data in
+bounded chunks, for NaN and infinity only; nothing is opened that is not a regular file. So no file can make a check
+hang or use unbounded memory.
 
 The header is checked as the safetensors library checks it (known dtypes, shapes, data offsets that tile the data
 exactly); the tensors against the config (peft LoRA tensor names of target modules, the rank, float dtypes); and, when
 the base model is a local dir, against the base's weight shapes, read from the base's own safetensors headers.
 
-Plain Python over paths: imports no dagster, torch or safetensors.
+Plain Python (and numpy, for the values) over paths: imports no dagster, torch or safetensors.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ DTYPE_BITS = {
 }
 #: The dtypes a LoRA weight may have: the floating-point ones vLLM loads adapters in.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: The bits of each float dtype's exponent, little-endian, as numpy reads the stored words: all set is infinity or NaN.
+NONFINITE_BITS = {
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+    "F32": ("<u4", 0x7F80_0000),
+    "F64": ("<u8", 0x7FF0_0000_0000_0000),
+}
+#: Bytes of tensor data read at a time when values are checked (a multiple of every dtype's size).
+VALUE_CHUNK_BYTES = 16 << 20
 #: The prefix peft gives every tensor of a saved adapter (vLLM refuses other names).
 PEFT_PREFIX = "base_model.model."
 #: peft's tensor name suffixes of a LoRA-wrapped module, and what each tensor is.
@@ -72,6 +82,7 @@ LORA_SUFFIXES = {
     ".lora_magnitude_vector.weight": "magnitude",  # the same, as older peft saved it
     ".base_layer.weight": "base_layer",  # a targeted embedding's own weight (peft's save_embedding_layers)
 }
+NONFINITE_FIX = "train or export it again (a run whose loss diverged leaves such weights) and register the new version"
 _SAVE_FIX = (
     "save the adapter again with peft (`model.save_pretrained(DIR, safe_serialization=True)`) and register the dir "
     "it writes, unchanged"
@@ -85,6 +96,8 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    #: where its data is in the file: [begin, end) bytes from the file's start
+    span: tuple[int, int]
 
 
 def _refuse(path: Path, what: str, fix: str = _SAVE_FIX) -> RegistryInputError:
@@ -163,13 +176,14 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _refuse(path, "the header's __metadata__ is not an object of strings")
-    tensors = {name: _tensor_entry(path, name, entry) for name, entry in header.items()}
+    tensors = {name: _tensor_entry(path, name, entry, data_start=8 + n) for name, entry in header.items()}
     _check_offsets(path, header, tensors, data_bytes=size - 8 - n)
     return tensors
 
 
-def _tensor_entry(path: Path, name: str, entry: Any) -> TensorInfo:
-    """One header entry checked: exactly dtype, shape and data_offsets, of the right types."""
+def _tensor_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+    """One header entry checked: exactly dtype, shape and data_offsets, of the right types (the data follows the
+    header, at ``data_start``)."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _refuse(path, f"header entry {name!r} is not {{dtype, shape, data_offsets}}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -179,7 +193,7 @@ def _tensor_entry(path: Path, name: str, entry: Any) -> TensorInfo:
         raise _refuse(path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise _refuse(path, f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
-    return TensorInfo(name, dtype, tuple(shape))
+    return TensorInfo(name, dtype, tuple(shape), (data_start + offsets[0], data_start + offsets[1]))
 
 
 def _is_count(value: Any) -> bool:
@@ -223,6 +237,37 @@ def _check_offsets(path: Path, header: dict, tensors: dict[str, TensorInfo], dat
         end = stop
     if end != data_bytes:
         raise _refuse(path, f"the tensors' data ends at byte {end} of {data_bytes}: the file has trailing bytes")
+
+
+def nonfinite_tensor(path: Path, tensors: dict[str, TensorInfo]) -> str | None:
+    """The name of the first float tensor of the weights file ``path`` that holds NaN or infinity, or None.
+
+    ``tensors`` is the file's header from :func:`read_safetensors_header`. Each tensor's stored words are read (in
+    chunks of :data:`VALUE_CHUNK_BYTES`) and tested for an all-ones exponent, the IEEE 754 mark of both; tensors of
+    other dtypes are not read. A file shorter than its header said (changed since) counts as unreadable.
+
+    Raises:
+        RegistryInputError: the file cannot be read.
+    """
+    import numpy as np  # here, not at the top: the CLI's light commands (`registry list`) do not pay its import
+
+    path = Path(path)
+    with os.fdopen(_open_regular(path), "rb") as f:
+        for t in sorted(tensors.values(), key=lambda t: t.span):
+            if t.dtype not in NONFINITE_BITS:
+                continue
+            dtype, bits = NONFINITE_BITS[t.dtype]
+            f.seek(t.span[0])
+            left = t.span[1] - t.span[0]
+            while left > 0:
+                raw = f.read(min(left, VALUE_CHUNK_BYTES))
+                if not raw or len(raw) % np.dtype(dtype).itemsize:
+                    raise _refuse(path, "the file shrank while it was read", "register it when nothing is writing it")
+                words = np.frombuffer(raw, dtype=dtype)
+                if np.any((words & bits) == bits):
+                    return t.name
+                left -= len(raw)
+    return None
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
@@ -426,7 +471,7 @@ def _check_shape(path: Path, t: TensorInfo, want: tuple[int | None, ...], source
         )
 
 
-def check_adapter_files(adapter_dir: Path, base_model: str | None = None) -> dict[str, Any]:
+def check_adapter_files(adapter_dir: Path, base_model: str | None = None, values: bool = True) -> dict[str, Any]:
     """Check a peft LoRA adapter dir before it is registered or imported; return its adapter_config.json (with
     ``target_modules`` a list: peft's regex form becomes a one-item list).
 
@@ -434,6 +479,9 @@ def check_adapter_files(adapter_dir: Path, base_model: str | None = None) -> dic
         adapter_dir: the dir: adapter_config.json and adapter_model.safetensors.
         base_model: the base model it is registered for; when it is a local model dir, the tensors' shapes are
             checked against the base's weights too.
+        values: read the weights too and refuse NaN or infinity (:func:`nonfinite_tensor`): one such value in a
+            served adapter makes its answers NaN. False reads headers only (the server's catalog check, which
+            checks values once per sha256 where it loads them).
 
     Raises:
         RegistryInputError: what is wrong with which file, and the fix.
@@ -449,5 +497,7 @@ def check_adapter_files(adapter_dir: Path, base_model: str | None = None) -> dic
     tensors = read_safetensors_header(d / WEIGHTS_FILE)
     base_dir = local_base_dir(base_model)
     check_adapter_tensors(d / WEIGHTS_FILE, tensors, cfg, base_weight_shapes(base_dir) if base_dir else None)
+    if values and (bad := nonfinite_tensor(d / WEIGHTS_FILE, tensors)):
+        raise _refuse(d / WEIGHTS_FILE, f"tensor {bad!r} holds NaN or infinity", NONFINITE_FIX)
     targets = cfg["target_modules"]
     return {**cfg, "target_modules": [targets] if isinstance(targets, str) else targets}

@@ -109,11 +109,11 @@ def _run_limited(
             ) from None
 
 
-def check_adapter_dir(adapter_dir: Path, base_model: str | None = None) -> dict:
+def check_adapter_dir(adapter_dir: Path, base_model: str | None = None, values: bool = True) -> dict:
     """Return adapter_config.json of a peft LoRA dir whose safetensors weights fit it (and ``base_model``'s weights,
-    when that is a local model dir), or raise :class:`RegistryInputError` with the reason; see
-    :func:`registry.adapter_files.check_adapter_files`."""
-    return check_adapter_files(Path(adapter_dir), base_model)
+    when that is a local model dir) and, unless ``values`` is False, hold no NaN or infinity; or raise
+    :class:`RegistryInputError` with the reason; see :func:`registry.adapter_files.check_adapter_files`."""
+    return check_adapter_files(Path(adapter_dir), base_model, values=values)
 
 
 class AdapterRegistry:

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from registry.adapter_files import NONFINITE_FIX, WEIGHTS_FILE, nonfinite_tensor, read_safetensors_header
 from registry.records import ADAPTER_FILES, adapter_sha256
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -72,13 +73,14 @@ def multi_lora_problem(adapter_dir: Path) -> str | None:
 
 def weights_problem(adapter_dir: Path) -> str | None:
     """Why vLLM could not load the adapter files in ``adapter_dir`` (the registry's check at registration: a
-    safetensors header that parses, tensors that fit the adapter config), or None. The details name files of this
-    machine, so they go to the log and the answer says only what kind of problem it is."""
+    safetensors header that parses, tensors that fit the adapter config; not their values, which
+    :func:`nonfinite_problem` reads once per sha256), or None. The details name files of this machine, so they go to
+    the log and the answer says only what kind of problem it is."""
     from registry.errors import RegistryInputError
     from registry.store import check_adapter_dir
 
     try:
-        check_adapter_dir(adapter_dir)
+        check_adapter_dir(adapter_dir, values=False)
     except (RegistryInputError, ValueError, OSError) as e:
         log.error("adapter files in %s cannot be served: %s", adapter_dir, e)
         return "its files are not a LoRA adapter vLLM can load (the server's log says why)"
@@ -87,38 +89,32 @@ def weights_problem(adapter_dir: Path) -> str | None:
 
 #: sha256 of a verified copy -> :func:`nonfinite_problem`'s answer for its bytes (the name is checked to be the hash).
 _NONFINITE: dict[str, str | None] = {}
-_NONFINITE_FIX = (
-    "Fix: train or export it again (a run whose loss diverged leaves such weights) and register the new version"
-)
 
 
 def nonfinite_problem(adapter_dir: Path) -> str | None:
     """Why the adapter in ``adapter_dir`` must not be loaded because a weight holds NaN or infinity, or None.
 
-    vLLM's loader does not look at values, and on CPU one such adapter would not stay its own problem: the plugin
-    computes a batch's LoRA products for all of its adapters at once and zeroes each token's other adapters'
-    columns (serving/cpu_lora_fix.py), but an infinite weight of B still multiplies those zeros (0 * inf is NaN),
-    so every request batched with it would answer from NaN logits. Read from the bytes vLLM would be given; the
-    answer is kept per sha256 when the dir is a verified copy named by its hash. Unreadable files are
-    :func:`weights_problem`'s to refuse (None here)."""
-    import torch
-    from safetensors import SafetensorError, safe_open
+    The registry refuses such files at registration (:func:`registry.adapter_files.nonfinite_tensor`, the same
+    check), but a registry file is untrusted input too: a row written by other means, or by a version before that
+    check, must not reach vLLM, whose loader does not look at values. On CPU one such adapter would not stay its own
+    problem: the plugin computes a batch's LoRA products for all of its adapters at once (serving/cpu_lora_fix.py),
+    so a NaN there reaches every request batched with it unless each token's other columns are masked, not
+    multiplied by 0 (0 * inf is NaN). Read from the bytes vLLM would be given; the answer is kept per sha256 when
+    the dir is a verified copy named by its hash. Unreadable files are :func:`weights_problem`'s to refuse (None
+    here)."""
+    from registry.errors import RegistryInputError
 
     adapter_dir = Path(adapter_dir)
     key = adapter_dir.name if SHA_RE.fullmatch(adapter_dir.name) else None
     if key in _NONFINITE:
         return _NONFINITE[key]
-    problem = None
     try:
-        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    problem = f"its weight {name[:200]!r} holds NaN or infinity. {_NONFINITE_FIX}"
-                    break
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        weights = adapter_dir / WEIGHTS_FILE
+        bad = nonfinite_tensor(weights, read_safetensors_header(weights))
+    except (RegistryInputError, OSError, ValueError) as e:
         log.error("adapter weights in %s unreadable: %s", adapter_dir, e)
         return None
+    problem = f"its weight {bad[:200]!r} holds NaN or infinity. Fix: {NONFINITE_FIX}." if bad else None
     if key is not None:
         _NONFINITE[key] = problem
     return problem
@@ -139,7 +135,9 @@ def loaded_nonfinite(lora_model) -> str | None:
             scaling = scaling[:1] * len(b)
         tensors = [*listed(layer.lora_a), *(t * (s or 1.0) for t, s in zip(b, scaling, strict=True) if t is not None)]
         if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
-            return f"its weights for {module[:200]!r} are not finite (NaN or infinity) once loaded. {_NONFINITE_FIX}"
+            return (
+                f"its weights for {module[:200]!r} are not finite (NaN or infinity) once loaded. Fix: {NONFINITE_FIX}."
+            )
     return None
 
 

@@ -15,9 +15,11 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
+from registry import adapter_files
 from registry.adapter_files import (
     MAX_HEADER_BYTES,
     check_adapter_files,
+    nonfinite_tensor,
     read_adapter_config,
     read_safetensors_header,
 )
@@ -192,6 +194,77 @@ def test_a_regex_target_modules_is_accepted_and_stored_as_one_name(tmp_path):
     """peft's regex form is never run (a crafted pattern could take exponential time), and is stored as a list."""
     d = fake_adapter(tmp_path / "a", tensor_file({A: ("F32", [4, 64])}), {**CONFIG, "target_modules": "(a+)+$"})
     assert check_adapter_files(d)["target_modules"] == ["(a+)+$"]
+
+
+# -- values: NaN and infinity are refused where files enter -----------------------------------------------------
+
+
+def lora_weights(dtype, a=None, b=None):
+    """A real (safetensors library) file of one LoRA module in ``dtype``: A [4, 8], B [8, 4], finite unless values
+    are given as {(row, col): value}."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {A: torch.randn(4, 8, generator=g).to(dtype), B: torch.randn(8, 4, generator=g).to(dtype)}
+    for name, values in ((A, a), (B, b)):
+        for where, v in (values or {}).items():
+            tensors[name][where] = v
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_weight_that_is_not_finite_is_refused_by_name_in_every_float_dtype(tmp_path, dtype, bad):
+    """vLLM's loader does not look at values, and a served NaN weight makes every answer of its adapter (and on CPU
+    of the tokens batched with it, were its columns not masked) NaN: refused at registration, naming the tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, dtype)
+    finite = lora_weights(dtype, b={(7, 3): torch.finfo(dtype).max, (0, 0): torch.finfo(dtype).tiny / 4})
+    save_file(finite, str(fake_adapter(tmp_path / "good", b"") / "adapter_model.safetensors"))
+    assert check_adapter_files(tmp_path / "good")["r"] == 4  # the largest finite value and a subnormal pass
+    save_file(
+        lora_weights(dtype, b={(7, 3): bad}), str(fake_adapter(tmp_path / "bad", b"") / "adapter_model.safetensors")
+    )
+    with pytest.raises(RegistryInputError) as e:
+        check_adapter_files(tmp_path / "bad")
+    assert f"tensor {B!r} holds NaN or infinity. Fix: train or export it again" in str(e.value)
+    assert check_adapter_files(tmp_path / "bad", values=False)["r"] == 4  # headers only: the server's catalog check
+
+
+def test_values_are_read_in_chunks_to_the_last_word(tmp_path, monkeypatch):
+    """The check reads each tensor in bounded chunks: a NaN in the very last word of the file, past the first chunk,
+    is found; the file's other tensors are checked at their own offsets."""
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(adapter_files, "VALUE_CHUNK_BYTES", 16)
+    save_file(lora_weights(torch.float32, a={(3, 7): float("nan")}), str(tmp_path / "w.safetensors"))
+    path = tmp_path / "w.safetensors"
+    header = read_safetensors_header(path)
+    assert max(t.span[1] for t in header.values()) == path.stat().st_size
+    assert nonfinite_tensor(path, header) == A
+    save_file(lora_weights(torch.float32), str(path))
+    assert nonfinite_tensor(path, read_safetensors_header(path)) is None
+
+
+def test_registry_register_refuses_a_nan_adapter_and_writes_nothing(tmp_path):
+    """`lorafoundry registry register` on a peft dir whose lora_B holds a NaN: exit 1, the tensor and the fix, no
+    traceback, no version."""
+    import torch
+    from safetensors.torch import save_file
+
+    from orchestration.cli import app
+
+    home, bad = tmp_path / "home", fake_adapter(tmp_path / "bad", b"", {**CONFIG, "base_model_name_or_path": "base"})
+    save_file(lora_weights(torch.bfloat16, b={(2, 2): float("nan")}), str(bad / "adapter_model.safetensors"))
+    args = ["registry", "register", str(bad), "--name", "bad", "--base-model", "builtin:tiny", "--home", str(home)]
+    res = CliRunner().invoke(app, args)
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 1 and not isinstance(res.exception, Exception) and "Traceback" not in res.output
+    assert f"tensor {B!r} holds NaN or infinity" in flat and "Fix:" in flat, res.output
+    assert AdapterRegistry(home / "registry.duckdb").list() == []
 
 
 # -- the issue's case, through the real entry points ------------------------------------------------------------

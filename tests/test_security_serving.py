@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import httpx
@@ -135,13 +136,17 @@ def test_admin_load_takes_only_what_the_registry_serves(vllm_server, served_regi
 
 
 def test_an_adapter_with_infinite_weights_is_refused_and_the_batch_is_untouched(
-    vllm_server, served_registry, session_home, demo_spec
+    vllm_server, served_registry, session_home, demo_spec, monkeypatch
 ):
-    """A registered version whose weights hold an infinity (hashes fine, headers fine: only the values are wrong) is
-    refused with its reason, on a request and on an admin load, before vLLM loads it; on CPU it would otherwise
-    reach every request batched with it (0 * inf). The base and the champion answer as before."""
+    """A version whose weights hold an infinity (hashes fine, headers fine: only the values are wrong) is refused by
+    the registry; one in the registry all the same (a registry file is untrusted input) is refused by the server
+    with its reason, on a request and on an admin load, before vLLM loads it. The base and the champion answer as
+    before."""
     from safetensors.torch import load_file, save_file
 
+    from registry import store
+    from registry.adapter_files import check_adapter_files
+    from registry.errors import RegistryInputError
     from tests.conftest import ADMIN_KEY
 
     url, reg = vllm_server["url"], served_registry
@@ -156,7 +161,13 @@ def test_an_adapter_with_infinite_weights_is_refused_and_the_batch_is_untouched(
         tensors[names[0]][0, 0] = float("inf")
         save_file(tensors, str(weights), metadata={"format": "pt"})
 
-    bad = _register_copy(reg, champion, session_home / "adapters" / "test-copies" / "infinite", change=infinite)
+    dest = session_home / "adapters" / "test-copies" / "infinite"
+    with pytest.raises(RegistryInputError, match="holds NaN or infinity"):  # refused where files enter
+        _register_copy(reg, champion, dest, change=infinite)
+    shutil.rmtree(dest)
+    with monkeypatch.context() as m:  # a row written without that check (by other means, or an older version)
+        m.setattr(store, "check_adapter_dir", lambda d, base=None: check_adapter_files(d, base, values=False))
+        bad = _register_copy(reg, champion, dest, change=infinite)
     path, name = bad.path, names[0]
     ref = f"categories@{bad.version}"
     r = _post(url, "/v1/completions", {"model": ref, "prompt": PROMPTS[0], "max_tokens": 4})
