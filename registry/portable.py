@@ -24,7 +24,7 @@ import duckdb
 from registry.dbfile import file_lock
 from registry.errors import RegistryBusyError, RegistryConflictError, RegistryInputError
 from registry.records import AdapterRecord, NewAdapter, adapter_sha256
-from registry.rules import check_name, is_valid_name
+from registry.rules import SERVABLE_STATUSES, check_name, is_valid_name
 from registry.schema import TABLES
 from registry.store import AdapterRegistry, check_adapter_dir
 
@@ -191,7 +191,7 @@ def _new_versions(reg: AdapterRegistry, src: Path, rows: list[dict[str, Any]]) -
     refused = []
     for r in new_rows:  # what registering checks: files a server could not start with never become a version
         try:
-            check_adapter_dir(src / str(r["path"]), r["base_model"])
+            check_adapter_dir(src / str(r["path"]), r["base_model"], values=r["status"] in SERVABLE_STATUSES)
         except RegistryInputError as e:
             refused.append(f"{r['name']}@{r['version']}: {e}")
     if refused:

@@ -171,9 +171,13 @@ class AdapterRegistry:
 
     def register(self, new: NewAdapter) -> AdapterRecord:
         """Register an adapter dir. The same sha256 under the same name is that version again: nothing new is
-        written unless its evaluation changed (a new gate, a new eval), which updates its metrics and status."""
+        written unless its evaluation changed (a new gate, a new eval), which updates its metrics and status.
+        Files vLLM could not serve are refused (:func:`check_adapter_dir`), and NaN or infinite weights unless the
+        version is registered ``rejected``."""
         check_name(new.name)
-        cfg = check_adapter_dir(new.path, new.base_model)
+        # a version that failed its gate is kept for its lineage whatever its values (a diverged run's usual fate);
+        # one that may be served must hold no NaN or infinity
+        cfg = check_adapter_dir(new.path, new.base_model, values=new.status != "rejected")
         sha, size = adapter_sha256(new.path)
         now = datetime.now(UTC).replace(tzinfo=None)
         base = self.base_dir

@@ -249,6 +249,27 @@ def test_values_are_read_in_chunks_to_the_last_word(tmp_path, monkeypatch):
     assert nonfinite_tensor(path, read_safetensors_header(path)) is None
 
 
+def test_a_rejected_version_keeps_its_lineage_but_cannot_become_servable(tmp_path):
+    """A run that diverged fails its gate: registered ``rejected`` (its lineage kept, never served) whatever its
+    values. The same bytes registered again as a candidate (the re-evaluation path) are refused, and the version
+    stays rejected."""
+    import torch
+    from safetensors.torch import save_file
+
+    bad = fake_adapter(tmp_path / "bad", b"")
+    save_file(lora_weights(torch.bfloat16, a={(0, 0): float("inf")}), str(bad / "adapter_model.safetensors"))
+    reg = AdapterRegistry(tmp_path / "r.duckdb")
+    rec = reg.register(NewAdapter(name="a", path=bad, base_model="builtin:tiny", status="rejected"))
+    assert rec.status == "rejected"
+    with pytest.raises(RegistryInputError, match="holds NaN or infinity"):
+        reg.register(NewAdapter(name="a", path=bad, base_model="builtin:tiny", metrics={"exact_match": {"gain": 1}}))
+    assert [(r.version, r.status) for r in reg.list()] == [(1, "rejected")]
+    export_registry(reg, tmp_path / "export")  # and it moves with the registry (import applies the same rule)
+    dest = AdapterRegistry(tmp_path / "home" / "registry.duckdb")
+    import_registry(dest, tmp_path / "export", tmp_path / "home" / "adapters" / "imported")
+    assert [(r.name, r.version, r.status) for r in dest.list()] == [("a", 1, "rejected")]
+
+
 def test_registry_register_refuses_a_nan_adapter_and_writes_nothing(tmp_path):
     """`lorafoundry registry register` on a peft dir whose lora_B holds a NaN: exit 1, the tensor and the fix, no
     traceback, no version."""
@@ -301,9 +322,26 @@ def test_random_bytes_are_refused_by_register_and_the_registry_is_unchanged(tmp_
     assert (reg.list(), reg.query("SELECT * FROM events")) == before
 
 
-def test_random_bytes_in_an_export_are_refused_by_import_and_nothing_is_written(tmp_path):
-    """An export whose rows and hashes are consistent but whose weights are not safetensors (edited by hand, or
-    written by a registry that did not check) is refused whole; the importing registry stays as it was."""
+def nan_weights(path: Path) -> None:
+    """Overwrite a real adapter's weights with themselves, one value made NaN: still a well-formed file."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    next(iter(tensors.values())).view(-1)[-1] = float("nan")
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "not a safetensors file"),
+        (nan_weights, "holds NaN or infinity"),
+    ],
+    ids=["random-bytes", "nan-weights"],
+)
+def test_damaged_weights_in_an_export_are_refused_by_import_and_nothing_is_written(tmp_path, damage, needle):
+    """An export whose rows and hashes are consistent but whose weights are not safetensors, or hold a NaN (edited by
+    hand, or written by a registry that did not check) is refused whole; the importing registry stays as it was."""
     from orchestration.cli import app
     from tests.test_registry import make_adapter_dir
 
@@ -313,7 +351,7 @@ def test_random_bytes_in_an_export_are_refused_by_import_and_nothing_is_written(
     out = tmp_path / "export"
     export_registry(src, out)
     bad_dir = out / "adapters" / "bad" / "v1"
-    (bad_dir / "adapter_model.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    damage(bad_dir / "adapter_model.safetensors")
     sha, parquet, edited = adapter_sha256(bad_dir)[0], out / "adapters.parquet", tmp_path / "adapters.parquet"
     duckdb.execute(
         f"COPY (SELECT * REPLACE (CASE WHEN name = 'bad' THEN '{sha}' ELSE adapter_sha256 END AS adapter_sha256) "
@@ -326,10 +364,10 @@ def test_random_bytes_in_an_export_are_refused_by_import_and_nothing_is_written(
     with pytest.raises(RegistryInputError) as e:
         import_registry(dest, out, home / "adapters" / "imported")
     assert "import refused, nothing written: bad@1:" in str(e.value)
-    assert f"{bad_dir / 'adapter_model.safetensors'}: not a safetensors file" in str(e.value)
+    assert f"{bad_dir / 'adapter_model.safetensors'}: " in str(e.value) and needle in str(e.value)
     res = CliRunner().invoke(app, ["registry", "import", str(out), "--home", str(home)])
     flat = " ".join(res.output.split())  # the console wraps at its width, wherever the tmp path's length puts it
-    assert res.exit_code == 1 and "Traceback" not in flat and "not a safetensors file" in flat, res.output
+    assert res.exit_code == 1 and "Traceback" not in flat and needle in flat, res.output
     assert dest.list() == [] and not any((home / "adapters" / "imported").glob("*/*"))
 
 
