@@ -166,7 +166,9 @@ def test_an_adapter_with_infinite_weights_is_refused_and_the_batch_is_untouched(
         _register_copy(reg, champion, dest, change=infinite)
     shutil.rmtree(dest)
     with monkeypatch.context() as m:  # a row written without that check (by other means, or an older version)
-        m.setattr(store, "check_adapter_dir", lambda d, base=None: check_adapter_files(d, base, values=False))
+        m.setattr(
+            store, "check_adapter_dir", lambda d, base=None, values=True: check_adapter_files(d, base, values=False)
+        )
         bad = _register_copy(reg, champion, dest, change=infinite)
     path, name = bad.path, names[0]
     ref = f"categories@{bad.version}"

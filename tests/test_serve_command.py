@@ -85,7 +85,9 @@ def _register_unloadable(reg, like, dest: Path):
     (dest / "adapter_model.safetensors").write_bytes(os.urandom(4096))
     with pytest.MonkeyPatch.context() as m:
         m.setattr(
-            store, "check_adapter_dir", lambda d, base=None: json.loads((Path(d) / "adapter_config.json").read_text())
+            store,
+            "check_adapter_dir",
+            lambda d, base=None, values=True: json.loads((Path(d) / "adapter_config.json").read_text()),
         )
         return reg.register(
             NewAdapter(name="broken", path=dest, base_model=like.base_model, base_model_hash=like.base_model_hash)
