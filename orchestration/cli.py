@@ -649,7 +649,9 @@ def registry_register(
 
     The files are copied under <home>/adapters/imported/ (the server reads adapters only from <home>/adapters), and
     the base model's content hash is recorded when the base is on this machine (a local dir, a builtin: model, or the
-    Hugging Face cache), which is what lets the server load it.
+    Hugging Face cache), which is what lets the server load it. Files the server could not serve are refused, naming
+    the file and the fix: not a peft LoRA dir, pickled weights, a safetensors header that does not parse, tensors that
+    do not fit the config or the base, weights that hold NaN or infinity.
     """
     from registry.portable import external_adapter, register_copy
 
