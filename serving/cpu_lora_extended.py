@@ -124,7 +124,7 @@ def extended_linear(base, wrapper, x, bias, a_stacked, b_stacked, slices):
             return base.cpu_linear(x, base.weight, bias)  # what UnquantizedLinearMethod.apply calls on CPU
         try:
             packed = extended_weights(base, a_stacked, b_stacked, slots[-1] + 1)  # slots are sorted
-        except RuntimeError:  # no oneDNN bf16 product on this CPU: the two-product path, from now on
+        except RuntimeError:  # oneDNN refused these shapes (bf16 itself was probed): two products, from now on
             wrapper._lfx_no_onednn = True
             packed = None
         if packed is not None:
@@ -190,8 +190,8 @@ def _one_product_apply(orig):
 
 
 def apply_extended(logger=None) -> bool:
-    """Install the one-product path (idempotent); False, and nothing changed, where vLLM's shape differs or it has
-    no oneDNN products."""
+    """Install the one-product path (idempotent); False, and nothing changed, where vLLM's shape differs or its
+    oneDNN has no bf16 products on this CPU (AVX2 only: there vLLM's own bf16 layers run torch's products)."""
     import inspect
 
     logger = logger or _logger()
@@ -204,12 +204,12 @@ def apply_extended(logger=None) -> bool:
     if getattr(BaseLinearLayerWithLoRA._apply_sync, _MARK, False):
         return True
     apply_sync, dispatch = BaseLinearLayerWithLoRA._apply_sync, utils.dispatch_cpu_unquantized_gemm
-    if (
-        _onednn_ops() is None
-        or list(inspect.signature(apply_sync).parameters) != ["self", "x", "bias"]
-        or list(inspect.signature(dispatch).parameters)[:2] != ["layer", "remove_weight"]
-    ):
-        logger.warning("lorafoundry LoRA fix: no oneDNN, or vLLM's LoRA layer changed; one-product path skipped")
+    if _onednn_ops() is None:
+        logger.info("lorafoundry LoRA fix: no oneDNN bf16 products on this CPU; bf16 layers keep two products")
+        return False
+    shapes = list(inspect.signature(apply_sync).parameters), list(inspect.signature(dispatch).parameters)[:2]
+    if shapes != (["self", "x", "bias"], ["layer", "remove_weight"]):
+        logger.warning("lorafoundry LoRA fix: vLLM's LoRA layer changed; one-product path skipped")
         return False
     _register_op()
     utils.dispatch_cpu_unquantized_gemm = _keep_base_weights(dispatch)

