@@ -32,12 +32,19 @@ class DtypeSettingError(ValueError):
 
 @cache
 def native_bf16() -> bool:
-    """True where bf16 matrix products run on native hardware paths (CUDA with bf16, oneDNN bf16 on CPU)."""
+    """True where bf16 matrix products run on native hardware paths: CUDA with bf16; on an x86 CPU, AVX-512-BF16
+    (AMX CPUs have it too); on another CPU, what oneDNN says. Not torch's oneDNN check alone on x86: it says yes on
+    any AVX-512 CPU (Skylake to Ice Lake included), where oneDNN emulates bf16 in fp32, slower than fp32 itself,
+    and where its bf16 products round differently with the inner dimension's length (docs/testing.md)."""
+    import platform
+
     import torch
 
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
     try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            return bool(torch.cpu._is_avx512_bf16_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # an older or unusual build: assume the slow path
         return False

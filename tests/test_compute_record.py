@@ -43,6 +43,30 @@ def test_compute_record_says_the_format_and_why(monkeypatch):
     assert compute_record("float16")["dtype"] == "float16"
 
 
+@pytest.mark.parametrize(("avx512_bf16", "native"), [(True, True), (False, False)])
+def test_bf16_is_native_on_x86_only_with_avx512_bf16(monkeypatch, avx512_bf16, native):
+    """On x86, `auto` means bf16 only where the CPU has AVX-512-BF16 (AMX CPUs have it too), not wherever torch's
+    oneDNN check says bf16 works: that one says yes on every AVX-512 CPU (Skylake to Ice Lake), where bf16 is
+    emulated and slower than fp32."""
+    import platform
+
+    import torch
+
+    from lora_assets import hardware
+
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    hardware.native_bf16.cache_clear()
+    try:
+        assert hardware.native_bf16() is native
+        assert resolve_dtype("auto") == ("bfloat16" if native else "float32")
+    finally:
+        monkeypatch.undo()
+        hardware.native_bf16.cache_clear()
+
+
 @pytest.mark.slow
 def test_the_manifest_and_the_registry_record_say_how_a_run_computed(tmp_path, random_base):
     rows = [{"prompt": f"what comes after {i}?", "completion": f"{i + 1}"} for i in range(24)]

@@ -373,6 +373,23 @@ def test_the_one_product_path_is_installed_only_where_onednn_multiplies_bf16(mon
     assert all(getattr(f, cpu_lora_extended._MARK, False) == installed for f in after)
 
 
+def test_no_onednn_lora_products_where_bf16_is_only_emulated(monkeypatch):
+    """An AVX-512 CPU without BF16 (Skylake to Ice Lake): its oneDNN makes bf16 products, emulated in fp32, whose
+    rounding moves with the inner dimension's length (with oneDNN limited to AVX512_CORE here, the one-product layer's
+    base tokens differed from the base product at SmolLM2's gate/up shape). Not native
+    (lora_assets.hardware.native_bf16), so bf16 LoRA layers keep the fp32 products and base tokens stay exact."""
+    from lora_assets import hardware
+    from serving import cpu_lora_fix
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda: False)
+    cpu_lora_fix._onednn_ops.cache_clear()
+    try:
+        assert cpu_lora_fix._onednn_ops() is None
+    finally:
+        monkeypatch.undo()
+        cpu_lora_fix._onednn_ops.cache_clear()
+
+
 def test_an_avx2_only_cpu_takes_the_two_product_path_and_passes_these_tests():
     """What an AVX2-only CPU runs, checked on every CPU: oneDNN limited to AVX2 (``ONEDNN_MAX_CPU_ISA``, read when
     oneDNN first runs, hence a fresh process) has no bf16 product, so ``_onednn_ops()`` is None, the one-product
