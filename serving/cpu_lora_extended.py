@@ -191,7 +191,7 @@ def _one_product_apply(orig):
 
 def apply_extended(logger=None) -> bool:
     """Install the one-product path (idempotent); False, and nothing changed, where vLLM's shape differs or its
-    oneDNN has no bf16 products on this CPU (AVX2 only: there vLLM's own bf16 layers run torch's products)."""
+    oneDNN has no native bf16 products on this CPU (:func:`serving.cpu_lora_fix._onednn_ops`)."""
     import inspect
 
     logger = logger or _logger()
@@ -205,7 +205,7 @@ def apply_extended(logger=None) -> bool:
         return True
     apply_sync, dispatch = BaseLinearLayerWithLoRA._apply_sync, utils.dispatch_cpu_unquantized_gemm
     if _onednn_ops() is None:
-        logger.info("lorafoundry LoRA fix: no oneDNN bf16 products on this CPU; bf16 layers keep two products")
+        logger.info("lorafoundry LoRA fix: no native oneDNN bf16 products here; bf16 layers keep two products")
         return False
     shapes = list(inspect.signature(apply_sync).parameters), list(inspect.signature(dispatch).parameters)[:2]
     if shapes != (["self", "x", "bias"], ["layer", "remove_weight"]):

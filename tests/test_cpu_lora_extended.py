@@ -15,8 +15,8 @@ from .test_cpu_lora_ops import INDEX_SETS, SLICES, punica
 
 pytestmark = pytest.mark.skipif(
     cpu_lora_fix._onednn_ops() is None,
-    reason="vLLM's oneDNN has no bf16 products here (a build without oneDNN, or an AVX2-only CPU): the one-product "
-    "path is not installed (tests/test_cpu_lora_ops.py checks the two-product path such CPUs run)",
+    reason="no native oneDNN bf16 products here (a build without oneDNN, an AVX2-only CPU, AVX-512 without BF16): "
+    "the one-product path is not installed (tests/test_cpu_lora_ops.py checks the two-product path such CPUs run)",
 )
 
 HIDDEN = 12

@@ -190,9 +190,9 @@ def bf16_reference(y0, x, a, b, idx, scale, slices):
 def test_fused_add_lora_linear_in_bf16(case, layer):
     """A bf16 model (what `dtype: auto` serves on bf16 CPUs, `dtype: bfloat16` on any): exactly nothing added to
     base-model tokens, and each adapter token's delta as this CPU's path rounds it. On vLLM's oneDNN products (CPUs
-    with AVX-512): bf16 products accumulated in fp32, rounded as vLLM's GPU kernels round them. Where oneDNN has no
-    bf16 product (AVX2 only): fp32 products, the delta rounded once into y. Within one bf16 ulp of the larger of the
-    output and the delta (fp32 sums in another order can round the other way)."""
+    with native bf16): bf16 products accumulated in fp32, rounded as vLLM's GPU kernels round them. Elsewhere (AVX2
+    only, AVX-512 without BF16): fp32 products, the delta rounded once into y. Within one bf16 ulp of the larger of
+    the output and the delta (fp32 sums in another order can round the other way)."""
     from serving import cpu_lora_fix
 
     torch.manual_seed(2)
@@ -221,7 +221,7 @@ def test_bf16_layers_use_vllms_onednn_products_where_vllm_has_them(monkeypatch):
     from serving import cpu_lora_fix
 
     if cpu_lora_fix._onednn_ops() is None:
-        pytest.skip("vLLM's oneDNN has no bf16 products here (a build without oneDNN, or an AVX2-only CPU): fp32 ones")
+        pytest.skip("no native oneDNN bf16 products here (no oneDNN build, or no AVX-512-BF16): fp32 ones are used")
     slices, op = SLICES["qkv"], fused_op()
     a, b = (tuple(t.bfloat16() for t in ts) for ts in lora_weights(slices))
     wrapper = punica(torch.tensor(INDEX_SETS["mixed"]))  # slots 0, 1, 2
@@ -354,8 +354,8 @@ def test_an_adapter_whose_products_overflow_reaches_no_other_token(dtype):
 
 def test_the_one_product_path_is_installed_only_where_onednn_multiplies_bf16(monkeypatch):
     """apply_extended installs serving/cpu_lora_extended.py's layer (and the weight keeping it needs) where vLLM's
-    oneDNN has bf16 products on this CPU, and declines, changing nothing, where it has none (AVX2 only: the test
-    below runs this one there)."""
+    oneDNN has native bf16 products on this CPU, and declines, changing nothing, where it has none (AVX2 only: the
+    test below runs this one there)."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.model_executor.layers import utils
 
