@@ -4,8 +4,6 @@ dispatch) and a real PunicaWrapperCPU."""
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 
@@ -105,6 +103,28 @@ def test_base_tokens_are_exact_at_smollm2s_shapes(monkeypatch, slices):
     assert (y.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
 
 
+def test_layers_sharing_the_shrinks_scratch_tensor_keep_their_own_answers(monkeypatch):
+    """Layers of the same shape share one scratch tensor for the shrink's output (a decode step's shape only): each
+    answer is still its own layer's, after the next layer has written the scratch, and a prefill-sized step is not
+    kept."""
+    torch.manual_seed(5)
+    slices = SLICES["gate_up"]
+    idx = torch.tensor(INDEX_SETS["mixed"])
+    layers = [(*base_layer(monkeypatch, HIDDEN, sum(slices)), *lora_bf16(slices)) for _ in range(3)]
+    x = torch.randn(len(idx), HIDDEN).bfloat16()
+    ys = [cpu_lora_extended.extended_linear(base, punica(idx), x, None, a, b, slices) for base, _, a, b in layers]
+    for y, (_, w, a, b) in zip(ys, layers, strict=True):
+        assert within_an_ulp(y, reference(x, w, None, a, b, idx, slices))
+    assert ys[0].data_ptr() != ys[1].data_ptr()
+    rows = cpu_lora_extended._SCRATCH_ROWS + 1
+    wide = torch.tensor([t % 3 - 1 for t in range(rows)])
+    base, w, a, b = layers[0]
+    x = torch.randn(rows, HIDDEN).bfloat16()
+    y = cpu_lora_extended.extended_linear(base, punica(wide, max_tokens=2 * rows), x, None, a, b, slices)
+    assert within_an_ulp(y, reference(x, w, None, a, b, wide, slices))
+    assert all(key[0] <= cpu_lora_extended._SCRATCH_ROWS for key in cpu_lora_extended._SCRATCH)
+
+
 def test_packing_is_kept_widened_and_redone_when_an_adapter_loads(monkeypatch):
     """One packing per layer while steps need no higher slot than packed; widened when one does; redone when vLLM
     writes a slot in place (an adapter load), and the next step answers with the new weights."""
@@ -158,25 +178,42 @@ def test_weights_are_kept_only_where_lora_is_on(monkeypatch):
 
 
 def test_compiled_graphs_op_returns_what_the_eager_layer_returns(monkeypatch):
-    """``lorafoundry::cpu_lora_base_linear``, what vLLM's compiled model calls for these layers: the eager layer on
-    the process's punica wrapper and the base layer that kept ``w``; its fake gives the output's shape to a trace."""
+    """``lorafoundry::cpu_lora_base_linear(x, w, bias)``, what vLLM's compiled model calls for these layers: the eager
+    layer on the LoRA layer that wraps the base layer that kept ``w`` (its adapters' weights, slices and punica
+    wrapper); its fake gives the output's shape to a trace; a weight no LoRA layer's base keeps is refused."""
     slices = SLICES["qkv"]
     base, w = base_layer(monkeypatch, HIDDEN, sum(slices))
     kept = getattr(base, cpu_lora_extended._STASH)
     a, b = lora_bf16(slices)
     cpu_lora_extended._register_op()
     op = torch.ops.lorafoundry.cpu_lora_base_linear
+    x = torch.randn(len(INDEX_SETS["mixed"]), HIDDEN).bfloat16()
+    with pytest.raises(RuntimeError, match="no LoRA layer's base keeps"):
+        op(x, kept, None)  # no LoRA layer wraps it yet
     for case in ("mixed", "base only"):
         idx = torch.tensor(INDEX_SETS[case])
-        wrapper = punica(idx)
-        monkeypatch.setattr(cpu_lora_fix, "_wrappers", [weakref.ref(wrapper)])
+        lora = LoraLayer(base, a, b, slices, punica(idx))
         x = torch.randn(len(idx), HIDDEN).bfloat16()
-        y = op(x, kept, None, list(a), list(b), list(slices))
-        assert torch.equal(y, cpu_lora_extended.extended_linear(base, wrapper, x, None, a, b, slices))
-        traced = torch.compile(lambda x: op(x, kept, None, list(a), list(b), list(slices)) * 2, backend="aot_eager")
+        y = op(x, kept, None)
+        assert torch.equal(y, cpu_lora_extended.extended_linear(base, lora.punica_wrapper, x, None, a, b, slices))
+        traced = torch.compile(lambda x: op(x, kept, None) * 2, backend="aot_eager")
         assert torch.equal(traced(x), y * 2)
-    with pytest.raises(RuntimeError, match="no base layer keeps"):
-        op(x, torch.zeros(sum(slices), HIDDEN).bfloat16(), None, list(a), list(b), list(slices))
+    with pytest.raises(RuntimeError, match="no LoRA layer's base keeps"):
+        op(x, torch.zeros(sum(slices), HIDDEN).bfloat16(), None)
+    del lora
+    with pytest.raises(RuntimeError, match="no LoRA layer's base keeps"):
+        op(x, kept, None)  # its LoRA layer is gone
+
+
+class LoraLayer:
+    """What the op reads of vLLM's ``BaseLinearLayerWithLoRA``, made through the patched ``__init__`` (which tells
+    the base layer its LoRA layer)."""
+
+    def __init__(self, base, a, b, slices, wrapper):
+        cpu_lora_extended._remember_lora_layer(lambda self, base_layer: setattr(self, "base_layer", base_layer))(
+            self, base
+        )
+        self.lora_a_stacked, self.lora_b_stacked, self.output_slices, self.punica_wrapper = a, b, slices, wrapper
 
 
 def test_lora_layers_take_the_one_product_path_only_when_their_weight_was_kept(monkeypatch):

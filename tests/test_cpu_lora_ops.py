@@ -123,11 +123,11 @@ def test_vllm_ops_still_have_the_bug_the_replacement_fixes():
 SLICES = {"qkv": (12, 4, 4), "one": (10,), "gate_up": (9, 9)}
 
 
-def punica(idx: torch.Tensor):
+def punica(idx: torch.Tensor, max_tokens: int = 64):
     """A real PunicaWrapperCPU whose step has the token indices ``idx`` (what update_metadata writes)."""
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    w = PunicaWrapperCPU(64, 8, "cpu")
+    w = PunicaWrapperCPU(max_tokens, 8, "cpu")
     w._token_lora_indices[: len(idx)].copy_(idx)
     w.indices_len = [len(idx)] * 4
     return w
@@ -367,9 +367,10 @@ def test_the_one_product_path_is_installed_only_where_onednn_multiplies_bf16(mon
     # vLLM's own functions for this test, whatever was installed before it (restored after it)
     monkeypatch.setattr(BaseLinearLayerWithLoRA, "_apply_sync", vllms(BaseLinearLayerWithLoRA._apply_sync))
     monkeypatch.setattr(utils, "dispatch_cpu_unquantized_gemm", vllms(utils.dispatch_cpu_unquantized_gemm))
+    monkeypatch.setattr(BaseLinearLayerWithLoRA, "__init__", vllms(BaseLinearLayerWithLoRA.__init__))
     installed = cpu_lora_extended.apply_extended()
     assert installed == (cpu_lora_fix._onednn_ops() is not None)
-    after = BaseLinearLayerWithLoRA._apply_sync, utils.dispatch_cpu_unquantized_gemm
+    after = BaseLinearLayerWithLoRA._apply_sync, utils.dispatch_cpu_unquantized_gemm, BaseLinearLayerWithLoRA.__init__
     assert all(getattr(f, cpu_lora_extended._MARK, False) == installed for f in after)
 
 
