@@ -42,6 +42,7 @@ EXTENDED_MAX_BYTES = 32 << 20
 
 _STASH = "_lfx_base_weight"  # the base layer's weight, kept for the extended packing
 _MARK = "_lfx_extended"
+_CACHE = "_lfx_extended"  # on a base layer: (versions, the tensors they are of, its Packed weights)
 _LORA = "_lfx_lora"  # on a base layer: a weakref to the LoRA layer that wraps it
 _bases: dict[int, weakref.ref] = {}  # id(kept weight) -> its base layer (the op receives the weight)
 _LIBRARY: list = []
@@ -106,18 +107,17 @@ def extended_weights(base, a_stacked, b_stacked, width: int) -> Packed | None:
     :data:`_PACKED_MAX_COLUMNS` (A laid out as :func:`serving.cpu_lora_fix._packed_weights` lays it out). Cached on
     the base layer; repacked when an adapter is (re)loaded into a slot (any in-place write bumps a tensor's version
     counter) or a step needs a higher slot than packed (the width only grows)."""
-    hit = base.__dict__.get("_lfx_extended")
-    if hit is not None and hit[2].width >= width and hit[0] == [t._version for t in hit[1]]:
-        if hit[1][0] is a_stacked[0]:  # `is`: ids recur
-            return hit[2]
-    return _pack_extended(base, a_stacked, b_stacked, width, hit)
+    hit = base.__dict__.get(_CACHE)
+    packed = hit[2] if hit is not None and hit[1][0] is a_stacked[0] else None  # `is`: ids recur
+    if packed is not None and packed.width >= width and hit[0] == [t._version for t in hit[1]]:
+        return packed
+    return _pack_extended(base, a_stacked, b_stacked, max(width, packed.width if packed is not None else 0))
 
 
-def _pack_extended(base, a_stacked, b_stacked, width: int, hit):
+def _pack_extended(base, a_stacked, b_stacked, width: int):
     import torch
 
     rank = _weights(a_stacked[0]).shape[1]
-    width = max(width, hit[2].width if hit is not None and hit[1][0] is a_stacked[0] else 0)
     if width * rank > _PACKED_MAX_COLUMNS:
         return None
     ops, w = _onednn_ops(), getattr(base, _STASH)
@@ -131,7 +131,7 @@ def _pack_extended(base, a_stacked, b_stacked, width: int, hit):
     packed = Packed(
         width, rank, shrink.n, shrink.handler_tensor, extended.n, extended.handler_tensor, (shrink, extended)
     )
-    base.__dict__["_lfx_extended"] = ([t._version for t in tensors], tensors, packed)
+    base.__dict__[_CACHE] = ([t._version for t in tensors], tensors, packed)
     if not _PACKED:  # once per process: the servers' tests look for this line
         _PACKED.append(True)
         _logger().info("lorafoundry LoRA fix: LoRA layers run in one product with their base (first: %s)", w_ext.shape)
