@@ -23,6 +23,10 @@ With --together, the servers are started one after the other but kept up togethe
 rep runs each server's loads in turn (the servers' order rotated each rep): on a machine whose speed drifts by tens
 of percent over half an hour (the AMX Xeon VM of docs/benchmarks.md), ratios between servers mean something only
 from windows taken this way.
+The first lines printed name the CPU. To measure another CPU of this machine kind's code paths on this one (an
+AVX2-only or an AVX-512-BF16 EPYC on an AMX Xeon), run it under bench/cpu_standin:
+`BENCH_CPU_STANDIN=avx2 PYTHONPATH=bench/cpu_standin python bench/serve_compare.py ...` (a stand-in: the other
+CPU's instruction sets, this machine's caches and memory).
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ sys.path.insert(0, str(ROOT))
 from lora_assets import envs  # noqa: E402 (after the path is set)
 
 LOADS = ("base", "mixed", "adapters")
+
+
+def describe_cpu() -> str:
+    """The CPU the figures are of: its model and relevant flags, the number format `auto` means, and the stand-in
+    (bench/cpu_standin) when one is set."""
+    from lora_assets.hardware import compute_record
+
+    rec = compute_record()
+    standin = os.environ.get("BENCH_CPU_STANDIN")
+    line = f"CPU: {rec['cpu']} ({', '.join(rec['cpu_flags'])}), computing in {rec['dtype']}"
+    return line + (f"; standing in for {standin} (bench/cpu_standin)" if standin else "")
 
 
 def load_models(load: str, base: str, adapters: list[str]) -> list[str]:
@@ -247,6 +262,7 @@ def main() -> None:
         f"{args.tokens}-token greedy chat completions (ignore_eos), {args.seconds:.0f} s windows x {args.reps}",
         flush=True,
     )
+    print(describe_cpu(), flush=True)
 
     results: dict[str, dict] = {}
     counts = [int(c) for c in args.clients.split(",")]
@@ -280,7 +296,7 @@ def main() -> None:
 
     if args.curve:
         if args.out:
-            args.out.write_text(json.dumps({"curve": results}, indent=1))
+            args.out.write_text(json.dumps({"cpu": describe_cpu(), "curve": results}, indent=1))
         return
 
     def med(label: str, key: str) -> float:
@@ -315,7 +331,7 @@ def main() -> None:
                 ratio = med(lf, f"{load}@{c}") / med(lf_eager, f"{load}@{c}")
                 print(f"  lorafoundry compiled / eager, {load}: {ratio:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"clients": counts, "results": results}, indent=1))
+        args.out.write_text(json.dumps({"cpu": describe_cpu(), "clients": counts, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

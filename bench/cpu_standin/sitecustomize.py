@@ -1,0 +1,53 @@
+"""Run a benchmark on this CPU as if it were another x86 CPU of this machine kind (a stand-in, not the real thing).
+
+Machines of this kind come as AVX2-only EPYCs, AVX-512-BF16 EPYCs (no AMX) and AMX Xeons; a session gets one. To
+measure the code paths the others take, put this directory first on ``PYTHONPATH`` and name the CPU to stand in for
+in ``BENCH_CPU_STANDIN``; every Python process of the run (the bench, ``lorafoundry serve``, vLLM's API server and
+engine workers, which inherit the environment) then sees only that CPU's instruction sets:
+
+    BENCH_CPU_STANDIN=avx2 PYTHONPATH=bench/cpu_standin python bench/serve_compare.py --home /tmp/demo-home ...
+
+- ``avx512_bf16`` (a Zen 4 EPYC): no AMX. oneDNN is limited to AVX-512 with BF16 (``ONEDNN_MAX_CPU_ISA``), and
+  ``torch.cpu``'s AMX checks say no, so vLLM picks what it picks without AMX: its attention kernels' ISA, its
+  small-GEMM (sgl) kernel for small layers (AMX only), which otherwise ignores ``ONEDNN_MAX_CPU_ISA``.
+- ``avx2``: no AVX-512 either. Also ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's vectorised kernels and inductor's
+  generated code), and ``torch.cpu``'s AVX-512 checks say no, so vLLM loads its AVX2 build of its C++ ops
+  (``vllm._C_AVX2``) and lorafoundry's ``dtype: auto`` is float32, as on a real AVX2-only CPU.
+
+What it cannot change: the caches, memory bandwidth and clock of the machine it runs on. Record both the real CPU
+(``lscpu``) and the stand-in next to every figure measured this way.
+"""
+
+import os
+
+_ISA = {"avx512_bf16": "AVX512_CORE_BF16", "avx2": "AVX2"}
+_NOT_THERE = {
+    "avx512_bf16": ("_is_amx_tile_supported", "_is_amx_fp16_supported"),
+    "avx2": (
+        "_is_amx_tile_supported",
+        "_is_amx_fp16_supported",
+        "_is_avx512_supported",
+        "_is_avx512_vnni_supported",
+        "_is_avx512_bf16_supported",
+        "_is_vnni_supported",
+    ),
+}
+
+
+def _stand_in(cpu: str) -> None:
+    if cpu not in _ISA:
+        raise SystemExit(f"BENCH_CPU_STANDIN={cpu!r} is not a CPU this stand-in knows. Fix: one of {sorted(_ISA)}.")
+    os.environ["ONEDNN_MAX_CPU_ISA"] = _ISA[cpu]  # before torch loads oneDNN; children inherit it
+    if cpu == "avx2":
+        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+    import torch
+
+    if cpu == "avx512_bf16" and not torch.cpu._is_avx512_bf16_supported():
+        raise SystemExit(f"BENCH_CPU_STANDIN={cpu!r}: this CPU has no AVX-512-BF16 to stand in with. Fix: run on one.")
+    for name in _NOT_THERE[cpu]:
+        if hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, lambda: False)
+
+
+if os.environ.get("BENCH_CPU_STANDIN"):
+    _stand_in(os.environ["BENCH_CPU_STANDIN"])
