@@ -14,8 +14,10 @@ engine workers, which inherit the environment) then sees only that CPU's instruc
   generated code), and ``torch.cpu``'s AVX-512 checks say no, so vLLM loads its AVX2 build of its C++ ops
   (``vllm._C_AVX2``) and lorafoundry's ``dtype: auto`` is float32, as on a real AVX2-only CPU.
 
-What it cannot change: the caches, memory bandwidth and clock of the machine it runs on. Record both the real CPU
-(``lscpu``) and the stand-in next to every figure measured this way.
+The test suite runs under it too (``BENCH_CPU_STANDIN=avx512_bf16 PYTHONPATH=bench/cpu_standin python -m pytest
+tests``): limiting oneDNN alone left vLLM's attention on its AMX kernel (docs/testing.md). What it cannot change:
+the caches, memory bandwidth and clock of the machine it runs on. Record both the real CPU (``lscpu``) and the
+stand-in next to every figure measured this way.
 """
 
 import os
@@ -37,9 +39,10 @@ _NOT_THERE = {
 def _stand_in(cpu: str) -> None:
     if cpu not in _ISA:
         raise SystemExit(f"BENCH_CPU_STANDIN={cpu!r} is not a CPU this stand-in knows. Fix: one of {sorted(_ISA)}.")
-    os.environ["ONEDNN_MAX_CPU_ISA"] = _ISA[cpu]  # before torch loads oneDNN; children inherit it
+    # before torch loads oneDNN; children inherit them; a limit already set wins (a test that limits oneDNN further)
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ISA[cpu])
     if cpu == "avx2":
-        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
     import torch
 
     if cpu == "avx512_bf16" and not torch.cpu._is_avx512_bf16_supported():
