@@ -69,3 +69,10 @@ def test_an_unknown_stand_in_is_refused_with_the_fix():
     run = probe("zen9")
     assert run.returncode != 0
     assert "BENCH_CPU_STANDIN='zen9'" in run.stderr and "avx2" in run.stderr and "avx512_bf16" in run.stderr
+
+
+def test_a_process_that_never_imports_torch_does_not_load_it_under_a_stand_in():
+    env = {**os.environ, "BENCH_CPU_STANDIN": "avx2", "PYTHONPATH": str(ROOT / "bench" / "cpu_standin")}
+    code = "import sys; print('torch' in sys.modules, 'sitecustomize' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["False", "True"], run.stdout + run.stderr  # the CLI's light commands stay light

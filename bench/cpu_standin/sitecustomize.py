@@ -20,7 +20,10 @@ the caches, memory bandwidth and clock of the machine it runs on. Record both th
 stand-in next to every figure measured this way.
 """
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 _ISA = {"avx512_bf16": "AVX512_CORE_BF16", "avx2": "AVX2"}
 _NOT_THERE = {
@@ -43,13 +46,38 @@ def _stand_in(cpu: str) -> None:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ISA[cpu])
     if cpu == "avx2":
         os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-    import torch
+    sys.meta_path.insert(0, _AfterTorch(cpu))  # a process that never imports torch does not load it for this
 
+
+def _patch(torch, cpu: str) -> None:
     if cpu == "avx512_bf16" and not torch.cpu._is_avx512_bf16_supported():
         raise SystemExit(f"BENCH_CPU_STANDIN={cpu!r}: this CPU has no AVX-512-BF16 to stand in with. Fix: run on one.")
     for name in _NOT_THERE[cpu]:
         if hasattr(torch.cpu, name):
             setattr(torch.cpu, name, lambda: False)
+
+
+class _AfterTorch(importlib.abc.MetaPathFinder):
+    """Finds ``torch`` as the other finders do, and patches ``torch.cpu`` once it has been executed."""
+
+    def __init__(self, cpu: str) -> None:
+        self.cpu = cpu
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("torch")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, cpu = spec.loader.exec_module, self.cpu
+
+        def exec_then_patch(module) -> None:
+            exec_module(module)
+            _patch(module, cpu)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
 
 
 if os.environ.get("BENCH_CPU_STANDIN"):
