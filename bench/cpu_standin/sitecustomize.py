@@ -40,8 +40,10 @@ _NOT_THERE = {
 
 
 def _stand_in(cpu: str) -> None:
-    if cpu not in _ISA:
-        raise SystemExit(f"BENCH_CPU_STANDIN={cpu!r} is not a CPU this stand-in knows. Fix: one of {sorted(_ISA)}.")
+    if cpu not in _ISA:  # at start-up an exception would be "Fatal Python error: ..." and a traceback of site.py
+        fix = f"Fix: one of {sorted(_ISA)}."
+        print(f"BENCH_CPU_STANDIN={cpu!r} is not a CPU this stand-in knows. {fix}", file=sys.stderr)
+        os._exit(2)
     # before torch loads oneDNN; children inherit them; a limit already set wins (a test that limits oneDNN further)
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ISA[cpu])
     if cpu == "avx2":
