@@ -262,7 +262,8 @@ def main() -> None:
         f"{args.tokens}-token greedy chat completions (ignore_eos), {args.seconds:.0f} s windows x {args.reps}",
         flush=True,
     )
-    print(describe_cpu(), flush=True)
+    cpu = describe_cpu()
+    print(cpu, flush=True)
 
     results: dict[str, dict] = {}
     counts = [int(c) for c in args.clients.split(",")]
@@ -296,7 +297,7 @@ def main() -> None:
 
     if args.curve:
         if args.out:
-            args.out.write_text(json.dumps({"cpu": describe_cpu(), "curve": results}, indent=1))
+            args.out.write_text(json.dumps({"cpu": cpu, "curve": results}, indent=1))
         return
 
     def med(label: str, key: str) -> float:
@@ -331,7 +332,7 @@ def main() -> None:
                 ratio = med(lf, f"{load}@{c}") / med(lf_eager, f"{load}@{c}")
                 print(f"  lorafoundry compiled / eager, {load}: {ratio:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"cpu": describe_cpu(), "clients": counts, "results": results}, indent=1))
+        args.out.write_text(json.dumps({"cpu": cpu, "clients": counts, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,15 @@ print(json.dumps({
 """
 
 
-def probe(cpu: str) -> subprocess.CompletedProcess:
+def standin_env(cpu: str) -> dict[str, str]:
     env = {**os.environ, "BENCH_CPU_STANDIN": cpu, "PYTHONPATH": str(ROOT / "bench" / "cpu_standin")}
     env.pop("ONEDNN_MAX_CPU_ISA", None)
     env.pop("ATEN_CPU_CAPABILITY", None)
+    return env
+
+
+def probe(cpu: str) -> subprocess.CompletedProcess:
+    env = standin_env(cpu)
     return subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
@@ -72,7 +77,7 @@ def test_an_unknown_stand_in_is_refused_with_the_fix():
 
 
 def test_a_process_that_never_imports_torch_does_not_load_it_under_a_stand_in():
-    env = {**os.environ, "BENCH_CPU_STANDIN": "avx2", "PYTHONPATH": str(ROOT / "bench" / "cpu_standin")}
+    env = standin_env("avx2")
     code = "import sys; print('torch' in sys.modules, 'sitecustomize' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert run.stdout.split() == ["False", "True"], run.stdout + run.stderr  # the CLI's light commands stay light

@@ -32,9 +32,8 @@ _NOT_THERE = {
         "_is_amx_tile_supported",
         "_is_amx_fp16_supported",
         "_is_avx512_supported",
-        "_is_avx512_vnni_supported",
         "_is_avx512_bf16_supported",
-        "_is_vnni_supported",
+        "_is_vnni_supported",  # AVX-512 VNNI
     ),
 }
 
