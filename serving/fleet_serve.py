@@ -60,10 +60,12 @@ def run(
     front_log = logging.getLogger("vllm.lorafoundry")  # the guard's and the access log's logger, as in vLLM
     front_log.addHandler(handler)
     front_log.setLevel(logging.INFO)
+    sock = _reserve(address)
     signal.signal(signal.SIGTERM, _exit)  # while the replicas start: Fleet.start stops what it started
-    fleet = Fleet(plan, replicas, logs, policy).start(timeout_s)
+    fleet = None
     try:
-        sock = socket.create_server(address)  # bound and listening before anyone is told
+        fleet = Fleet(plan, replicas, logs, policy).start(timeout_s)
+        sock.listen()  # before anyone is told
         http_limits.apply(H11Protocol)
         config = uvicorn.Config(
             front_app(fleet, plan.env), log_level="warning", lifespan="on", http="h11", timeout_keep_alive=5
@@ -77,7 +79,23 @@ def run(
                 on_listening(fleet)
             uvicorn.Server(config).run(sockets=[sock])
     finally:
-        fleet.stop()
+        sock.close()
+        if fleet is not None:
+            fleet.stop()
+
+
+def _reserve(address: tuple[str, int]) -> socket.socket:
+    """The public port, bound but not listening (a client is refused, as by a free port): bound before the replicas
+    start, which takes a minute on a small machine, so that no process takes it meanwhile; their own loopback ports
+    come from the same ephemeral range. ``socket.create_server`` would listen at once."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server: a restart's TIME_WAIT
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _exit(signum, frame) -> None:

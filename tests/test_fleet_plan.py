@@ -138,3 +138,49 @@ def test_stop_stops_only_the_serve_its_record_names(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_public_port_is_held_while_the_replicas_start_and_freed_when_they_fail(monkeypatch, tmp_path):
+    """The replicas take a minute to start and pick loopback ports from the ephemeral range, where a test's (or an
+    operator's) public port may be too: the fleet binds its public port first, so nothing takes it meanwhile, and a
+    client is refused, not left waiting, until the replicas answer. (A stand-in for Fleet: the real one runs in
+    tests/test_team.py and tests/test_deployment_fleet.py.)"""
+    import logging
+    import socket
+
+    from serving import fleet_serve
+    from serving.launch import ServerError, ServerPlan
+    from tests.conftest import free_port
+
+    port, seen = free_port(), {}
+
+    class StartingFleet:
+        def __init__(self, *args) -> None:
+            pass
+
+        def start(self, timeout_s):
+            with socket.socket() as other:  # another process asking for the port meanwhile
+                seen["bind"] = _bind_error(other, port)
+            with socket.socket() as client:
+                seen["connect"] = client.connect_ex(("127.0.0.1", port))
+            raise ServerError("a replica exited while starting")
+
+    monkeypatch.setattr(fleet_serve, "Fleet", StartingFleet)
+    monkeypatch.setattr(fleet_serve.signal, "signal", lambda *a: None)
+    plan = ServerPlan(["vllm"], {}, f"http://127.0.0.1:{port}", [], [])
+    front_log = logging.getLogger("vllm.lorafoundry")  # run() gives it a handler on the log dir
+    monkeypatch.setattr(front_log, "handlers", [])
+    with pytest.raises(ServerError):
+        fleet_serve.run(plan, 2, "consistent_hash", ("127.0.0.1", port), tmp_path, 1.0)
+    assert seen["bind"] is True  # held
+    assert seen["connect"] != 0  # refused, not queued
+    with socket.socket() as after:  # and freed once the start failed
+        after.bind(("127.0.0.1", port))
+
+
+def _bind_error(sock, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return True
+    return False
